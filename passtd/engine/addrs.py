@@ -1,0 +1,173 @@
+"""Address configuration: what the guest is given, and what it is seen to use.
+
+Design, as passt does it by default: the guest gets the host's own address, prefix and
+default gateway, taken from the interface that carries the host's default route (read
+with `ip -j`, iproute2's JSON output: no netlink code of our own). The gateway address
+is also ours on the tap side: the guest reaches host loopback through it
+(`map_host_loopback`). Every value can be overridden by the configuration.
+
+`NetConfig` is immutable and built once per instance (rebuilt on reload). `GuestSeen`
+holds what the engine learns from guest frames (its MAC and the source addresses it
+actually uses): inbound connections and replies go to those.
+
+Not done here: following host address changes at run time (passt does not either), and
+passt's local mode (169.254.2.1/16) for hosts without any default route: without a
+route the family is disabled and the log says so.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import subprocess
+from dataclasses import dataclass
+
+OUR_MAC = bytes.fromhex("9a559a559a55")  # passt's default since 2024: not the host's MAC
+DEFAULT_MTU = 65520  # 802.3 maximum (65535) minus the Ethernet header, 32-bit aligned
+IP6_GATEWAY_LL_DEFAULT = ipaddress.IPv6Address("fe80::1")
+
+
+class AddressError(Exception):
+    """The host offers nothing usable for a family that was asked for explicitly."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ip4Config:
+    address: bytes  # the guest's address (default: the host's)
+    prefix_len: int
+    gateway: bytes  # our address on the tap side, and the guest's router
+    dns: tuple[bytes, ...] = ()
+    map_host_loopback: bytes | None = None  # guest traffic to it reaches 127.0.0.1
+    map_guest_addr: bytes | None = None  # guest traffic to it reaches the host's address
+
+    @property
+    def netmask(self) -> bytes:
+        return ((0xFFFFFFFF << (32 - self.prefix_len)) & 0xFFFFFFFF).to_bytes(4, "big")
+
+    def on_link(self, addr: bytes) -> bool:
+        shift = 32 - self.prefix_len
+        a = int.from_bytes(addr, "big") >> shift if shift < 32 else 0
+        b = int.from_bytes(self.address, "big") >> shift if shift < 32 else 0
+        return a == b
+
+
+@dataclass(frozen=True, slots=True)
+class Ip6Config:
+    address: bytes | None  # the guest's global address (default: the host's); None: SLAAC only
+    prefix_len: int
+    gateway: bytes  # our link-local address on the tap side (the host gateway's, or fe80::1)
+    dns: tuple[bytes, ...] = ()
+    map_host_loopback: bytes | None = None  # guest traffic to it reaches ::1
+    map_guest_addr: bytes | None = None
+
+    @property
+    def prefix(self) -> bytes:
+        """The /64 (or configured prefix) advertised for SLAAC."""
+        if self.address is None:
+            return bytes(16)
+        n = int.from_bytes(self.address, "big")
+        mask = ((1 << 128) - 1) ^ ((1 << (128 - self.prefix_len)) - 1)
+        return (n & mask).to_bytes(16, "big")
+
+
+@dataclass(frozen=True, slots=True)
+class NetConfig:
+    """What the guest is told about its network: DHCP, NDP/RA and DHCPv6 read this."""
+
+    mac: bytes = OUR_MAC
+    mtu: int = DEFAULT_MTU  # 0: don't advertise an MTU
+    ip4: Ip4Config | None = None
+    ip6: Ip6Config | None = None
+    search: tuple[str, ...] = ()
+    hostname: str | None = None
+    host_ifname: str | None = None  # template interface (scope for link-local peers)
+
+
+@dataclass(slots=True)
+class GuestSeen:
+    """What the guest's own frames tell us; updated by the engine, read by flows."""
+
+    mac: bytes | None = None
+    addr4: bytes | None = None
+    addr6: bytes | None = None  # global
+    addr6_ll: bytes | None = None  # link-local
+
+
+@dataclass(frozen=True, slots=True)
+class HostAddresses:
+    """The host's addressing as read from the kernel (the template interface)."""
+
+    ifname: str | None = None
+    addr4: ipaddress.IPv4Interface | None = None
+    gateway4: ipaddress.IPv4Address | None = None
+    addr6: ipaddress.IPv6Interface | None = None
+    gateway6: ipaddress.IPv6Address | None = None
+
+
+def _ip_json(*args: str) -> list[dict]:
+    out = subprocess.run(["ip", "-j", *args], check=True, capture_output=True, text=True).stdout
+    return json.loads(out or "[]")
+
+
+def _default_route(family: str, ifname: str | None) -> dict | None:
+    routes = [r for r in _ip_json(family, "route", "show", "default") if "dev" in r]
+    if ifname:
+        routes = [r for r in routes if r.get("dev") == ifname]
+    # multipath routes list "nexthops"; take the highest-weight one as passt does
+    for route in routes:
+        if "nexthops" in route:
+            best = max(route["nexthops"], key=lambda h: h.get("weight", 1))
+            return {"dev": best.get("dev"), "gateway": best.get("gateway")}
+    return routes[0] if routes else None
+
+
+def _first_address(ifname: str, family: str) -> tuple[str, int] | None:
+    for link in _ip_json(family, "addr", "show", "dev", ifname):
+        for info in link.get("addr_info", []):
+            if info.get("scope") != "global" or info.get("tentative") or info.get("deprecated"):
+                continue
+            return info["local"], int(info["prefixlen"])
+    return None
+
+
+def discover_host(ifname: str | None = None) -> HostAddresses:
+    """Read the host's default-route interface, address and gateway for both families."""
+    found: dict[str, object] = {"ifname": ifname}
+    route4 = _default_route("-4", ifname)
+    if route4:
+        dev = route4["dev"]
+        found["ifname"] = found["ifname"] or dev
+        addr = _first_address(dev, "-4")
+        if addr:
+            found["addr4"] = ipaddress.IPv4Interface(f"{addr[0]}/{addr[1]}")
+        if route4.get("gateway"):
+            found["gateway4"] = ipaddress.IPv4Address(route4["gateway"])
+    route6 = _default_route("-6", ifname)
+    if route6:
+        dev = route6["dev"]
+        found["ifname"] = found["ifname"] or dev
+        addr = _first_address(dev, "-6")
+        if addr:
+            found["addr6"] = ipaddress.IPv6Interface(f"{addr[0]}/{addr[1]}")
+        if route6.get("gateway"):
+            found["gateway6"] = ipaddress.IPv6Address(route6["gateway"])
+    return HostAddresses(**found)  # type: ignore[arg-type]
+
+
+def read_resolv_conf(path: str = "/etc/resolv.conf") -> tuple[list[str], list[str]]:
+    """(nameservers, search domains) from a resolv.conf; at most 3 nameservers (MAXNS)."""
+    servers: list[str] = []
+    search: list[str] = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                words = line.split()
+                if not words or words[0].startswith(("#", ";")):
+                    continue
+                if words[0] == "nameserver" and len(words) > 1 and len(servers) < 3:
+                    servers.append(words[1].split("%")[0])
+                elif words[0] in ("search", "domain"):
+                    search = words[1:]
+    except OSError:
+        pass
+    return servers, search

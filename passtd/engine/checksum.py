@@ -1,0 +1,128 @@
+"""Internet checksum (RFC 1071) for frames we build for the guest.
+
+Design: the one's-complement sum is byte-order independent, so large buffers are summed
+with numpy as native little-endian 32-bit words into a 64-bit accumulator (one C loop,
+~12 GB/s), folded to 16 bits and byte-swapped. Below ~1 KiB numpy's per-call overhead
+dominates, so small buffers (headers, control packets) use a bigint fold instead.
+`sum_rows` sums many equally-sized payloads in one numpy call: the h2g data path
+checksums a whole batch of segments at once.
+
+Partial sums are plain Python ints in big-endian 16-bit word order, not yet folded, so
+callers can add the pseudo-header, header and payload sums in any order and `finish()` once.
+
+Not done here: verifying checksums of guest frames. Like passt we trust virtio/qemu and
+never verify on receive (it would cost 2.6x at MTU 1500).
+"""
+
+from __future__ import annotations
+
+import mmap
+
+import numpy as np
+
+_NUMPY_MIN = 1024  # below this many bytes the bigint fold is faster than a numpy call
+_FOLD_MASKS: dict[int, int] = {}
+
+
+def _fold_bigint(n: int) -> int:
+    """Fold an arbitrarily long big-endian word sum down to at most 17 bits."""
+    bits = n.bit_length()
+    while bits > 32:
+        half = ((bits + 31) // 32) * 16
+        mask = _FOLD_MASKS.get(half)
+        if mask is None:
+            mask = _FOLD_MASKS[half] = (1 << half) - 1
+        n = (n & mask) + (n >> half)
+        bits = n.bit_length()
+    return (n & 0xFFFF) + (n >> 16)
+
+
+def _sum_small(buf: bytes | bytearray | memoryview) -> int:
+    n = len(buf)
+    value = int.from_bytes(buf, "big")
+    if n & 1:
+        value <<= 8
+    return _fold_bigint(value)
+
+
+def _swap16(v: int) -> int:
+    v = (v & 0xFFFF) + (v >> 16)
+    v = (v & 0xFFFF) + (v >> 16)
+    return ((v & 0xFF) << 8) | (v >> 8)
+
+
+def partial(buf: bytes | bytearray | memoryview, offset: int = 0,
+            length: int | None = None) -> int:
+    """Unfolded one's-complement sum of buf[offset:offset+length] (big-endian words)."""
+    if length is None:
+        length = len(buf) - offset
+    if length < _NUMPY_MIN:
+        return _sum_small(memoryview(buf)[offset : offset + length])
+    words = length >> 2
+    le = int(np.frombuffer(buf, dtype="<u4", count=words, offset=offset).sum(dtype=np.uint64))
+    le = (le & 0xFFFFFFFF) + (le >> 32)
+    le = (le & 0xFFFFFFFF) + (le >> 32)
+    total = _swap16((le & 0xFFFF) + (le >> 16))
+    tail = length & 3
+    if tail:
+        start = offset + (words << 2)
+        total += _sum_small(memoryview(buf)[start : start + tail])
+    return total
+
+
+def sum_rows(buf: bytearray | memoryview | mmap.mmap, offset: int, stride: int, rows: int,
+             length: int) -> list[int]:
+    """Partial sums of `rows` payloads of `length` bytes each, `stride` bytes apart.
+
+    One numpy call for the whole batch. `length` must be a multiple of 4; callers sum a
+    short last row separately with `partial`.
+    """
+    view = np.lib.stride_tricks.as_strided(
+        np.frombuffer(buf, dtype=np.uint8, count=(rows - 1) * stride + length, offset=offset),
+        shape=(rows, length),
+        strides=(stride, 1),
+    )
+    le = view.view("<u4").sum(axis=1, dtype=np.uint64)
+    le = (le & 0xFFFFFFFF) + (le >> 32)
+    le = (le & 0xFFFFFFFF) + (le >> 32)
+    le = (le & 0xFFFF) + (le >> 16)
+    le = (le & 0xFFFF) + (le >> 16)
+    swapped = ((le & 0xFF) << 8) | (le >> 8)
+    return swapped.tolist()
+
+
+def finish(total: int) -> int:
+    """Fold a partial sum and complement it: the value to store in a checksum field."""
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def checksum(buf: bytes | bytearray | memoryview) -> int:
+    """Complete checksum of one buffer (e.g. an IPv4 header or an ICMP message)."""
+    return finish(partial(buf))
+
+
+def pseudo4(src: bytes, dst: bytes, proto: int, length: int) -> int:
+    """Partial sum of the IPv4 pseudo-header."""
+    s = int.from_bytes(src, "big")
+    d = int.from_bytes(dst, "big")
+    return (s >> 16) + (s & 0xFFFF) + (d >> 16) + (d & 0xFFFF) + proto + length
+
+
+def pseudo6(src: bytes, dst: bytes, proto: int, length: int) -> int:
+    """Partial sum of the IPv6 pseudo-header (RFC 8200 section 8.1)."""
+    return (
+        _fold_bigint(int.from_bytes(src, "big"))
+        + _fold_bigint(int.from_bytes(dst, "big"))
+        + (length >> 16)
+        + (length & 0xFFFF)
+        + proto
+    )
+
+
+def pseudo(src: bytes, dst: bytes, proto: int, length: int) -> int:
+    """Pseudo-header sum for either family (by address length)."""
+    if len(src) == 4:
+        return pseudo4(src, dst, proto, length)
+    return pseudo6(src, dst, proto, length)

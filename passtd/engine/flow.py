@@ -1,0 +1,149 @@
+"""The flow table: every guest<->host conversation (TCP connection, UDP flow, ping sequence).
+
+Design: a flow is keyed from the guest's point of view, `(proto, guest_addr, guest_port,
+peer_addr, peer_port)`, where `peer_addr` is the address as the guest sees it (the gateway
+stands for host loopback). The same key serves frames from the guest (source, destination)
+and traffic from the host (mapped back), so both directions find the flow with one dict
+lookup. Each flow also has a small integer id for the D-Bus API and logs; ids grow
+monotonically (wrapping at 2^32), so a listing never shows a recycled id for a new flow.
+
+The table enforces the configured cap on flows: `full` tells the event loop to refuse a new
+flow (RST, ICMP unreachable) rather than grow without bound.
+
+Not done here: passt's fixed 2^17 static array and siphash (Python's dict already hashes
+with SipHash and grows as needed), and flow migration.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterator
+from typing import Any
+
+GUEST = "guest"  # the guest opened the flow
+HOST = "host"  # a host peer opened it, through a port forward
+
+FlowKey = tuple[int, bytes, int, bytes, int]
+
+
+def addr_text(addr: bytes) -> str:
+    return str(ipaddress.ip_address(addr))
+
+
+class Flow:
+    """State every flow shares; protocol cores (tcp, udp, icmp) subclass it.
+
+    `sock`, `sockaddr` and `timer_at` belong to the event loop (the protocol cores never use
+    them): the host socket of the flow, the host address datagrams go to when the socket is
+    not connected (ping sockets, replies through a UDP forward's listener), and the
+    deadline of the timer-heap entry scheduled for the flow.
+    """
+
+    __slots__ = (
+        "bytes_from_guest",
+        "bytes_to_guest",
+        "created",
+        "deadline",
+        "forward_id",
+        "id",
+        "key",
+        "origin",
+        "sock",
+        "sockaddr",
+        "timer_at",
+    )
+
+    proto_name = "?"
+
+    def __init__(self, key: FlowKey, origin: str, now: float) -> None:
+        self.id = 0
+        self.key = key
+        self.origin = origin
+        self.created = now
+        self.bytes_from_guest = 0
+        self.bytes_to_guest = 0
+        self.deadline: float | None = None  # when handle_timer() wants to run
+        self.sock: Any = None
+        self.sockaddr: tuple | None = None
+        self.timer_at: float | None = None
+        self.forward_id: int | None = None
+
+    @property
+    def family(self) -> int:
+        return 4 if len(self.key[1]) == 4 else 6
+
+    @property
+    def guest_addr(self) -> bytes:
+        return self.key[1]
+
+    @property
+    def guest_port(self) -> int:
+        return self.key[2]
+
+    @property
+    def peer_addr(self) -> bytes:
+        return self.key[3]
+
+    @property
+    def peer_port(self) -> int:
+        return self.key[4]
+
+    def state_name(self) -> str:
+        return "ACTIVE"
+
+    def describe(self, now: float) -> dict[str, Any]:
+        """The flow as ListFlows shows it."""
+        return {
+            "id": self.id,
+            "protocol": self.proto_name,
+            "state": self.state_name(),
+            "origin": self.origin,
+            "guest_address": addr_text(self.guest_addr),
+            "guest_port": self.guest_port,
+            "peer_address": addr_text(self.peer_addr),
+            "peer_port": self.peer_port,
+            "bytes_from_guest": self.bytes_from_guest,
+            "bytes_to_guest": self.bytes_to_guest,
+            "age_seconds": max(0.0, now - self.created),
+        }
+
+    def __repr__(self) -> str:
+        g = f"{addr_text(self.guest_addr)}:{self.guest_port}"
+        p = f"{addr_text(self.peer_addr)}:{self.peer_port}"
+        return f"<{self.proto_name} flow {self.id} {self.origin} {g} <-> {p} {self.state_name()}>"
+
+
+class FlowTable:
+    def __init__(self, max_flows: int) -> None:
+        self.max_flows = max_flows
+        self._by_key: dict[FlowKey, Flow] = {}
+        self._by_id: dict[int, Flow] = {}
+        self._next_id = 1
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __iter__(self) -> Iterator[Flow]:
+        return iter(list(self._by_id.values()))
+
+    @property
+    def full(self) -> bool:
+        return len(self._by_id) >= self.max_flows
+
+    def get(self, key: FlowKey) -> Flow | None:
+        return self._by_key.get(key)
+
+    def by_id(self, flow_id: int) -> Flow | None:
+        return self._by_id.get(flow_id)
+
+    def add(self, flow: Flow) -> None:
+        while self._next_id in self._by_id or self._next_id == 0:
+            self._next_id = (self._next_id + 1) & 0xFFFFFFFF
+        flow.id = self._next_id
+        self._next_id = (self._next_id + 1) & 0xFFFFFFFF
+        self._by_id[flow.id] = flow
+        self._by_key[flow.key] = flow
+
+    def remove(self, flow: Flow) -> None:
+        if self._by_id.pop(flow.id, None) is flow and self._by_key.get(flow.key) is flow:
+            del self._by_key[flow.key]

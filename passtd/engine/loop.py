@@ -1,0 +1,1484 @@
+"""The event loop: the only place in the engine with sockets, readiness and timers.
+
+Design: everything runs on one asyncio loop (the D-Bus API shares it). Data sockets are
+raw non-blocking sockets registered with `loop.add_reader/add_writer` (epoll underneath);
+asyncio transports are not used on the data path because they cannot scatter a read into
+frame slots or gather a batch into one sendmsg. Protocol decisions come from the sans-IO
+cores (tcp.py, udp.py, icmp.py, arp.py, dhcp.py, ndp.py, dhcpv6.py); this module turns
+their answers into syscalls.
+
+Guest frames are processed a whole read at a time: TCP segments that belong to the same
+flow and follow each other are gathered and written to the host socket with one sendmsg,
+and the ACKs and window updates they cause are sent once per flow at the end of the batch
+(`_settle`). Host data for the guest is read per flow straight into preallocated frame
+slots (tcp_buf.py) and leaves in one send.
+
+Timers: flows keep a `deadline`; a heap holds (deadline, flow) entries and one asyncio
+timer handle waits for the earliest. Entries are lazy: a flow whose deadline moved later
+is re-queued when its old entry comes up, so the hot path never touches the heap just
+because an ACK pushed a retransmission timeout out. With no flows and no guest the heap is
+empty and the process sleeps: no periodic wakeups.
+
+Failure policy: a malformed frame is dropped with a rate-limited debug line; a framing
+error drops the qemu client; a socket error ends that one flow with the right signal to
+the guest (RST, ICMP error). No exception from guest input escapes a callback.
+
+Not done here: vhost-user, splicing between host sockets (pasta's fast path), migration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import heapq
+import itertools
+import logging
+import math
+import mmap
+import os
+import random
+import socket
+import struct
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import arp, dhcp, dhcpv6, icmp, ndp, packet, tcp
+from .addrs import GuestSeen, NetConfig
+from .flow import GUEST, HOST, Flow, FlowTable, addr_text
+from .fwd import ForwardRule, format_rule
+from .pcap import PcapWriter
+from .tap import FrameReader, FramingError, TapOutput
+from .tcp import TcpConn
+from .tcp_buf import TcpFrameBatch
+from .udp import UdpFlow
+
+log = logging.getLogger("passtd.engine")
+
+SO_PEEK_OFF = 42
+SO_MEMINFO = 55
+_MEMINFO = struct.Struct("9I")
+SK_MEMINFO_SNDBUF = 3
+SK_MEMINFO_WMEM_QUEUED = 5
+TAP_BUFFER = 4 << 20  # qemu socket buffers (passt asks for INT_MAX/2; wmem_max caps it)
+LISTEN_BACKLOG = 1024
+UDP_BATCH = 64  # datagrams read from one socket per wakeup
+TCP_READ_ROUNDS = 4  # batches read from one TCP socket per wakeup before yielding
+
+# Ethernet + IPv4 (no options) + TCP, and Ethernet + IPv6 + TCP, read in one unpack
+_FAST4 = struct.Struct("!BBHHHBBH4s4sHHIIBBH")
+_FAST6 = struct.Struct("!IHBB16s16sHHIIBBH")
+
+
+class ForwardError(Exception):
+    """A forward cannot be opened or changed; `kind` names the D-Bus error."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind  # "InvalidArgument" | "AddressInUse" | "AccessDenied" | "NotFound"
+
+
+@dataclass
+class EngineSettings:
+    net: NetConfig
+    tcp_forwards: Sequence[ForwardRule] = ()
+    udp_forwards: Sequence[ForwardRule] = ()
+    pcap: str | None = None
+    dhcp: bool = True
+    ndp: bool = True
+    dhcpv6: bool = True
+    ra: bool = True
+    udp_timeout: float = 30.0
+    udp_stream_timeout: float = 120.0
+    icmp_timeout: float = 60.0
+    tcp_idle_timeout: float = 7200.0
+    max_flows: int = 65536
+    max_listeners: int = 8192
+    tcp_sndbuf: int = 0  # 0: leave the kernel's autotuning alone
+    # the host's own addresses (targets for map_guest_addr) and DNS redirections
+    host_addr4: bytes | None = None
+    host_addr6: bytes | None = None
+    dns_redirect: dict[bytes, str] = field(default_factory=dict)
+
+
+@dataclass
+class Forward:
+    """One forward rule with its listening sockets and counters."""
+
+    id: int
+    rule: ForwardRule
+    origin: str  # "config" | "runtime"
+    listeners: list[socket.socket] = field(default_factory=list)
+    connections: int = 0
+    bytes_closed: int = 0  # bytes of flows through it that have ended
+
+
+class _RateLimited:
+    """At most `burst` log lines per `period` seconds per category, then a summary."""
+
+    def __init__(self, burst: int = 10, period: float = 10.0) -> None:
+        self.burst = burst
+        self.period = period
+        self._state: dict[str, list[float | int]] = {}
+
+    def __call__(self, level: int, category: str, msg: str, *args: Any) -> None:
+        if not log.isEnabledFor(level):
+            return
+        now = time.monotonic()
+        state = self._state.setdefault(category, [now, 0, 0])
+        if now - state[0] > self.period:
+            if state[2]:
+                log.log(level, "%s: %d more suppressed", category, state[2])
+            state[:] = [now, 0, 0]
+        if state[1] < self.burst:
+            state[1] += 1
+            log.log(level, msg, *args)
+        else:
+            state[2] += 1
+
+
+def _sockaddr_bytes(addr: str) -> tuple[int, bytes]:
+    """(family, packed address) of a socket address string; IPv4-mapped IPv6 counts as 4."""
+    if ":" in addr:
+        packed = socket.inet_pton(socket.AF_INET6, addr.split("%")[0])
+        if packed[:12] == b"\0" * 10 + b"\xff\xff":
+            return 4, packed[12:]
+        return 6, packed
+    return 4, socket.inet_pton(socket.AF_INET, addr)
+
+
+class Engine:
+    """One instance's translator: a qemu client, flows, forwards and timers."""
+
+    def __init__(self, settings: EngineSettings, loop: asyncio.AbstractEventLoop | None = None,
+                 on_change: Callable[[set[str]], None] | None = None) -> None:
+        self.settings = settings
+        self.cfg: NetConfig = settings.net
+        self.loop = loop or asyncio.get_event_loop()
+        self.on_change = on_change  # property names that changed (D-Bus PropertiesChanged)
+        self.on_client: Callable[[socket.socket | None], None] | None = None
+        self.seen = GuestSeen()
+        self.flows = FlowTable(settings.max_flows)
+        self.forwards: dict[int, Forward] = {}
+        self._next_forward_id = 1
+        self._listener_count = 0
+        self.listener: socket.socket | None = None
+        self.client: socket.socket | None = None
+        self.reader = FrameReader()
+        self.out = TapOutput()
+        self.pcap = PcapWriter(settings.pcap) if settings.pcap else None
+        self._batches = {4: TcpFrameBatch(4), 6: TcpFrameBatch(6)}
+        # acknowledged host data is dropped with MSG_TRUNC into this; the kernel never
+        # writes it for TCP, so its pages stay unmapped
+        self._discard = memoryview(mmap.mmap(-1, 16 << 20))
+        self._peek_off = self._probe_peek_off()
+        self._isn_secret = os.urandom(16)
+        self._timers: list[tuple[float, int, Flow]] = []
+        self._timer_seq = itertools.count()
+        self._timer_handle: asyncio.TimerHandle | None = None
+        self._timer_when = math.inf
+        self._ack_due: dict[TcpConn, None] = {}
+        self._resume: dict[TcpConn, None] = {}
+        self._tap_waiters: dict[TcpConn, None] = {}
+        self._reading: set[int] = set()  # fds registered with add_reader for host data
+        self._writing: set[int] = set()
+        self._ra_handle: asyncio.TimerHandle | None = None
+        self._rng = random.Random()
+        self._dhcpv6_duid = dhcpv6.server_duid(self.cfg.mac)
+        self.drop_log = _RateLimited()
+        self.closed = False
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _probe_peek_off() -> bool:
+        """SO_PEEK_OFF on TCP needs Linux 6.9; older kernels re-peek sent data instead."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+            except OSError:
+                log.info("kernel lacks SO_PEEK_OFF for TCP: host data is peeked again "
+                         "from the last acknowledged byte (one extra copy)")
+                return False
+        return True
+
+    def start(self, listener: socket.socket | None) -> None:
+        """Open the configured forwards and start accepting qemu on `listener`.
+
+        Raises ForwardError when a configured forward cannot be opened: an instance that
+        silently lacks a forward it was told to have is worse than one that fails to start.
+        """
+        for rule in self.settings.tcp_forwards:
+            self._add_forward(rule, "config")
+        for rule in self.settings.udp_forwards:
+            self._add_forward(rule, "config")
+        if listener is not None:
+            self.listener = listener
+            listener.setblocking(False)
+            self.loop.add_reader(listener.fileno(), self._tap_accept)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._timer_handle:
+            self._timer_handle.cancel()
+        if self._ra_handle:
+            self._ra_handle.cancel()
+        for flow in list(self.flows):
+            self._close_flow(flow, rst_peer=False)
+        for fwd in list(self.forwards.values()):
+            self._close_listeners(fwd)
+        if self.client is not None:
+            self.loop.remove_reader(self.client.fileno())
+            self.loop.remove_writer(self.client.fileno())
+            self.client = None  # the service keeps (or closes) the socket itself
+        if self.listener is not None:
+            self.loop.remove_reader(self.listener.fileno())
+        if self.pcap:
+            self.pcap.close()
+
+    def _changed(self, *names: str) -> None:
+        if self.on_change is not None:
+            self.on_change(set(names))
+
+    # -- the qemu side ----------------------------------------------------------------------
+
+    def _tap_accept(self) -> None:
+        assert self.listener is not None
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            log.warning("accept on the qemu socket failed: %s", e)
+            return
+        if self.client is not None:
+            log.warning("refusing a second qemu client (pid %s): one guest per instance",
+                        _peer_pid(sock))
+            sock.close()
+            return
+        self.adopt_client(sock)
+
+    def adopt_client(self, sock: socket.socket) -> None:
+        """Serve the guest behind `sock` (freshly accepted, or kept across a restart)."""
+        sock.setblocking(False)
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, opt, TAP_BUFFER)
+        self.client = sock
+        self.reader.reset()
+        self.out.drop_all()
+        self.loop.add_reader(sock.fileno(), self._tap_readable)
+        log.info("guest connected (qemu pid %s)", _peer_pid(sock))
+        if self.on_client:
+            self.on_client(sock)
+        self._changed("GuestConnected")
+        if self.cfg.ip6 and self.settings.ndp and self.settings.ra:
+            self._schedule_ra(1.0)
+        self._resume_tap_waiters()
+
+    def _client_gone(self, why: str) -> None:
+        sock = self.client
+        if sock is None:
+            return
+        log.info("guest disconnected: %s; waiting for the next qemu connection "
+                 "(%d flows and %d forwards kept)", why, len(self.flows), len(self.forwards))
+        self.loop.remove_reader(sock.fileno())
+        self.loop.remove_writer(sock.fileno())
+        sock.close()
+        self.client = None
+        self.reader.reset()
+        self.out.drop_all()
+        if self._ra_handle:
+            self._ra_handle.cancel()
+            self._ra_handle = None
+        if self.on_client:
+            self.on_client(None)
+        self._changed("GuestConnected")
+
+    def _tap_readable(self) -> None:
+        sock = self.client
+        if sock is None:
+            return
+        try:
+            n = sock.recv_into(self.reader.space())
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._client_gone(str(e))
+            return
+        if n == 0:
+            self._client_gone("qemu closed the connection")
+            return
+        self.reader.commit(n)
+        now = self.loop.time()
+        try:
+            self._process_frames(now)
+        except FramingError as e:
+            log.warning("dropping qemu client: %s", e)
+            self._client_gone("bad framing")
+        self._settle(now)
+
+    def _tap_writable(self) -> None:
+        self._settle(self.loop.time())
+
+    def _tap_flush(self) -> None:
+        out = self.out
+        sock = self.client
+        if sock is None:
+            out.drop_all()
+            return
+        was_congested = out.congested
+        while out.pending():
+            batch = out.take()
+            try:
+                n = sock.sendmsg(batch)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError as e:
+                self._client_gone(str(e))
+                return
+            if not out.sent(batch, n):
+                break
+        if out.congested and not was_congested:
+            self.loop.add_writer(sock.fileno(), self._tap_writable)
+        elif was_congested and not out.congested:
+            self.loop.remove_writer(sock.fileno())
+            self._resume_tap_waiters()
+
+    def _send(self, frame: bytes) -> None:
+        """Queue one frame for the guest (flushed at the end of the current callback)."""
+        if self.client is None:
+            return
+        if self.pcap:
+            self.pcap.write(frame, self.loop.time())
+        self.out.frame(frame)
+
+    @property
+    def _guest_mac(self) -> bytes:
+        return self.seen.mac or packet.ETH_BROADCAST
+
+    def _settle(self, now: float) -> None:
+        """End of a callback: ACKs due, flows that may send again, then flush to qemu.
+
+        Flushing can end a congestion and so wake flows that waited for qemu: loop until
+        nothing is left to do.
+        """
+        while True:
+            acks, self._ack_due = self._ack_due, {}
+            for conn in acks:
+                if conn.sock is not None:
+                    self._tcp_send_ack(conn)
+            resume, self._resume = self._resume, {}
+            for conn in resume:
+                if conn.sock is not None:
+                    self._tcp_host_readable(conn, now)
+            if self.out.pending():
+                self._tap_flush()
+            if not (self._ack_due or self._resume):
+                break
+        if self.pcap:
+            self.pcap.flush()
+
+    # -- guest frames ---------------------------------------------------------------------------
+
+    def _process_frames(self, now: float) -> None:
+        reader = self.reader
+        buf = reader.buf
+        mem = reader.mem
+        by_key = self.flows._by_key
+        pcap = self.pcap
+        fast4 = _FAST4.unpack_from
+        fast6 = _FAST6.unpack_from
+        group: TcpConn | None = None
+        views: list[memoryview] = []
+        last_src_mac_at = -1
+        for off, length in reader.frames():
+            if pcap:
+                pcap.write(mem[off : off + length], now)
+            last_src_mac_at = off
+            ethertype = buf[off + 12] << 8 | buf[off + 13]
+            if ethertype == packet.ETH_P_IP and buf[off + 14] == 0x45 and buf[off + 23] == 6 \
+                    and length >= 54:
+                (_vihl, _tos, total, _ident, frag, _ttl, _proto, _csum, src, dst,
+                 sport, dport, seq, ack, doff, flags, window) = fast4(buf, off + 14)
+                thl = (doff >> 4) << 2
+                if frag & 0x3FFF or total + 14 > length or thl < 20 or thl + 20 > total:
+                    self.drop_log(logging.DEBUG, "bad-tcp4", "dropped malformed IPv4/TCP frame")
+                    continue
+                data = off + 34 + thl
+                end = off + 14 + total
+            elif ethertype == packet.ETH_P_IPV6 and buf[off + 20] == 6 and length >= 74:
+                (vtcfl, plen, _nh, _hop, src, dst,
+                 sport, dport, seq, ack, doff, flags, window) = fast6(buf, off + 14)
+                thl = (doff >> 4) << 2
+                if vtcfl >> 28 != 6 or plen + 54 > length or thl < 20 or thl > plen:
+                    self.drop_log(logging.DEBUG, "bad-tcp6", "dropped malformed IPv6/TCP frame")
+                    continue
+                data = off + 54 + thl
+                end = off + 54 + plen
+            else:
+                if group is not None:
+                    self._tcp_guest_flush(group, views, now)
+                    group, views = None, []
+                self._slow_frame(mem[off : off + length], now)
+                continue
+            conn = by_key.get((6, src, sport, dst, dport))
+            if conn is None or flags & tcp.TCP_SYN:
+                if group is not None:
+                    self._tcp_guest_flush(group, views, now)
+                    group, views = None, []
+                self._tcp_unmatched(mem[off : off + length], conn, now)
+                continue
+            if conn is not group:
+                if group is not None:
+                    self._tcp_guest_flush(group, views, now)
+                    views = []
+                group = conn  # type: ignore[assignment]
+            actions = conn.on_segment(flags, seq, ack, window, end - data, now)  # type: ignore[union-attr]
+            if conn.data_take:  # type: ignore[union-attr]
+                start = data + conn.data_skip  # type: ignore[union-attr]
+                views.append(mem[start : start + conn.data_take])  # type: ignore[union-attr]
+            if actions:
+                self._tcp_actions(conn, actions, now)  # type: ignore[arg-type]
+        if group is not None:
+            self._tcp_guest_flush(group, views, now)
+        if last_src_mac_at >= 0:
+            self._learn_mac(bytes(buf[last_src_mac_at + 6 : last_src_mac_at + 12]))
+
+    def _learn_mac(self, mac: bytes) -> None:
+        if mac != self.seen.mac and not mac[0] & 1:  # never learn a multicast source
+            self.seen.mac = mac
+            log.info("guest MAC %s", mac.hex(":"))
+            self._changed("GuestMac")
+
+    def _learn_addr(self, family: int, addr: bytes) -> None:
+        seen = self.seen
+        if family == 4:
+            if addr == packet.IP4_ANY or addr == seen.addr4:
+                return
+            seen.addr4 = addr
+        elif packet.is_ipv6_link_local(addr):
+            if addr == seen.addr6_ll:
+                return
+            seen.addr6_ll = addr
+        else:
+            if addr == packet.IP6_ANY or addr == seen.addr6:
+                return
+            seen.addr6 = addr
+        log.info("guest uses address %s", addr_text(addr))
+        self._changed("GuestAddresses")
+
+    def _slow_frame(self, frame: memoryview, now: float) -> None:
+        try:
+            _dst_mac, src_mac, ethertype = packet.parse_eth(frame)
+            self._learn_mac(src_mac)
+            if ethertype == packet.ETH_P_ARP:
+                if self.cfg.ip4 is not None:
+                    reply = arp.reply(self.cfg, frame)
+                    if reply:
+                        self._send(reply)
+                return
+            if ethertype in (packet.ETH_P_IP, packet.ETH_P_IPV6):
+                self._ip_packet(packet.parse_ip(frame), now)
+                return
+            self.drop_log(logging.DEBUG, "ethertype", "dropped frame with ethertype 0x%04x",
+                          ethertype)
+        except packet.Malformed as e:
+            self.drop_log(logging.DEBUG, "malformed", "dropped malformed guest frame: %s", e)
+        except Exception:  # a bug must cost one frame, never the instance
+            log.exception("internal error on a guest frame (dropped)")
+
+    def _acceptable(self, pkt: packet.Packet) -> bool:
+        """Whether a guest packet may enter: its family is on, and no loopback or
+        multicast source (nor a loopback destination) pretends to be somewhere it is not."""
+        if pkt.family == 4:
+            if self.cfg.ip4 is None:
+                return False
+            bad = packet.is_ipv4_loopback(pkt.src) or packet.is_ipv4_loopback(pkt.dst) \
+                or packet.is_ipv4_multicast_or_broadcast(pkt.src)
+        else:
+            if self.cfg.ip6 is None:
+                return False
+            bad = packet.is_ipv6_loopback(pkt.src) or packet.is_ipv6_loopback(pkt.dst) \
+                or packet.is_ipv6_multicast(pkt.src)
+        if bad:
+            self.drop_log(logging.DEBUG, "martian", "dropped IPv%d %s -> %s", pkt.family,
+                          addr_text(pkt.src), addr_text(pkt.dst))
+        return not bad
+
+    def _ip_packet(self, pkt: packet.Packet, now: float) -> None:
+        if not self._acceptable(pkt):
+            return
+        family = pkt.family
+        proto = pkt.proto
+        if proto == packet.IPPROTO_UDP:
+            sport, dport, payload = packet.parse_udp(pkt)
+            if family == 4 and dport == 67:
+                if self.settings.dhcp:
+                    reply = dhcp.reply(self.cfg, pkt, sport, dport, payload)
+                    if reply:
+                        self._send(reply)
+                return
+            if family == 6 and dport == 547 and packet.is_ipv6_multicast(pkt.dst):
+                if self.settings.dhcpv6:
+                    reply = dhcpv6.reply(self.cfg, pkt, sport, dport, payload, self._dhcpv6_duid)
+                    if reply:
+                        self._send(reply)
+                return
+            self._learn_addr(family, pkt.src)
+            self._udp_from_guest(pkt, sport, dport, payload, now)
+        elif proto == packet.IPPROTO_TCP:
+            self._learn_addr(family, pkt.src)
+            self._tcp_unmatched(None, None, now, pkt)
+        elif proto == packet.IPPROTO_ICMP and family == 4:
+            self._learn_addr(family, pkt.src)
+            self._ping_from_guest(pkt, now)
+        elif proto == packet.IPPROTO_ICMPV6 and family == 6:
+            if len(pkt.l4) and 133 <= pkt.l4[0] <= 137:
+                if self.settings.ndp:
+                    reply = ndp.reply(self.cfg, pkt)
+                    if reply:
+                        self._send(reply)
+                return
+            self._learn_addr(family, pkt.src)
+            self._ping_from_guest(pkt, now)
+        else:
+            self.drop_log(logging.DEBUG, "proto", "dropped IP protocol %d", proto)
+
+    # -- address mapping ------------------------------------------------------------------------
+
+    def _outbound_target(self, family: int, dst: bytes, dport: int) -> tuple | None:
+        """The host socket address for a flow the guest opens towards `dst`, or None."""
+        if family == 4:
+            net4 = self.cfg.ip4
+            assert net4 is not None
+            if dport == 53 and dst in self.settings.dns_redirect:
+                return (self.settings.dns_redirect[dst], dport)
+            if net4.map_host_loopback is not None and dst == net4.map_host_loopback:
+                return ("127.0.0.1", dport)
+            if net4.map_guest_addr is not None and dst == net4.map_guest_addr:
+                target = self.settings.host_addr4 or net4.address
+                return (addr_text(target), dport)
+            if dst == packet.IP4_ANY or packet.is_ipv4_multicast_or_broadcast(dst) \
+                    or dst == net4.address:
+                return None
+            return (addr_text(dst), dport)
+        net6 = self.cfg.ip6
+        assert net6 is not None
+        if dport == 53 and dst in self.settings.dns_redirect:
+            return (self.settings.dns_redirect[dst], dport, 0, 0)
+        if net6.map_host_loopback is not None and dst == net6.map_host_loopback:
+            return ("::1", dport, 0, 0)
+        if net6.map_guest_addr is not None and dst == net6.map_guest_addr:
+            target = self.settings.host_addr6 or net6.address
+            return (addr_text(target), dport, 0, 0) if target else None
+        if dst == packet.IP6_ANY or packet.is_ipv6_multicast(dst):
+            return None
+        if packet.is_ipv6_link_local(dst):
+            if not self.cfg.host_ifname:
+                return None
+            try:
+                scope = socket.if_nametoindex(self.cfg.host_ifname)
+            except OSError:
+                return None
+            return (addr_text(dst), dport, 0, scope)
+        return (addr_text(dst), dport, 0, 0)
+
+    def _inbound_peer(self, family: int, addr: bytes) -> bytes:
+        """How the guest sees a host peer: loopback and the host's own address appear as
+        the gateway (the guest would otherwise see its own address talking to it)."""
+        if family == 4:
+            net4 = self.cfg.ip4
+            assert net4 is not None
+            if packet.is_ipv4_loopback(addr) or addr == packet.IP4_ANY:
+                return net4.map_host_loopback or net4.gateway
+            if addr in (net4.address, self.settings.host_addr4):
+                return net4.map_guest_addr or net4.gateway
+            return addr
+        net6 = self.cfg.ip6
+        assert net6 is not None
+        if packet.is_ipv6_loopback(addr) or addr == packet.IP6_ANY:
+            return net6.map_host_loopback or net6.gateway
+        if addr in (net6.address, self.settings.host_addr6):
+            return net6.map_guest_addr or net6.gateway
+        return addr
+
+    def _guest_target(self, family: int, peer: bytes) -> bytes | None:
+        """The guest address a host-initiated flow goes to: the one the guest was seen using."""
+        if family == 4:
+            if self.cfg.ip4 is None:
+                return None
+            return self.seen.addr4 or self.cfg.ip4.address
+        if self.cfg.ip6 is None:
+            return None
+        if packet.is_ipv6_link_local(peer):
+            return self.seen.addr6_ll
+        return self.seen.addr6 or self.cfg.ip6.address or self.seen.addr6_ll
+
+    def _isn(self, key: tuple, now: float) -> int:
+        """RFC 6528: a keyed hash of the connection plus a 4-microsecond clock."""
+        return (hash((self._isn_secret, key)) + int(now * 250_000)) & 0xFFFFFFFF
+
+    def _our_mss(self, family: int) -> int:
+        mtu = self.cfg.mtu or 65520
+        return min(mtu, 65535 - 14) - (40 if family == 4 else 60)
+
+    # -- TCP ------------------------------------------------------------------------------------
+
+    def _tcp_unmatched(self, frame: memoryview | None, conn: TcpConn | None, now: float,
+                       pkt: packet.Packet | None = None) -> None:
+        """A segment that the bulk path does not take: a SYN, a new flow, or no flow."""
+        try:
+            if pkt is None:
+                assert frame is not None
+                pkt = packet.parse_ip(frame)
+                if not self._acceptable(pkt):
+                    return
+                self._learn_addr(pkt.family, pkt.src)
+            l4 = pkt.l4
+            if len(l4) < packet.TCP_HLEN:
+                raise packet.Malformed("truncated TCP header")
+            sport, dport, seq, ack, doff, flags, window, _csum, _urg = packet.TCP.unpack_from(l4)
+            thl = (doff >> 4) << 2
+            if thl < packet.TCP_HLEN or thl > len(l4):
+                raise packet.Malformed(f"TCP header length {thl}")
+            key = (packet.IPPROTO_TCP, pkt.src, sport, pkt.dst, dport)
+            if conn is None:
+                conn = self.flows.get(key)  # type: ignore[assignment]
+            plen = len(l4) - thl
+            mss = wscale = None
+            if flags & tcp.TCP_SYN:
+                mss, wscale = tcp.parse_options(l4[packet.TCP_HLEN : thl])
+            if conn is None:
+                if flags & tcp.TCP_RST:
+                    return
+                if flags & (tcp.TCP_SYN | tcp.TCP_ACK) == tcp.TCP_SYN:
+                    self._tcp_guest_syn(pkt, key, seq, window, mss, wscale, now)
+                else:
+                    self._tcp_rst_unknown(pkt, sport, dport, seq, ack, flags, plen)
+                return
+            actions = conn.on_segment(flags, seq, ack, window, plen, now, mss, wscale)
+            written = 0
+            if conn.data_take:
+                start = thl + conn.data_skip
+                written = self._tcp_write(conn, [l4[start : start + conn.data_take]])
+                if written < 0:
+                    return
+            if actions:
+                self._tcp_actions(conn, actions, now)
+            if conn.sock is not None:
+                more = conn.commit(written, now)
+                if more:
+                    self._tcp_actions(conn, more, now)
+        except packet.Malformed as e:
+            self.drop_log(logging.DEBUG, "malformed-tcp", "dropped malformed TCP segment: %s", e)
+
+    def _tcp_rst_unknown(self, pkt: packet.Packet, sport: int, dport: int, seq: int, ack: int,
+                         flags: int, plen: int) -> None:
+        """RFC 9293 3.10.7.1: a segment for no connection gets a RST (never one for a RST)."""
+        if flags & tcp.TCP_ACK:
+            rst_seq, rst_ack, rst_flags = ack, 0, tcp.TCP_RST
+        else:
+            seg_len = plen + (1 if flags & tcp.TCP_SYN else 0) + (1 if flags & tcp.TCP_FIN else 0)
+            rst_seq, rst_ack, rst_flags = 0, seq + seg_len, tcp.TCP_RST | tcp.TCP_ACK
+        seg = packet.tcp_segment(pkt.dst, pkt.src, dport, sport, rst_seq, rst_ack, rst_flags, 0)
+        self._send(packet.ip_frame(pkt.src_mac, self.cfg.mac, pkt.dst, pkt.src,
+                                   packet.IPPROTO_TCP, seg))
+
+    def _tcp_guest_syn(self, pkt: packet.Packet, key: tuple, seq: int, window: int,
+                       mss: int | None, wscale: int | None, now: float) -> None:
+        def refuse(why: str) -> None:
+            log.debug("refusing guest TCP to %s:%d: %s", addr_text(pkt.dst), key[4], why)
+            seg = packet.tcp_segment(pkt.dst, pkt.src, key[4], key[2], 0, seq + 1,
+                                     tcp.TCP_RST | tcp.TCP_ACK, 0)
+            self._send(packet.ip_frame(pkt.src_mac, self.cfg.mac, pkt.dst, pkt.src,
+                                       packet.IPPROTO_TCP, seg))
+
+        if self.flows.full:
+            self.drop_log(logging.WARNING, "flow-limit",
+                          "flow limit (%d) reached: refusing new connections", self.flows.max_flows)
+            refuse("flow limit")
+            return
+        target = self._outbound_target(pkt.family, pkt.dst, key[4])
+        if target is None:
+            refuse("no route for that destination")
+            return
+        af = socket.AF_INET if len(target) == 2 else socket.AF_INET6
+        try:
+            sock = socket.socket(af, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        except OSError as e:  # EMFILE, ENFILE, ENOBUFS: the guest sees a refused port
+            self.drop_log(logging.WARNING, "socket", "cannot open a TCP socket: %s", e)
+            refuse(str(e))
+            return
+        self._tcp_socket_options(sock)
+        conn = TcpConn.from_guest_syn(key, now, self._isn(key, now), self._our_mss(pkt.family),
+                                      seq, window, mss, wscale, self.settings.tcp_idle_timeout)
+        conn.sock = sock
+        self.flows.add(conn)
+        self._changed("FlowCount")
+        log.debug("%r: connecting to %s", conn, target)
+        rc = sock.connect_ex(target)
+        if rc == 0:
+            self._tcp_connected(conn, now)
+        elif rc in (errno.EINPROGRESS, errno.EAGAIN):
+            self._writer(conn, self._tcp_connect_done)
+            self._schedule(conn)
+        else:
+            log.debug("%r: connect: %s", conn, os.strerror(rc))
+            self._tcp_actions(conn, conn.host_refused(), now)
+
+    def _tcp_socket_options(self, sock: socket.socket) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.settings.tcp_sndbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.settings.tcp_sndbuf)
+        if self._peek_off:  # peeks continue after what the guest already has
+            sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+
+    def _tcp_connect_done(self, conn: TcpConn) -> None:
+        self._unwriter(conn)
+        if conn.sock is None:
+            return
+        now = self.loop.time()
+        err = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            log.debug("%r: connect: %s", conn, os.strerror(err))
+            self._tcp_actions(conn, conn.host_refused(), now)
+        else:
+            self._tcp_connected(conn, now)
+        self._settle(now)
+
+    def _tcp_connected(self, conn: TcpConn, now: float) -> None:
+        self._tcp_actions(conn, conn.host_connected(now), now)
+
+    def _tcp_write(self, conn: TcpConn, views: list[memoryview]) -> int:
+        """Write guest data to the host socket; -1 when the socket failed (flow reset)."""
+        sock = conn.sock
+        written = 0
+        try:
+            for i in range(0, len(views), 1024):
+                chunk = views[i : i + 1024]
+                n = sock.send(chunk[0]) if len(chunk) == 1 else sock.sendmsg(chunk)
+                written += n
+                if n < sum(map(len, chunk)):
+                    break
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as e:
+            log.debug("%r: write: %s", conn, e)
+            self._tcp_actions(conn, conn.on_host_error(), self.loop.time())
+            return -1
+        return written
+
+    def _tcp_guest_flush(self, conn: TcpConn, views: list[memoryview], now: float) -> None:
+        """Write a run of guest segments' data with one sendmsg and settle the flow."""
+        if conn.sock is None:
+            return
+        written = self._tcp_write(conn, views) if views else 0
+        if written < 0:
+            return
+        actions = conn.commit(written, now)
+        if actions:
+            self._tcp_actions(conn, actions, now)
+
+    def _tcp_actions(self, conn: TcpConn, actions: int, now: float) -> None:
+        sock = conn.sock
+        if sock is None:
+            return
+        if actions & tcp.A_CLOSE:
+            if actions & tcp.A_RST_GUEST:
+                self._tcp_control(conn, tcp.TCP_RST | tcp.TCP_ACK, conn.snd_nxt)
+            self._close_flow(conn, rst_peer=bool(actions & tcp.A_RST_PEER))
+            return
+        if actions & tcp.A_DISCARD:
+            self._tcp_discard(conn)
+        if actions & tcp.A_REWIND and self._peek_off:
+            sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+        if actions & tcp.A_SHUT_WR:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_WR)
+        if actions & tcp.A_SOCK_KEEPALIVE:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if actions & tcp.A_SYN_ACK:
+            self._tcp_control(conn, tcp.TCP_SYN | tcp.TCP_ACK, conn.syn_seq,
+                              tcp.syn_options(conn.our_mss, conn.our_wscale
+                                              if conn.guest_wscale or conn.our_wscale else None))
+        if actions & tcp.A_SYN:
+            self._tcp_control(conn, tcp.TCP_SYN, conn.syn_seq,
+                              tcp.syn_options(conn.our_mss, tcp.OUR_WSCALE))
+        if actions & tcp.A_FIN:
+            self._tcp_control(conn, tcp.TCP_FIN | tcp.TCP_ACK, (conn.snd_nxt - 1) & 0xFFFFFFFF)
+        if actions & tcp.A_KEEPALIVE:
+            self._tcp_control(conn, tcp.TCP_ACK, (conn.snd_nxt - 1) & 0xFFFFFFFF)
+        if actions & tcp.A_WAIT_WRITABLE:
+            self._writer(conn, self._tcp_host_writable)
+        if actions & (tcp.A_ESTABLISHED | tcp.A_RESUME):
+            self._resume[conn] = None
+        if actions & tcp.A_ACK:
+            self._ack_due[conn] = None
+        self._schedule(conn)
+
+    def _tcp_discard(self, conn: TcpConn) -> None:
+        """Drop bytes the guest acknowledged from the socket's receive queue (MSG_TRUNC:
+        TCP discards without copying)."""
+        left = conn.discard
+        conn.discard = 0
+        limit = len(self._discard)
+        while left > 0:
+            try:
+                n = conn.sock.recv_into(self._discard, min(left, limit), socket.MSG_TRUNC)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                log.debug("%r: discard: %s", conn, e)
+                break
+            if n <= 0:
+                break
+            left -= n
+
+    def _free_space(self, sock: socket.socket) -> int:
+        """Room in the host socket's send buffer: the window we offer the guest."""
+        try:
+            info = _MEMINFO.unpack(sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, _MEMINFO.size))
+        except OSError:
+            return 0
+        return max(0, info[SK_MEMINFO_SNDBUF] - info[SK_MEMINFO_WMEM_QUEUED])
+
+    def _tcp_control(self, conn: TcpConn, flags: int, seq: int, options: bytes = b"") -> None:
+        """A segment without payload for the guest (SYN, SYN-ACK, ACK, FIN, RST)."""
+        if flags & tcp.TCP_SYN:
+            conn.window_field(self._free_space(conn.sock))
+            window = min(conn.wnd_to_guest, 0xFFFF)  # never scaled in a SYN (RFC 7323)
+        else:
+            window = conn.wnd_to_guest >> conn.our_wscale
+        ack = conn.rcv_nxt if flags & tcp.TCP_ACK else 0
+        seg = packet.tcp_segment(conn.peer_addr, conn.guest_addr, conn.peer_port, conn.guest_port,
+                                 seq, ack, flags, window, options)
+        self._send(packet.ip_frame(self._guest_mac, self.cfg.mac, conn.peer_addr,
+                                   conn.guest_addr, packet.IPPROTO_TCP, seg))
+
+    def _tcp_send_ack(self, conn: TcpConn) -> None:
+        if not conn.events & tcp.ESTABLISHED:
+            return
+        free = self._free_space(conn.sock)
+        field = conn.window_field(free)
+        if field == 0 and not conn.events & tcp.TAP_FIN_RCVD:
+            self._writer(conn, self._tcp_host_writable)  # tell the guest when there is room
+        self._tcp_control(conn, tcp.TCP_ACK, conn.snd_nxt)
+
+    def _tcp_host_writable(self, conn: TcpConn) -> None:
+        """The host socket has room again: a window update lets the guest send more."""
+        self._unwriter(conn)
+        if conn.sock is None:
+            return
+        self._ack_due[conn] = None
+        self._settle(self.loop.time())
+
+    def _tcp_host_readable_cb(self, conn: TcpConn) -> None:
+        now = self.loop.time()
+        self._tcp_host_readable(conn, now)
+        self._settle(now)
+
+    def _tcp_host_readable(self, conn: TcpConn, now: float) -> None:
+        """Host data for the guest: peek it into frame slots, up to the guest's window."""
+        sock = conn.sock
+        if sock is None or not conn.events & tcp.ESTABLISHED:
+            return
+        if self.client is None or self.out.congested:
+            self._unreader(conn)
+            self._tap_waiters[conn] = None
+            return
+        batch = self._batches[conn.family]
+        mss = conn.mss_to_guest
+        views = batch.views(mss)
+        for _ in range(TCP_READ_ROUNDS):
+            budget = conn.send_budget()
+            if budget <= 0:
+                self._unreader(conn)
+                conn.window_closed(now)
+                self._schedule(conn)
+                return
+            count = min(len(views), -(-budget // mss))
+            bufs = views[:count]
+            want = count * mss
+            if want > budget:
+                bufs = [*bufs[:-1], bufs[-1][: budget - (count - 1) * mss]]
+                want = budget
+            in_flight = 0
+            if not self._peek_off:
+                in_flight = tcp.seq_diff(conn.snd_nxt, conn.snd_una)
+                bufs = [self._discard[:in_flight], *bufs]
+            try:
+                n = sock.recvmsg_into(bufs, 0, socket.MSG_PEEK)[0] - in_flight
+            except (BlockingIOError, InterruptedError):
+                self._reader(conn)
+                return
+            except OSError as e:
+                log.debug("%r: read: %s", conn, e)
+                self._tcp_actions(conn, conn.on_host_error(), now)
+                return
+            if n <= 0:
+                # EOF: everything the peer sent is with the guest (or in flight)
+                self._unreader(conn)
+                actions = conn.on_host_eof(now)
+                if actions:
+                    self._tcp_actions(conn, actions, now)
+                return
+            frames = batch.build(n, mss, self.cfg.mac, self._guest_mac, conn.peer_addr,
+                                 conn.guest_addr, conn.peer_port, conn.guest_port, conn.snd_nxt,
+                                 conn.rcv_nxt, conn.wnd_to_guest >> conn.our_wscale)
+            conn.on_sent(n, now)
+            if self.pcap:
+                self.pcap.write_framed(frames, now)
+            self.out.framed(frames)
+            self._tap_flush()  # the slots are reused by the next read
+            if n < want or self.out.congested or self.client is None:
+                break
+        self._reader(conn)
+        self._schedule(conn)
+
+    def _resume_tap_waiters(self) -> None:
+        waiters, self._tap_waiters = self._tap_waiters, {}
+        for conn in waiters:
+            if conn.sock is not None:
+                self._resume[conn] = None
+
+    # -- readiness bookkeeping ------------------------------------------------------------------
+
+    def _reader(self, flow: Flow, callback: Callable[..., Any] | None = None) -> None:
+        fd = flow.sock.fileno()
+        if fd not in self._reading:
+            self._reading.add(fd)
+            self.loop.add_reader(fd, callback or self._tcp_host_readable_cb, flow)
+
+    def _unreader(self, flow: Flow) -> None:
+        fd = flow.sock.fileno()
+        if fd in self._reading:
+            self._reading.discard(fd)
+            self.loop.remove_reader(fd)
+
+    def _writer(self, flow: Flow, callback: Callable[..., Any]) -> None:
+        fd = flow.sock.fileno()
+        if fd not in self._writing:
+            self._writing.add(fd)
+            self.loop.add_writer(fd, callback, flow)
+
+    def _unwriter(self, flow: Flow) -> None:
+        if flow.sock is None:
+            return
+        fd = flow.sock.fileno()
+        if fd in self._writing:
+            self._writing.discard(fd)
+            self.loop.remove_writer(fd)
+
+    def _close_flow(self, flow: Flow, rst_peer: bool) -> None:
+        sock = flow.sock
+        if sock is not None:
+            owned = not (isinstance(flow, UdpFlow) and flow.origin == HOST)
+            if owned:
+                self._unreader(flow)
+                self._unwriter(flow)
+                if rst_peer:
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                        struct.pack("ii", 1, 0))
+                sock.close()
+            flow.sock = None
+        self._ack_due.pop(flow, None)  # type: ignore[call-overload]
+        self._resume.pop(flow, None)  # type: ignore[call-overload]
+        self._tap_waiters.pop(flow, None)  # type: ignore[call-overload]
+        if flow.forward_id is not None:
+            fwd = self.forwards.get(flow.forward_id)
+            if fwd is not None:
+                fwd.bytes_closed += flow.bytes_from_guest + flow.bytes_to_guest
+        self.flows.remove(flow)
+        flow.deadline = None
+        log.debug("%r: closed", flow)
+        self._changed("FlowCount")
+
+    # -- timers ---------------------------------------------------------------------------------
+
+    def _schedule(self, flow: Flow) -> None:
+        at = flow.deadline
+        if at is None or (flow.timer_at is not None and flow.timer_at <= at):
+            return
+        flow.timer_at = at
+        heapq.heappush(self._timers, (at, next(self._timer_seq), flow))
+        if at < self._timer_when:
+            self._arm_timer(at)
+
+    def _arm_timer(self, at: float) -> None:
+        if self._timer_handle is not None:
+            self._timer_handle.cancel()
+        self._timer_when = at
+        self._timer_handle = self.loop.call_at(at, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer_handle = None
+        self._timer_when = math.inf
+        now = self.loop.time()
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            at, _, flow = heapq.heappop(timers)
+            if flow.timer_at != at:
+                continue  # superseded by an earlier entry
+            flow.timer_at = None
+            if flow.deadline is None or self.flows.by_id(flow.id) is not flow:
+                continue
+            if flow.deadline > now:
+                self._schedule(flow)
+                continue
+            try:
+                self._flow_timer(flow, now)
+            except Exception:
+                log.exception("internal error in a timer of %r", flow)
+                self._close_flow(flow, rst_peer=True)
+        if timers:
+            self._arm_timer(timers[0][0])
+        self._settle(now)
+
+    def _flow_timer(self, flow: Flow, now: float) -> None:
+        if isinstance(flow, TcpConn):
+            actions = flow.handle_timer(now)
+            if actions & tcp.A_CLOSE:
+                log.debug("%r: timed out (%s)", flow, "abort")
+            self._tcp_actions(flow, actions, now)
+            if actions & tcp.A_REWIND:
+                self._resume[flow] = None
+        elif isinstance(flow, (UdpFlow, icmp.PingFlow)):
+            if flow.handle_timer(now):
+                self._close_flow(flow, rst_peer=False)
+                return
+            self._schedule(flow)
+
+    # -- router advertisements ------------------------------------------------------------------
+
+    def _schedule_ra(self, delay: float) -> None:
+        if self._ra_handle:
+            self._ra_handle.cancel()
+        self._ra_handle = self.loop.call_later(delay, self._send_unsolicited_ra)
+
+    def _send_unsolicited_ra(self) -> None:
+        self._ra_handle = None
+        if self.client is None or self.cfg.ip6 is None:
+            return
+        self._send(ndp.router_advertisement(self.cfg))
+        self._tap_flush()
+        self._schedule_ra(ndp.next_unsolicited_ra_delay(self._rng))
+
+    # -- UDP ------------------------------------------------------------------------------------
+
+    def _udp_from_guest(self, pkt: packet.Packet, sport: int, dport: int, payload: memoryview,
+                        now: float) -> None:
+        key = (packet.IPPROTO_UDP, pkt.src, sport, pkt.dst, dport)
+        flow = self.flows.get(key)
+        if flow is None:
+            flow = self._udp_open(pkt, key, sport, dport, now)
+            if flow is None:
+                return
+        try:
+            if flow.sockaddr is not None:
+                flow.sock.sendto(payload, flow.sockaddr)
+            else:
+                flow.sock.send(payload)
+        except (BlockingIOError, InterruptedError):
+            self.drop_log(logging.DEBUG, "udp-full", "host UDP socket full: datagram dropped")
+            return
+        except OSError as e:
+            self.drop_log(logging.DEBUG, "udp-send", "%r: send: %s", flow, e)
+            if e.errno == errno.ECONNREFUSED:
+                self._udp_unreachable(flow)
+            return
+        flow.from_guest(len(payload), now)
+        self._schedule(flow)
+
+    def _udp_open(self, pkt: packet.Packet, key: tuple, sport: int, dport: int,
+                  now: float) -> UdpFlow | None:
+        def unreachable(code4: int, code6: int) -> None:
+            quoted = bytes(pkt.l4[:8])
+            quoted = packet.ip_header(pkt.src, pkt.dst, pkt.proto, len(pkt.l4)) + quoted
+            self._send(icmp.unreachable_frame(
+                pkt.family, code4 if pkt.family == 4 else code6, self._tap_addr(pkt.family),
+                quoted, self.cfg.mac, pkt.src_mac, pkt.src))
+
+        if self.flows.full:
+            self.drop_log(logging.WARNING, "flow-limit",
+                          "flow limit (%d) reached: refusing new flows", self.flows.max_flows)
+            unreachable(icmp.ICMP_ADMIN_PROHIBITED, icmp.ICMPV6_ADMIN_PROHIBITED)
+            return None
+        target = self._outbound_target(pkt.family, pkt.dst, dport)
+        if target is None:
+            self.drop_log(logging.DEBUG, "udp-dst", "dropped UDP to %s", addr_text(pkt.dst))
+            return None
+        af = socket.AF_INET if len(target) == 2 else socket.AF_INET6
+        try:
+            sock = socket.socket(af, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        except OSError as e:
+            self.drop_log(logging.WARNING, "socket", "cannot open a UDP socket: %s", e)
+            unreachable(icmp.ICMP_HOST_UNREACH, icmp.ICMPV6_ADDR_UNREACH)
+            return None
+        try:
+            try:  # keep the guest's source port, as passt does, when the host has it free
+                sock.bind(("0.0.0.0" if af == socket.AF_INET else "::", sport))
+            except OSError:
+                sock.bind(("0.0.0.0" if af == socket.AF_INET else "::", 0))
+            sock.connect(target)
+        except OSError as e:
+            sock.close()
+            self.drop_log(logging.DEBUG, "udp-connect", "UDP to %s: %s", target, e)
+            unreachable(icmp.ICMP_HOST_UNREACH, icmp.ICMPV6_ADDR_UNREACH)
+            return None
+        flow = UdpFlow(key, GUEST, now, self.settings.udp_timeout, self.settings.udp_stream_timeout)
+        flow.sock = sock
+        self.flows.add(flow)
+        self._reader(flow, self._udp_host_readable)
+        self._changed("FlowCount")
+        return flow
+
+    def _udp_host_readable(self, flow: UdpFlow) -> None:
+        now = self.loop.time()
+        for _ in range(UDP_BATCH):
+            try:
+                data = flow.sock.recv(65535)
+            except (BlockingIOError, InterruptedError):
+                break
+            except ConnectionRefusedError:
+                self._udp_unreachable(flow)
+                continue
+            except OSError as e:
+                self.drop_log(logging.DEBUG, "udp-recv", "%r: %s", flow, e)
+                break
+            self._udp_to_guest(flow, data, now)
+        self._settle(now)
+
+    def _udp_to_guest(self, flow: UdpFlow, data: bytes, now: float) -> None:
+        msg = packet.udp_message(flow.peer_addr, flow.guest_addr, flow.peer_port,
+                                 flow.guest_port, data)
+        self._send(packet.ip_frame(self._guest_mac, self.cfg.mac, flow.peer_addr,
+                                   flow.guest_addr, packet.IPPROTO_UDP, msg))
+        flow.to_guest(len(data), now)
+        self._schedule(flow)
+
+    def _udp_unreachable(self, flow: UdpFlow) -> None:
+        """The peer answered with ICMP port unreachable: tell the guest the same."""
+        quoted = icmp.quote_udp(flow.guest_addr, flow.peer_addr, flow.guest_port, flow.peer_port,
+                                flow.last_length)
+        code = icmp.ICMP_PORT_UNREACH if flow.family == 4 else icmp.ICMPV6_PORT_UNREACH
+        self._send(icmp.unreachable_frame(flow.family, code, flow.peer_addr, quoted, self.cfg.mac,
+                                          self._guest_mac, flow.guest_addr))
+
+    def _tap_addr(self, family: int) -> bytes:
+        if family == 4:
+            assert self.cfg.ip4 is not None
+            return self.cfg.ip4.gateway
+        assert self.cfg.ip6 is not None
+        return self.cfg.ip6.gateway
+
+    # -- ICMP echo ------------------------------------------------------------------------------
+
+    def _ping_from_guest(self, pkt: packet.Packet, now: float) -> None:
+        echo = icmp.parse_echo_request(pkt)
+        if echo is None:
+            self.drop_log(logging.DEBUG, "icmp-type", "dropped ICMP type %d", pkt.l4[0])
+            return
+        ident, _seq = echo
+        key = (pkt.proto, pkt.src, ident, pkt.dst, 0)
+        flow = self.flows.get(key)
+        if flow is None:
+            if self.flows.full:
+                return
+            target = self._outbound_target(pkt.family, pkt.dst, 0)
+            if target is None:
+                return
+            af = socket.AF_INET if len(target) == 2 else socket.AF_INET6
+            proto = socket.IPPROTO_ICMP if af == socket.AF_INET else socket.IPPROTO_ICMPV6
+            try:
+                sock = socket.socket(af, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK, proto)
+            except OSError as e:
+                self.drop_log(logging.WARNING, "ping-socket",
+                              "cannot open a ping socket (%s): is net.ipv4.ping_group_range "
+                              "covering our group?", e)
+                return
+            # where the identifier is taken, the kernel picks one; replies are rewritten back
+            with contextlib.suppress(OSError):
+                sock.bind(("0.0.0.0", ident) if af == socket.AF_INET else ("::", ident))
+            flow = icmp.PingFlow(key, now, self.settings.icmp_timeout)
+            flow.sock = sock
+            flow.sockaddr = target
+            self.flows.add(flow)
+            self._reader(flow, self._ping_readable)
+            self._changed("FlowCount")
+        try:
+            flow.sock.sendto(pkt.l4, flow.sockaddr)
+        except OSError as e:
+            self.drop_log(logging.DEBUG, "ping-send", "%r: %s", flow, e)
+            return
+        flow.touch(len(pkt.l4), False, now)
+        self._schedule(flow)
+
+    def _ping_readable(self, flow: icmp.PingFlow) -> None:
+        now = self.loop.time()
+        for _ in range(UDP_BATCH):
+            try:
+                data = flow.sock.recv(65535)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                self.drop_log(logging.DEBUG, "ping-recv", "%r: %s", flow, e)
+                break
+            frame = icmp.echo_reply_frame(flow, data, self.cfg.mac, self._guest_mac)
+            if frame:
+                self._send(frame)
+                flow.touch(len(data), True, now)
+        self._schedule(flow)
+        self._settle(now)
+
+    # -- forwards -------------------------------------------------------------------------------
+
+    def add_forward(self, rule: ForwardRule, origin: str = "runtime") -> Forward:
+        """Open a forward now; the listener is accepting when this returns."""
+        return self._add_forward(rule, origin)
+
+    def _add_forward(self, rule: ForwardRule, origin: str) -> Forward:
+        for fwd in self.forwards.values():
+            other = fwd.rule
+            if other.proto == rule.proto and other.first <= rule.last and rule.first <= other.last \
+                    and (other.address is None or rule.address is None
+                         or other.address == rule.address):
+                raise ForwardError("AddressInUse",
+                                   f"{rule.proto} {format_rule(rule)} overlaps forward {fwd.id} "
+                                   f"({format_rule(other)})")
+        fwd = Forward(self._next_forward_id, rule, origin)
+        try:
+            self._open_listeners(fwd)
+        except ForwardError:
+            self._close_listeners(fwd)
+            raise
+        self._next_forward_id += 1
+        self.forwards[fwd.id] = fwd
+        log.info("forward %d: %s %s -> guest (%s, %d listening sockets)", fwd.id, rule.proto,
+                 format_rule(rule), origin, len(fwd.listeners))
+        return fwd
+
+    def remove_forward(self, forward_id: int) -> Forward:
+        """Close a forward's listeners; connections made through it live on."""
+        fwd = self.forwards.pop(forward_id, None)
+        if fwd is None:
+            raise ForwardError("NotFound", f"no forward with id {forward_id}")
+        self._close_listeners(fwd)
+        log.info("forward %d removed: %s %s", fwd.id, fwd.rule.proto, format_rule(fwd.rule))
+        return fwd
+
+    def _listen_addresses(self, rule: ForwardRule) -> list[tuple[int, str, bool]]:
+        """(family, address, v6only) sockets a rule needs: passt listens on :: and 0.0.0.0."""
+        if rule.address is not None:
+            family = 6 if ":" in rule.address else 4
+            if (family == 4 and self.cfg.ip4 is None) or (family == 6 and self.cfg.ip6 is None):
+                raise ForwardError("InvalidArgument",
+                                   f"address {rule.address}: IPv{family} is disabled")
+            return [(family, rule.address, True)]
+        if self.cfg.ip6 is None:
+            return [(4, "0.0.0.0", False)]
+        if self.cfg.ip4 is None:
+            return [(6, "::", True)]
+        return [(6, "::", False)]  # one dual-stack socket takes both families
+
+    def _open_listeners(self, fwd: Forward) -> None:
+        rule = fwd.rule
+        sock_type = socket.SOCK_STREAM if rule.proto == "tcp" else socket.SOCK_DGRAM
+        targets = self._listen_addresses(rule)
+        failures: list[str] = []
+        for port in rule.ports():
+            for family, address, v6only in targets:
+                if self._listener_count >= self.settings.max_listeners:
+                    raise ForwardError("InvalidArgument",
+                                       f"listener limit ({self.settings.max_listeners}) reached")
+                af = socket.AF_INET if family == 4 else socket.AF_INET6
+                sock = socket.socket(af, sock_type | socket.SOCK_NONBLOCK)
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if af == socket.AF_INET6:
+                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
+                    if rule.ifname:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE,
+                                        rule.ifname.encode())
+                    sock.bind((address, port))
+                    if sock_type == socket.SOCK_STREAM:
+                        sock.listen(LISTEN_BACKLOG)
+                except OSError as e:
+                    sock.close()
+                    if rule.weak:
+                        failures.append(f"{port}: {e.strerror}")
+                        continue
+                    kind = {errno.EADDRINUSE: "AddressInUse", errno.EACCES: "AccessDenied",
+                            errno.EPERM: "AccessDenied"}.get(e.errno or 0, "InvalidArgument")
+                    hint = " (ports below 1024 need CAP_NET_BIND_SERVICE)" \
+                        if kind == "AccessDenied" and port < 1024 else ""
+                    raise ForwardError(kind, f"cannot listen on {rule.proto} {address} port "
+                                             f"{port}: {e.strerror}{hint}") from e
+                fwd.listeners.append(sock)
+                self._listener_count += 1
+                callback = self._tcp_accept if sock_type == socket.SOCK_STREAM \
+                    else self._udp_listener_readable
+                self.loop.add_reader(sock.fileno(), callback, fwd, sock)
+        if rule.weak and not fwd.listeners:
+            raise ForwardError("AddressInUse",
+                               f"{rule.proto} {format_rule(rule)}: no port could be bound")
+        if failures:
+            log.debug("forward %s: %d ports skipped (%s ...)", format_rule(rule), len(failures),
+                      failures[0])
+
+    def _close_listeners(self, fwd: Forward) -> None:
+        for sock in fwd.listeners:
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+            self._listener_count -= 1
+        fwd.listeners.clear()
+        # inbound UDP flows answer through the listener: they end with it
+        for flow in list(self.flows):
+            if isinstance(flow, UdpFlow) and flow.forward_id == fwd.id and flow.origin == HOST:
+                self._close_flow(flow, rst_peer=False)
+
+    def _tcp_accept(self, fwd: Forward, lsock: socket.socket) -> None:
+        now = self.loop.time()
+        for _ in range(64):
+            try:
+                sock, peer = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:  # EMFILE: leave it queued and say why
+                self.drop_log(logging.WARNING, "accept", "accept on forward %d: %s", fwd.id, e)
+                break
+            self._tcp_inbound(fwd, lsock, sock, peer, now)
+        self._settle(now)
+
+    def _tcp_inbound(self, fwd: Forward, lsock: socket.socket, sock: socket.socket, peer: tuple,
+                     now: float) -> None:
+        def reject(why: str) -> None:
+            log.debug("forward %d: rejecting %s: %s", fwd.id, peer, why)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+
+        family, peer_bytes = _sockaddr_bytes(peer[0])
+        if self.client is None:
+            reject("no guest connected")
+            return
+        if self.flows.full:
+            self.drop_log(logging.WARNING, "flow-limit",
+                          "flow limit (%d) reached: refusing forwarded connections",
+                          self.flows.max_flows)
+            reject("flow limit")
+            return
+        seen_peer = self._inbound_peer(family, peer_bytes) if \
+            (self.cfg.ip4 if family == 4 else self.cfg.ip6) else None
+        guest = self._guest_target(family, seen_peer or b"") if seen_peer else None
+        if seen_peer is None or guest is None:
+            reject(f"IPv{family} is not available towards the guest")
+            return
+        port = lsock.getsockname()[1]
+        key = (packet.IPPROTO_TCP, guest, fwd.rule.guest_port(port), seen_peer, peer[1])
+        if self.flows.get(key) is not None:
+            reject("a flow with the same addresses exists")
+            return
+        sock.setblocking(False)
+        self._tcp_socket_options(sock)
+        conn = TcpConn.from_host_accept(key, now, self._isn(key, now), self._our_mss(family),
+                                        self.settings.tcp_idle_timeout)
+        conn.sock = sock
+        conn.forward_id = fwd.id
+        self.flows.add(conn)
+        fwd.connections += 1
+        self._changed("FlowCount")
+        log.debug("%r: accepted through forward %d", conn, fwd.id)
+        self._tcp_actions(conn, tcp.A_SYN, now)
+
+    def _udp_listener_readable(self, fwd: Forward, lsock: socket.socket) -> None:
+        now = self.loop.time()
+        port = lsock.getsockname()[1]
+        for _ in range(UDP_BATCH):
+            try:
+                data, peer = lsock.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                self.drop_log(logging.DEBUG, "udp-listen", "forward %d: %s", fwd.id, e)
+                break
+            family, peer_bytes = _sockaddr_bytes(peer[0])
+            if (self.cfg.ip4 if family == 4 else self.cfg.ip6) is None or self.client is None:
+                continue
+            seen_peer = self._inbound_peer(family, peer_bytes)
+            guest = self._guest_target(family, seen_peer)
+            if guest is None:
+                continue
+            key = (packet.IPPROTO_UDP, guest, fwd.rule.guest_port(port), seen_peer, peer[1])
+            flow = self.flows.get(key)
+            if flow is None:
+                if self.flows.full:
+                    self.drop_log(logging.WARNING, "flow-limit",
+                                  "flow limit reached: inbound UDP dropped")
+                    continue
+                flow = UdpFlow(key, HOST, now, self.settings.udp_timeout,
+                               self.settings.udp_stream_timeout)
+                flow.sock = lsock
+                flow.sockaddr = peer
+                flow.forward_id = fwd.id
+                self.flows.add(flow)
+                fwd.connections += 1
+                self._changed("FlowCount")
+            self._udp_to_guest(flow, data, now)  # type: ignore[arg-type]
+        self._settle(now)
+
+    # -- what the service and D-Bus API read ----------------------------------------------------
+
+    def list_flows(self) -> list[dict[str, Any]]:
+        now = self.loop.time()
+        return [flow.describe(now) for flow in self.flows]
+
+    def list_forwards(self) -> list[dict[str, Any]]:
+        live: dict[int, int] = {}
+        for flow in self.flows:
+            if flow.forward_id is not None:
+                live[flow.forward_id] = live.get(flow.forward_id, 0) + \
+                    flow.bytes_from_guest + flow.bytes_to_guest
+        out = []
+        for fwd in self.forwards.values():
+            rule = fwd.rule
+            out.append({
+                "id": fwd.id,
+                "protocol": rule.proto,
+                "address": rule.address or "",
+                "host_port": rule.first,
+                "host_port_last": rule.last,
+                "guest_port": rule.to_first,
+                "origin": fwd.origin,
+                "spec": format_rule(rule),
+                "listeners": len(fwd.listeners),
+                "connections": fwd.connections,
+                "bytes": fwd.bytes_closed + live.get(fwd.id, 0),
+            })
+        return out
+
+    @property
+    def guest_connected(self) -> bool:
+        return self.client is not None
+
+    def guest_addresses(self) -> list[str]:
+        seen = self.seen
+        return [addr_text(a) for a in (seen.addr4, seen.addr6, seen.addr6_ll) if a]
+
+    def summary(self) -> str:
+        guest = "guest connected" if self.client is not None else "waiting for qemu"
+        return f"{guest}, {len(self.flows)} flows, {len(self.forwards)} forwards"
+
+
+def _peer_pid(sock: socket.socket) -> str:
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return str(struct.unpack("3i", creds)[0])
+    except OSError:
+        return "?"
+
+

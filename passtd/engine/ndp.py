@@ -1,0 +1,180 @@
+"""NDP responder: Neighbour Advertisements for every solicited address, and our Router
+Advertisements.
+
+Design, after passt's ndp.c: as with ARP, every IPv6 neighbour of the guest is us, so any
+Neighbour Solicitation is answered with our MAC, from our link-local address, with the
+Router, Solicited and Override flags. A solicitation from :: is another node's duplicate-
+address detection and stays unanswered, so the guest's own DAD succeeds. Router
+Solicitations get a Router Advertisement: the guest's /64 for SLAAC (on-link, autonomous,
+infinite lifetimes), the M flag so that DHCPv6 hands out the exact address as a /128,
+the MTU, RDNSS and DNSSL (RFC 8106), and our link-layer address. Unsolicited RAs are the
+event loop's business: it asks `next_unsolicited_ra_delay` when to send the next one and
+builds it with `router_advertisement`.
+
+Messages are validated as RFC 4861 7.1 and 6.1 ask (hop limit 255, code 0, sane options);
+invalid ones are dropped.
+
+Deliberately not done: upstream passt's mirror of the host's neighbour table (we always
+answer with our own MAC), unsolicited NAs, Neighbour Unreachability Detection of the guest,
+Redirects, and route information options.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+
+from . import packet
+from .addrs import Ip6Config, NetConfig
+from .dhcp import search_list_wire
+
+ICMP6_RS = 133
+ICMP6_RA = 134
+ICMP6_NS = 135
+ICMP6_NA = 136
+
+NDP_HOP_LIMIT = 255  # RFC 4861: anything less may have come through a router
+NA_ROUTER = 0x80000000
+NA_SOLICITED = 0x40000000
+NA_OVERRIDE = 0x20000000
+RA_MANAGED = 0x80
+PREFIX_ON_LINK = 0x80
+PREFIX_AUTONOMOUS = 0x40
+SLAAC_PREFIX_LEN = 64  # RFC 4862 with RFC 2464 interface identifiers
+ROUTER_LIFETIME = 65535  # the maximum (RFC 8319)
+RA_CUR_HOP_LIMIT = 255  # what passt advertises
+INFINITE = 0xFFFFFFFF
+MAX_RTR_ADV_INTERVAL = 600  # seconds, RFC 4861 6.2.1 default
+IPV6_MIN_MTU = 1280  # RAs are kept within it, whatever the search list
+
+OPT_SOURCE_LL = 1
+OPT_TARGET_LL = 2
+OPT_PREFIX_INFO = 3
+OPT_MTU = 5
+OPT_RDNSS = 25
+OPT_DNSSL = 31
+
+NS_HEADER = struct.Struct("!BBHI16s")  # type, code, checksum, reserved, target
+RS_HLEN = 8  # type, code, checksum, reserved
+NS_HLEN = NS_HEADER.size
+RA_BODY = struct.Struct("!BBHII")  # cur hop limit, flags, router lifetime, reachable, retrans
+PREFIX_INFO = struct.Struct("!BBBBIII16s")
+MTU_OPTION = struct.Struct("!BBHI")
+DNS_OPTION_HEADER = struct.Struct("!BBHI")  # RDNSS and DNSSL: type, length, reserved, lifetime
+
+
+def reply(cfg: NetConfig, pkt: packet.Packet) -> bytes | None:
+    """The NA or RA frame answering one guest NS or RS, or None for anything else."""
+    ip6 = cfg.ip6
+    if ip6 is None or pkt.proto != packet.IPPROTO_ICMPV6:
+        return None
+    if len(pkt.l4) < 4:
+        raise packet.Malformed("truncated ICMPv6 header")
+    msg_type, code = pkt.l4[0], pkt.l4[1]
+    if msg_type not in (ICMP6_NS, ICMP6_RS):
+        return None
+    if pkt.ttl != NDP_HOP_LIMIT or code != 0:
+        return None  # RFC 4861 7.1.1, 6.1.1: not from this link, or not NDP as we know it
+    if msg_type == ICMP6_NS:
+        return _answer_neighbour_solicitation(cfg.mac, ip6, pkt)
+    return _answer_router_solicitation(cfg, pkt)
+
+
+def _answer_neighbour_solicitation(mac: bytes, ip6: Ip6Config, pkt: packet.Packet) -> bytes | None:
+    if len(pkt.l4) < NS_HLEN:
+        raise packet.Malformed("truncated Neighbour Solicitation")
+    target = bytes(NS_HEADER.unpack_from(pkt.l4, 0)[4])
+    _option_types(pkt.l4[NS_HLEN:])
+    if packet.is_ipv6_multicast(target) or pkt.src == packet.IP6_ANY:
+        return None  # an invalid target, or a DAD probe: the address must stay free
+    body = (
+        struct.pack("!I", NA_ROUTER | NA_SOLICITED | NA_OVERRIDE)
+        + target
+        + bytes((OPT_TARGET_LL, 1))
+        + mac
+    )
+    src = ip6.gateway
+    return packet.ip_frame(
+        pkt.src_mac, mac, src, pkt.src, packet.IPPROTO_ICMPV6,
+        packet.icmp6_message(src, pkt.src, ICMP6_NA, 0, body),
+    )
+
+
+def _answer_router_solicitation(cfg: NetConfig, pkt: packet.Packet) -> bytes | None:
+    if len(pkt.l4) < RS_HLEN:
+        raise packet.Malformed("truncated Router Solicitation")
+    option_types = _option_types(pkt.l4[RS_HLEN:])
+    if pkt.src == packet.IP6_ANY:
+        if OPT_SOURCE_LL in option_types:
+            return None  # RFC 4861 6.1.1
+        return router_advertisement(cfg)  # no address to answer to: all nodes (6.2.6)
+    return router_advertisement(cfg, pkt.src_mac, pkt.src)
+
+
+def _option_types(options: memoryview) -> set[int]:
+    """Types of the NDP options in a message; every option must have a length (4.6)."""
+    types = set()
+    i = 0
+    while i < len(options):
+        if i + 2 > len(options) or options[i + 1] == 0:
+            raise packet.Malformed("NDP option without a length")
+        end = i + options[i + 1] * 8
+        if end > len(options):
+            raise packet.Malformed("NDP option overruns the message")
+        types.add(options[i])
+        i = end
+    return types
+
+
+def router_advertisement(
+    cfg: NetConfig, dst_mac: bytes | None = None, dst: bytes = packet.IP6_ALL_NODES
+) -> bytes:
+    """A complete RA frame for the guest, multicast to all nodes unless told otherwise."""
+    ip6 = cfg.ip6
+    if ip6 is None:
+        raise ValueError("router advertisement without an IPv6 configuration")
+    body = bytearray(RA_BODY.pack(RA_CUR_HOP_LIMIT, RA_MANAGED, ROUTER_LIFETIME, 0, 0))
+    body += bytes((OPT_SOURCE_LL, 1)) + cfg.mac
+    if cfg.mtu:
+        body += MTU_OPTION.pack(OPT_MTU, 1, 0, cfg.mtu)
+    if ip6.address is not None:
+        # always a /64, whatever the host's prefix length: SLAAC needs one on Ethernet
+        prefix = (int.from_bytes(ip6.address, "big") >> 64 << 64).to_bytes(16, "big")
+        body += PREFIX_INFO.pack(
+            OPT_PREFIX_INFO, 4, SLAAC_PREFIX_LEN, PREFIX_ON_LINK | PREFIX_AUTONOMOUS,
+            INFINITE, INFINITE, 0, prefix,
+        )
+    if ip6.dns:
+        body += DNS_OPTION_HEADER.pack(OPT_RDNSS, 1 + 2 * len(ip6.dns), 0, INFINITE)
+        body += b"".join(ip6.dns)
+    body += _dnssl_option(cfg.search, IPV6_MIN_MTU - packet.IPV6_HLEN - 4 - len(body))
+    if dst_mac is None:
+        dst_mac = b"\x33\x33" + dst[12:]  # RFC 2464 7: multicast MAC from the low 32 bits
+    return packet.ip_frame(
+        dst_mac, cfg.mac, ip6.gateway, dst, packet.IPPROTO_ICMPV6,
+        packet.icmp6_message(ip6.gateway, dst, ICMP6_RA, 0, bytes(body)),
+    )
+
+
+def _dnssl_option(search: tuple[str, ...], room: int) -> bytes:
+    """DNSSL with as many leading domains as fit in `room` bytes; empty if none do."""
+    names = b""
+    for wire in search_list_wire(search, compress=False):
+        if _padded(DNS_OPTION_HEADER.size + len(names) + len(wire)) > min(room, 255 * 8):
+            break
+        names += wire
+    if not names:
+        return b""
+    length = _padded(DNS_OPTION_HEADER.size + len(names))
+    header = DNS_OPTION_HEADER.pack(OPT_DNSSL, length // 8, 0, INFINITE)
+    return (header + names).ljust(length, b"\x00")
+
+
+def _padded(length: int) -> int:
+    return (length + 7) // 8 * 8
+
+
+def next_unsolicited_ra_delay(rng: random.Random) -> float:
+    """Seconds until the next unsolicited RA: uniform between MinRtrAdvInterval (MAX/3) and
+    MaxRtrAdvInterval, their RFC 4861 6.2.1 defaults, as 6.2.4 asks."""
+    return rng.uniform(MAX_RTR_ADV_INTERVAL / 3, MAX_RTR_ADV_INTERVAL)

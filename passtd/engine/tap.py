@@ -1,0 +1,147 @@
+"""The tap side: qemu's stream framing, in and out.
+
+Design: qemu's `-netdev stream` (and `-netdev socket`) put a 4-byte big-endian length in
+front of every Ethernet frame. Input is read into one large preallocated buffer; `frames`
+walks the complete frames in place (offsets, no copies) and whatever follows the last
+complete frame, a cut length word or a cut frame, is moved to the front before the next
+read. qemu under load writes frames in arbitrary pieces, and any split must survive: the
+reference passt (2023) loses its framing there (shared/rig/RESULTS.md), we must not.
+
+A length below 14 (an Ethernet header) or above 65535 means the stream is not what we
+think it is: `FramingError`, and the loop drops that client (never the process).
+
+Output collects frames (each with its length prefix) as a list of buffers for one
+sendmsg(). Whatever the socket does not take is copied into a backlog, so callers may
+reuse their buffers right after a flush; while a backlog exists the tap is congested and
+the loop stops producing bulk data until qemu drains it. Small control frames (ACKs,
+ARP, DHCP) still queue behind the backlog, up to a bound; beyond it they are dropped and
+counted, as a full NIC queue would.
+
+Not done here: the socket I/O itself (loop.py), vhost-user.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+MIN_FRAME = 14
+MAX_FRAME = 65535
+_LEN = struct.Struct("!I")
+IOV_MAX = 1024
+
+
+class FramingError(Exception):
+    """The byte stream from qemu does not carry valid frame lengths."""
+
+
+class FrameReader:
+    """Reassembles length-prefixed frames from a byte stream into one buffer."""
+
+    def __init__(self, size: int = 8 << 20) -> None:
+        if size < MAX_FRAME + 4:
+            raise ValueError("buffer smaller than one frame")
+        self.buf = bytearray(size)
+        self.mem = memoryview(self.buf)
+        self.start = 0  # first unconsumed byte
+        self.end = 0  # end of valid data
+
+    def space(self) -> memoryview:
+        """Where the next read goes; moves a leftover partial frame to the front first."""
+        if self.start:
+            rest = self.end - self.start
+            if rest:
+                self.mem[:rest] = self.mem[self.start : self.end]
+            self.start = 0
+            self.end = rest
+        return self.mem[self.end :]
+
+    def commit(self, nbytes: int) -> None:
+        self.end += nbytes
+
+    def frames(self) -> Iterator[tuple[int, int]]:
+        """(offset, length) of each complete frame in `buf`; consumed as it is yielded."""
+        buf = self.buf
+        unpack = _LEN.unpack_from
+        pos, end = self.start, self.end
+        while end - pos >= 4:
+            (length,) = unpack(buf, pos)
+            if length < MIN_FRAME or length > MAX_FRAME:
+                self.start = self.end = 0
+                raise FramingError(f"frame length {length} out of range {MIN_FRAME}..{MAX_FRAME}")
+            if end - pos - 4 < length:
+                break
+            pos += 4 + length
+            self.start = pos
+            yield pos - length, length
+        self.start = pos
+
+    def reset(self) -> None:
+        self.start = self.end = 0
+
+
+class TapOutput:
+    """Frames queued for qemu, flushed with sendmsg; keeps what the socket refused."""
+
+    def __init__(self, backlog_limit: int = 16 << 20) -> None:
+        self.iov: list[bytes | bytearray | memoryview] = []
+        self.backlog = bytearray()
+        self.backlog_limit = backlog_limit
+        self.dropped = 0
+
+    @property
+    def congested(self) -> bool:
+        return bool(self.backlog)
+
+    def pending(self) -> bool:
+        return bool(self.iov or self.backlog)
+
+    def frame(self, frame: bytes) -> None:
+        """Queue one frame (the length prefix is added here)."""
+        if len(self.backlog) > self.backlog_limit:
+            self.dropped += 1
+            return
+        self.iov.append(_LEN.pack(len(frame)) + frame)
+
+    def framed(self, data: memoryview) -> None:
+        """Queue frames that already carry their length prefixes (a tcp_buf batch)."""
+        self.iov.append(data)
+
+    def take(self) -> list[bytes | bytearray | memoryview]:
+        """The buffers for the next sendmsg: the backlog first, at most IOV_MAX in all."""
+        if self.backlog:
+            return [self.backlog, *self.iov[: IOV_MAX - 1]]
+        return self.iov[:IOV_MAX]
+
+    def sent(self, batch: list[bytes | bytearray | memoryview], nbytes: int) -> bool:
+        """`nbytes` of `batch` (from `take`) went out. False when the socket is full.
+
+        On a short send, the rest of the batch and everything queued after it is copied
+        into the backlog: callers reuse their buffers as soon as the flush returns.
+        """
+        queued = len(batch)
+        if self.backlog:
+            queued -= 1
+            self.backlog = bytearray()
+        rest = self.iov[queued:]
+        del self.iov[:]
+        if nbytes == sum(map(len, batch)):
+            self.iov = rest
+            return True
+        backlog = bytearray()
+        skip = nbytes
+        for buf in batch:
+            if skip >= len(buf):
+                skip -= len(buf)
+                continue
+            backlog += memoryview(buf)[skip:]
+            skip = 0
+        for buf in rest:
+            backlog += buf
+        self.backlog = backlog
+        return False
+
+    def drop_all(self) -> None:
+        """The client went away: nothing queued can reach it."""
+        self.iov.clear()
+        self.backlog = bytearray()

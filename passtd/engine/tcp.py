@@ -1,0 +1,554 @@
+"""TCP translation without a TCP stack: one guest connection mirrored onto one host socket.
+
+Rules: everything that decides a TCP flow's state lives in this file. `TcpConn` never
+touches a socket or a clock: the event loop feeds it guest segments, socket results and
+the time, and it answers with an action bitmask (the `A_*` flags below) telling the loop
+what to do (send an ACK, write guest data, shut the socket down, retransmit...). The
+numbers the loop needs travel as attributes (`data_skip`, `data_take`, `discard`).
+
+Theory of operation (the same as passt's tcp.c):
+
+- Guest opens: on its SYN the loop starts a non-blocking connect(); only when it succeeds
+  does the guest get our SYN-ACK (`host_connected`), so a closed port answers the guest
+  with a RST (`host_refused`) instead of an accepted connection that dies.
+- Host opens (port forward): the accepted socket becomes a SYN to the guest; its SYN-ACK
+  establishes the flow, its RST resets the host peer.
+- Guest -> host data is written to the socket as it arrives in order and acknowledged
+  only as far as the socket accepted it (`on_segment` then `commit`). We never queue guest
+  data ourselves: what the socket refuses the guest retransmits. The window we advertise
+  is the socket's free send space, so a healthy guest never overruns it.
+- Host -> guest data stays in the socket's receive queue until the guest acknowledges
+  it: the loop reads with MSG_PEEK (SO_PEEK_OFF keeps the read position after what was
+  already sent) and drops acknowledged bytes (`discard`). Retransmission rewinds to the
+  last acknowledged byte (`A_REWIND`) and peeks again. So memory per flow is bounded by
+  kernel socket buffers, not by us.
+- The guest's window bounds what we send (`send_budget`); at zero the loop stops reading
+  the socket, which in turn closes the host peer's window: backpressure end to end.
+- FINs map to shutdown(SHUT_WR) and to socket EOF; a guest RST closes the socket with
+  SO_LINGER 0 so the peer sees a RST too; a socket error becomes a RST to the guest.
+
+The connection state is the set of events that happened (passt's approach), not an RFC
+state; `state_name` maps it to the nearest RFC name for listings.
+
+Deliberately not implemented: SACK, timestamps, PAWS, urgent data, path MTU discovery,
+congestion control towards the guest (it is one virtual hop away; the window is the
+control), and TCP_WINDOW_CLAMP (it can lock the window at zero: passt bug 74).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from .flow import Flow, FlowKey
+from .packet import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
+
+# -- events: the connection state is the set of these that happened ------------------------
+SOCK_ACCEPTED = 1 << 0  # host opened (forward): SYN sent to the guest
+TAP_SYN_RCVD = 1 << 1  # guest opened: its SYN seen, host connect() in progress
+TAP_SYN_ACK_SENT = 1 << 2  # guest opened: connect() done, our SYN-ACK sent
+ESTABLISHED = 1 << 3
+SOCK_FIN_RCVD = 1 << 4  # host peer shut its side (EOF on the socket)
+SOCK_FIN_SENT = 1 << 5  # we shut the socket's write side (after the guest's FIN)
+TAP_FIN_RCVD = 1 << 6  # guest FIN received (and everything before it)
+TAP_FIN_SENT = 1 << 7  # FIN sent to the guest
+TAP_FIN_ACKED = 1 << 8  # ... and acknowledged
+CLOSED = 1 << 9
+
+# -- actions: what the event loop must do after a call --------------------------------------
+A_ACK = 1 << 0  # send an ACK (current window) to the guest
+A_SHUT_WR = 1 << 1  # shutdown(SHUT_WR) the host socket
+A_DISCARD = 1 << 2  # drop `discard` acknowledged bytes from the socket's receive queue
+A_REWIND = 1 << 3  # retransmit: the next read peeks from the last acknowledged byte
+A_RESUME = 1 << 4  # the guest can take data again: read the host socket
+A_RST_GUEST = 1 << 5  # send a RST to the guest
+A_RST_PEER = 1 << 6  # close the socket with SO_LINGER 0 (RST to the host peer)
+A_CLOSE = 1 << 7  # the flow is over: close the socket and forget the flow
+A_SYN_ACK = 1 << 8  # send our SYN-ACK to the guest
+A_SYN = 1 << 9  # send our SYN to the guest
+A_FIN = 1 << 10  # send FIN to the guest
+A_KEEPALIVE = 1 << 11  # send a keepalive probe (sequence one below) to the guest
+A_SOCK_KEEPALIVE = 1 << 12  # enable SO_KEEPALIVE on the host socket
+A_WAIT_WRITABLE = 1 << 13  # the socket refused data: tell us when it has room again
+A_ESTABLISHED = 1 << 14  # handshake done: start reading the host socket
+A_ABORT = A_RST_GUEST | A_RST_PEER | A_CLOSE
+
+# -- timers ---------------------------------------------------------------------------------
+T_NONE = 0
+T_CONNECT = 1  # host connect() for a guest SYN takes too long
+T_HANDSHAKE = 2  # our SYN or SYN-ACK was not answered: send it again
+T_RTO = 3  # data or FIN in flight and not acknowledged: retransmit
+T_PROBE = 4  # the guest's window is shut and nothing is in flight: probe it
+T_KEEPALIVE = 5  # no guest activity for a while: keepalive probe, or reset if idle too long
+
+CONNECT_TIMEOUT = 10.0  # passt's SYN_TIMEOUT
+RTO_INITIAL = 1.0
+RTO_MAX = 60.0
+MAX_RETRIES = 7  # then reset (passt: TCP_MAX_RETRANS)
+HANDSHAKE_RETRIES = 6
+KEEPALIVE_INTERVAL = 30.0  # tap-side silence before we probe the guest
+DEFAULT_IDLE_TIMEOUT = 7200.0
+DUPACK_THRESHOLD = 3
+
+OUR_WSCALE = 8  # windows we advertise go up to 16 MiB: above a big socket send buffer
+DEFAULT_GUEST_MSS = 536  # RFC 9293 default when the SYN carries no MSS option
+MAX_WSCALE = 14
+
+_SEQ_MASK = 0xFFFFFFFF
+_OPT_MSS = struct.Struct("!BBH")
+
+
+def seq_diff(a: int, b: int) -> int:
+    """a - b in sequence space, as a signed 32-bit value."""
+    d = (a - b) & _SEQ_MASK
+    return d - (1 << 32) if d & 0x80000000 else d
+
+
+def parse_options(opts: bytes | memoryview) -> tuple[int | None, int | None]:
+    """(MSS, window scale) from the options of a SYN; malformed options end the walk."""
+    mss = wscale = None
+    i, n = 0, len(opts)
+    while i < n:
+        kind = opts[i]
+        if kind == 0:  # end of options
+            break
+        if kind == 1:  # NOP
+            i += 1
+            continue
+        if i + 1 >= n:
+            break
+        length = opts[i + 1]
+        if length < 2 or i + length > n:
+            break
+        if kind == 2 and length == 4:
+            mss = (opts[i + 2] << 8) | opts[i + 3]
+        elif kind == 3 and length == 3:
+            wscale = min(opts[i + 2], MAX_WSCALE)
+        i += length
+    return mss, wscale
+
+
+def syn_options(mss: int, wscale: int | None) -> bytes:
+    """MSS, then NOP + window scale when the other side offered scaling (RFC 7323)."""
+    opts = _OPT_MSS.pack(2, 4, mss)
+    if wscale is not None:
+        opts += bytes((1, 3, 3, wscale))
+    return opts
+
+
+class TcpConn(Flow):
+    """One TCP connection between the guest and a host socket. See the module docstring."""
+
+    __slots__ = (
+        "data_skip",
+        "data_take",
+        "discard",
+        "dupacks",
+        "events",
+        "guest_fin_at",
+        "guest_mss",
+        "guest_wnd",
+        "guest_wscale",
+        "idle_timeout",
+        "last_activity",
+        "our_isn",
+        "our_mss",
+        "our_wscale",
+        "rcv_nxt",
+        "rcv_pending",
+        "recover",
+        "retries",
+        "rto",
+        "rto_base",
+        "snd_max",
+        "snd_nxt",
+        "snd_una",
+        "timer_kind",
+        "wnd_to_guest",
+        "zero_window",
+    )
+
+    proto_name = "tcp"
+
+    def __init__(self, key: FlowKey, origin: str, now: float, our_isn: int, our_mss: int,
+                 idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
+        super().__init__(key, origin, now)
+        self.events = 0
+        self.our_isn = our_isn & _SEQ_MASK
+        self.our_mss = our_mss
+        # host -> guest direction (our sequence space)
+        self.snd_una = self.snd_nxt = self.snd_max = self.our_isn
+        self.guest_wnd = 0
+        self.guest_wscale = 0
+        self.our_wscale = 0
+        self.guest_mss = DEFAULT_GUEST_MSS
+        self.zero_window = False
+        self.dupacks = 0
+        self.recover = self.our_isn
+        self.discard = 0
+        # guest -> host direction (the guest's sequence space)
+        self.rcv_nxt = 0
+        self.rcv_pending = 0
+        self.guest_fin_at: int | None = None
+        self.data_skip = 0
+        self.data_take = 0
+        self.wnd_to_guest = 0
+        # timers
+        self.timer_kind = T_NONE
+        self.retries = 0
+        self.rto = RTO_INITIAL
+        self.rto_base = now
+        self.last_activity = now
+        self.idle_timeout = idle_timeout
+
+    # -- opening ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_guest_syn(cls, key: FlowKey, now: float, our_isn: int, our_mss: int, seq: int,
+                       window: int, mss: int | None, wscale: int | None,
+                       idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> TcpConn:
+        """The guest's SYN: the loop is about to connect() the host socket."""
+        conn = cls(key, "guest", now, our_isn, our_mss, idle_timeout)
+        conn.events = TAP_SYN_RCVD
+        conn._take_guest_syn(seq, window, mss, wscale)
+        conn._arm(now)
+        return conn
+
+    @classmethod
+    def from_host_accept(cls, key: FlowKey, now: float, our_isn: int, our_mss: int,
+                         idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> TcpConn:
+        """A host peer connected through a forward: the loop sends our SYN (`A_SYN`)."""
+        conn = cls(key, "host", now, our_isn, our_mss, idle_timeout)
+        conn.events = SOCK_ACCEPTED
+        conn.our_wscale = OUR_WSCALE
+        conn.snd_nxt = conn.snd_max = (conn.our_isn + 1) & _SEQ_MASK  # the SYN takes one
+        conn._arm(now)
+        return conn
+
+    def _take_guest_syn(self, seq: int, window: int, mss: int | None, wscale: int | None) -> None:
+        self.rcv_nxt = (seq + 1) & _SEQ_MASK
+        self.guest_mss = mss if mss else DEFAULT_GUEST_MSS
+        if wscale is None:  # no scaling unless both sides offer it (RFC 7323 2.2)
+            self.guest_wscale = 0
+            self.our_wscale = 0
+        else:
+            self.guest_wscale = wscale
+            self.our_wscale = OUR_WSCALE
+        self.guest_wnd = window  # the window in a SYN is never scaled
+
+    def host_connected(self, now: float) -> int:
+        """connect() succeeded: answer the guest's SYN."""
+        if not self.events & TAP_SYN_RCVD or self.events & TAP_SYN_ACK_SENT:
+            return 0
+        self.events |= TAP_SYN_ACK_SENT
+        self.snd_nxt = self.snd_max = (self.our_isn + 1) & _SEQ_MASK
+        self.rto_base = now
+        self._arm(now)
+        return A_SYN_ACK
+
+    def host_refused(self) -> int:
+        """connect() failed: the guest sees a RST, as from a closed port."""
+        self.events |= CLOSED
+        return A_RST_GUEST | A_CLOSE
+
+    @property
+    def mss_to_guest(self) -> int:
+        """Largest segment we send: the guest's MSS, within our own frame size."""
+        return min(self.guest_mss, self.our_mss)
+
+    @property
+    def syn_seq(self) -> int:
+        return self.our_isn
+
+    # -- segments from the guest -------------------------------------------------------------
+
+    def on_segment(self, flags: int, seq: int, ack: int, window: int, plen: int, now: float,
+                   mss: int | None = None, wscale: int | None = None) -> int:
+        """One guest segment. Payload to write: `data_take` bytes from offset `data_skip`.
+
+        The loop may call this for several segments of a batch before writing their data
+        with one sendmsg; `commit` then settles what the socket took.
+        """
+        self.data_take = 0
+        self.last_activity = now
+        events = self.events
+        if events & CLOSED:
+            return 0
+        if not events & ESTABLISHED:
+            return self._handshake_segment(flags, seq, ack, window, plen, now, mss, wscale)
+        if flags & TCP_RST:
+            # accept a RST anywhere in the window we offered (RFC 5961 would challenge
+            # the inexact ones; the guest is on a private link with no blind attacker)
+            if 0 <= seq_diff(seq, self.rcv_nxt) <= max(self.wnd_to_guest, 1):
+                self.events |= CLOSED
+                return A_RST_PEER | A_CLOSE
+            return 0
+        if flags & TCP_SYN:
+            return A_ACK  # a stray SYN on an established flow: remind it where we are
+        actions = self._on_ack(flags, ack, window, plen, now) if flags & TCP_ACK else 0
+
+        expected = (self.rcv_nxt + self.rcv_pending) & _SEQ_MASK
+        offset = seq_diff(seq, expected)
+        fin = flags & TCP_FIN
+        if fin and events & TAP_FIN_RCVD:
+            return actions | A_ACK  # a retransmitted FIN: our ACK of it was lost
+        if plen:
+            if offset > 0 or events & TAP_FIN_RCVD:
+                return actions | A_ACK  # a gap (or data after FIN): duplicate ACK
+            skip = -offset
+            if skip < plen:
+                self.data_skip = skip
+                self.data_take = plen - skip
+                self.rcv_pending += self.data_take
+            elif not fin or skip > plen:
+                if plen == 1 and skip == 1:  # keepalive probe with one byte (RFC 9293 3.8.4)
+                    return actions | A_ACK | A_SOCK_KEEPALIVE
+                return actions | A_ACK  # all seen already: the guest missed our ACK
+        elif offset == -1 and not fin:
+            return actions | A_ACK | A_SOCK_KEEPALIVE  # zero-length keepalive probe
+        if fin and seq_diff((seq + plen) & _SEQ_MASK, expected) == self.data_take:
+            # the FIN follows the data we are taking: settled in commit()
+            self.guest_fin_at = (seq + plen) & _SEQ_MASK
+        return actions
+
+    def _handshake_segment(self, flags: int, seq: int, ack: int, window: int, plen: int,
+                           now: float, mss: int | None, wscale: int | None) -> int:
+        events = self.events
+        if flags & TCP_RST:
+            if events & SOCK_ACCEPTED and not (flags & TCP_ACK and ack != self.snd_nxt):
+                self.events |= CLOSED  # the guest port is closed: reset the host peer
+                return A_RST_PEER | A_CLOSE
+            if events & TAP_SYN_RCVD:
+                self.events |= CLOSED
+                return A_RST_PEER | A_CLOSE
+            return 0
+        if events & SOCK_ACCEPTED:
+            if flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK and ack == self.snd_nxt:
+                self._take_guest_syn(seq, window, mss, wscale)
+                self.events |= ESTABLISHED
+                self.snd_una = ack
+                self.retries = 0
+                self.rto = RTO_INITIAL
+                self._arm(now)
+                return A_ACK | A_ESTABLISHED
+            return 0
+        if not events & TAP_SYN_ACK_SENT:
+            return 0  # still connecting: the guest's SYN retransmissions wait for connect()
+        if flags & TCP_SYN:
+            return A_SYN_ACK  # our SYN-ACK was lost
+        if flags & TCP_ACK and ack == self.snd_nxt:
+            self.events |= ESTABLISHED
+            self.snd_una = ack
+            self.guest_wnd = window << self.guest_wscale
+            self.retries = 0
+            self.rto = RTO_INITIAL
+            self._arm(now)
+            more = self.on_segment(flags & ~TCP_ACK, seq, ack, window, plen, now)
+            return A_ESTABLISHED | more
+        return 0
+
+    def _on_ack(self, flags: int, ack: int, window: int, plen: int, now: float) -> int:
+        actions = 0
+        new_wnd = window << self.guest_wscale
+        acked = seq_diff(ack, self.snd_una)
+        if acked > 0 and seq_diff(self.snd_max, ack) >= 0:
+            fin_acked = self.events & TAP_FIN_SENT and ack == self.snd_max
+            if fin_acked:
+                self.events |= TAP_FIN_ACKED
+                acked -= 1  # the FIN occupies a sequence number but no byte in the socket
+            self.snd_una = ack
+            if seq_diff(self.snd_nxt, ack) < 0:
+                self.snd_nxt = ack  # a retransmission was overtaken by the guest's ACK
+            self.discard = acked
+            if acked:
+                actions |= A_DISCARD
+            self.dupacks = 0
+            self.retries = 0
+            self.rto = RTO_INITIAL
+            self.rto_base = now
+            actions |= A_RESUME
+            if fin_acked and self.events & TAP_FIN_RCVD:
+                self.events |= CLOSED
+                actions |= A_CLOSE
+        elif (
+            acked == 0
+            and not plen
+            and not flags & (TCP_SYN | TCP_FIN)
+            and new_wnd == self.guest_wnd
+            and self.snd_nxt != self.snd_una
+            and seq_diff(self.snd_una, self.recover) >= 0
+        ):
+            self.dupacks += 1
+            if self.dupacks == DUPACK_THRESHOLD:
+                # the guest lost a segment: go back to it (no SACK: resend from there)
+                self.recover = self.snd_max
+                actions |= self._rewind()
+        if new_wnd:
+            self.zero_window = False
+        if new_wnd != self.guest_wnd:
+            if new_wnd > self.guest_wnd:
+                actions |= A_RESUME
+            self.guest_wnd = new_wnd
+        self._arm(now)
+        return actions
+
+    def commit(self, written: int, now: float) -> int:
+        """The socket took `written` of the bytes `on_segment` asked to write this batch."""
+        actions = 0
+        if self.rcv_pending:
+            self.rcv_nxt = (self.rcv_nxt + written) & _SEQ_MASK
+            self.bytes_from_guest += written
+            if written < self.rcv_pending:
+                actions |= A_WAIT_WRITABLE  # the rest is retransmitted by the guest later
+            self.rcv_pending = 0
+            actions |= A_ACK
+        if self.guest_fin_at is not None:
+            if self.guest_fin_at == self.rcv_nxt and not self.events & TAP_FIN_RCVD:
+                self.events |= TAP_FIN_RCVD | SOCK_FIN_SENT
+                self.rcv_nxt = (self.rcv_nxt + 1) & _SEQ_MASK
+                actions |= A_SHUT_WR | A_ACK
+                if self.events & TAP_FIN_ACKED:
+                    self.events |= CLOSED
+                    actions |= A_CLOSE
+            self.guest_fin_at = None
+        if actions:
+            self._arm(now)
+        return actions
+
+    # -- data from the host ------------------------------------------------------------------
+
+    def send_budget(self) -> int:
+        """Bytes of new host data the guest's window has room for now."""
+        if self.events & (TAP_FIN_SENT | CLOSED) or not self.events & ESTABLISHED:
+            return 0
+        return max(0, self.guest_wnd - seq_diff(self.snd_nxt, self.snd_una))
+
+    def on_sent(self, nbytes: int, now: float) -> None:
+        """`nbytes` of host data went to the guest, starting at `snd_nxt`."""
+        if self.snd_nxt == self.snd_una:
+            self.rto_base = now
+        self.snd_nxt = (self.snd_nxt + nbytes) & _SEQ_MASK
+        beyond = seq_diff(self.snd_nxt, self.snd_max)
+        if beyond > 0:
+            self.bytes_to_guest += beyond
+            self.snd_max = self.snd_nxt
+        self._arm(now)
+
+    def window_closed(self, now: float) -> None:
+        """The loop found data it cannot send: the guest's window is full."""
+        if self.guest_wnd == 0 and self.snd_nxt == self.snd_una:
+            self.zero_window = True
+            self.rto_base = now
+            self._arm(now)
+
+    def on_host_eof(self, now: float) -> int:
+        """The host peer shut its side and everything before it was sent: FIN the guest."""
+        self.events |= SOCK_FIN_RCVD
+        if self.events & (TAP_FIN_SENT | CLOSED) or not self.events & ESTABLISHED:
+            return 0
+        self.events |= TAP_FIN_SENT
+        if self.snd_nxt == self.snd_una:
+            self.rto_base = now
+        self.snd_nxt = (self.snd_nxt + 1) & _SEQ_MASK
+        if seq_diff(self.snd_nxt, self.snd_max) > 0:
+            self.snd_max = self.snd_nxt
+        self._arm(now)
+        return A_FIN
+
+    def on_host_error(self) -> int:
+        """The host socket failed (reset by the peer, or an error): reset the guest."""
+        self.events |= CLOSED
+        return A_RST_GUEST | A_CLOSE
+
+    def _rewind(self) -> int:
+        self.snd_nxt = self.snd_una
+        if self.events & TAP_FIN_SENT and not self.events & TAP_FIN_ACKED:
+            self.events &= ~TAP_FIN_SENT  # resent when the read reaches EOF again
+        return A_REWIND | A_RESUME
+
+    # -- window we advertise -------------------------------------------------------------------
+
+    def window_field(self, free: int) -> int:
+        """The 16-bit window field for `free` bytes of room in the host socket."""
+        wnd = min(free, 0xFFFF << self.our_wscale)
+        self.wnd_to_guest = wnd
+        return wnd >> self.our_wscale
+
+    # -- timers ------------------------------------------------------------------------------
+
+    def _arm(self, now: float) -> None:
+        events = self.events
+        if events & CLOSED:
+            kind, at = T_NONE, None
+        elif events & TAP_SYN_RCVD and not events & TAP_SYN_ACK_SENT:
+            kind, at = T_CONNECT, self.created + CONNECT_TIMEOUT
+        elif not events & ESTABLISHED:
+            kind, at = T_HANDSHAKE, self.rto_base + self.rto
+        elif self.snd_nxt != self.snd_una:
+            kind, at = T_RTO, self.rto_base + self.rto
+        elif self.zero_window:
+            kind, at = T_PROBE, self.rto_base + self.rto
+        else:
+            kind, at = T_KEEPALIVE, max(self.last_activity, self.rto_base) + KEEPALIVE_INTERVAL
+        self.timer_kind = kind
+        self.deadline = at
+
+    def get_timer(self) -> float | None:
+        return self.deadline
+
+    def handle_timer(self, now: float) -> int:
+        """The deadline passed (the loop checks): retransmit, probe, or give up."""
+        kind = self.timer_kind
+        actions = 0
+        if kind == T_CONNECT:
+            self.events |= CLOSED
+            actions = A_ABORT
+        elif kind == T_HANDSHAKE:
+            self.retries += 1
+            if self.retries > HANDSHAKE_RETRIES:
+                self.events |= CLOSED
+                actions = A_ABORT
+            else:
+                self._back_off(now)
+                actions = A_SYN if self.events & SOCK_ACCEPTED else A_SYN_ACK
+        elif kind == T_RTO:
+            self.retries += 1
+            if self.retries > MAX_RETRIES:
+                self.events |= CLOSED
+                actions = A_ABORT
+            else:
+                self._back_off(now)
+                actions = self._rewind()
+        elif kind == T_PROBE:
+            self._back_off(now)
+            actions = A_KEEPALIVE  # an old sequence number makes the guest state its window
+        elif kind == T_KEEPALIVE:
+            if now - self.last_activity >= self.idle_timeout:
+                self.events |= CLOSED
+                actions = A_ABORT
+            else:
+                self.rto_base = now  # the next probe counts from this one
+                actions = A_KEEPALIVE
+        self._arm(now)
+        return actions
+
+    def _back_off(self, now: float) -> None:
+        self.rto = min(self.rto * 2, RTO_MAX)
+        self.rto_base = now
+
+    # -- presentation ------------------------------------------------------------------------
+
+    def state_name(self) -> str:
+        e = self.events
+        if e & CLOSED:
+            return "CLOSED"
+        if not e & ESTABLISHED:
+            return "SYN_SENT" if e & SOCK_ACCEPTED else "SYN_RCVD"
+        guest_done = e & TAP_FIN_RCVD
+        host_done = e & SOCK_FIN_RCVD
+        if guest_done and host_done:
+            return "LAST_ACK" if not e & TAP_FIN_ACKED else "CLOSING"
+        if guest_done:
+            return "CLOSE_WAIT"  # the guest closed, the host peer may still send
+        if host_done:
+            return "FIN_WAIT" if not e & TAP_FIN_ACKED else "FIN_WAIT_2"
+        return "ESTABLISHED"

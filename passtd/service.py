@@ -1,0 +1,492 @@
+"""One passtd process per VM: configuration to engine, sockets, systemd, signals.
+
+Design: `run` turns an InstanceConfig into EngineSettings (reading the host's addresses
+and resolvers once, as passt does), finds its sockets, starts the engine on an asyncio
+loop, exports the D-Bus API when a bus is configured and reachable, tells systemd it is
+ready, and waits for a signal:
+
+- Sockets: systemd's socket activation (LISTEN_FDS, the `passtd@.socket` unit) gives the
+  listening socket; without it we bind `socket` ourselves (refusing to steal a path another
+  instance serves). A qemu connection kept in systemd's file-descriptor store (FDNAME
+  `qemu`) is adopted on start: qemu 7.2 never reconnects its stream netdev, so a restart
+  of the service must not drop the guest's NIC.
+- sd_notify (READY=1, STATUS=, RELOADING=1, FDSTORE=1) is a few lines of pure Python; no
+  libsystemd binding is needed and none is used.
+- SIGTERM/SIGINT end the instance cleanly; SIGHUP reloads the configuration: forwards
+  added or removed in the files are applied, a config that does not load is refused with
+  a log line and the running one stays.
+- Runtime forwards (added over D-Bus) are kept in RUNTIME_DIR/NAME.forwards.json so they
+  survive a restart of the service (not a reboot: /run is volatile, on purpose).
+
+Not done here: dropping privileges and sandboxing (the systemd unit does it; passt's own
+namespace tricks are not reproduced), daemonising (systemd supervises us).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from . import config as config_mod
+from .config import ConfigError, InstanceConfig
+from .engine import addrs
+from .engine.addrs import Ip4Config, Ip6Config, NetConfig
+from .engine.fwd import ForwardRule, SpecError, format_rule, parse_spec
+from .engine.loop import Engine, EngineSettings, ForwardError
+
+log = logging.getLogger("passtd")
+
+SD_LISTEN_FDS_START = 3
+FD_NAME_LISTEN = "listen"
+FD_NAME_QEMU = "qemu"
+
+
+class StartError(Exception):
+    """The instance cannot start; the message says why, for the admin."""
+
+
+# -- systemd protocol, pure Python -----------------------------------------------------------
+
+
+def sd_notify(message: str, fds: list[int] | None = None) -> bool:
+    """Send a notification to systemd (no-op without NOTIFY_SOCKET)."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr[0] == "@":
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(addr)
+            if fds:
+                socket.send_fds(sock, [message.encode()], fds)
+            else:
+                sock.sendall(message.encode())
+    except OSError as e:
+        log.warning("sd_notify(%s) failed: %s", message.split("\n")[0], e)
+        return False
+    return True
+
+
+def listen_fds() -> dict[str, list[int]]:
+    """File descriptors passed by systemd, by name (LISTEN_FDS, LISTEN_FDNAMES)."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return {}
+    count = int(os.environ.get("LISTEN_FDS", "0") or 0)
+    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
+    found: dict[str, list[int]] = {}
+    for i in range(count):
+        fd = SD_LISTEN_FDS_START + i
+        name = names[i] if i < len(names) and names[i] else "unknown"
+        os.set_inheritable(fd, False)
+        found.setdefault(name, []).append(fd)
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)
+    return found
+
+
+# -- configuration to engine settings --------------------------------------------------------
+
+
+def _packed(addr: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bytes | None:
+    return addr.packed if addr is not None else None
+
+
+def engine_settings(cfg: InstanceConfig, host: addrs.HostAddresses | None = None,
+                    resolv_conf: str = "/etc/resolv.conf") -> EngineSettings:
+    """Resolve "the host's" defaults and build what the engine runs with."""
+    if host is None:
+        try:
+            host = addrs.discover_host(cfg.interface)
+        except (OSError, ValueError) as e:
+            raise StartError(f"cannot read the host's addresses with `ip -j`: {e}") from e
+    if cfg.dns == "host" or cfg.search == "host":
+        servers, host_search = addrs.read_resolv_conf(resolv_conf)
+    else:
+        servers, host_search = [], []
+    dns = [ipaddress.ip_address(s) for s in servers] if cfg.dns == "host" else list(cfg.dns)
+    search = tuple(host_search) if cfg.search == "host" else tuple(cfg.search)
+    dns_redirect: dict[bytes, str] = {}
+
+    ip4 = None
+    if cfg.ipv4.enabled:
+        address = cfg.ipv4.address or (host.addr4.ip if host.addr4 else None)
+        prefix = cfg.ipv4.prefix_len or (host.addr4.network.prefixlen if host.addr4 else None)
+        gateway = cfg.ipv4.gateway or host.gateway4
+        if address is None or gateway is None or prefix is None:
+            log.warning("IPv4 disabled: the host has no IPv4 default route and address "
+                        "(set ipv4.address and ipv4.gateway to use IPv4 anyway)")
+        else:
+            dns4: list[bytes] = []
+            for server in dns:
+                if server.version != 4:
+                    continue
+                if server.is_loopback:  # a resolver on host loopback: reach it via the gateway
+                    dns_redirect[gateway.packed] = str(server)
+                    server = gateway
+                if server.packed not in dns4:
+                    dns4.append(server.packed)
+            ip4 = Ip4Config(
+                address=address.packed,
+                prefix_len=prefix,
+                gateway=gateway.packed,
+                dns=tuple(dns4[:3]),
+                map_host_loopback=gateway.packed if cfg.map_host_loopback else None,
+                map_guest_addr=_packed(cfg.map_guest_addr)
+                if cfg.map_guest_addr and cfg.map_guest_addr.version == 4 else None,
+            )
+    ip6 = None
+    if cfg.ipv6.enabled:
+        address6 = cfg.ipv6.address or (host.addr6.ip if host.addr6 else None)
+        prefix6 = cfg.ipv6.prefix_len or (host.addr6.network.prefixlen if host.addr6 else 64)
+        gateway6 = cfg.ipv6.gateway or host.gateway6
+        if address6 is None and gateway6 is None:
+            log.warning("IPv6 disabled: the host has no IPv6 default route and address "
+                        "(set ipv6.address and ipv6.gateway to use IPv6 anyway)")
+        else:
+            # NDP and DHCPv6 must speak from a link-local address (RFC 4861 6.1.2)
+            if gateway6 is None or not gateway6.is_link_local:
+                our_ll = addrs.IP6_GATEWAY_LL_DEFAULT
+            else:
+                our_ll = gateway6
+            dns6: list[bytes] = []
+            for server in dns:
+                if server.version != 6:
+                    continue
+                if server.is_loopback:
+                    dns_redirect[our_ll.packed] = str(server)
+                    server = our_ll
+                if server.packed not in dns6:
+                    dns6.append(server.packed)
+            ip6 = Ip6Config(
+                address=_packed(address6),
+                prefix_len=prefix6 if address6 is not None else 64,
+                gateway=our_ll.packed,
+                dns=tuple(dns6[:3]),
+                map_host_loopback=our_ll.packed if cfg.map_host_loopback else None,
+                map_guest_addr=_packed(cfg.map_guest_addr)
+                if cfg.map_guest_addr and cfg.map_guest_addr.version == 6 else None,
+            )
+    if ip4 is None and ip6 is None:
+        raise StartError("neither IPv4 nor IPv6 is usable: configure ipv4/ipv6 addresses "
+                         "and gateways, or give the host a default route")
+    net = NetConfig(mac=cfg.mac, mtu=cfg.mtu, ip4=ip4, ip6=ip6, search=search,
+                    hostname=cfg.hostname, host_ifname=host.ifname)
+    return EngineSettings(
+        net=net,
+        tcp_forwards=cfg.tcp_forwards,
+        udp_forwards=cfg.udp_forwards,
+        pcap=cfg.pcap,
+        dhcp=cfg.dhcp and ip4 is not None,
+        ndp=cfg.ndp,
+        dhcpv6=cfg.dhcpv6,
+        ra=cfg.ra,
+        udp_timeout=cfg.timeouts.udp,
+        udp_stream_timeout=cfg.timeouts.udp_stream,
+        icmp_timeout=cfg.timeouts.icmp,
+        tcp_idle_timeout=cfg.timeouts.tcp_idle,
+        max_flows=cfg.limits.max_flows,
+        max_listeners=cfg.limits.max_listeners,
+        tcp_sndbuf=cfg.limits.tcp_sndbuf,
+        host_addr4=host.addr4.ip.packed if host.addr4 else None,
+        host_addr6=host.addr6.ip.packed if host.addr6 else None,
+        dns_redirect=dns_redirect,
+    )
+
+
+def describe_network(net: NetConfig) -> str:
+    parts = []
+    if net.ip4:
+        parts.append(f"IPv4 {addrs_text(net.ip4.address)}/{net.ip4.prefix_len} "
+                     f"gw {addrs_text(net.ip4.gateway)}")
+    if net.ip6:
+        a6 = addrs_text(net.ip6.address) if net.ip6.address else "SLAAC only"
+        parts.append(f"IPv6 {a6} gw {addrs_text(net.ip6.gateway)}")
+    parts.append(f"MTU {net.mtu or 'not advertised'}")
+    return ", ".join(parts)
+
+
+def addrs_text(addr: bytes) -> str:
+    return str(ipaddress.ip_address(addr))
+
+
+# -- sockets ---------------------------------------------------------------------------------
+
+
+def bind_listener(path: str) -> socket.socket:
+    """Our own listening socket at `path` (no socket activation)."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        st = os.lstat(path)
+        if not stat.S_ISSOCK(st.st_mode):
+            raise StartError(f"{path} exists and is not a socket: refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale: nobody listens there any more
+        else:
+            raise StartError(f"{path} is in use by another process (another instance?)")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o660)
+        sock.listen(4)
+    except OSError as e:
+        sock.close()
+        raise StartError(f"cannot listen on {path}: {e.strerror}") from e
+    return sock
+
+
+# -- the instance ----------------------------------------------------------------------------
+
+
+class Instance:
+    """A running instance: its config, engine, bus export, and what systemd must know."""
+
+    def __init__(self, cfg: InstanceConfig, reload_config: Callable[[], InstanceConfig]) -> None:
+        self.cfg = cfg
+        self.reload_config = reload_config
+        self.engine: Engine | None = None
+        self.bus: Any = None
+        self.listener: socket.socket | None = None
+        self.own_socket_path: str | None = None
+        self.stopping = asyncio.Event()
+        self.runtime_dir = os.environ.get(config_mod.RUNTIME_DIR_ENV) \
+            or config_mod.DEFAULT_RUNTIME_DIR
+
+    @property
+    def forwards_file(self) -> str:
+        return os.path.join(self.runtime_dir, f"{self.cfg.name}.forwards.json")
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        settings = engine_settings(self.cfg)
+        log.info("instance %s: %s", self.cfg.name, describe_network(settings.net))
+        fds = listen_fds()
+        kept = fds.get(FD_NAME_QEMU, [])
+        listening = [fd for name, group in fds.items() if name != FD_NAME_QEMU for fd in group]
+        if listening:
+            self.listener = socket.socket(fileno=listening[0])
+            log.info("using the socket passed by systemd (%s)", _sock_name(self.listener))
+            for extra in listening[1:]:
+                os.close(extra)
+        else:
+            self.listener = bind_listener(self.cfg.socket)
+            self.own_socket_path = self.cfg.socket
+            log.info("listening for qemu on %s", self.cfg.socket)
+        engine = Engine(settings, loop, on_change=self._on_change)
+        self.engine = engine
+        engine.on_client = self._client_changed
+        try:
+            engine.start(self.listener)
+        except ForwardError as e:
+            engine.close()
+            raise StartError(f"forward: {e}") from e
+        self._restore_runtime_forwards()
+        for fd in kept[:1]:
+            client = socket.socket(fileno=fd)
+            if _is_connected(client):
+                log.info("resuming the qemu connection kept by systemd across the restart")
+                engine.adopt_client(client)
+            else:
+                client.close()
+                sd_notify(f"FDSTOREREMOVE=1\nFDNAME={FD_NAME_QEMU}")
+        for fd in kept[1:]:
+            os.close(fd)
+
+        if self.cfg.bus != "none":
+            await self._export_bus()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
+        sd_notify(f"READY=1\nSTATUS={engine.summary()}")
+        log.info("instance %s ready", self.cfg.name)
+        await self.stopping.wait()
+        log.info("instance %s stopping", self.cfg.name)
+        sd_notify("STOPPING=1")
+        await self._close()
+        return 0
+
+    async def _export_bus(self) -> None:
+        try:
+            from . import dbus_api
+        except ImportError as e:  # pragma: no cover - dbus-fast is a declared dependency
+            log.warning("D-Bus API unavailable (%s); running without it", e)
+            return
+        try:
+            self.bus = await dbus_api.export(self)
+        except Exception as e:  # the data path must not depend on the bus
+            log.warning("D-Bus API not available on the %s bus: %s; running without it",
+                        self.cfg.bus, e)
+
+    async def _close(self) -> None:
+        if self.bus is not None:
+            with contextlib.suppress(Exception):
+                await self.bus.close()
+        if self.engine is not None:
+            self.engine.close()
+        if self.listener is not None:
+            self.listener.close()
+        if self.own_socket_path:
+            with contextlib.suppress(OSError):
+                os.unlink(self.own_socket_path)
+
+    # -- engine callbacks ----------------------------------------------------------------------
+
+    def _client_changed(self, sock: socket.socket | None) -> None:
+        if sock is not None:
+            sd_notify(f"FDSTORE=1\nFDNAME={FD_NAME_QEMU}", [sock.fileno()])
+        else:
+            sd_notify(f"FDSTOREREMOVE=1\nFDNAME={FD_NAME_QEMU}")
+        self._status()
+
+    def _on_change(self, names: set[str]) -> None:
+        if self.bus is not None:
+            self.bus.properties_changed(names)
+        if names & {"GuestConnected"}:
+            self._status()
+
+    def _status(self) -> None:
+        if self.engine is not None:
+            sd_notify(f"STATUS={self.engine.summary()}")
+
+    # -- runtime forwards ----------------------------------------------------------------------
+
+    def add_runtime_forward(self, rule: ForwardRule) -> int:
+        assert self.engine is not None
+        fwd = self.engine.add_forward(rule, "runtime")
+        self._save_runtime_forwards()
+        return fwd.id
+
+    def remove_forward(self, forward_id: int) -> None:
+        assert self.engine is not None
+        fwd = self.engine.remove_forward(forward_id)
+        if fwd.origin == "runtime":
+            self._save_runtime_forwards()
+
+    def _save_runtime_forwards(self) -> None:
+        assert self.engine is not None
+        entries = [{"proto": f.rule.proto, "spec": format_rule(f.rule)}
+                   for f in self.engine.forwards.values() if f.origin == "runtime"]
+        tmp = self.forwards_file + ".tmp"
+        try:
+            os.makedirs(self.runtime_dir, exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(entries, f)
+            os.replace(tmp, self.forwards_file)
+        except OSError as e:
+            log.warning("cannot record runtime forwards in %s: %s (they will not survive a "
+                        "restart)", self.forwards_file, e)
+
+    def _restore_runtime_forwards(self) -> None:
+        assert self.engine is not None
+        try:
+            with open(self.forwards_file, encoding="utf-8") as f:
+                entries = json.load(f)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            log.warning("ignoring %s: %s", self.forwards_file, e)
+            return
+        for entry in entries if isinstance(entries, list) else []:
+            try:
+                for rule in parse_spec(str(entry["spec"]), str(entry["proto"])):
+                    fwd = self.engine.add_forward(rule, "runtime")
+                    log.info("restored runtime forward %d (%s)", fwd.id, entry["spec"])
+            except (KeyError, TypeError, SpecError, ForwardError) as e:
+                log.warning("cannot restore runtime forward %r: %s", entry, e)
+
+    # -- reload --------------------------------------------------------------------------------
+
+    def _reload(self) -> None:
+        sd_notify("RELOADING=1")
+        try:
+            new = self.reload_config()
+        except ConfigError as e:
+            log.error("reload refused, keeping the running configuration: %s", e)
+            sd_notify(f"READY=1\nSTATUS=reload failed: {e}")
+            return
+        self._apply_forwards(new)
+        if new.log_level != self.cfg.log_level:
+            logging.getLogger("passtd").setLevel(new.log_level.upper())
+        changed = [f.name for f in _fields_differing(self.cfg, new)
+                   if f.name not in ("tcp_forwards", "udp_forwards", "tcp_forward_specs",
+                                     "udp_forward_specs", "log_level", "sources")]
+        if changed:
+            log.warning("reload: %s changed; these take effect on the next restart",
+                        ", ".join(changed))
+        self.cfg = new
+        log.info("configuration reloaded")
+        sd_notify(f"READY=1\nSTATUS={self.engine.summary() if self.engine else ''}")
+
+    def _apply_forwards(self, new: InstanceConfig) -> None:
+        engine = self.engine
+        assert engine is not None
+        wanted = set(new.tcp_forwards) | set(new.udp_forwards)
+        current = {f.rule: f for f in engine.forwards.values() if f.origin == "config"}
+        for rule, fwd in current.items():
+            if rule not in wanted:
+                engine.remove_forward(fwd.id)
+        for rule in wanted - set(current):
+            try:
+                engine.add_forward(rule, "config")
+            except ForwardError as e:
+                log.error("reload: cannot open forward: %s", e)
+
+
+def _fields_differing(a: InstanceConfig, b: InstanceConfig) -> list[Any]:
+    return [f for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)]
+
+
+def _sock_name(sock: socket.socket) -> str:
+    try:
+        return str(sock.getsockname()) or "unnamed"
+    except OSError:
+        return "?"
+
+
+def _is_connected(sock: socket.socket) -> bool:
+    try:
+        sock.getpeername()
+    except OSError:
+        return False  # ENOTCONN: qemu went away while we were down
+    return True
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"):
+        fmt = "%(levelname)s: %(message)s"  # journald adds time and unit
+    else:
+        fmt = "%(asctime)s passtd[%(process)d] %(levelname)s: %(message)s"
+    handler.setFormatter(logging.Formatter(fmt))
+    root = logging.getLogger("passtd")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+def run(cfg: InstanceConfig, reload_config: Callable[[], InstanceConfig]) -> int:
+    setup_logging(cfg.log_level)
+    instance = Instance(cfg, reload_config)
+    try:
+        return asyncio.run(instance.run())
+    except StartError as e:
+        log.error("%s", e)
+        sd_notify(f"STATUS=failed: {e}")
+        return 1
