@@ -607,8 +607,12 @@ class Engine:
             return net6.map_guest_addr or net6.gateway
         return addr
 
-    def _guest_target(self, family: int, peer: bytes) -> bytes | None:
-        """The guest address a host-initiated flow goes to: the one the guest was seen using."""
+    def _guest_target(self, family: int, peer: bytes, rule: ForwardRule) -> bytes | None:
+        """The guest address a host-initiated flow goes to: the rule's target address if it
+        has one, else the address the guest was seen using (or was given)."""
+        if rule.to_address is not None:
+            to_family, to_addr = _sockaddr_bytes(rule.to_address)
+            return to_addr if to_family == family else None
         if family == 4:
             if self.cfg.ip4 is None:
                 return None
@@ -1244,13 +1248,10 @@ class Engine:
 
     def _add_forward(self, rule: ForwardRule, origin: str) -> Forward:
         for fwd in self.forwards.values():
-            other = fwd.rule
-            if other.proto == rule.proto and other.first <= rule.last and rule.first <= other.last \
-                    and (other.address is None or rule.address is None
-                         or other.address == rule.address):
+            if fwd.rule.overlaps(rule):
                 raise ForwardError("AddressInUse",
                                    f"{rule.proto} {format_rule(rule)} overlaps forward {fwd.id} "
-                                   f"({format_rule(other)})")
+                                   f"({format_rule(fwd.rule)})")
         fwd = Forward(self._next_forward_id, rule, origin)
         try:
             self._open_listeners(fwd)
@@ -1374,7 +1375,7 @@ class Engine:
             return
         seen_peer = self._inbound_peer(family, peer_bytes) if \
             (self.cfg.ip4 if family == 4 else self.cfg.ip6) else None
-        guest = self._guest_target(family, seen_peer or b"") if seen_peer else None
+        guest = self._guest_target(family, seen_peer, fwd.rule) if seen_peer else None
         if seen_peer is None or guest is None:
             reject(f"IPv{family} is not available towards the guest")
             return
@@ -1410,7 +1411,7 @@ class Engine:
             if (self.cfg.ip4 if family == 4 else self.cfg.ip6) is None or self.client is None:
                 continue
             seen_peer = self._inbound_peer(family, peer_bytes)
-            guest = self._guest_target(family, seen_peer)
+            guest = self._guest_target(family, seen_peer, fwd.rule)
             if guest is None:
                 continue
             key = (packet.IPPROTO_UDP, guest, fwd.rule.guest_port(port), seen_peer, peer[1])

@@ -1,0 +1,88 @@
+#!/bin/bash
+# setup.sh: install passtd on a Debian 12 machine (as root), then run the demo.
+#
+#   ./setup.sh             install everything, then `passtd demo`
+#   ./setup.sh --no-demo   install only (what ./run-tests.sh and CI use)
+#
+# What it does (idempotent; safe to run again after `git pull`):
+#   - apt packages: qemu (the demo's network hub and the test VMs), iproute2, busybox,
+#     socat, iperf3, the reference passt (benchmark yardstick), dbus, systemd-container,
+#     libvirt, and the headers that pystemd and libvirt-python compile against
+#   - a virtualenv in /opt/passtd/venv (Debian's python3) with this checkout installed,
+#     and /usr/local/bin/passtd, /usr/local/bin/passtctl
+#   - systemd units in /usr/local/lib/systemd/system, the D-Bus policy in
+#     /usr/share/dbus-1/system.d, /etc/passtd.yaml (kept if it exists), the libvirt hook
+#     in /etc/libvirt/hooks/qemu.d/, and the `passtd` group that may connect to the sockets
+set -euo pipefail
+cd "$(dirname "$0")"
+SRC=$(pwd)
+PREFIX=${PASSTD_PREFIX:-/opt/passtd}
+VENV=$PREFIX/venv
+DEMO=1
+for arg in "$@"; do
+	case $arg in
+	--no-demo) DEMO=0 ;;
+	-h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+	*) echo "setup.sh: unknown option $arg (try --help)" >&2; exit 2 ;;
+	esac
+done
+[ "$(id -u)" = 0 ] || { echo "setup.sh: run as root" >&2; exit 1; }
+say() { echo "setup: $*"; }
+
+APT_PACKAGES=(
+	python3 python3-venv python3-dev gcc pkg-config libsystemd-dev libvirt-dev
+	iproute2 procps kmod qemu-system-x86 busybox-static socat iperf3 passt
+	dbus systemd-container libvirt-daemon-system libvirt-clients
+	ca-certificates curl
+)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+	say "installing ${missing[*]}"
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -qq
+	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+	say "creating $VENV"
+	mkdir -p "$PREFIX"
+	/usr/bin/python3 -m venv "$VENV"
+fi
+say "installing passtd from $SRC into $VENV"
+"$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip >/dev/null
+"$VENV/bin/pip" install -q --disable-pip-version-check "$SRC[systemd,libvirt,test]"
+# the checkout itself, rebuilt every time so the installed copy is this checkout
+"$VENV/bin/pip" install -q --disable-pip-version-check --no-deps --force-reinstall "$SRC"
+ln -sf "$VENV/bin/passtd" /usr/local/bin/passtd
+ln -sf "$VENV/bin/passtctl" /usr/local/bin/passtctl
+
+getent group passtd >/dev/null || groupadd --system passtd
+if getent passwd libvirt-qemu >/dev/null; then
+	usermod -a -G passtd libvirt-qemu  # qemu under libvirt connects to /run/passtd/*.sock
+fi
+
+UNITDIR=/usr/local/lib/systemd/system
+install -d "$UNITDIR"
+install -m 0644 units/passtd@.socket units/passtd@.service "$UNITDIR/"
+install -D -m 0644 dbus/org.passtd.Passtd1.conf /usr/share/dbus-1/system.d/org.passtd.Passtd1.conf
+[ -e /etc/passtd.yaml ] || install -m 0644 etc/passtd.yaml /etc/passtd.yaml
+install -d -m 0755 /etc/passtd.d
+if [ -d libvirt-hook ] && [ -e libvirt-hook/passtd ]; then
+	install -D -m 0755 libvirt-hook/passtd /etc/libvirt/hooks/qemu.d/passtd
+fi
+if [ -d /run/systemd/system ]; then
+	systemctl daemon-reload
+	systemctl try-reload-or-restart dbus.service >/dev/null 2>&1 || true
+elif [ -S /run/dbus/system_bus_socket ]; then
+	busctl --system call org.freedesktop.DBus /org/freedesktop/DBus org.freedesktop.DBus \
+		ReloadConfig >/dev/null 2>&1 || true
+fi
+say "installed: passtd $("$VENV/bin/passtd" --version | cut -d' ' -f2); try: passtd --help"
+
+if [ "$DEMO" = 1 ]; then
+	say "running the demo: passtd demo"
+	exec /usr/local/bin/passtd demo
+fi

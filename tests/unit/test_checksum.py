@@ -1,0 +1,75 @@
+"""RFC 1071 sums against a plain reference loop, on the edge cases that trip folds."""
+
+import os
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from passtd.engine import checksum
+
+
+def reference(buf: bytes) -> int:
+    if len(buf) % 2:
+        buf += b"\0"
+    total = sum(struct.unpack(f"!{len(buf) // 2}H", buf))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+EDGE_CASES = [
+    b"",
+    b"\x01",
+    bytes.fromhex("1234edcb"),  # sums to exactly 0xffff
+    bytes(1500),
+    b"\xff" * 1500,
+    b"\xff" * 65535,
+    os.urandom(1499),
+    os.urandom(1501),
+    os.urandom(65480),
+    os.urandom(65536),
+    *[os.urandom(n) for n in range(0, 70)],
+    *[os.urandom(n) for n in range(1020, 1030)],  # around the numpy threshold
+]
+
+
+@pytest.mark.parametrize("buf", EDGE_CASES, ids=lambda b: f"{len(b)}B")
+def test_checksum_matches_reference(buf: bytes) -> None:
+    assert checksum.checksum(buf) == reference(buf)
+    assert checksum.checksum(bytearray(buf)) == reference(buf)
+    assert checksum.checksum(memoryview(buf)) == reference(buf)
+
+
+@given(st.binary(max_size=5000), st.integers(0, 64))
+def test_partial_at_any_offset(data: bytes, offset: int) -> None:
+    buf = os.urandom(offset) + data
+    assert checksum.finish(checksum.partial(buf, offset, len(data))) == reference(data)
+
+
+@given(st.binary(min_size=2, max_size=4000).filter(lambda b: len(b) % 2 == 0),
+       st.binary(max_size=4000))
+def test_partials_add_up(first: bytes, second: bytes) -> None:
+    total = checksum.partial(first) + checksum.partial(second)
+    assert checksum.finish(total) == reference(first + second)
+
+
+@pytest.mark.parametrize(("rows", "length", "stride"), [(1, 1460, 1518), (45, 1460, 1518),
+                                                        (3, 65480, 65538), (7, 4, 9)])
+def test_sum_rows_equals_per_row_sums(rows: int, length: int, stride: int) -> None:
+    offset = 58
+    buf = bytearray(os.urandom(offset + rows * stride))
+    sums = checksum.sum_rows(buf, offset, stride, rows, length)
+    for i, s in enumerate(sums):
+        row = bytes(buf[offset + i * stride : offset + i * stride + length])
+        assert checksum.finish(s) == reference(row)
+
+
+def test_pseudo_headers_match_scapy_view() -> None:
+    src4, dst4 = bytes([198, 51, 100, 1]), bytes([198, 51, 100, 2])
+    raw = src4 + dst4 + struct.pack("!BBH", 0, 17, 28)
+    assert checksum.finish(checksum.pseudo4(src4, dst4, 17, 28)) == reference(raw)
+    src6, dst6 = os.urandom(16), os.urandom(16)
+    raw6 = src6 + dst6 + struct.pack("!I3xB", 70000, 6)
+    assert checksum.finish(checksum.pseudo6(src6, dst6, 6, 70000)) == reference(raw6)

@@ -1,0 +1,255 @@
+"""The TCP state machine, driven as the event loop drives it: segments, socket results, time."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from passtd.engine import tcp
+from passtd.engine.packet import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
+from passtd.engine.tcp import TcpConn
+
+KEY = (6, bytes([198, 51, 100, 2]), 40000, bytes([198, 51, 100, 1]), 80)
+GUEST_ISN = 1000
+OUR_ISN = 5000
+
+
+def established_from_guest(window: int = 65535, wscale: int | None = 7) -> TcpConn:
+    conn = TcpConn.from_guest_syn(KEY, 0.0, OUR_ISN, 65480, GUEST_ISN, window, 1460, wscale)
+    assert conn.state_name() == "SYN_RCVD"
+    assert conn.host_connected(0.1) == tcp.A_SYN_ACK
+    actions = conn.on_segment(TCP_ACK, GUEST_ISN + 1, OUR_ISN + 1, window, 0, 0.2)
+    assert actions & tcp.A_ESTABLISHED
+    assert conn.state_name() == "ESTABLISHED"
+    return conn
+
+
+def test_guest_open_waits_for_connect_and_ignores_syn_retransmissions() -> None:
+    conn = TcpConn.from_guest_syn(KEY, 0.0, OUR_ISN, 65480, GUEST_ISN, 64240, 1460, 7)
+    assert conn.on_segment(TCP_SYN, GUEST_ISN, 0, 64240, 0, 0.5, 1460, 7) == 0
+    assert conn.get_timer() == tcp.CONNECT_TIMEOUT
+    assert conn.handle_timer(tcp.CONNECT_TIMEOUT) == tcp.A_ABORT
+
+
+def test_refused_connect_resets_the_guest() -> None:
+    conn = TcpConn.from_guest_syn(KEY, 0.0, OUR_ISN, 65480, GUEST_ISN, 64240, 1460, 7)
+    assert conn.host_refused() == tcp.A_RST_GUEST | tcp.A_CLOSE
+
+
+def test_lost_syn_ack_is_resent_on_syn_and_on_timer() -> None:
+    conn = TcpConn.from_guest_syn(KEY, 0.0, OUR_ISN, 65480, GUEST_ISN, 64240, 1460, 7)
+    conn.host_connected(0.0)
+    assert conn.on_segment(TCP_SYN, GUEST_ISN, 0, 64240, 0, 0.5, 1460, 7) == tcp.A_SYN_ACK
+    at = conn.get_timer()
+    assert at is not None
+    assert conn.handle_timer(at) == tcp.A_SYN_ACK
+
+
+def test_window_scale_only_when_both_offer_it() -> None:
+    conn = established_from_guest(window=100, wscale=None)
+    assert conn.our_wscale == 0 and conn.guest_wnd == 100
+    conn = established_from_guest(window=100, wscale=7)
+    assert conn.our_wscale == tcp.OUR_WSCALE and conn.guest_wnd == 100 << 7
+    assert conn.window_field(1 << 20) == (1 << 20) >> tcp.OUR_WSCALE
+    assert conn.window_field(1 << 30) == 0xFFFF
+
+
+def test_in_order_data_is_written_and_acknowledged_as_the_socket_takes_it() -> None:
+    conn = established_from_guest()
+    seq = GUEST_ISN + 1
+    conn.on_segment(TCP_ACK, seq, OUR_ISN + 1, 512, 1000, 1.0)
+    assert (conn.data_skip, conn.data_take) == (0, 1000)
+    conn.on_segment(TCP_ACK, seq + 1000, OUR_ISN + 1, 512, 1000, 1.0)
+    assert (conn.data_skip, conn.data_take) == (0, 1000)
+    actions = conn.commit(1500, 1.0)  # the socket took 1500 of 2000
+    assert actions & tcp.A_ACK and actions & tcp.A_WAIT_WRITABLE
+    assert conn.rcv_nxt == seq + 1500
+    assert conn.bytes_from_guest == 1500
+    # the guest retransmits from 1500: the first 500 of its segment are skipped
+    conn.on_segment(TCP_ACK, seq + 1000, OUR_ISN + 1, 512, 1000, 2.0)
+    assert (conn.data_skip, conn.data_take) == (500, 500)
+
+
+def test_gap_and_old_data_get_a_duplicate_ack_and_nothing_written() -> None:
+    conn = established_from_guest()
+    seq = GUEST_ISN + 1
+    assert conn.on_segment(TCP_ACK, seq + 100, OUR_ISN + 1, 512, 50, 1.0) & tcp.A_ACK
+    assert conn.data_take == 0
+    assert conn.on_segment(TCP_ACK, seq - 50, OUR_ISN + 1, 512, 50, 1.0) & tcp.A_ACK
+    assert conn.data_take == 0
+
+
+def test_guest_fin_after_data_shuts_the_socket_once_the_data_is_written() -> None:
+    conn = established_from_guest()
+    seq = GUEST_ISN + 1
+    conn.on_segment(TCP_ACK | TCP_FIN, seq, OUR_ISN + 1, 512, 10, 1.0)
+    actions = conn.commit(5, 1.0)  # half the data: the FIN must wait
+    assert not actions & tcp.A_SHUT_WR
+    conn.on_segment(TCP_ACK | TCP_FIN, seq, OUR_ISN + 1, 512, 10, 2.0)
+    assert (conn.data_skip, conn.data_take) == (5, 5)
+    actions = conn.commit(5, 2.0)
+    assert actions & tcp.A_SHUT_WR and actions & tcp.A_ACK
+    assert conn.rcv_nxt == seq + 11
+    assert conn.state_name() == "CLOSE_WAIT"
+    # a retransmitted FIN is acknowledged again
+    assert conn.on_segment(TCP_ACK | TCP_FIN, seq + 10, OUR_ISN + 1, 512, 0, 3.0) & tcp.A_ACK
+
+
+def test_host_data_respects_the_guest_window_and_is_discarded_when_acked() -> None:
+    conn = established_from_guest(window=100, wscale=0)
+    assert conn.send_budget() == 100
+    conn.on_sent(60, 1.0)
+    assert conn.send_budget() == 40
+    assert conn.get_timer() == 1.0 + tcp.RTO_INITIAL
+    actions = conn.on_segment(TCP_ACK, GUEST_ISN + 1, OUR_ISN + 1 + 60, 100, 0, 1.1)
+    assert actions & tcp.A_DISCARD and conn.discard == 60
+    assert conn.send_budget() == 100
+    assert conn.bytes_to_guest == 60
+
+
+def test_three_duplicate_acks_rewind_once() -> None:
+    conn = established_from_guest(window=65535, wscale=0)
+    conn.on_sent(3000, 1.0)
+    ack = OUR_ISN + 1 + 1000
+    assert conn.on_segment(TCP_ACK, GUEST_ISN + 1, ack, 65535, 0, 1.1) & tcp.A_DISCARD
+    for _ in range(2):
+        assert not conn.on_segment(TCP_ACK, GUEST_ISN + 1, ack, 65535, 0, 1.2) & tcp.A_REWIND
+    assert conn.on_segment(TCP_ACK, GUEST_ISN + 1, ack, 65535, 0, 1.2) & tcp.A_REWIND
+    assert conn.snd_nxt == ack
+    conn.on_sent(2000, 1.3)
+    # more duplicates of the same ACK (for segments already in flight) do not rewind again
+    for _ in range(5):
+        assert not conn.on_segment(TCP_ACK, GUEST_ISN + 1, ack, 65535, 0, 1.4) & tcp.A_REWIND
+
+
+def test_ack_beyond_a_rewound_send_point_moves_it_forward() -> None:
+    conn = established_from_guest(window=65535, wscale=0)
+    conn.on_sent(3000, 1.0)
+    conn.handle_timer(1.0 + tcp.RTO_INITIAL)  # rewound to snd_una
+    assert conn.snd_nxt == OUR_ISN + 1
+    conn.on_segment(TCP_ACK, GUEST_ISN + 1, OUR_ISN + 1 + 2000, 65535, 0, 2.5)
+    assert conn.snd_nxt == conn.snd_una == OUR_ISN + 1 + 2000
+    assert conn.discard == 2000
+
+
+def test_retransmission_backs_off_then_gives_up() -> None:
+    conn = established_from_guest(window=65535, wscale=0)
+    conn.on_sent(100, 0.0)
+    now, rtos = 0.0, []
+    for _ in range(tcp.MAX_RETRIES):
+        at = conn.get_timer()
+        assert at is not None
+        rtos.append(at - now)
+        now = at
+        assert conn.handle_timer(now) & tcp.A_REWIND
+        conn.on_sent(100, now)
+    assert rtos[1:4] == [2.0, 4.0, 8.0]
+    assert conn.handle_timer(conn.get_timer() or 0) == tcp.A_ABORT
+
+
+def test_host_eof_sends_fin_and_closes_when_both_sides_are_done() -> None:
+    conn = established_from_guest(window=65535, wscale=0)
+    conn.on_sent(10, 1.0)
+    assert conn.on_host_eof(1.0) == tcp.A_FIN
+    assert conn.send_budget() == 0
+    assert conn.state_name() == "FIN_WAIT"
+    actions = conn.on_segment(TCP_ACK, GUEST_ISN + 1, OUR_ISN + 1 + 11, 65535, 0, 1.1)
+    assert conn.discard == 10  # the FIN is not a byte in the socket
+    assert not actions & tcp.A_CLOSE
+    conn.on_segment(TCP_ACK | TCP_FIN, GUEST_ISN + 1, OUR_ISN + 12, 65535, 0, 1.2)
+    assert conn.commit(0, 1.2) & tcp.A_CLOSE
+
+
+def test_lost_fin_is_resent_after_a_rewind() -> None:
+    conn = established_from_guest(window=65535, wscale=0)
+    conn.on_host_eof(1.0)
+    actions = conn.handle_timer(conn.get_timer() or 0)
+    assert actions & tcp.A_REWIND
+    assert conn.on_host_eof(3.0) == tcp.A_FIN
+
+
+def test_rst_in_window_resets_the_peer_and_out_of_window_is_ignored() -> None:
+    conn = established_from_guest()
+    conn.window_field(1 << 16)
+    assert conn.on_segment(TCP_RST, GUEST_ISN + 1 + (1 << 20), 0, 0, 0, 1.0) == 0
+    assert conn.on_segment(TCP_RST, GUEST_ISN + 1, 0, 0, 0, 1.0) == tcp.A_RST_PEER | tcp.A_CLOSE
+
+
+def test_keepalive_probe_from_the_guest_sets_socket_keepalive() -> None:
+    conn = established_from_guest()
+    actions = conn.on_segment(TCP_ACK, GUEST_ISN, OUR_ISN + 1, 512, 0, 5.0)
+    assert actions & tcp.A_SOCK_KEEPALIVE and actions & tcp.A_ACK
+
+
+def test_idle_connection_gets_keepalives_then_is_reset() -> None:
+    conn = established_from_guest()
+    conn.idle_timeout = 100.0
+    at = conn.get_timer()
+    assert at == pytest.approx(0.2 + tcp.KEEPALIVE_INTERVAL)
+    assert conn.handle_timer(at) == tcp.A_KEEPALIVE
+    assert conn.get_timer() == pytest.approx(at + tcp.KEEPALIVE_INTERVAL)
+    assert conn.handle_timer(200.0) == tcp.A_ABORT
+
+
+def test_zero_window_is_probed() -> None:
+    conn = established_from_guest(window=0, wscale=0)
+    assert conn.send_budget() == 0
+    conn.window_closed(1.0)
+    assert conn.get_timer() == 1.0 + tcp.RTO_INITIAL
+    assert conn.handle_timer(2.0) == tcp.A_KEEPALIVE
+    # a window update resumes sending
+    assert conn.on_segment(TCP_ACK, GUEST_ISN + 1, OUR_ISN + 1, 1000, 0, 2.5) & tcp.A_RESUME
+    assert conn.send_budget() == 1000
+
+
+def test_host_open_handshake() -> None:
+    conn = TcpConn.from_host_accept(KEY, 0.0, OUR_ISN, 65480)
+    assert conn.state_name() == "SYN_SENT"
+    # wrong ACK number: ignored
+    assert conn.on_segment(TCP_SYN | TCP_ACK, GUEST_ISN, OUR_ISN + 7, 64240, 0, 0.1, 1460, 7) == 0
+    actions = conn.on_segment(TCP_SYN | TCP_ACK, GUEST_ISN, OUR_ISN + 1, 64240, 0, 0.1, 1460, 7)
+    assert actions == tcp.A_ACK | tcp.A_ESTABLISHED
+    assert conn.rcv_nxt == GUEST_ISN + 1 and conn.guest_mss == 1460
+
+
+def test_host_open_refused_by_the_guest_resets_the_peer() -> None:
+    conn = TcpConn.from_host_accept(KEY, 0.0, OUR_ISN, 65480)
+    actions = conn.on_segment(TCP_RST | TCP_ACK, 0, OUR_ISN + 1, 0, 0, 0.1)
+    assert actions == tcp.A_RST_PEER | tcp.A_CLOSE
+
+
+def test_host_open_unanswered_syn_is_retried_then_abandoned() -> None:
+    conn = TcpConn.from_host_accept(KEY, 0.0, OUR_ISN, 65480)
+    for _ in range(tcp.HANDSHAKE_RETRIES):
+        assert conn.handle_timer(conn.get_timer() or 0) == tcp.A_SYN
+    assert conn.handle_timer(conn.get_timer() or 0) == tcp.A_ABORT
+
+
+def test_options_parser_handles_garbage() -> None:
+    assert tcp.parse_options(bytes.fromhex("020405b4010303070402")) == (1460, 7)
+    assert tcp.parse_options(bytes.fromhex("0303ff")) == (None, 14)  # scale capped at 14
+    assert tcp.parse_options(b"\x02") == (None, None)
+    assert tcp.parse_options(bytes.fromhex("0200")) == (None, None)
+
+
+@settings(max_examples=300)
+@given(st.lists(st.tuples(st.sampled_from([TCP_ACK, TCP_ACK | TCP_FIN, TCP_RST, TCP_SYN,
+                                           TCP_SYN | TCP_ACK, 0, 0xFF]),
+                          st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1),
+                          st.integers(0, 0xFFFF), st.integers(0, 70000),
+                          st.integers(0, 70000)), max_size=40))
+def test_any_segment_sequence_keeps_invariants(segments: list) -> None:
+    """Whatever a guest sends, the connection's bookkeeping stays consistent."""
+    conn = established_from_guest()
+    now = 1.0
+    for flags, seq, ack, window, plen, written in segments:
+        now += 0.01
+        conn.on_segment(flags, seq, ack, window, plen, now)
+        assert 0 <= conn.data_take <= plen
+        assert conn.data_skip + conn.data_take <= max(plen, conn.data_skip + conn.data_take)
+        conn.commit(min(written, conn.rcv_pending), now)
+        assert conn.rcv_pending == 0
+        assert tcp.seq_diff(conn.snd_nxt, conn.snd_una) >= 0
+        assert tcp.seq_diff(conn.snd_max, conn.snd_nxt) >= 0
+        assert conn.send_budget() >= 0
+        if conn.get_timer() is not None:
+            conn.handle_timer(now)
