@@ -13,6 +13,7 @@
 #   - systemd units in /usr/local/lib/systemd/system, the D-Bus policy in
 #     /usr/share/dbus-1/system.d, /etc/passtd.yaml (kept if it exists), the libvirt hook
 #     in /etc/libvirt/hooks/qemu.d/, and the `passtd` group that may connect to the sockets
+#   - the system user `passtd` the instances run as (not a member of that group)
 set -euo pipefail
 cd "$(dirname "$0")"
 SRC=$(pwd)
@@ -60,6 +61,10 @@ ln -sf "$VENV/bin/passtd" /usr/local/bin/passtd
 ln -sf "$VENV/bin/passtctl" /usr/local/bin/passtctl
 
 getent group passtd >/dev/null || groupadd --system passtd
+# the instances' identity (passtd@.service User=passtd), Debian's way for system users:
+# primary group nogroup, deliberately not in group passtd (no access to other VMs' sockets)
+getent passwd passtd >/dev/null || useradd --system --gid nogroup --no-create-home \
+	--home-dir /nonexistent --shell /usr/sbin/nologin --comment "passtd instances" passtd
 if getent passwd libvirt-qemu >/dev/null; then
 	usermod -a -G passtd libvirt-qemu  # qemu under libvirt connects to /run/passtd/*.sock
 fi

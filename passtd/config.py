@@ -54,6 +54,9 @@ DEFAULT_CONFIG_FILE = "/etc/passtd.yaml"
 DROPIN_DIR_NAME = "passtd.d"
 DEFAULT_RUNTIME_DIR = "/run/passtd"
 RUNTIME_DIR_ENV = "PASSTD_RUNTIME_DIR"
+# where the service keeps state across its restarts (runtime forwards); default: the
+# runtime directory. The systemd unit points it at a directory only the instance may write.
+STATE_DIR_ENV = "PASSTD_STATE_DIR"
 COMMAND_LINE = "command line"
 
 LOG_LEVELS = ("debug", "info", "warning", "error")

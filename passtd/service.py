@@ -15,8 +15,10 @@ ready, and waits for a signal:
 - SIGTERM/SIGINT end the instance cleanly; SIGHUP reloads the configuration: forwards
   added or removed in the files are applied, a config that does not load is refused with
   a log line and the running one stays.
-- Runtime forwards (added over D-Bus) are kept in RUNTIME_DIR/NAME.forwards.json so they
-  survive a restart of the service (not a reboot: /run is volatile, on purpose).
+- Runtime forwards (added over D-Bus) are kept in STATE_DIR/NAME.forwards.json so they
+  survive a restart of the service (not a reboot: /run is volatile, on purpose). STATE_DIR
+  is $PASSTD_STATE_DIR, else the runtime directory ($PASSTD_RUNTIME_DIR, /run/passtd);
+  the unit sets it apart because its unprivileged user may not write /run/passtd.
 
 Not done here: dropping privileges and sandboxing (the systemd unit does it; passt's own
 namespace tricks are not reproduced), daemonising (systemd supervises us).
@@ -268,10 +270,11 @@ class Instance:
         self.stopping = asyncio.Event()
         self.runtime_dir = os.environ.get(config_mod.RUNTIME_DIR_ENV) \
             or config_mod.DEFAULT_RUNTIME_DIR
+        self.state_dir = os.environ.get(config_mod.STATE_DIR_ENV) or self.runtime_dir
 
     @property
     def forwards_file(self) -> str:
-        return os.path.join(self.runtime_dir, f"{self.cfg.name}.forwards.json")
+        return os.path.join(self.state_dir, f"{self.cfg.name}.forwards.json")
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -325,7 +328,7 @@ class Instance:
     async def _export_bus(self) -> None:
         try:
             from . import dbus_api
-        except ImportError as e:  # pragma: no cover - dbus-fast is a declared dependency
+        except Exception as e:  # pragma: no cover - a broken dbus-fast must not stop the guest
             log.warning("D-Bus API unavailable (%s); running without it", e)
             return
         try:
@@ -385,7 +388,7 @@ class Instance:
                    for f in self.engine.forwards.values() if f.origin == "runtime"]
         tmp = self.forwards_file + ".tmp"
         try:
-            os.makedirs(self.runtime_dir, exist_ok=True)
+            os.makedirs(self.state_dir, exist_ok=True)
             with open(tmp, "w", encoding="utf-8") as f:
                 json.dump(entries, f)
             os.replace(tmp, self.forwards_file)

@@ -65,6 +65,7 @@ SK_MEMINFO_WMEM_QUEUED = 5
 TAP_BUFFER = 4 << 20  # qemu socket buffers (passt asks for INT_MAX/2; wmem_max caps it)
 LISTEN_BACKLOG = 1024
 UDP_BATCH = 64  # datagrams read from one socket per wakeup
+UDP_BUFFER = 4 << 20  # a burst of replies must not overflow a flow's receive queue
 TCP_READ_ROUNDS = 4  # batches read from one TCP socket per wakeup before yielding
 
 # Ethernet + IPv4 (no options) + TCP, and Ethernet + IPv6 + TCP, read in one unpack
@@ -539,6 +540,9 @@ class Engine:
             self._ping_from_guest(pkt, now)
         elif proto == packet.IPPROTO_ICMPV6 and family == 6:
             if len(pkt.l4) and 133 <= pkt.l4[0] <= 137:
+                target = ndp.dad_target(pkt)
+                if target is not None:
+                    self._learn_addr(6, target)
                 if self.settings.ndp:
                     reply = ndp.reply(self.cfg, pkt)
                     if reply:
@@ -1125,6 +1129,7 @@ class Engine:
             unreachable(icmp.ICMP_HOST_UNREACH, icmp.ICMPV6_ADDR_UNREACH)
             return None
         try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_BUFFER)
             try:  # keep the guest's source port, as passt does, when the host has it free
                 sock.bind(("0.0.0.0" if af == socket.AF_INET else "::", sport))
             except OSError:
@@ -1258,6 +1263,9 @@ class Engine:
         except ForwardError:
             self._close_listeners(fwd)
             raise
+        except OSError as e:  # socket() itself failed: EMFILE, no IPv6 in this kernel...
+            self._close_listeners(fwd)
+            raise ForwardError("InvalidArgument", f"cannot open a listening socket: {e}") from e
         self._next_forward_id += 1
         self.forwards[fwd.id] = fwd
         log.info("forward %d: %s %s -> guest (%s, %d listening sockets)", fwd.id, rule.proto,
@@ -1306,6 +1314,8 @@ class Engine:
                     if rule.ifname:
                         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE,
                                         rule.ifname.encode())
+                    if sock_type == socket.SOCK_DGRAM:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_BUFFER)
                     sock.bind((address, port))
                     if sock_type == socket.SOCK_STREAM:
                         sock.listen(LISTEN_BACKLOG)

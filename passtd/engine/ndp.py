@@ -80,6 +80,24 @@ def reply(cfg: NetConfig, pkt: packet.Packet) -> bytes | None:
     return _answer_router_solicitation(cfg, pkt)
 
 
+def dad_target(pkt: packet.Packet) -> bytes | None:
+    """The address a guest is about to use, from its duplicate-address-detection probe.
+
+    A DAD Neighbour Solicitation (from ::) names the address the guest just configured:
+    with SLAAC that is the first sign of its global address, long before it sends from
+    it. passt learns addresses only from traffic; knowing it earlier lets a forwarded
+    connection reach a guest that has not spoken over IPv6 yet.
+    """
+    if pkt.src != packet.IP6_ANY or pkt.ttl != NDP_HOP_LIMIT or len(pkt.l4) < NS_HLEN:
+        return None
+    if pkt.l4[0] != ICMP6_NS or pkt.l4[1] != 0:
+        return None
+    target = bytes(NS_HEADER.unpack_from(pkt.l4, 0)[4])
+    if packet.is_ipv6_multicast(target) or target == packet.IP6_ANY:
+        return None
+    return target
+
+
 def _answer_neighbour_solicitation(mac: bytes, ip6: Ip6Config, pkt: packet.Packet) -> bytes | None:
     if len(pkt.l4) < NS_HLEN:
         raise packet.Malformed("truncated Neighbour Solicitation")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import ipaddress
 import random
 
 import pytest
@@ -236,3 +237,15 @@ def test_damaged_solicitations_never_raise_anything_but_malformed(cfg, mutate, d
             ndp.reply(cfg, dataclasses.replace(pkt, ttl=255))
         except packet.Malformed:
             pass
+
+
+def test_dad_probe_names_the_guests_new_address() -> None:
+    """The target of a DAD NS (from ::) is the address the guest is about to use."""
+    target = "2001:db8::5054:ff:fe12:3456"
+    probe = Ether(src=GUEST_MAC, dst="33:33:ff:12:34:56") / IPv6(
+        src="::", dst="ff02::1:ff12:3456", hlim=255) / ICMPv6ND_NS(tgt=target)
+    pkt = packet.parse_ip(memoryview(bytes(probe)))
+    assert ndp.dad_target(pkt) == ipaddress.IPv6Address(target).packed
+    regular = Ether(src=GUEST_MAC) / IPv6(src="fe80::1234", dst="ff02::1:ff00:1",
+                                          hlim=255) / ICMPv6ND_NS(tgt="fe80::1")
+    assert ndp.dad_target(packet.parse_ip(memoryview(bytes(regular)))) is None

@@ -1,0 +1,441 @@
+"""org.passtd.Passtd1.Instance: one instance's control API on the system (or session) bus.
+
+Design: every instance is its own process, so every instance owns its own bus name,
+`org.passtd.Passtd1.<escaped NAME>` (see `bus_name`), and exports one object,
+`/org/passtd/Passtd1`, with one interface:
+
+  AddForward(s protocol, s address, q host_port, q guest_port) -> u id
+  RemoveForward(u id)
+  ListForwards() -> aa{sv}          ListFlows() -> aa{sv}
+  properties (read-only, PropertiesChanged): Name s, GuestConnected b, GuestMac s,
+  GuestAddresses as, Mtu u, FlowCount u
+
+Access control is the bus's job: the policy file dbus/org.passtd.Passtd1.conf lets root
+change forwards and everyone read. Errors are `org.passtd.Passtd1.Error.{InvalidArgument,
+AddressInUse,NotFound,AccessDenied}` with a message for the admin; an unexpected exception
+in a handler is logged with its traceback here and answered with the standard
+`org.freedesktop.DBus.Error.Failed`; nothing a handler raises reaches the event loop or
+ends the connection. Calls with the wrong signature never get here: dbus-fast answers
+them with UnknownMethod.
+
+PropertiesChanged is rate limited per property (`ChangeThrottle`): FlowCount changes at
+every flow open and close, which must not turn into a signal storm on the system bus.
+The first change of a quiet property is sent at once; later ones within the second are
+folded into one signal at the end of it, carrying the value current *then*, so the last
+signal always tells the final value.
+
+Not done here: polkit (the policy file decides; no interactive authorisation), an
+ObjectManager (each instance is its own bus name; `passtctl list` enumerates names), and
+reconnecting when the bus daemon restarts (the loss is logged; the data path does not
+care, and the API comes back with the next restart of the instance).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterable
+from typing import Annotated, Any, TypeVar
+
+from dbus_fast import BusType, DBusError, NameFlag, RequestNameReply
+from dbus_fast.aio import MessageBus
+from dbus_fast.annotations import (
+    DBusBool,
+    DBusSignature,
+    DBusStr,
+    DBusUInt16,
+    DBusUInt32,
+)
+from dbus_fast.constants import PropertyAccess
+from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
+from dbus_fast.signature import Variant
+
+from .engine.fwd import ForwardRule, SpecError
+from .engine.loop import ForwardError
+
+log = logging.getLogger("passtd.dbus")
+
+BUS_NAME_PREFIX = "org.passtd.Passtd1."
+OBJECT_PATH = "/org/passtd/Passtd1"
+INTERFACE = "org.passtd.Passtd1.Instance"
+ERROR_PREFIX = "org.passtd.Passtd1.Error."
+ERROR_KINDS = ("InvalidArgument", "AddressInUse", "NotFound", "AccessDenied")
+ERROR_FAILED = "org.freedesktop.DBus.Error.Failed"  # the standard name for "a bug of ours"
+DBUS_ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
+
+BUS_NAME_MAX = 255  # the D-Bus specification's limit on a whole bus name
+CONNECT_TIMEOUT = 10.0  # seconds for connect + RequestName: READY=1 waits for them
+SIGNAL_INTERVAL = 1.0  # at most one PropertiesChanged per property per second
+
+# ListForwards / ListFlows entries: key -> D-Bus type. The engine's dicts may carry more
+# (e.g. a forward's listener count); only these keys are the API.
+FORWARD_FIELDS = {
+    "id": "u",
+    "protocol": "s",
+    "address": "s",
+    "host_port": "q",
+    "host_port_last": "q",
+    "guest_port": "q",
+    "origin": "s",
+    "spec": "s",
+    "connections": "t",
+    "bytes": "t",
+}
+FLOW_FIELDS = {
+    "id": "u",
+    "protocol": "s",
+    "state": "s",
+    "origin": "s",
+    "guest_address": "s",
+    "guest_port": "q",
+    "peer_address": "s",
+    "peer_port": "q",
+    "bytes_from_guest": "t",
+    "bytes_to_guest": "t",
+    "age_seconds": "d",
+}
+PROPERTIES = frozenset({"Name", "GuestConnected", "GuestMac", "GuestAddresses", "Mtu",
+                        "FlowCount"})
+
+DictList = Annotated[list[dict[str, Variant]], DBusSignature("aa{sv}")]
+StrList = Annotated[list[str], DBusSignature("as")]
+
+
+# -- names ------------------------------------------------------------------------------------
+
+
+def _is_alnum(byte: int) -> bool:
+    return byte < 0x80 and chr(byte).isalnum()
+
+
+def bus_name(instance_name: str) -> str:
+    """The bus name an instance owns: `org.passtd.Passtd1.` + NAME escaped.
+
+    Every byte of NAME's UTF-8 outside [A-Za-z0-9] becomes `_XX` (lowercase hex), as
+    systemd escapes object paths, and so does a leading digit (a bus name element may not
+    start with one): `vm-1` -> `vm_2d1`, `1vm` -> `_31vm`. `_` itself is escaped, so the
+    mapping is reversible (`instance_name`).
+    """
+    if not instance_name:
+        raise ValueError("an instance name cannot be empty")
+    out = []
+    for i, byte in enumerate(instance_name.encode()):
+        if _is_alnum(byte) and not (i == 0 and chr(byte).isdigit()):
+            out.append(chr(byte))
+        else:
+            out.append(f"_{byte:02x}")
+    name = BUS_NAME_PREFIX + "".join(out)
+    if len(name) > BUS_NAME_MAX:
+        raise ValueError(f"instance name {instance_name!r} is too long for a bus name")
+    return name
+
+
+def instance_name(name: str) -> str | None:
+    """The instance name behind a bus name from `bus_name`, or None if it is not one."""
+    if not name.startswith(BUS_NAME_PREFIX):
+        return None
+    escaped = name[len(BUS_NAME_PREFIX):]
+    raw = bytearray()
+    i = 0
+    while i < len(escaped):
+        char = escaped[i]
+        if char == "_":
+            hex_digits = escaped[i + 1 : i + 3]
+            if len(hex_digits) != 2 or hex_digits != hex_digits.lower() \
+                    or not all(c in "0123456789abcdef" for c in hex_digits):
+                return None
+            raw.append(int(hex_digits, 16))
+            i += 3
+        elif char.isascii() and char.isalnum() and not (i == 0 and char.isdigit()):
+            raw.append(ord(char))
+            i += 1
+        else:
+            return None
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        return None
+    # only the canonical spelling: "_61" for "a" would name the same instance twice
+    return text if text and bus_name(text) == name else None
+
+
+# -- PropertiesChanged rate limit (sans-IO: the caller passes the time) -------------------------
+
+
+class ChangeThrottle:
+    """Which changed properties to announce now, and when to announce the rest.
+
+    A property announced less than `interval` ago is held back until its interval ends;
+    repeated changes meanwhile fold into that one announcement.
+    """
+
+    def __init__(self, interval: float = SIGNAL_INTERVAL) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}  # when each property was last announced
+        self._held: set[str] = set()
+
+    def changed(self, names: Iterable[str], now: float) -> set[str]:
+        """Properties `names` changed at `now`: those to announce at once."""
+        ready = set()
+        for name in names:
+            if name in self._held:
+                continue
+            last = self._last.get(name)
+            if last is None or now - last >= self.interval:
+                ready.add(name)
+                self._last[name] = now
+            else:
+                self._held.add(name)
+        return ready
+
+    def wakeup(self) -> float | None:
+        """When the earliest held-back property may be announced (None: nothing held)."""
+        return min((self._last[n] + self.interval for n in self._held), default=None)
+
+    def due(self, now: float) -> set[str]:
+        """The held-back properties whose interval has ended at `now` (now announced)."""
+        ready = {n for n in self._held if now - self._last[n] >= self.interval}
+        self._held -= ready
+        for name in ready:
+            self._last[name] = now
+        return ready
+
+
+# -- the interface ----------------------------------------------------------------------------
+
+
+T = TypeVar("T")
+
+
+def _guarded(call: str, handler: Callable[[], T]) -> T:
+    """Run a handler; turn what it raises into the D-Bus error the caller gets.
+
+    Errors the admin can act on carry the engine's message. Anything else is a bug of
+    ours: logged here with its traceback (dbus-fast would log it outside passtd's logger)
+    and answered with its class name only, as dbus-fast does, since any user may call
+    ListFlows and an exception's text may show internals.
+    """
+    try:
+        return handler()
+    except DBusError:
+        raise
+    except ForwardError as e:
+        kind = e.kind if e.kind in ERROR_KINDS else "InvalidArgument"
+        raise DBusError(ERROR_PREFIX + kind, str(e)) from None
+    except SpecError as e:
+        raise DBusError(ERROR_PREFIX + "InvalidArgument", str(e)) from None
+    except Exception as e:
+        log.exception("D-Bus %s failed", call)
+        raise DBusError(ERROR_FAILED, f"internal error in passtd ({type(e).__name__}); "
+                                      "see the instance's log") from None
+
+
+def _entries(items: Iterable[dict[str, Any]], fields: dict[str, str]) -> list[dict[str, Variant]]:
+    return [{key: Variant(sig, item[key]) for key, sig in fields.items()} for item in items]
+
+
+class InstanceInterface(ServiceInterface):
+    """The exported object; `instance` is a running service.Instance."""
+
+    def __init__(self, instance: Any) -> None:
+        super().__init__(INTERFACE)
+        self.instance = instance
+
+    @property
+    def _engine(self) -> Any:
+        engine = self.instance.engine
+        if engine is None:  # export() runs after the engine started; close() before it ends
+            raise DBusError(ERROR_FAILED, "the instance is not running")
+        return engine
+
+    # methods: the names are the API's (D-Bus members are CamelCase)
+
+    @dbus_method()
+    def AddForward(self, protocol: DBusStr, address: DBusStr,
+                   host_port: DBusUInt16, guest_port: DBusUInt16) -> DBusUInt32:
+        def add() -> int:
+            if host_port == 0:
+                raise SpecError("host_port 0 is not a port (1-65535)")
+            rule = ForwardRule(protocol, address or None, None, host_port, host_port,
+                               guest_port or host_port)
+            return int(self.instance.add_runtime_forward(rule))
+
+        return _guarded("AddForward", add)
+
+    @dbus_method()
+    def RemoveForward(self, forward_id: DBusUInt32):  # type: ignore[no-untyped-def]
+        # no "-> None": dbus-fast reads return annotations as D-Bus signatures
+        _guarded("RemoveForward", lambda: self.instance.remove_forward(forward_id))
+
+    @dbus_method()
+    def ListForwards(self) -> DictList:
+        return _guarded("ListForwards",
+                        lambda: _entries(self._engine.list_forwards(), FORWARD_FIELDS))
+
+    @dbus_method()
+    def ListFlows(self) -> DictList:
+        return _guarded("ListFlows", lambda: _entries(self._engine.list_flows(), FLOW_FIELDS))
+
+    # properties (read-only; dbus-fast refuses Set on them)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Name(self) -> DBusStr:
+        return str(self.instance.cfg.name)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def GuestConnected(self) -> DBusBool:
+        return bool(self._engine.guest_connected)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def GuestMac(self) -> DBusStr:
+        mac = self._engine.seen.mac
+        return mac.hex(":") if mac else ""
+
+    @dbus_property(access=PropertyAccess.READ)
+    def GuestAddresses(self) -> StrList:
+        return list(self._engine.guest_addresses())
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Mtu(self) -> DBusUInt32:
+        return int(self._engine.cfg.mtu)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def FlowCount(self) -> DBusUInt32:
+        return len(self._engine.flows)
+
+    def current(self, name: str) -> Any:
+        """A property's value now (what PropertiesChanged carries)."""
+        return getattr(self, name)
+
+
+# -- the export -------------------------------------------------------------------------------
+
+
+class BusExport:
+    """The instance's connection to the bus; the service calls these two methods."""
+
+    def __init__(self, bus: MessageBus, interface: InstanceInterface, name: str,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.bus = bus
+        self.interface = interface
+        self.name = name
+        self.loop = loop
+        self.throttle = ChangeThrottle()
+        self._announced = {n: interface.current(n) for n in PROPERTIES}
+        self._timer: asyncio.TimerHandle | None = None
+        self._closing = False
+        self._watch = asyncio.ensure_future(bus.wait_for_disconnect())
+        self._watch.add_done_callback(self._disconnected)
+
+    def properties_changed(self, names: set[str]) -> None:
+        """Engine properties changed: announce them (rate limited). Never raises: it runs
+        inside the data path's callbacks."""
+        if self._closing:
+            return
+        try:
+            now = self.loop.time()
+            self._announce(self.throttle.changed(names & PROPERTIES, now))
+            self._arm()
+        except Exception:
+            log.exception("cannot announce changed properties %s", sorted(names))
+
+    def _arm(self) -> None:
+        when = self.throttle.wakeup()
+        if when is None or (self._timer is not None and self._timer.when() <= when):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_at(when, self._flush)
+
+    def _flush(self) -> None:
+        self._timer = None
+        if self._closing:
+            return
+        try:
+            self._announce(self.throttle.due(self.loop.time()))
+            self._arm()  # what is still held back (e.g. the timer fired a hair early)
+        except Exception:
+            log.exception("cannot announce changed properties")
+
+    def _announce(self, names: set[str]) -> None:
+        changed = {}
+        for name in names:
+            value = self.interface.current(name)
+            if value != self._announced.get(name):  # changed and changed back: nothing new
+                changed[name] = value
+        if changed and self.bus.connected:
+            self.interface.emit_properties_changed(changed)
+            self._announced.update(changed)
+
+    def _disconnected(self, fut: asyncio.Future[Any]) -> None:
+        if fut.cancelled():
+            return
+        why = fut.exception() or "the bus closed the connection"  # always retrieved
+        if self._closing:
+            return
+        log.warning("lost the D-Bus connection (%s): %s is gone until the instance restarts; "
+                    "the guest's networking is not affected", why, self.name)
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.bus.connected:
+            self.bus.disconnect()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.bus.wait_for_disconnect(), 2.0)
+        self._watch.cancel()
+
+
+class NameTakenError(Exception):
+    """Another process owns this instance's bus name."""
+
+
+async def export(instance: Any) -> BusExport:
+    """Connect to the instance's bus (cfg.bus), export the object and own the name.
+
+    Raises (with a message for the admin) when the bus cannot be reached in time, the
+    policy refuses the name, or another process already owns it.
+    """
+    cfg = instance.cfg
+    name = bus_name(cfg.name)
+    bus_type = BusType.SYSTEM if cfg.bus == "system" else BusType.SESSION
+    loop = asyncio.get_running_loop()
+    bus = MessageBus(bus_type=bus_type)
+    interface = InstanceInterface(instance)
+    try:
+        await asyncio.wait_for(_connect_and_own(bus, name, interface), CONNECT_TIMEOUT)
+    except BaseException as e:
+        with contextlib.suppress(Exception):  # also a socket left half-way through connect
+            bus.disconnect()
+        if isinstance(e, TimeoutError):
+            raise TimeoutError(f"no answer from the bus within {CONNECT_TIMEOUT:g} s") from None
+        raise
+    log.info("D-Bus API on the %s bus as %s, object %s", cfg.bus, name, OBJECT_PATH)
+    return BusExport(bus, interface, name, loop)
+
+
+async def _connect_and_own(bus: MessageBus, name: str, interface: InstanceInterface) -> None:
+    try:
+        await bus.connect()
+    except Exception as e:  # OSError, AuthError...: say what failed, not only errno text
+        raise ConnectionError(f"cannot connect to it: {e or type(e).__name__}") from e
+    bus.export(OBJECT_PATH, interface)
+    reply = await _request_name(bus, name)
+    if reply == RequestNameReply.EXISTS:
+        raise NameTakenError(f"{name} is already owned by another process: another instance "
+                             f"named {interface.instance.cfg.name!r} is running")
+    if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+        raise NameTakenError(f"cannot own {name}: RequestName answered {reply.name}")
+
+
+async def _request_name(bus: MessageBus, name: str) -> RequestNameReply:
+    try:
+        return await bus.request_name(name, NameFlag.DO_NOT_QUEUE)
+    except DBusError as e:
+        if e.type != DBUS_ACCESS_DENIED:
+            raise
+        raise PermissionError(
+            f"the bus policy does not let this user own {name} (install "
+            f"dbus/org.passtd.Passtd1.conf; run as root or user passtd): {e.text}") from e

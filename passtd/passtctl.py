@@ -1,0 +1,472 @@
+"""`passtctl`: the admin CLI of running passtd instances, over their D-Bus API.
+
+Design: a thin client of org.passtd.Passtd1.Instance (dbus_api.py). Each call is one
+plain method call (no introspection round trip); an instance is found by its bus name,
+`org.passtd.Passtd1.<escaped NAME>`, so `list` is ListNames filtered by that prefix.
+Tables are for people; `--json` gives every listing as JSON for scripts, with the API's
+own keys. The exit status tells scripts what happened without parsing messages (EXIT_*).
+
+Who may do what is the bus policy's decision (dbus/org.passtd.Passtd1.conf): everyone
+may list, only root may add or remove forwards. passtctl only reports the refusal.
+
+Not done here: `forward add --persist` (writing the forward into the libvirt domain's
+metadata, so that it survives the VM's restart): the option exists and is refused until
+that is written (the PERSIST HOOK in `_forward_add`). Port ranges: AddForward takes one port, ranges
+belong in the configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from dbus_fast import BusType, Message, MessageType
+from dbus_fast.aio import MessageBus
+
+from .dbus_api import (
+    BUS_NAME_PREFIX,
+    ERROR_PREFIX,
+    INTERFACE,
+    OBJECT_PATH,
+    bus_name,
+    instance_name,
+)
+
+EXIT_OK = 0
+EXIT_INSTANCE_ERROR = 1  # the instance (or the bus, for another reason) refused: message shown
+EXIT_USAGE = 2  # bad command line (argparse uses 2 as well)
+EXIT_NOT_RUNNING = 3  # no such instance on the bus, or no bus at all
+EXIT_ACCESS_DENIED = 4  # the bus policy refused the call to this user
+
+CALL_TIMEOUT = 10.0  # seconds for one call to answer
+DBUS = "org.freedesktop.DBus"
+NOT_RUNNING_ERRORS = (f"{DBUS}.Error.ServiceUnknown", f"{DBUS}.Error.NameHasNoOwner")
+ACCESS_DENIED_ERROR = f"{DBUS}.Error.AccessDenied"
+
+DESCRIPTION = """\
+Show and change running passtd instances (one per VM) over D-Bus, without restarting them.
+Everyone may list; adding and removing forwards needs root (the bus policy decides).
+"""
+
+EPILOG = """\
+commands:
+  passtctl list                                    instances on the bus
+  passtctl NAME status                             one instance's guest, flows and forwards
+  passtctl NAME forwards                           its port forwards
+  passtctl NAME flows                              its live flows (connections)
+  passtctl NAME forward add tcp 8080:80            forward host TCP 8080 to guest port 80
+  passtctl NAME forward add udp 5353 --address ::1 one address only (default: all)
+  passtctl NAME forward remove ID                  close a forward (its connections live on)
+
+exit status:
+  0  success
+  1  the instance refused or failed (its message is printed), e.g. a port already in use
+  2  usage error (bad command line)
+  3  instance not found: not running, or no such bus
+  4  access denied by the bus policy (changing forwards needs root)
+"""
+
+
+class Failure(Exception):
+    """What to print and the exit status to return."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# -- the bus ----------------------------------------------------------------------------------
+
+
+def _describe_bus(args: argparse.Namespace) -> str:
+    if getattr(args, "bus_address", None):
+        return f"bus {args.bus_address}"
+    return "session bus" if getattr(args, "session", False) else "system bus"
+
+
+async def _connect(args: argparse.Namespace) -> MessageBus:
+    try:  # the constructor already fails on a bad or missing address
+        if getattr(args, "bus_address", None):
+            bus = MessageBus(bus_address=args.bus_address)
+        else:
+            bus = MessageBus(bus_type=BusType.SESSION if getattr(args, "session", False)
+                             else BusType.SYSTEM)
+        return await asyncio.wait_for(bus.connect(), CALL_TIMEOUT)
+    except Exception as e:
+        raise Failure(EXIT_NOT_RUNNING,
+                      f"cannot connect to the {_describe_bus(args)}: "
+                      f"{e or type(e).__name__}") from None
+
+
+class Client:
+    """Calls on one bus; errors become Failures with the right exit status."""
+
+    def __init__(self, bus: MessageBus, where: str) -> None:
+        self.bus = bus
+        self.where = where
+
+    async def call(self, destination: str, member: str, signature: str = "",
+                   body: Sequence[Any] = (), *, interface: str = INTERFACE,
+                   path: str = OBJECT_PATH) -> list[Any]:
+        msg = Message(destination=destination, path=path, interface=interface, member=member,
+                      signature=signature, body=list(body))
+        try:
+            reply = await asyncio.wait_for(self.bus.call(msg), CALL_TIMEOUT)
+        except TimeoutError:
+            raise Failure(EXIT_INSTANCE_ERROR, f"{_who(destination)}: no answer to {member} "
+                                               f"within {CALL_TIMEOUT:g} s") from None
+        if reply.message_type == MessageType.ERROR:
+            text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
+            raise self._failure(destination, reply.error_name or "", text)
+        return list(reply.body)
+
+    def _failure(self, destination: str, error: str, text: str) -> Failure:
+        who = _who(destination)
+        if error in NOT_RUNNING_ERRORS:
+            return Failure(EXIT_NOT_RUNNING,
+                           f"{who} is not running (no {destination} on the {self.where})")
+        if error == ACCESS_DENIED_ERROR:
+            return Failure(EXIT_ACCESS_DENIED,
+                           f"{who}: access denied by the bus policy (changing forwards needs "
+                           f"root): {text}")
+        kind = error.removeprefix(ERROR_PREFIX)
+        return Failure(EXIT_INSTANCE_ERROR, f"{who}: {kind}: {text}" if text else f"{who}: {kind}")
+
+    async def properties(self, destination: str) -> dict[str, Any]:
+        (props,) = await self.call(destination, "GetAll", "s", [INTERFACE],
+                                   interface=f"{DBUS}.Properties")
+        return _plain(props)
+
+    async def listing(self, destination: str, member: str) -> list[dict[str, Any]]:
+        (entries,) = await self.call(destination, member)
+        return [_plain(entry) for entry in entries]
+
+    async def instance_names(self) -> list[str]:
+        (names,) = await self.call(DBUS, "ListNames", interface=DBUS, path="/org/freedesktop/DBus")
+        return sorted(n for n in names if n.startswith(BUS_NAME_PREFIX))
+
+
+def _who(destination: str) -> str:
+    name = instance_name(destination)
+    return f"instance {name}" if name is not None else destination
+
+
+def _plain(variants: dict[str, Any]) -> dict[str, Any]:
+    return {key: getattr(value, "value", value) for key, value in variants.items()}
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+async def _list(client: Client, args: argparse.Namespace) -> int:
+    async def describe(name: str) -> dict[str, Any]:
+        props, forwards = await asyncio.gather(client.properties(name),
+                                               client.listing(name, "ListForwards"))
+        return {"name": props["Name"], "bus_name": name,
+                "guest_connected": props["GuestConnected"], "flow_count": props["FlowCount"],
+                "forward_count": len(forwards)}
+
+    names = await client.instance_names()
+    results = await asyncio.gather(*(describe(n) for n in names), return_exceptions=True)
+    rows: list[dict[str, Any]] = []
+    status = EXIT_OK
+    for name, result in zip(names, results, strict=True):
+        if isinstance(result, BaseException):
+            if not isinstance(result, Failure):
+                raise result
+            if result.status == EXIT_NOT_RUNNING:
+                continue  # it stopped since ListNames: not an error, and not listed
+            _error(str(result))
+            status = EXIT_INSTANCE_ERROR
+            rows.append({"name": instance_name(name) or name, "bus_name": name,
+                         "error": str(result)})
+        else:
+            rows.append(result)
+    if args.json:
+        _print_json(rows)
+    elif rows:
+        _print_table(["NAME", "GUEST", "FLOWS", "FORWARDS"], [
+            [row["name"], _guest_text(row.get("guest_connected")),
+             str(row.get("flow_count", "?")), str(row.get("forward_count", "?"))]
+            for row in rows], right={2, 3})
+    else:
+        print(f"no passtd instance on the {client.where}")
+    return status
+
+
+def _guest_text(connected: bool | None) -> str:
+    if connected is None:
+        return "?"
+    return "connected" if connected else "waiting"
+
+
+async def _status(client: Client, args: argparse.Namespace) -> int:
+    name = _bus_name_arg(args.name)
+    props, forwards = await asyncio.gather(client.properties(name),
+                                           client.listing(name, "ListForwards"))
+    status = {
+        "name": props["Name"],
+        "bus_name": name,
+        "guest_connected": props["GuestConnected"],
+        "guest_mac": props["GuestMac"],
+        "guest_addresses": props["GuestAddresses"],
+        "mtu": props["Mtu"],
+        "flow_count": props["FlowCount"],
+        "forward_count": len(forwards),
+    }
+    if args.json:
+        _print_json(status)
+        return EXIT_OK
+    guest = "connected" if status["guest_connected"] else "waiting for qemu"
+    if status["guest_mac"]:
+        guest += f", MAC {status['guest_mac']}"
+    lines = [
+        ("Name", status["name"]),
+        ("Bus name", name),
+        ("Guest", guest),
+        ("Guest addresses", ", ".join(status["guest_addresses"]) or "none seen yet"),
+        ("MTU", str(status["mtu"]) if status["mtu"] else "not advertised"),
+        ("Flows", str(status["flow_count"])),
+        ("Forwards", str(status["forward_count"])),
+    ]
+    width = max(len(key) for key, _ in lines) + 1
+    for key, value in lines:
+        print(f"{key + ':':<{width}} {value}")
+    return EXIT_OK
+
+
+async def _forwards(client: Client, args: argparse.Namespace) -> int:
+    forwards = await client.listing(_bus_name_arg(args.name), "ListForwards")
+    if args.json:
+        _print_json(forwards)
+        return EXIT_OK
+    rows = []
+    for fwd in forwards:
+        last = fwd["host_port_last"]
+        guest_last = fwd["guest_port"] + last - fwd["host_port"]
+        rows.append([str(fwd["id"]), fwd["protocol"], fwd["address"] or "*",
+                     _range(fwd["host_port"], last), _range(fwd["guest_port"], guest_last),
+                     fwd["origin"], str(fwd["connections"]), _bytes(fwd["bytes"])])
+    _print_table(["ID", "PROTO", "ADDRESS", "HOST", "GUEST", "ORIGIN", "CONNS", "BYTES"], rows,
+                 right={0, 6, 7}, empty="no forwards")
+    return EXIT_OK
+
+
+async def _flows(client: Client, args: argparse.Namespace) -> int:
+    flows = await client.listing(_bus_name_arg(args.name), "ListFlows")
+    if args.json:
+        _print_json(flows)
+        return EXIT_OK
+    rows = [[str(f["id"]), f["protocol"], f["state"], f["origin"],
+             _endpoint(f["guest_address"], f["guest_port"]),
+             _endpoint(f["peer_address"], f["peer_port"]),
+             _bytes(f["bytes_from_guest"]), _bytes(f["bytes_to_guest"]), _age(f["age_seconds"])]
+            for f in flows]
+    _print_table(["ID", "PROTO", "STATE", "ORIGIN", "GUEST", "PEER", "FROM GUEST", "TO GUEST",
+                  "AGE"], rows, right={0, 6, 7, 8}, empty="no flows")
+    return EXIT_OK
+
+
+async def _forward_add(client: Client, args: argparse.Namespace) -> int:
+    host_port, guest_port = args.ports
+    if args.persist:  # refused before anything changes, until the PERSIST HOOK below exists
+        raise Failure(EXIT_USAGE, "forward add --persist: not supported yet")
+    (forward_id,) = await client.call(_bus_name_arg(args.name), "AddForward", "ssqq",
+                                      [args.protocol, args.address, host_port, guest_port])
+    # PERSIST HOOK: with --persist, write the forward into the libvirt domain's metadata
+    # here: after AddForward succeeded, so that a refused forward is never persisted.
+    if args.json:
+        _print_json({"id": forward_id})
+    else:
+        where = args.address or "*"
+        print(f"forward {forward_id} added: {args.protocol} {where} port {host_port} -> "
+              f"guest port {guest_port or host_port}")
+    return EXIT_OK
+
+
+async def _forward_remove(client: Client, args: argparse.Namespace) -> int:
+    await client.call(_bus_name_arg(args.name), "RemoveForward", "u", [args.id])
+    if args.json:
+        _print_json({"id": args.id})
+    else:
+        print(f"forward {args.id} removed")
+    return EXIT_OK
+
+
+# -- output -----------------------------------------------------------------------------------
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))
+
+
+def _print_table(headers: list[str], rows: list[list[str]], *, right: set[int] = frozenset(),
+                 empty: str = "") -> None:
+    if not rows:
+        if empty:
+            print(empty)
+        return
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    for row in [headers, *rows]:
+        cells = [cell.rjust(w) if i in right else cell.ljust(w)
+                 for i, (cell, w) in enumerate(zip(row, widths, strict=True))]
+        print("  ".join(cells).rstrip())
+
+
+def _error(message: str) -> None:
+    print(f"passtctl: {message}", file=sys.stderr)
+
+
+def _range(first: int, last: int) -> str:
+    return str(first) if first == last else f"{first}-{last}"
+
+
+def _endpoint(address: str, port: int) -> str:
+    try:
+        v6 = ipaddress.ip_address(address).version == 6
+    except ValueError:
+        v6 = False
+    return f"[{address}]:{port}" if v6 else f"{address}:{port}"
+
+
+def _bytes(count: int) -> str:
+    if count < 1024:
+        return f"{count} B"
+    value = float(count)
+    for unit in ("KiB", "MiB", "GiB"):
+        value /= 1024
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+    return f"{value / 1024:.1f} TiB"
+
+
+def _age(seconds: float) -> str:
+    total = int(seconds)
+    if total < 60:
+        return f"{total}s"
+    if total < 3600:
+        return f"{total // 60}m{total % 60:02d}s"
+    if total < 86400:
+        return f"{total // 3600}h{total % 3600 // 60:02d}m"
+    return f"{total // 86400}d{total % 86400 // 3600:02d}h"
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+_PORTS_RE = re.compile(r"([0-9]{1,5})(?::([0-9]{1,5}))?")
+
+
+def _ports(text: str) -> tuple[int, int]:
+    """`HOST[:GUEST]` -> (host port, guest port; 0 = the same)."""
+    match = _PORTS_RE.fullmatch(text)
+    ports = [int(p) for p in match.groups() if p is not None] if match else []
+    if not ports or not all(1 <= p <= 65535 for p in ports):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected HOST_PORT[:GUEST_PORT], ports 1-65535 (one port, no range)")
+    return ports[0], ports[1] if len(ports) > 1 else 0
+
+
+def _bus_name_arg(name: str) -> str:
+    try:
+        return bus_name(name)
+    except ValueError as e:
+        raise Failure(EXIT_USAGE, str(e)) from None
+
+
+def _common_options() -> argparse.ArgumentParser:
+    """Options accepted before and after the command (defaults suppressed, so a later
+    parser does not reset what an earlier one set)."""
+    common = argparse.ArgumentParser(add_help=False)
+    bus = common.add_mutually_exclusive_group()
+    bus.add_argument("--system", dest="session", action="store_false",
+                     default=argparse.SUPPRESS, help="use the system bus (the default)")
+    bus.add_argument("--session", dest="session", action="store_true",
+                     default=argparse.SUPPRESS, help="use the session bus")
+    bus.add_argument("--bus-address", metavar="ADDR", default=argparse.SUPPRESS,
+                     help="use the bus at this D-Bus address, e.g. unix:path=/run/x.sock")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print JSON instead of tables")
+    return common
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    common = _common_options()
+    parser = argparse.ArgumentParser(
+        prog="passtctl", parents=[common], description=DESCRIPTION, epilog=EPILOG,
+        usage="passtctl [options] list\n       passtctl [options] NAME COMMAND ...",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", metavar="NAME|list",
+                        help="an instance name (the VM's name), or `list` for all instances")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", prog="passtctl NAME")
+    for command, help_text in (("status", "show the instance's state"),
+                               ("forwards", "list its port forwards"),
+                               ("flows", "list its live flows")):
+        sub.add_parser(command, parents=[common], help=help_text, description=help_text)
+    forward = sub.add_parser("forward", parents=[common], help="add or remove a port forward")
+    forward_sub = forward.add_subparsers(dest="action", metavar="ACTION", required=True,
+                                         prog="passtctl NAME forward")
+    add = forward_sub.add_parser(
+        "add", parents=[common], help="forward a host port to the guest",
+        description="Forward host port HOST_PORT (on every address, or --address) to the "
+                    "guest's GUEST_PORT (default: the same). The listener is open when the "
+                    "command returns.")
+    add.add_argument("protocol", choices=("tcp", "udp"), metavar="PROTOCOL", help="tcp or udp")
+    add.add_argument("ports", metavar="HOST_PORT[:GUEST_PORT]", type=_ports)
+    add.add_argument("--address", default="", metavar="ADDR",
+                     help="listen on this host address only (default: all, both families)")
+    add.add_argument("--persist", action="store_true",
+                     help="also record it in the libvirt domain (not supported yet: exit 2)")
+    remove = forward_sub.add_parser(
+        "remove", parents=[common], help="close a port forward",
+        description="Close forward ID (see `forwards`); connections made through it live on.")
+    remove.add_argument("id", type=int, metavar="ID")
+    return parser
+
+
+COMMANDS = {
+    "status": _status,
+    "forwards": _forwards,
+    "flows": _flows,
+}
+
+
+async def _run(args: argparse.Namespace) -> int:
+    client = Client(await _connect(args), _describe_bus(args))
+    try:
+        if args.command is None:
+            return await _list(client, args)
+        if args.command == "forward":
+            handler = _forward_add if args.action == "add" else _forward_remove
+            return await handler(client, args)
+        return await COMMANDS[args.command](client, args)
+    finally:
+        client.bus.disconnect()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args.json = getattr(args, "json", False)
+    if args.command is None and args.name != "list":
+        parser.error(f"what about instance {args.name!r}? give a command: "
+                     "status, forwards, flows or forward (or `passtctl list`)")
+    if args.command == "forward" and args.action == "remove" and not 0 <= args.id < 2**32:
+        parser.error(f"forward id {args.id} out of range")
+    try:
+        return asyncio.run(_run(args))
+    except Failure as e:
+        _error(str(e))
+        return e.status
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

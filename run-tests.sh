@@ -1,0 +1,19 @@
+#!/bin/bash
+# run-tests.sh: install what the tests need (./setup.sh --no-demo), then run them all.
+#
+#   ./run-tests.sh                 lint + unit + integration tests (root: namespaces, VMs,
+#                                  a private dbus-daemon, systemd and libvirtd in containers)
+#   ./run-tests.sh tests/unit -k tcp    any pytest arguments instead of the whole suite
+#
+# Exit status is pytest's (or ruff's): non-zero when anything fails.
+set -euo pipefail
+cd "$(dirname "$0")"
+./setup.sh --no-demo
+PY=${PASSTD_PREFIX:-/opt/passtd}/venv/bin/python
+echo "run-tests: ruff check"
+"$PY" -m ruff check .
+echo "run-tests: pytest"
+if [ $# -eq 0 ]; then
+	set -- tests
+fi
+exec "$PY" -m pytest -p no:cacheprovider -ra "$@"

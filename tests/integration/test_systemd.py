@@ -1,0 +1,413 @@
+"""passtd@.socket and passtd@.service under real systemd 252 (tests/container.py).
+
+One container per module boots the host's root file system copy-on-write, with what
+setup.sh installed on the host (the venv, /usr/local/bin/passtd, the user and group
+passtd) and, installed inside the container only, this checkout's units and D-Bus policy;
+the checkout's `passtd` package is bound over the venv's copy, so the service runs the code
+under test even when setup.sh ran on an older checkout.
+
+A qemu stand-in (tests/qemu_stub.py) connects from the host to the container's
+/run/passtd/NAME.sock (through /proc/PID1/root) and asks for a DHCP lease: the lease is the
+container's dead-end veth address, 198.51.100.2, router 198.51.100.1. Nothing leaves the
+container's private network namespace.
+
+Every test uses its own instance names, and stops its units at the end.
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import re
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from passtd import lab
+from tests.container import Container, missing_requirements
+from tests.qemu_stub import QemuStub, dhcp_option
+
+pytestmark = pytest.mark.systemd
+
+REPO = Path(__file__).resolve().parents[2]
+VENV = Path("/opt/passtd/venv")
+UNIT_DIR = "/usr/local/lib/systemd/system"
+UNITS = ("passtd@.socket", "passtd@.service")
+POLICY = REPO / "dbus" / "org.passtd.Passtd1.conf"
+POLICY_DIR = "/usr/share/dbus-1/system.d/"
+BUS_PREFIX = "org.passtd.Passtd1."
+OBJECT = "/org/passtd/Passtd1"
+INTERFACE = "org.passtd.Passtd1.Instance"
+STATE_DIR = "/run/passtd-state"
+EXPOSURE_MAX = 2.0
+GUEST_IP4, GUEST_GW4 = "198.51.100.2", "198.51.100.1"  # tests/container.py's dead end
+CAP_NET_BIND_SERVICE = 10
+
+HAVE_DBUS_API = (REPO / "passtd" / "dbus_api.py").exists()
+needs_dbus_api = pytest.mark.skipif(not HAVE_DBUS_API, reason="passtd/dbus_api.py not there yet")
+
+
+def _installed_package() -> Path | None:
+    found = sorted(VENV.glob("lib/python3*/site-packages/passtd"))
+    return found[-1] if found else None
+
+
+def require_installation() -> None:
+    missing = missing_requirements()
+    if missing:
+        pytest.skip("systemd container: " + "; ".join(missing))
+    problems = []
+    if _installed_package() is None or not Path("/usr/local/bin/passtd").exists():
+        problems.append("no /opt/passtd/venv or /usr/local/bin/passtd")
+    for what, lookup in (("group", grp.getgrnam), ("user", pwd.getpwnam)):
+        try:
+            lookup("passtd")
+        except KeyError:
+            problems.append(f"no {what} passtd")
+    if problems:
+        pytest.skip(f"passtd is not installed ({', '.join(problems)}): run ./setup.sh --no-demo")
+
+
+@pytest.fixture(scope="module")
+def ct(lab_logs: object) -> Iterator[Container]:
+    require_installation()
+    Container.remove_stale("passtd-sd")
+    package = _installed_package()
+    assert package is not None
+    with Container("passtd-sd", bind_ro=[(str(REPO / "passtd"), str(package))]) as box:
+        for unit in UNITS:
+            box.install_file(REPO / "units" / unit, f"{UNIT_DIR}/")
+        if POLICY.exists():
+            box.install_file(POLICY, POLICY_DIR)
+        box.systemctl("daemon-reload")
+        box.systemctl("reload", "dbus.service")
+        lab_logs.add("container journal", box.journal_log())  # type: ignore[attr-defined]
+        try:
+            yield box
+        finally:
+            lab_logs.discard("container journal")  # type: ignore[attr-defined]
+
+
+def escape(ct: Container, name: str) -> str:
+    return ct.run(["systemd-escape", name]).stdout.strip()
+
+
+class Instances:
+    """Starts passtd@NAME units and qemu stand-ins; stops and closes them at the end."""
+
+    def __init__(self, ct: Container) -> None:
+        self.ct = ct
+        self.units: list[str] = []
+        self.clients: list[QemuStub] = []
+
+    def socket(self, name: str) -> str:
+        """Start passtd@NAME.socket; returns the escaped instance."""
+        inst = escape(self.ct, name)
+        self.units += [f"passtd@{inst}.socket", f"passtd@{inst}.service"]
+        self.ct.systemctl("start", f"passtd@{inst}.socket")
+        return inst
+
+    def connect(self, name: str) -> QemuStub:
+        client = QemuStub(self.ct.host_path(f"/run/passtd/{name}.sock"))
+        self.clients.append(client)
+        return client
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+        if self.units:
+            self.ct.systemctl("stop", *self.units, check=False)
+            self.ct.systemctl("reset-failed", *self.units, check=False)
+
+
+@pytest.fixture
+def instances(ct: Container) -> Iterator[Instances]:
+    made = Instances(ct)
+    yield made
+    made.close()
+
+
+def props(ct: Container, unit: str, *names: str) -> dict[str, str]:
+    return ct.unit_properties(unit, *names)
+
+
+def assert_offer(client: QemuStub) -> None:
+    offer = client.dhcp_offer()
+    assert offer["BOOTP"].yiaddr == GUEST_IP4
+    assert dhcp_option(offer, "router") == GUEST_GW4
+
+
+def busctl_json(ct: Container, *args: str) -> object:
+    return json.loads(ct.busctl("--json=short", *args).stdout)["data"]
+
+
+def list_forwards(ct: Container, name: str) -> list[dict[str, object]]:
+    (entries,) = busctl_json(ct, "call", bus_name(name), OBJECT, INTERFACE, "ListForwards")
+    return [{key: value["data"] for key, value in entry.items()} for entry in entries]
+
+
+def bus_name(name: str) -> str:
+    from passtd.dbus_api import bus_name as make  # only when the API exists
+
+    return make(name)
+
+
+def listening_tcp(ct: Container, port: int) -> bool:
+    out = ct.run(["ss", "-Hltn", f"sport = :{port}"]).stdout
+    return bool(out.strip())
+
+
+def wait(predicate: Callable[[], object], what: str, timeout: float = 15.0) -> None:
+    lab.wait_for(predicate, timeout, what, interval=0.1)
+
+
+# -- the unit files ------------------------------------------------------------------------
+
+
+def test_units_verify_without_any_warning(ct: Container) -> None:
+    """systemd-analyze verify returns 0 even for unknown keys: its stderr must be empty."""
+    res = ct.run(["systemd-analyze", "verify", f"{UNIT_DIR}/passtd@vm1.service",
+                  f"{UNIT_DIR}/passtd@vm1.socket"], check=False)
+    assert (res.returncode, res.stderr) == (0, "")
+
+
+def test_security_exposure_is_ok(ct: Container) -> None:
+    res = ct.run(["systemd-analyze", "security", "--no-pager", "passtd@vm1.service"],
+                 check=False)
+    m = re.search(r"Overall exposure level for \S+: (\d+\.\d+) (\S+)", res.stdout)
+    assert m, res.stdout + res.stderr
+    exposed = "\n".join(line for line in res.stdout.splitlines() if line.startswith("✗"))
+    assert float(m[1]) <= EXPOSURE_MAX, f"exposure {m[1]} {m[2]}; exposed:\n{exposed}"
+
+
+# -- socket activation ---------------------------------------------------------------------
+
+
+def test_socket_listens_and_service_waits(ct: Container, instances: Instances) -> None:
+    inst = instances.socket("sock1")
+    st = os.stat(ct.host_path("/run/passtd/sock1.sock"))
+    assert stat.S_ISSOCK(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o660
+    assert (st.st_uid, st.st_gid) == (0, grp.getgrnam("passtd").gr_gid)
+    assert props(ct, f"passtd@{inst}.socket", "ActiveState")["ActiveState"] == "active"
+    assert props(ct, f"passtd@{inst}.service", "ActiveState")["ActiveState"] == "inactive"
+
+
+def test_first_connection_starts_the_service(ct: Container, instances: Instances) -> None:
+    inst = instances.socket("act1")
+    unit = f"passtd@{inst}.service"
+    client = instances.connect("act1")
+    assert_offer(client)
+    info = props(ct, unit, "ActiveState", "SubState", "Type", "StatusText", "MainPID")
+    assert (info["ActiveState"], info["SubState"], info["Type"]) == \
+        ("active", "running", "notify")
+    assert info["StatusText"].startswith("guest connected"), info["StatusText"]
+    # the sandbox: user passtd, no capabilities but CAP_NET_BIND_SERVICE in the bounding
+    # set, no new privileges, a seccomp filter
+    status_file = ct.host_path(f"/proc/{info['MainPID']}/status")  # the container's pid
+    status = dict(line.split(":\t", 1) for line in status_file.read_text().splitlines()
+                  if ":\t" in line)
+    assert status["Uid"].split()[0] == str(pwd.getpwnam("passtd").pw_uid)
+    assert int(status["CapEff"], 16) == 0
+    assert int(status["CapBnd"], 16) == 1 << CAP_NET_BIND_SERVICE
+    assert (status["NoNewPrivs"], status["Seccomp"]) == ("1", "2")
+
+
+def test_same_user_cannot_read_an_instance(ct: Container, instances: Instances) -> None:
+    """Instances share user passtd; PrivateUsers= is what keeps one (or anything else
+    running as passtd) out of another's memory."""
+    instances.socket("mem1")
+    assert_offer(instances.connect("mem1"))
+    pid = props(ct, "passtd@mem1.service", "MainPID")["MainPID"]
+    probe = (f"import sys\ntry:\n    open('/proc/{pid}/mem', 'rb')\n"
+             f"except PermissionError:\n    sys.exit(0)\nsys.exit('readable')")
+    res = ct.run(["setpriv", "--reuid=passtd", "--regid=nogroup", "--clear-groups",
+                  "python3", "-c", probe], check=False)
+    assert res.returncode == 0, res.stderr
+
+
+@needs_dbus_api
+def test_instance_is_on_the_bus(ct: Container, instances: Instances) -> None:
+    instances.socket("bus1")
+    assert_offer(instances.connect("bus1"))
+    names = busctl_json(ct, "call", "org.freedesktop.DBus", "/org/freedesktop/DBus",
+                        "org.freedesktop.DBus", "ListNames")
+    assert bus_name("bus1") in names[0]
+    assert busctl_json(ct, "get-property", bus_name("bus1"), OBJECT, INTERFACE,
+                       "Name") == "bus1"
+    assert busctl_json(ct, "get-property", bus_name("bus1"), OBJECT, INTERFACE,
+                       "GuestConnected") is True
+
+
+def test_guest_ping_needs_ping_group_range(ct: Container, instances: Instances) -> None:
+    """Ping sockets need the service's group (user passtd's, nogroup) in
+    net.ipv4.ping_group_range, which Debian leaves closed (the unit's comment says so)."""
+    inst = instances.socket("ping1")
+    client = instances.connect("ping1")
+    assert_offer(client)
+    sysctl = "net.ipv4.ping_group_range"
+    closed = ct.run(["sysctl", "-n", sysctl]).stdout.split()
+    gid = pwd.getpwnam("passtd").pw_gid
+    assert not int(closed[0]) <= gid <= int(closed[1])  # Debian's default: "1 0"
+    # the gateway address leads to the container's loopback
+    assert client.ping(GUEST_IP4, GUEST_GW4, timeout=2) is None
+    assert "cannot open a ping socket" in ct.journal("-u", f"passtd@{inst}.service")
+    try:
+        ct.run(["sysctl", "-qw", f"{sysctl}={gid} {gid}"])
+        reply = client.ping(GUEST_IP4, GUEST_GW4)
+        assert reply is not None and reply["IP"].src == GUEST_GW4
+    finally:
+        ct.run(["sysctl", "-qw", f"{sysctl}={closed[0]} {closed[1]}"])
+
+
+# -- restarts ------------------------------------------------------------------------------
+
+
+@needs_dbus_api
+def test_restart_keeps_the_guest_and_runtime_forwards(ct: Container,
+                                                      instances: Instances) -> None:
+    inst = instances.socket("rst1")
+    unit = f"passtd@{inst}.service"
+    client = instances.connect("rst1")
+    assert_offer(client)
+    (forward_id,) = busctl_json(ct, "call", bus_name("rst1"), OBJECT, INTERFACE,
+                                "AddForward", "ssqq", "tcp", "", "2222", "22")
+    assert forward_id >= 1
+    assert listening_tcp(ct, 2222)
+    before = props(ct, unit, "MainPID")["MainPID"]
+
+    ct.systemctl("restart", unit)
+
+    after = props(ct, unit, "MainPID", "NFileDescriptorStore", "ActiveState", "StatusText")
+    assert after["MainPID"] != before
+    assert after["ActiveState"] == "active"
+    assert after["NFileDescriptorStore"] == "1"  # qemu's connection, kept by systemd
+    assert_offer(client)  # the same connection: qemu never reconnects
+    assert after["StatusText"].startswith("guest connected"), after["StatusText"]
+    forwards = list_forwards(ct, "rst1")
+    assert [(f["spec"], f["origin"]) for f in forwards] == [("2222:22", "runtime")]
+    assert listening_tcp(ct, 2222)
+
+
+def test_crash_restarts_and_keeps_the_guest(ct: Container, instances: Instances) -> None:
+    inst = instances.socket("crash1")
+    unit = f"passtd@{inst}.service"
+    client = instances.connect("crash1")
+    assert_offer(client)
+    before = props(ct, unit, "MainPID")["MainPID"]
+
+    ct.systemctl("kill", "--signal=SIGKILL", unit)  # Restart=on-failure
+
+    def restarted() -> bool:
+        info = props(ct, unit, "MainPID", "ActiveState", "NRestarts")
+        return info["ActiveState"] == "active" and info["MainPID"] not in ("0", before) \
+            and info["NRestarts"] == "1"
+
+    wait(restarted, f"{unit} to be restarted")
+    assert props(ct, unit, "NFileDescriptorStore")["NFileDescriptorStore"] == "1"
+    assert_offer(client)
+
+
+@needs_dbus_api
+def test_stop_forgets_the_guest_and_runtime_forwards(ct: Container,
+                                                     instances: Instances) -> None:
+    """`stop` is not `restart`: the kept connection and the runtime forwards go."""
+    inst = instances.socket("stop1")
+    unit = f"passtd@{inst}.service"
+    client = instances.connect("stop1")
+    assert_offer(client)
+    busctl_json(ct, "call", bus_name("stop1"), OBJECT, INTERFACE,
+                "AddForward", "ssqq", "tcp", "", "2232", "22")
+    assert ct.host_path(f"{STATE_DIR}/stop1/stop1.forwards.json").exists()
+
+    ct.systemctl("stop", unit)
+
+    assert props(ct, unit, "NFileDescriptorStore")["NFileDescriptorStore"] == "0"
+    assert not ct.host_path(f"{STATE_DIR}/stop1").exists()
+    assert client.closed_by_peer(timeout=5)
+    assert not listening_tcp(ct, 2232)
+
+
+# -- reload --------------------------------------------------------------------------------
+
+
+def test_reload_refuses_a_broken_config_and_keeps_running(ct: Container,
+                                                          instances: Instances) -> None:
+    config = ct.host_path("/etc/passtd.yaml")
+    original = config.read_bytes() if config.exists() else None
+    try:
+        ct.write_file("/etc/passtd.yaml", "instances:\n  rld1:\n    tcp_forwards: ['2223:23']\n")
+        inst = instances.socket("rld1")
+        unit = f"passtd@{inst}.service"
+        client = instances.connect("rld1")
+        assert_offer(client)
+        assert listening_tcp(ct, 2223)
+        pid = props(ct, unit, "MainPID")["MainPID"]
+
+        ct.write_file("/etc/passtd.yaml", "instances:\n  rld1:\n    tcp_forwards: ['2224:24'\n")
+        ct.systemctl("reload", unit)
+        wait(lambda: "reload refused" in ct.journal("-u", unit, lines=20),
+             "the refusal in the journal")
+        info = props(ct, unit, "MainPID", "ActiveState", "StatusText")
+        assert (info["MainPID"], info["ActiveState"]) == (pid, "active")
+        assert info["StatusText"].startswith("reload failed"), info["StatusText"]
+        assert listening_tcp(ct, 2223) and not listening_tcp(ct, 2224)
+        assert_offer(client)
+
+        # and a good one is applied
+        ct.write_file("/etc/passtd.yaml", "instances:\n  rld1:\n    tcp_forwards: ['2224:24']\n")
+        ct.systemctl("reload", unit)
+        wait(lambda: listening_tcp(ct, 2224) and not listening_tcp(ct, 2223),
+             "the reloaded forwards")
+        assert props(ct, unit, "MainPID")["MainPID"] == pid
+    finally:
+        if original is None:
+            config.unlink(missing_ok=True)
+        else:
+            ct.write_file("/etc/passtd.yaml", original)
+
+
+# -- lifecycle and names -------------------------------------------------------------------
+
+
+def test_stopping_the_socket_removes_it(ct: Container, instances: Instances) -> None:
+    inst = instances.socket("gone1")
+    assert_offer(instances.connect("gone1"))
+    ct.systemctl("stop", f"passtd@{inst}.socket")
+    assert not ct.host_path("/run/passtd/gone1.sock").exists()
+    # the service needs its socket (Requires=): it stops with it
+    assert props(ct, f"passtd@{inst}.service", "ActiveState")["ActiveState"] == "inactive"
+
+
+def test_two_instances_in_parallel(ct: Container, instances: Instances) -> None:
+    clients = {}
+    for name in ("par1", "par2"):
+        instances.socket(name)
+        clients[name] = instances.connect(name)
+    for client in clients.values():
+        assert_offer(client)
+    pids = {props(ct, f"passtd@{name}.service", "MainPID")["MainPID"] for name in clients}
+    assert len(pids) == 2 and "0" not in pids
+    if HAVE_DBUS_API:
+        for name in clients:
+            assert busctl_json(ct, "get-property", bus_name(name), OBJECT, INTERFACE,
+                               "Name") == name
+
+
+def test_instance_name_that_needs_escaping(ct: Container, instances: Instances) -> None:
+    inst = instances.socket("my-vm")
+    assert inst == "my\\x2dvm"
+    assert ct.host_path("/run/passtd/my-vm.sock").exists()
+    assert_offer(instances.connect("my-vm"))
+    pid = props(ct, f"passtd@{inst}.service", "MainPID")["MainPID"]
+    argv = ct.host_path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert argv[-3:] == [b"run", b"my-vm", b""]
+    assert ct.host_path(f"{STATE_DIR}/my-vm").is_dir()
+    if HAVE_DBUS_API:
+        assert busctl_json(ct, "get-property", bus_name("my-vm"), OBJECT, INTERFACE,
+                           "Name") == "my-vm"
+
