@@ -34,7 +34,7 @@ APT_PACKAGES=(
 	python3 python3-venv python3-dev gcc pkg-config libsystemd-dev libvirt-dev
 	iproute2 procps kmod qemu-system-x86 busybox-static socat iperf3 passt
 	dbus systemd-container libvirt-daemon-system libvirt-clients
-	ca-certificates curl
+	ca-certificates curl tshark
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -77,6 +77,15 @@ install -D -m 0644 dbus/org.passtd.Passtd1.conf /usr/share/dbus-1/system.d/org.p
 install -d -m 0755 /etc/passtd.d
 if [ -d libvirt-hook ] && [ -e libvirt-hook/passtd ]; then
 	install -D -m 0755 libvirt-hook/passtd /etc/libvirt/hooks/qemu.d/passtd
+fi
+# Guest pings use unprivileged ping sockets: the service's group (nogroup) must be within
+# net.ipv4.ping_group_range, which Debian 12 leaves closed ("1 0"). Open it for that group
+# only, and only when the admin has not opened it already.
+PING_CONF=/etc/sysctl.d/60-passtd-ping.conf
+read -r lo hi </proc/sys/net/ipv4/ping_group_range
+if [ ! -e "$PING_CONF" ] && { [ "$lo" -gt 65534 ] || [ "$hi" -lt 65534 ]; }; then
+	echo "net.ipv4.ping_group_range = 65534 65534" >"$PING_CONF"
+	sysctl -q -p "$PING_CONF" || true
 fi
 if [ -d /run/systemd/system ]; then
 	systemctl daemon-reload

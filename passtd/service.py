@@ -36,6 +36,7 @@ import os
 import signal
 import socket
 import stat
+import subprocess
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -111,6 +112,9 @@ def engine_settings(cfg: InstanceConfig, host: addrs.HostAddresses | None = None
     if host is None:
         try:
             host = addrs.discover_host(cfg.interface)
+        except subprocess.CalledProcessError as e:
+            detail = (e.stderr or "").strip() or f"exit status {e.returncode}"
+            raise StartError(f"cannot read the host's addresses with `ip -j`: {detail}") from e
         except (OSError, ValueError) as e:
             raise StartError(f"cannot read the host's addresses with `ip -j`: {e}") from e
     if cfg.dns == "host" or cfg.search == "host":
@@ -267,6 +271,7 @@ class Instance:
         self.bus: Any = None
         self.listener: socket.socket | None = None
         self.own_socket_path: str | None = None
+        self.stored_client: socket.socket | None = None  # the qemu socket in the FD store
         self.stopping = asyncio.Event()
         self.runtime_dir = os.environ.get(config_mod.RUNTIME_DIR_ENV) \
             or config_mod.DEFAULT_RUNTIME_DIR
@@ -305,6 +310,7 @@ class Instance:
             client = socket.socket(fileno=fd)
             if _is_connected(client):
                 log.info("resuming the qemu connection kept by systemd across the restart")
+                self.stored_client = client  # systemd holds it already: don't store it twice
                 engine.adopt_client(client)
             else:
                 client.close()
@@ -352,10 +358,13 @@ class Instance:
     # -- engine callbacks ----------------------------------------------------------------------
 
     def _client_changed(self, sock: socket.socket | None) -> None:
-        if sock is not None:
-            sd_notify(f"FDSTORE=1\nFDNAME={FD_NAME_QEMU}", [sock.fileno()])
-        else:
+        """Keep qemu's connection in systemd's FD store while it lasts (see the docstring)."""
+        if sock is None:
+            self.stored_client = None
             sd_notify(f"FDSTOREREMOVE=1\nFDNAME={FD_NAME_QEMU}")
+        elif sock is not self.stored_client:
+            self.stored_client = sock
+            sd_notify(f"FDSTORE=1\nFDNAME={FD_NAME_QEMU}", [sock.fileno()])
         self._status()
 
     def _on_change(self, names: set[str]) -> None:
