@@ -9,6 +9,7 @@ digest of what it sent and the reply it regenerates from the seed.
     netprog.py tcp-server --bind ADDR --port P [--slow-start SEC]
     netprog.py tcp-client --host ADDR --port P --send N --reply N [--connections C]
                           [--read-delay SEC] [--read-chunk N --read-pause SEC]
+                          [--pause-file PATH]
     netprog.py udp-burst --host ADDR --port P --count N --size N [--burst N]
     netprog.py whoami-server --bind ADDR --port P   (answers "<peer address> <peer port>")
     netprog.py udp-echo --bind ADDR --port P
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import random
 import socket
 import sys
@@ -97,7 +99,13 @@ def one_exchange(args: argparse.Namespace, index: int, results: list) -> None:
     with socket.create_connection((args.host, args.port), timeout=args.timeout) as sock:
         sock.sendall(f"{args.reply} {seed}\n".encode())
         view = memoryview(payload)
-        for i in range(0, len(view), CHUNK):
+        half = len(view) // 2 if args.pause_file else len(view)
+        sock.sendall(view[:half])
+        if args.pause_file:
+            print("PAUSED", flush=True)  # the connection is up, half the data is through
+            while not os.path.exists(args.pause_file):
+                time.sleep(0.05)
+        for i in range(half, len(view), CHUNK):
             sock.sendall(view[i : i + CHUNK])
         sock.shutdown(socket.SHUT_WR)
         if args.read_delay:
@@ -186,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--read-chunk", type=int, default=0)
     p.add_argument("--read-pause", type=float, default=0.0)
     p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--pause-file", help="after half the payload, wait until this file exists")
     p = sub.add_parser("udp-burst")
     p.add_argument("--host", required=True)
     p.add_argument("--port", type=int, required=True)
