@@ -12,7 +12,8 @@
 #     and /usr/local/bin/passtd, /usr/local/bin/passtctl
 #   - systemd units in /usr/local/lib/systemd/system, the D-Bus policy in
 #     /usr/share/dbus-1/system.d, /etc/passtd.yaml (kept if it exists), the libvirt hook
-#     in /etc/libvirt/hooks/qemu.d/, and the `passtd` group that may connect to the sockets
+#     in /etc/libvirt/hooks/qemu.d/ (run by the venv's python; libvirtd finds a new hook
+#     only when it starts), and the `passtd` group that may connect to the sockets
 #   - the system user `passtd` the instances run as (not a member of that group)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -23,7 +24,7 @@ DEMO=1
 for arg in "$@"; do
 	case $arg in
 	--no-demo) DEMO=0 ;;
-	-h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+	-h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 	*) echo "setup.sh: unknown option $arg (try --help)" >&2; exit 2 ;;
 	esac
 done
@@ -76,7 +77,23 @@ install -D -m 0644 dbus/org.passtd.Passtd1.conf /usr/share/dbus-1/system.d/org.p
 [ -e /etc/passtd.yaml ] || install -m 0644 etc/passtd.yaml /etc/passtd.yaml
 install -d -m 0755 /etc/passtd.d
 if [ -d libvirt-hook ] && [ -e libvirt-hook/passtd ]; then
-	install -D -m 0755 libvirt-hook/passtd /etc/libvirt/hooks/qemu.d/passtd
+	# the hook runs under this venv's python (its first line says which)
+	HOOK=/etc/libvirt/hooks/qemu.d/passtd
+	hook_is_new=0
+	[ -e "$HOOK" ] || hook_is_new=1
+	install -d -m 0755 /etc/libvirt/hooks/qemu.d
+	sed "1s|^#!.*|#!$VENV/bin/python3 -I|" libvirt-hook/passtd > "$HOOK.new"
+	chmod 0755 "$HOOK.new"
+	mv -f "$HOOK.new" "$HOOK"
+	# libvirtd looks for hooks when it starts only: tell it, or tell the admin
+	if [ "$hook_is_new" = 1 ] && [ -d /run/systemd/system ]; then
+		for daemon in libvirtd.service virtqemud.service; do
+			if systemctl -q is-active "$daemon"; then
+				say "$daemon runs without passtd's hook: restart it (running VMs stay up):"
+				say "  systemctl restart $daemon"
+			fi
+		done
+	fi
 fi
 # Guest pings use unprivileged ping sockets: the service's group (nogroup) must be within
 # net.ipv4.ping_group_range, which Debian 12 leaves closed ("1 0"). Open it for that group

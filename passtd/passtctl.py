@@ -9,10 +9,14 @@ own keys. The exit status tells scripts what happened without parsing messages (
 Who may do what is the bus policy's decision (dbus/org.passtd.Passtd1.conf): everyone
 may list, only root may add or remove forwards. passtctl only reports the refusal.
 
-Not done here: `forward add --persist` (writing the forward into the libvirt domain's
-metadata, so that it survives the VM's restart): the option exists and is refused until
-that is written (the PERSIST HOOK in `_forward_add`). Port ranges: AddForward takes one port, ranges
-belong in the configuration.
+libvirt (passtd/libvirt.py does the work; libvirt-python is imported only for these):
+`passtctl libvirt attach|detach DOMAIN` edit a domain's persistent definition (passtd
+metadata, qemu netdev and NIC), and `forward add --persist` also records the forward in
+the metadata of the libvirt domain of the same name, so that it is there at the domain's
+next start. `libvirt` is therefore not usable as an instance name here (as `list`).
+
+Not done here: port ranges (AddForward takes one port, ranges belong in the
+configuration or the domain's metadata), `forward remove --persist`.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
+from . import libvirt as libvirt_mod
 from .dbus_api import (
     BUS_NAME_PREFIX,
     ERROR_PREFIX,
@@ -62,7 +67,10 @@ commands:
   passtctl NAME flows                              its live flows (connections)
   passtctl NAME forward add tcp 8080:80            forward host TCP 8080 to guest port 80
   passtctl NAME forward add udp 5353 --address ::1 one address only (default: all)
+  passtctl NAME forward add tcp 2222:22 --persist  ...and record it in libvirt domain NAME
   passtctl NAME forward remove ID                  close a forward (its connections live on)
+  passtctl libvirt attach DOMAIN --forward tcp:2222:22   wire a libvirt domain to passtd
+  passtctl libvirt detach DOMAIN                   unwire it
 
 exit status:
   0  success
@@ -275,19 +283,168 @@ async def _flows(client: Client, args: argparse.Namespace) -> int:
 
 async def _forward_add(client: Client, args: argparse.Namespace) -> int:
     host_port, guest_port = args.ports
-    if args.persist:  # refused before anything changes, until the PERSIST HOOK below exists
-        raise Failure(EXIT_USAGE, "forward add --persist: not supported yet")
-    (forward_id,) = await client.call(_bus_name_arg(args.name), "AddForward", "ssqq",
-                                      [args.protocol, args.address, host_port, guest_port])
-    # PERSIST HOOK: with --persist, write the forward into the libvirt domain's metadata
-    # here: after AddForward succeeded, so that a refused forward is never persisted.
+    bus_name = _bus_name_arg(args.name)
+    # --persist: everything that could refuse it is checked before the forward is added,
+    # and it is written only after AddForward succeeded: a refused forward is never recorded
+    persister = _persister(args, host_port, guest_port) if args.persist else None
+    try:
+        (forward_id,) = await client.call(bus_name, "AddForward", "ssqq",
+                                          [args.protocol, args.address, host_port,
+                                           guest_port])
+        if persister is not None:
+            try:
+                persister.write()
+            except libvirt_mod.DomainError as e:
+                raise Failure(EXIT_INSTANCE_ERROR,
+                              f"forward {forward_id} added, but not persisted: {e}") from None
+    finally:
+        if persister is not None:
+            persister.close()
     if args.json:
-        _print_json({"id": forward_id})
+        result: dict[str, Any] = {"id": forward_id}
+        if persister is not None:
+            result["persisted"] = {"domain": args.name, "changed": persister.changed}
+        _print_json(result)
     else:
         where = args.address or "*"
         print(f"forward {forward_id} added: {args.protocol} {where} port {host_port} -> "
               f"guest port {guest_port or host_port}")
+        if persister is not None:
+            done = "recorded in" if persister.changed else "already in"
+            print(f"{done} the definition of libvirt domain {args.name} (from its next "
+                  "start on)")
     return EXIT_OK
+
+
+def _persister(args: argparse.Namespace, host_port: int,
+               guest_port: int) -> libvirt_mod.ForwardPersister:
+    forward = libvirt_mod.Forward(
+        args.protocol, str(host_port),
+        str(guest_port) if guest_port not in (0, host_port) else None, args.address or None)
+    try:
+        forward.check()
+        return libvirt_mod.ForwardPersister(args.name, forward, uri=args.connect)
+    except libvirt_mod.MetadataError as e:
+        raise Failure(EXIT_USAGE, f"forward add --persist: {e}") from None
+    except libvirt_mod.DomainError as e:
+        raise _domain_failure(e) from None
+
+
+def _domain_failure(error: libvirt_mod.DomainError) -> Failure:
+    status = EXIT_NOT_RUNNING if error.kind == libvirt_mod.DomainError.NOT_FOUND \
+        else EXIT_INSTANCE_ERROR
+    return Failure(status, str(error))
+
+
+# -- libvirt ----------------------------------------------------------------------------------
+
+
+def _libvirt_attach(args: argparse.Namespace) -> int:
+    change = libvirt_mod.SettingsChange(
+        forwards=tuple(args.forward or ()), mtu=args.mtu, ipv4_address=args.ipv4,
+        ipv4_gateway=args.gateway4, ipv6_address=args.ipv6, ipv6_gateway=args.gateway6,
+        dns=tuple(args.dns or ()), mac=args.mac)
+    edit = libvirt_mod.attach(args.domain, change, uri=args.connect)
+    settings = edit.settings or libvirt_mod.NetworkSettings()
+    if args.json:
+        _print_json({"domain": args.domain, "changed": edit.changed,
+                     "socket": libvirt_mod.socket_path(args.domain),
+                     "unit": libvirt_mod.socket_unit(args.domain), "mac": edit.mac,
+                     "settings": libvirt_mod.runtime_config(settings),
+                     "notes": list(edit.notes)})
+        return EXIT_OK
+    if edit.changed:
+        print(f"domain {args.domain}: attached to passtd (takes effect at its next start)")
+    else:
+        print(f"domain {args.domain}: already attached to passtd as asked; nothing changed")
+    forwards = ", ".join(f.describe() for f in settings.forwards) or "none"
+    lines = [("socket", f"{libvirt_mod.socket_path(args.domain)} "
+                        f"({libvirt_mod.socket_unit(args.domain)}, started by the hook)"),
+             ("NIC", f"{libvirt_mod.NIC_MODEL}, MAC {edit.mac}"),
+             ("forwards", forwards)]
+    for key, value in lines:
+        print(f"  {key:<9} {value}")
+    for note in edit.notes:
+        print(f"  note: {note}")
+    return EXIT_OK
+
+
+def _libvirt_detach(args: argparse.Namespace) -> int:
+    edit = libvirt_mod.detach(args.domain, uri=args.connect)
+    if args.json:
+        _print_json({"domain": args.domain, "changed": edit.changed, "notes": list(edit.notes)})
+        return EXIT_OK
+    if edit.changed:
+        print(f"domain {args.domain}: detached from passtd (takes effect at its next start)")
+    else:
+        print(f"domain {args.domain}: not attached to passtd; nothing changed")
+    for note in edit.notes:
+        print(f"  note: {note}")
+    return EXIT_OK
+
+
+def _forward_arg(text: str) -> libvirt_mod.Forward:
+    try:
+        return libvirt_mod.parse_forward(text)
+    except libvirt_mod.MetadataError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _mtu_arg(text: str) -> int:
+    if not text.isascii() or not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number")
+    return int(text)
+
+
+def _build_libvirt_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--connect", metavar="URI", default=libvirt_mod.DEFAULT_URI,
+                        help=f"libvirt URI (default: {libvirt_mod.DEFAULT_URI})")
+    common.add_argument("--json", action="store_true", help="print JSON")
+    parser = argparse.ArgumentParser(
+        prog="passtctl libvirt",
+        description="Wire libvirt domains to passtd: their persistent definition gets passtd "
+                    "metadata (the settings the libvirt hook gives the instance) and a qemu "
+                    "stream netdev with a virtio-net NIC. Edits only domains that are shut "
+                    "off; takes effect at the next start.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    attach = sub.add_parser(
+        "attach", parents=[common], help="wire a domain to passtd (idempotent)",
+        description="Add passtd metadata, netdev and NIC to DOMAIN's definition, or update "
+                    "them: forwards are added to those there, other options replace what "
+                    "they set, what is not given stays.")
+    attach.add_argument("domain", metavar="DOMAIN")
+    attach.add_argument("--forward", action="append", type=_forward_arg,
+                        metavar="PROTO:[ADDR/]HOST[:GUEST]",
+                        help="forward host port(s) to the guest, e.g. tcp:2222:22, "
+                             "udp:127.0.0.1/5353 (repeatable)")
+    attach.add_argument("--mtu", type=_mtu_arg, help="MTU told to the guest (0: none)")
+    attach.add_argument("--ipv4", metavar="ADDR[/LEN]", help="guest IPv4 address")
+    attach.add_argument("--gateway4", metavar="ADDR", help="guest IPv4 gateway")
+    attach.add_argument("--ipv6", metavar="ADDR[/LEN]", help="guest IPv6 address")
+    attach.add_argument("--gateway6", metavar="ADDR", help="guest IPv6 gateway")
+    attach.add_argument("--dns", action="append", metavar="ADDR",
+                        help="nameserver told to the guest (repeatable; replaces the list)")
+    attach.add_argument("--mac", help="the guest NIC's MAC (default: kept, or one derived "
+                                      "from the domain's UUID)")
+    detach = sub.add_parser("detach", parents=[common], help="unwire a domain from passtd",
+                            description="Remove passtd's metadata, netdev and NIC from "
+                                        "DOMAIN's definition (nothing else).")
+    detach.add_argument("domain", metavar="DOMAIN")
+    return parser
+
+
+def _libvirt_main(argv: list[str]) -> int:
+    args = _build_libvirt_parser().parse_args(argv)
+    handler = _libvirt_attach if args.command == "attach" else _libvirt_detach
+    try:
+        return handler(args)
+    except libvirt_mod.DomainError as e:
+        _error(str(e))
+        return _domain_failure(e).status
+    except libvirt_mod.MetadataError as e:
+        _error(f"domain {args.domain}: {e}")
+        return EXIT_USAGE
 
 
 async def _forward_remove(client: Client, args: argparse.Namespace) -> int:
@@ -400,7 +557,8 @@ def _build_parser() -> argparse.ArgumentParser:
     common = _common_options()
     parser = argparse.ArgumentParser(
         prog="passtctl", parents=[common], description=DESCRIPTION, epilog=EPILOG,
-        usage="passtctl [options] list\n       passtctl [options] NAME COMMAND ...",
+        usage="passtctl [options] list\n       passtctl [options] NAME COMMAND ...\n"
+              "       passtctl libvirt {attach,detach} DOMAIN ...",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", metavar="NAME|list",
                         help="an instance name (the VM's name), or `list` for all instances")
@@ -422,7 +580,10 @@ def _build_parser() -> argparse.ArgumentParser:
     add.add_argument("--address", default="", metavar="ADDR",
                      help="listen on this host address only (default: all, both families)")
     add.add_argument("--persist", action="store_true",
-                     help="also record it in the libvirt domain (not supported yet: exit 2)")
+                     help="also record it in the persistent metadata of the libvirt domain "
+                          "NAME (from its next start on)")
+    add.add_argument("-c", "--connect", metavar="URI", default=libvirt_mod.DEFAULT_URI,
+                     help=f"libvirt URI for --persist (default: {libvirt_mod.DEFAULT_URI})")
     remove = forward_sub.add_parser(
         "remove", parents=[common], help="close a port forward",
         description="Close forward ID (see `forwards`); connections made through it live on.")
@@ -451,8 +612,11 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["libvirt"]:
+        return _libvirt_main(argv[1:])
     parser = _build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
     args.json = getattr(args, "json", False)
     if args.command is None and args.name != "list":
         parser.error(f"what about instance {args.name!r}? give a command: "

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import heapq
 import itertools
 import logging
@@ -40,6 +41,7 @@ import os
 import random
 import socket
 import struct
+import termios
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -67,6 +69,9 @@ LISTEN_BACKLOG = 1024
 UDP_BATCH = 64  # datagrams read from one socket per wakeup
 UDP_BUFFER = 4 << 20  # a burst of replies must not overflow a flow's receive queue
 TCP_READ_ROUNDS = 4  # batches read from one TCP socket per wakeup before yielding
+TAP_SLACK = 64 << 10  # skb overhead the qemu socket's buffer accounting adds to our bytes
+_OUTQ = struct.Struct("i")
+_OUTQ_ARG = bytes(_OUTQ.size)
 
 # Ethernet + IPv4 (no options) + TCP, and Ethernet + IPv6 + TCP, read in one unpack
 _FAST4 = struct.Struct("!BBHHHBBH4s4sHHIIBBH")
@@ -182,7 +187,10 @@ class Engine:
         self._timer_when = math.inf
         self._ack_due: dict[TcpConn, None] = {}
         self._resume: dict[TcpConn, None] = {}
-        self._tap_waiters: dict[TcpConn, None] = {}
+        self._tap_waiters: dict[TcpConn, None] = {}  # flows waiting for room towards qemu
+        self._tap_watching = False  # add_writer on the qemu socket is on
+        self._tap_sndbuf = 0
+        self._discard_due: dict[TcpConn, None] = {}
         self._reading: set[int] = set()  # fds registered with add_reader for host data
         self._writing: set[int] = set()
         self._ra_handle: asyncio.TimerHandle | None = None
@@ -270,6 +278,8 @@ class Engine:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, opt, TAP_BUFFER)
         self.client = sock
+        self._tap_sndbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        self._tap_watching = False
         self.reader.reset()
         self.out.drop_all()
         self.loop.add_reader(sock.fileno(), self._tap_readable)
@@ -289,6 +299,7 @@ class Engine:
                  "(%d flows and %d forwards kept)", why, len(self.flows), len(self.forwards))
         self.loop.remove_reader(sock.fileno())
         self.loop.remove_writer(sock.fileno())
+        self._tap_watching = False
         sock.close()
         self.client = None
         self.reader.reset()
@@ -324,7 +335,26 @@ class Engine:
         self._settle(now)
 
     def _tap_writable(self) -> None:
+        """qemu drained its socket: send the backlog, wake the flows that waited."""
+        self._tap_watch(False)
+        self._tap_flush()
+        if not self.out.congested:
+            self._resume_tap_waiters()
         self._settle(self.loop.time())
+
+    def _tap_watch(self, on: bool) -> None:
+        if on != self._tap_watching and self.client is not None:
+            if on:
+                self.loop.add_writer(self.client.fileno(), self._tap_writable)
+            else:
+                self.loop.remove_writer(self.client.fileno())
+            self._tap_watching = on
+
+    def _tap_room(self) -> int:
+        """Bytes the qemu socket takes right now without a short write (and a copy)."""
+        assert self.client is not None
+        queued = _OUTQ.unpack(fcntl.ioctl(self.client.fileno(), termios.TIOCOUTQ, _OUTQ_ARG))[0]
+        return self._tap_sndbuf - queued - TAP_SLACK
 
     def _tap_flush(self) -> None:
         out = self.out
@@ -332,7 +362,6 @@ class Engine:
         if sock is None:
             out.drop_all()
             return
-        was_congested = out.congested
         while out.pending():
             batch = out.take()
             try:
@@ -343,12 +372,8 @@ class Engine:
                 self._client_gone(str(e))
                 return
             if not out.sent(batch, n):
+                self._tap_watch(True)
                 break
-        if out.congested and not was_congested:
-            self.loop.add_writer(sock.fileno(), self._tap_writable)
-        elif was_congested and not out.congested:
-            self.loop.remove_writer(sock.fileno())
-            self._resume_tap_waiters()
 
     def _send(self, frame: bytes) -> None:
         """Queue one frame for the guest (flushed at the end of the current callback)."""
@@ -369,6 +394,10 @@ class Engine:
         nothing is left to do.
         """
         while True:
+            discards, self._discard_due = self._discard_due, {}
+            for conn in discards:
+                if conn.sock is not None:
+                    self._tcp_discard(conn)
             acks, self._ack_due = self._ack_due, {}
             for conn in acks:
                 if conn.sock is not None:
@@ -379,7 +408,7 @@ class Engine:
                     self._tcp_host_readable(conn, now)
             if self.out.pending():
                 self._tap_flush()
-            if not (self._ack_due or self._resume):
+            if not (self._ack_due or self._resume or self._discard_due):
                 break
         if self.pcap:
             self.pcap.flush()
@@ -802,7 +831,7 @@ class Engine:
             self._close_flow(conn, rst_peer=bool(actions & tcp.A_RST_PEER))
             return
         if actions & tcp.A_DISCARD:
-            self._tcp_discard(conn)
+            self._discard_due[conn] = None  # once per flow and batch, before its next read
         if actions & tcp.A_REWIND and self._peek_off:
             sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
         if actions & tcp.A_SHUT_WR:
@@ -896,8 +925,7 @@ class Engine:
         if sock is None or not conn.events & tcp.ESTABLISHED:
             return
         if self.client is None or self.out.congested:
-            self._unreader(conn)
-            self._tap_waiters[conn] = None
+            self._tap_wait(conn)
             return
         batch = self._batches[conn.family]
         mss = conn.mss_to_guest
@@ -909,6 +937,12 @@ class Engine:
                 conn.window_closed(now)
                 self._schedule(conn)
                 return
+            # no more than qemu's socket takes: a short write would cost a copy of the rest
+            fits = self._tap_room() // (batch.head + mss) * mss
+            if fits <= 0:
+                self._tap_wait(conn)
+                return
+            budget = min(budget, fits)
             count = min(len(views), -(-budget // mss))
             bufs = views[:count]
             want = count * mss
@@ -947,6 +981,13 @@ class Engine:
                 break
         self._reader(conn)
         self._schedule(conn)
+
+    def _tap_wait(self, conn: TcpConn) -> None:
+        """Park a flow until qemu's socket has room (or qemu is back)."""
+        self._unreader(conn)
+        self._tap_waiters[conn] = None
+        if self.client is not None:
+            self._tap_watch(True)
 
     def _resume_tap_waiters(self) -> None:
         waiters, self._tap_waiters = self._tap_waiters, {}
@@ -996,6 +1037,7 @@ class Engine:
                 sock.close()
             flow.sock = None
         self._ack_due.pop(flow, None)  # type: ignore[call-overload]
+        self._discard_due.pop(flow, None)  # type: ignore[call-overload]
         self._resume.pop(flow, None)  # type: ignore[call-overload]
         self._tap_waiters.pop(flow, None)  # type: ignore[call-overload]
         if flow.forward_id is not None:

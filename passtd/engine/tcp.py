@@ -58,6 +58,7 @@ CLOSED = 1 << 9
 A_ACK = 1 << 0  # send an ACK (current window) to the guest
 A_SHUT_WR = 1 << 1  # shutdown(SHUT_WR) the host socket
 A_DISCARD = 1 << 2  # drop `discard` acknowledged bytes from the socket's receive queue
+# (they add up over several segments until the loop drops them and zeroes `discard`)
 A_REWIND = 1 << 3  # retransmit: the next read peeks from the last acknowledged byte
 A_RESUME = 1 << 4  # the guest can take data again: read the host socket
 A_RST_GUEST = 1 << 5  # send a RST to the guest
@@ -358,8 +359,8 @@ class TcpConn(Flow):
             self.snd_una = ack
             if seq_diff(self.snd_nxt, ack) < 0:
                 self.snd_nxt = ack  # a retransmission was overtaken by the guest's ACK
-            self.discard = acked
             if acked:
+                self.discard += acked  # the loop drops it once per batch
                 actions |= A_DISCARD
             self.dupacks = 0
             self.retries = 0
