@@ -33,10 +33,10 @@ def addr_text(addr: bytes) -> str:
 class Flow:
     """State every flow shares; protocol cores (tcp, udp, icmp) subclass it.
 
-    `sock`, `sockaddr` and `timer_at` belong to the event loop (the protocol cores never use
-    them): the host socket of the flow, the host address datagrams go to when the socket is
-    not connected (ping sockets, replies through a UDP forward's listener), and the
-    deadline of the timer-heap entry scheduled for the flow.
+    `sock`, `sockaddr` and `timer_entry` belong to the event loop (the protocol cores never
+    use them): the host socket of the flow, the host address datagrams go to when the
+    socket is not connected (ping sockets, replies through a UDP forward's listener), and
+    the flow's entry in the loop's timer heap.
     """
 
     __slots__ = (
@@ -50,7 +50,7 @@ class Flow:
         "origin",
         "sock",
         "sockaddr",
-        "timer_at",
+        "timer_entry",
     )
 
     proto_name = "?"
@@ -65,7 +65,7 @@ class Flow:
         self.deadline: float | None = None  # when handle_timer() wants to run
         self.sock: Any = None
         self.sockaddr: tuple | None = None
-        self.timer_at: float | None = None
+        self.timer_entry: list | None = None  # [deadline, seq, flow] in the loop's heap
         self.forward_id: int | None = None
 
     @property

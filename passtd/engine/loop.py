@@ -69,6 +69,8 @@ LISTEN_BACKLOG = 1024
 UDP_BATCH = 64  # datagrams read from one socket per wakeup
 UDP_BUFFER = 4 << 20  # a burst of replies must not overflow a flow's receive queue
 TCP_READ_ROUNDS = 4  # batches read from one TCP socket per wakeup before yielding
+STALE_TIMERS_MAX = 4096  # stale timer-heap entries tolerated before a rebuild
+ACCEPT_PAUSE = 0.5  # seconds a listener rests after accept() ran out of descriptors
 TAP_SLACK = 64 << 10  # skb overhead the qemu socket's buffer accounting adds to our bytes
 _OUTQ = struct.Struct("i")
 _OUTQ_ARG = bytes(_OUTQ.size)
@@ -181,7 +183,8 @@ class Engine:
         self._discard = memoryview(mmap.mmap(-1, 16 << 20))
         self._peek_off = self._probe_peek_off()
         self._isn_secret = os.urandom(16)
-        self._timers: list[tuple[float, int, Flow]] = []
+        self._timers: list[list] = []  # heap of [deadline, seq, flow or None when stale]
+        self._stale_timers = 0  # heap entries whose flow closed or moved to an earlier one
         self._timer_seq = itertools.count()
         self._timer_handle: asyncio.TimerHandle | None = None
         self._timer_when = math.inf
@@ -196,6 +199,11 @@ class Engine:
         self._ra_handle: asyncio.TimerHandle | None = None
         self._rng = random.Random()
         self._dhcpv6_duid = dhcpv6.server_duid(self.cfg.mac)
+        self._tap_side_addresses = {packet.IP4_ANY, packet.IP6_ANY}
+        for net in (self.cfg.ip4, self.cfg.ip6):
+            if net is not None:
+                self._tap_side_addresses |= {a for a in (net.gateway, net.map_host_loopback,
+                                                         net.map_guest_addr) if a}
         self.drop_log = _RateLimited()
         self.closed = False
 
@@ -523,8 +531,12 @@ class Engine:
             log.exception("internal error on a guest frame (dropped)")
 
     def _acceptable(self, pkt: packet.Packet) -> bool:
-        """Whether a guest packet may enter: its family is on, and no loopback or
-        multicast source (nor a loopback destination) pretends to be somewhere it is not."""
+        """Whether a guest packet may enter at all (see `_may_open` for the stricter rule
+        on packets that open or use flows).
+
+        Its family must be enabled, and it must not pretend to come from somewhere it
+        cannot: a loopback, multicast or broadcast source, or a loopback destination.
+        """
         if pkt.family == 4:
             if self.cfg.ip4 is None:
                 return False
@@ -539,6 +551,20 @@ class Engine:
             self.drop_log(logging.DEBUG, "martian", "dropped IPv%d %s -> %s", pkt.family,
                           addr_text(pkt.src), addr_text(pkt.dst))
         return not bad
+
+    def _may_open(self, pkt: packet.Packet) -> bool:
+        """Whether a packet may use or open a flow (TCP, UDP other than DHCP, ICMP echo).
+
+        The unspecified source (only DHCP and DAD use it) and the addresses that are ours
+        on the tap side (the gateway, the mapped host addresses) are refused as sources:
+        flows are keyed by the guest's source, and a guest posing as the gateway would
+        collide with the host peers that the guest sees as the gateway.
+        """
+        if pkt.src in self._tap_side_addresses:
+            self.drop_log(logging.DEBUG, "spoofed", "dropped IPv%d from %s: not the guest's",
+                          pkt.family, addr_text(pkt.src))
+            return False
+        return True
 
     def _ip_packet(self, pkt: packet.Packet, now: float) -> None:
         if not self._acceptable(pkt):
@@ -559,14 +585,17 @@ class Engine:
                     if reply:
                         self._send(reply)
                 return
-            self._learn_addr(family, pkt.src)
-            self._udp_from_guest(pkt, sport, dport, payload, now)
+            if self._may_open(pkt):
+                self._learn_addr(family, pkt.src)
+                self._udp_from_guest(pkt, sport, dport, payload, now)
         elif proto == packet.IPPROTO_TCP:
-            self._learn_addr(family, pkt.src)
-            self._tcp_unmatched(None, None, now, pkt)
+            if self._may_open(pkt):
+                self._learn_addr(family, pkt.src)
+                self._tcp_unmatched(None, None, now, pkt)
         elif proto == packet.IPPROTO_ICMP and family == 4:
-            self._learn_addr(family, pkt.src)
-            self._ping_from_guest(pkt, now)
+            if self._may_open(pkt):
+                self._learn_addr(family, pkt.src)
+                self._ping_from_guest(pkt, now)
         elif proto == packet.IPPROTO_ICMPV6 and family == 6:
             if len(pkt.l4) and 133 <= pkt.l4[0] <= 137:
                 target = ndp.dad_target(pkt)
@@ -577,8 +606,9 @@ class Engine:
                     if reply:
                         self._send(reply)
                 return
-            self._learn_addr(family, pkt.src)
-            self._ping_from_guest(pkt, now)
+            if self._may_open(pkt):
+                self._learn_addr(family, pkt.src)
+                self._ping_from_guest(pkt, now)
         else:
             self.drop_log(logging.DEBUG, "proto", "dropped IP protocol %d", proto)
 
@@ -673,7 +703,7 @@ class Engine:
             if pkt is None:
                 assert frame is not None
                 pkt = packet.parse_ip(frame)
-                if not self._acceptable(pkt):
+                if not (self._acceptable(pkt) and self._may_open(pkt)):
                     return
                 self._learn_addr(pkt.family, pkt.src)
             l4 = pkt.l4
@@ -828,6 +858,9 @@ class Engine:
         if actions & tcp.A_CLOSE:
             if actions & tcp.A_RST_GUEST:
                 self._tcp_control(conn, tcp.TCP_RST | tcp.TCP_ACK, conn.snd_nxt)
+            if conn.discard and not actions & tcp.A_RST_PEER:
+                # bytes left in the receive queue would turn the kernel's FIN into a RST
+                self._tcp_discard(conn)
             self._close_flow(conn, rst_peer=bool(actions & tcp.A_RST_PEER))
             return
         if actions & tcp.A_DISCARD:
@@ -1046,6 +1079,9 @@ class Engine:
                 fwd.bytes_closed += flow.bytes_from_guest + flow.bytes_to_guest
         self.flows.remove(flow)
         flow.deadline = None
+        if flow.timer_entry is not None:
+            self._drop_timer(flow.timer_entry)
+            flow.timer_entry = None
         log.debug("%r: closed", flow)
         self._changed("FlowCount")
 
@@ -1053,12 +1089,26 @@ class Engine:
 
     def _schedule(self, flow: Flow) -> None:
         at = flow.deadline
-        if at is None or (flow.timer_at is not None and flow.timer_at <= at):
+        entry = flow.timer_entry
+        if at is None or (entry is not None and entry[0] <= at):
             return
-        flow.timer_at = at
-        heapq.heappush(self._timers, (at, next(self._timer_seq), flow))
+        if entry is not None:
+            self._drop_timer(entry)  # superseded by this earlier one
+        entry = flow.timer_entry = [at, next(self._timer_seq), flow]
+        heapq.heappush(self._timers, entry)
         if at < self._timer_when:
             self._arm_timer(at)
+
+    def _drop_timer(self, entry: list) -> None:
+        """Make a heap entry stale: it lets go of its flow at once and is skipped when it
+        comes up. Flows closing by the thousand per second each leave one (a keepalive 30 s
+        out): past a threshold the heap is rebuilt from the live entries."""
+        entry[2] = None
+        self._stale_timers += 1
+        if self._stale_timers > STALE_TIMERS_MAX and self._stale_timers * 2 > len(self._timers):
+            self._timers = [e for e in self._timers if e[2] is not None]
+            heapq.heapify(self._timers)
+            self._stale_timers = 0
 
     def _arm_timer(self, at: float) -> None:
         if self._timer_handle is not None:
@@ -1070,13 +1120,13 @@ class Engine:
         self._timer_handle = None
         self._timer_when = math.inf
         now = self.loop.time()
-        timers = self._timers
-        while timers and timers[0][0] <= now:
-            at, _, flow = heapq.heappop(timers)
-            if flow.timer_at != at:
-                continue  # superseded by an earlier entry
-            flow.timer_at = None
-            if flow.deadline is None or self.flows.by_id(flow.id) is not flow:
+        while self._timers and self._timers[0][0] <= now:
+            _, _, flow = heapq.heappop(self._timers)
+            if flow is None:
+                self._stale_timers = max(0, self._stale_timers - 1)
+                continue  # superseded by an earlier entry, or the flow is gone
+            flow.timer_entry = None
+            if flow.deadline is None:
                 continue
             if flow.deadline > now:
                 self._schedule(flow)
@@ -1086,8 +1136,8 @@ class Engine:
             except Exception:
                 log.exception("internal error in a timer of %r", flow)
                 self._close_flow(flow, rst_peer=True)
-        if timers:
-            self._arm_timer(timers[0][0])
+        if self._timers:
+            self._arm_timer(self._timers[0][0])
         self._settle(now)
 
     def _flow_timer(self, flow: Flow, now: float) -> None:
@@ -1402,11 +1452,21 @@ class Engine:
                 sock, peer = lsock.accept()
             except (BlockingIOError, InterruptedError):
                 break
-            except OSError as e:  # EMFILE: leave it queued and say why
-                self.drop_log(logging.WARNING, "accept", "accept on forward %d: %s", fwd.id, e)
+            except OSError as e:
+                # EMFILE, ENFILE, ENOBUFS: the connection stays queued. The listener stays
+                # readable, so pause it instead of spinning; flows closing free descriptors
+                self.drop_log(logging.WARNING, "accept",
+                              "forward %d: cannot accept (%s): pausing it for %g s", fwd.id,
+                              e.strerror, ACCEPT_PAUSE)
+                self.loop.remove_reader(lsock.fileno())
+                self.loop.call_later(ACCEPT_PAUSE, self._resume_listener, fwd, lsock)
                 break
             self._tcp_inbound(fwd, lsock, sock, peer, now)
         self._settle(now)
+
+    def _resume_listener(self, fwd: Forward, lsock: socket.socket) -> None:
+        if self.forwards.get(fwd.id) is fwd and lsock in fwd.listeners:
+            self.loop.add_reader(lsock.fileno(), self._tcp_accept, fwd, lsock)
 
     def _tcp_inbound(self, fwd: Forward, lsock: socket.socket, sock: socket.socket, peer: tuple,
                      now: float) -> None:

@@ -22,6 +22,7 @@ Not done here: the socket I/O itself (loop.py), vhost-user.
 
 from __future__ import annotations
 
+import mmap
 import struct
 from collections.abc import Iterator
 
@@ -41,7 +42,8 @@ class FrameReader:
     def __init__(self, size: int = 8 << 20) -> None:
         if size < MAX_FRAME + 4:
             raise ValueError("buffer smaller than one frame")
-        self.buf = bytearray(size)
+        # anonymous memory: pages become resident only as far as reads ever reach
+        self.buf = mmap.mmap(-1, size)
         self.mem = memoryview(self.buf)
         self.start = 0  # first unconsumed byte
         self.end = 0  # end of valid data

@@ -1,0 +1,213 @@
+"""Guest isolation and bounded resources: spoofed sources, the gateway mapping switched off,
+the flow cap, running out of file descriptors, and a connection soak.
+
+PASSTD_SOAK_CONNECTIONS sets the soak's size: connections per round, two rounds (default
+5000; by hand, 100000).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import Ether
+
+from passtd import lab
+from tests.qemu_stub import QemuStub
+
+NETPROG = str(Path(__file__).resolve().parents[1] / "netprog.py")
+BASE_ARGS = ["--bus", "none", "-D", "none", "-S", "none"]
+GUEST_MAC = "52:54:00:12:34:56"
+OUR_MAC = "9a:55:9a:55:9a:55"
+
+pytestmark = pytest.mark.netns
+
+
+def syn_answered(stub: QemuStub, src: str, sport: int, dst: str = "198.51.100.1",
+                 dport: int = 18080, timeout: float = 1.5) -> bool:
+    """Send a SYN from `src`; whether anything TCP comes back for that port pair."""
+    stub.send(bytes(Ether(src=GUEST_MAC, dst=OUR_MAC) / IP(src=src, dst=dst)
+                    / TCP(sport=sport, dport=dport, flags="S", seq=1000)))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for raw in stub.receive(deadline):
+            pkt = Ether(raw)
+            if pkt.haslayer(TCP) and pkt[TCP].dport == sport:
+                return True
+    return False
+
+
+def test_spoofed_sources_get_nothing(program_factory, host_server) -> None:
+    host_server([sys.executable, NETPROG, "tcp-server", "--bind", "127.0.0.1", "--port", "18080"],
+                port=18080)
+    prog = program_factory(BASE_ARGS)
+    with QemuStub(prog.socket) as stub:
+        for src in ("127.0.0.1", "198.51.100.1", "224.0.0.5", "255.255.255.255", "0.0.0.0"):
+            assert not syn_answered(stub, src, 40001), f"a SYN from {src} was answered"
+        assert syn_answered(stub, "198.51.100.2", 40002)  # the guest itself: SYN-ACK
+    assert prog.alive()
+
+
+def test_no_map_gw_keeps_the_host_loopback_out_of_reach(program_factory, guest_factory,
+                                                        host_server) -> None:
+    host_server([sys.executable, NETPROG, "tcp-server", "--bind", "127.0.0.1", "--port", "18080"],
+                port=18080)
+    prog = program_factory([*BASE_ARGS, "--no-map-gw"])
+    guest = guest_factory(prog, wire="whole")
+    res = guest.run([sys.executable, NETPROG, "tcp-client", "--host", guest.gw4 or "",
+                     "--port", "18080", "--send", "10", "--reply", "10", "--timeout", "5"],
+                    capture_output=True, text=True, timeout=30)
+    assert res.returncode != 0  # the real gateway (the lab's dead end) refuses it
+    assert "Connection refused" in res.stdout + res.stderr or "ConnectionRefused" in res.stdout
+    ping = guest.run(["busybox", "ping", "-c", "1", "-W", "3", guest.gw4 or ""],
+                     capture_output=True, timeout=15)
+    assert ping.returncode == 0  # the dead end itself still answers pings
+
+
+def test_flow_cap_refuses_cleanly_and_recovers(program_factory, guest_factory,
+                                               host_server) -> None:
+    host_server([sys.executable, NETPROG, "tcp-server", "--bind", "127.0.0.1", "--port", "18080"],
+                port=18080)
+    prog = program_factory([*BASE_ARGS, "--limit", "max_flows=8"])
+    guest = guest_factory(prog, wire="whole")
+    code = f"""
+import socket, json
+held, refused = [], 0
+for i in range(20):
+    try:
+        held.append(socket.create_connection(({guest.gw4!r}, 18080), timeout=5))
+    except ConnectionRefusedError:
+        refused += 1
+print(json.dumps({{"held": len(held), "refused": refused}}))
+"""
+    res = guest.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    out = json.loads(res.stdout)
+    assert out["held"] <= 8 and out["refused"] >= 12, out
+    assert "flow limit (8) reached" in prog.log_text()
+    # the held connections closed with the client: flows free up, new ones work
+    lab.wait_for(lambda: guest.run([sys.executable, NETPROG, "tcp-client", "--host",
+                                    guest.gw4 or "", "--port", "18080", "--send", "100",
+                                    "--reply", "100", "--timeout", "5"],
+                                   capture_output=True, timeout=30).returncode == 0,
+                 20, "a new connection after the cap emptied")
+
+
+def test_out_of_file_descriptors(program_factory, guest_factory, host_server,
+                                 lab_host: lab.HostNamespace) -> None:
+    """RLIMIT_NOFILE low: guest connections beyond it are refused with a RST and a log line;
+    a forward's listener pauses instead of spinning; all recovers when descriptors free up."""
+    host_server([sys.executable, NETPROG, "tcp-server", "--bind", "127.0.0.1", "--port", "18080"],
+                port=18080)
+    argv = ["prlimit", "--nofile=48:48", sys.executable, "-m", "passtd", "run", "nofile",
+            "--socket", "{SOCK}", *BASE_ARGS, "-t", "10022:22"]
+    prog = program_factory(argv=argv, name="nofile")
+    guest = guest_factory(prog, wire="whole")
+    guest.spawn([sys.executable, NETPROG, "tcp-server", "--bind", "::", "--port", "22"],
+                log=guest.workdir / "srv.log")
+    guest.wait_listening(22)
+    hold = f"""
+import socket, json, time
+held, refused = [], 0
+for i in range(80):
+    try:
+        held.append(socket.create_connection(({guest.gw4!r}, 18080), timeout=5))
+    except ConnectionRefusedError:
+        refused += 1
+print(json.dumps({{"held": len(held), "refused": refused}}), flush=True)
+time.sleep(3)
+"""
+    holder = guest.spawn([sys.executable, "-c", hold], log=guest.workdir / "hold.log")
+    lab.wait_for(lambda: "held" in (guest.workdir / "hold.log").read_text(), 30, "the holder")
+    out = json.loads((guest.workdir / "hold.log").read_text())
+    assert out["refused"] > 0 and out["held"] > 0, out
+    assert "cannot open a TCP socket" in prog.log_text()
+    # meanwhile a forwarded connection cannot be accepted: the listener rests, no spin
+    cpu_before = _cpu_seconds(prog.pid)
+    res = lab_host.run([sys.executable, "-c", "import socket; s = socket.create_connection("
+                        "('127.0.0.1', 10022), 2); s.settimeout(2); s.recv(1)"],
+                       capture_output=True, text=True, timeout=30)
+    del res  # queued or reset: either way the instance must not burn a core meanwhile
+    assert _cpu_seconds(prog.pid) - cpu_before < 1.0
+    lab.terminate(holder)
+    lab.wait_for(lambda: guest.run([sys.executable, NETPROG, "tcp-client", "--host",
+                                    guest.gw4 or "", "--port", "18080", "--send", "100",
+                                    "--reply", "100", "--timeout", "5"],
+                                   capture_output=True, timeout=30).returncode == 0,
+                 30, "connections to work again")
+    assert prog.alive()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _fds_and_rss(pid: int) -> tuple[int, int]:
+    fds = len(os.listdir(f"/proc/{pid}/fd"))
+    rss = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text()
+               .splitlines() if line.startswith("VmRSS:"))
+    return fds, rss
+
+
+SOAK_CLIENT = """
+import socket, sys, time, json
+host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+failures, started = 0, time.monotonic()
+for _ in range(count):
+    try:
+        with socket.create_connection((host, port), timeout=10) as s:
+            while s.recv(64):
+                pass
+    except OSError:
+        failures += 1
+print(json.dumps({"count": count, "failures": failures,
+                  "rate": round(count / (time.monotonic() - started))}))
+"""
+
+# the host side closes first, so no TIME_WAIT piles up on the guest's ephemeral ports
+SOAK_SERVER = """
+import socket
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", 18095))
+srv.listen(1024)
+while True:
+    conn, _ = srv.accept()
+    conn.sendall(b"x")
+    conn.close()
+"""
+
+
+def test_soak_connections_leave_no_growth(program_factory, guest_factory, host_server,
+                                          record_property) -> None:
+    count = int(os.environ.get("PASSTD_SOAK_CONNECTIONS", "5000"))
+    host_server([sys.executable, "-c", SOAK_SERVER], port=18095)
+    prog = program_factory(BASE_ARGS)
+    guest = guest_factory(prog, wire="whole")
+    idle = _fds_and_rss(prog.pid)
+
+    def soak() -> tuple[dict, tuple[int, int]]:
+        res = guest.run([sys.executable, "-c", SOAK_CLIENT, guest.gw4 or "", "18095",
+                         str(count)], capture_output=True, text=True,
+                        timeout=max(600, count // 50))
+        lab.wait_for(lambda: _fds_and_rss(prog.pid)[0] <= idle[0], 30, "flows to close")
+        return json.loads(res.stdout), _fds_and_rss(prog.pid)
+
+    # the first round brings the process to its steady state (allocator arenas, buffers,
+    # caches); a second one as long must not grow it any further
+    _, before = soak()
+    out, after = soak()
+    record_property("soak", {**out, "fds_idle": idle[0], "fds_before": before[0],
+                             "fds_after": after[0], "rss_kib_idle": idle[1],
+                             "rss_kib_before": before[1], "rss_kib_after": after[1]})
+    print(f"soak: {out}; fds {idle[0]}, then {before[0]} -> {after[0]}; RSS {idle[1]}, "
+          f"then {before[1]} -> {after[1]} KiB")
+    assert out["failures"] == 0, out
+    assert after[0] <= idle[0]
+    assert after[1] - before[1] < 1024, (before, after)  # no growth beyond allocator noise
+    assert prog.alive()
