@@ -94,6 +94,7 @@ _TAG = f"{{{NAMESPACE}}}"
 _QEMU_TAG = f"{{{QEMU_NAMESPACE}}}"
 _PORTS_RE = re.compile(r"[0-9]{1,5}(?:-[0-9]{1,5})?")
 _BOOLS = {"yes": True, "no": False}
+_MAC_RE = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}")
 _QEMU_USER_RE = re.compile(r'^\s*user\s*=\s*"([^"]*)"', re.MULTILINE)
 
 # ElementTree names namespaces ns0, ns1... unless told the prefix: ours and qemu's here,
@@ -382,8 +383,11 @@ def metadata_element(settings: NetworkSettings) -> ET.Element:
 
 
 def metadata_xml(settings: NetworkSettings) -> str:
-    """`metadata_element` as text (what setMetadata takes)."""
+    """`metadata_element` as setMetadata takes it: without the namespace, which libvirt
+    gives it (from the key and URI); it refuses an element that declares it already."""
     element = metadata_element(settings)
+    for node in element.iter():
+        node.tag = _local(node.tag)
     ET.indent(element)
     return ET.tostring(element, encoding="unicode")
 
@@ -545,11 +549,8 @@ def stable_mac(uuid: str, taken: Iterable[str] = ()) -> str:
 
 
 def _check_mac(mac: str) -> str:
-    try:
-        raw = bytes.fromhex(mac.replace(":", "")) if re.fullmatch(
-            r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}", mac) else b""
-    except ValueError:
-        raw = b""
+    """The MAC in lower case; MetadataError unless it is a unicast one."""
+    raw = bytes.fromhex(mac.replace(":", "")) if _MAC_RE.fullmatch(mac) else b""
     if not raw or raw[0] & 1 or raw == bytes(6):
         raise MetadataError(f"{mac!r} is not a unicast MAC address like 52:54:00:12:34:56")
     return mac.lower()
@@ -625,73 +626,83 @@ def attach_xml(domain_xml: str, change: SettingsChange = SettingsChange()) -> Ed
         config.check_name(name)
     except config.ConfigError as e:
         raise DomainError(DomainError.REFUSED, f"domain {name!r}: {e}") from None
-    notes: list[str] = []
-    changed = False
+    settings, metadata_changed = _update_metadata(root, name, change)
+    commandline = root.find(f"{_QEMU_TAG}commandline")
+    if commandline is None:
+        commandline = ET.SubElement(root, f"{_QEMU_TAG}commandline")
+    netdev_changed, notes = _update_netdev(commandline, name)
+    mac, nic_changed = _update_nic(root, commandline, change.mac)
+    changed = metadata_changed or netdev_changed or nic_changed
+    xml = _serialize(root) if changed else domain_xml
+    return Edit(xml, changed, settings, mac, notes)
 
+
+def _update_metadata(root: ET.Element, name: str,
+                     change: SettingsChange) -> tuple[NetworkSettings, bool]:
+    """The domain's <passtd:network> with `change` applied: (settings, changed)."""
     metadata = root.find("metadata")
     element = None if metadata is None else metadata.find(f"{_TAG}network")
     old = parse_metadata(element) if element is not None else None
     settings = change.apply(old or NetworkSettings())
     check_settings(name, settings)
-    if settings != old:
-        if metadata is None:
-            metadata = ET.Element("metadata")
-            # libvirt's own order puts <metadata> after name, uuid, title and description
-            after = [i for i, child in enumerate(root)
-                     if child.tag in ("name", "uuid", "genid", "title", "description")]
-            root.insert(after[-1] + 1 if after else 0, metadata)
-        new = metadata_element(settings)
-        if element is None:
-            metadata.append(new)
-        else:
-            metadata[list(metadata).index(element)] = new
-        changed = True
+    if settings == old:
+        return settings, False
+    if metadata is None:
+        metadata = ET.Element("metadata")
+        # where libvirt puts it: after name, uuid, title and description
+        after = [i for i, child in enumerate(root)
+                 if child.tag in ("name", "uuid", "genid", "title", "description")]
+        root.insert(after[-1] + 1 if after else 0, metadata)
+    if element is None:
+        metadata.append(metadata_element(settings))
+    else:
+        metadata[list(metadata).index(element)] = metadata_element(settings)
+    return settings, True
 
-    commandline = root.find(f"{_QEMU_TAG}commandline")
-    if commandline is None:
-        commandline = ET.SubElement(root, f"{_QEMU_TAG}commandline")
+
+def _update_netdev(commandline: ET.Element, name: str) -> tuple[bool, tuple[str, ...]]:
+    """Our -netdev, added or pointed at this domain's socket: (changed, notes)."""
     netdevs = _qemu_pairs(commandline, "netdev")
     ours = [n for n in netdevs if n.options.get("id") == NETDEV_ID]
     for netdev in netdevs:
-        if netdev.options.get("id") == NETDEV_ID and not _is_passtd_netdev(netdev.options):
+        value = netdev.arg.get("value")
+        if netdev in ours and not _is_passtd_netdev(netdev.options):
             raise DomainError(DomainError.REFUSED, (
                 f"domain {name}: its <qemu:commandline> already has a netdev with id "
-                f"{NETDEV_ID} that is not passtd's ({netdev.arg.get('value')}); remove it "
-                "first (virsh edit)"))
-        if netdev.options.get("addr.path") == socket_path(name) and netdev not in ours:
+                f"{NETDEV_ID} that is not passtd's ({value}); remove it first (virsh edit)"))
+        if netdev not in ours and netdev.options.get("addr.path") == socket_path(name):
             raise DomainError(DomainError.REFUSED, (
                 f"domain {name}: its <qemu:commandline> already connects a netdev to "
-                f"{socket_path(name)} ({netdev.arg.get('value')}); remove it first "
-                "(virsh edit)"))
-    if ours:
-        if ours[0].arg.get("value") != netdev_value(name):
-            notes.append(f"netdev {NETDEV_ID} now connects to {socket_path(name)} "
-                         f"(was {ours[0].options.get('addr.path')})")
-            ours[0].arg.set("value", netdev_value(name))
-            changed = True
-    else:
+                f"{socket_path(name)} ({value}); remove it first (virsh edit)"))
+    if not ours:
         for value in ("-netdev", netdev_value(name)):
             ET.SubElement(commandline, f"{_QEMU_TAG}arg", value=value)
-        changed = True
+        return True, ()
+    if ours[0].arg.get("value") == netdev_value(name):
+        return False, ()
+    # a stream to another instance's socket: the domain was renamed since
+    note = (f"netdev {NETDEV_ID} now connects to {socket_path(name)} "
+            f"(was {ours[0].options.get('addr.path')})")
+    ours[0].arg.set("value", netdev_value(name))
+    return True, (note,)
 
-    wanted_mac = _check_mac(change.mac) if change.mac is not None else None
+
+def _update_nic(root: ET.Element, commandline: ET.Element,
+                wanted: str | None) -> tuple[str, bool]:
+    """Our -device on the netdev, added or given the `wanted` MAC: (its MAC, changed)."""
+    wanted = None if wanted is None else _check_mac(wanted)
     devices = [d for d in _qemu_pairs(commandline, "device")
                if d.options.get("netdev") == NETDEV_ID]
-    if devices:
-        mac = devices[0].options.get("mac", "")
-        if wanted_mac is not None and mac.lower() != wanted_mac:
-            devices[0].arg.set("value", _format_qemu_options({**devices[0].options,
-                                                              "mac": wanted_mac}))
-            mac = wanted_mac
-            changed = True
-    else:
-        mac = wanted_mac or stable_mac(root.findtext("uuid") or name, _domain_macs(root))
+    if not devices:
+        mac = wanted or stable_mac(root.findtext("uuid") or "", _domain_macs(root))
         for value in ("-device", device_value(mac)):
             ET.SubElement(commandline, f"{_QEMU_TAG}arg", value=value)
-        changed = True
-
-    xml = _serialize(root) if changed else domain_xml
-    return Edit(xml, changed, settings, mac, tuple(notes))
+        return mac, True
+    mac = devices[0].options.get("mac", "")
+    if wanted is None or mac.lower() == wanted:
+        return mac, False
+    devices[0].arg.set("value", _format_qemu_options({**devices[0].options, "mac": wanted}))
+    return wanted, True
 
 
 def detach_xml(domain_xml: str) -> Edit:
@@ -824,10 +835,11 @@ def _failed(res: subprocess.CompletedProcess[str]) -> str:
 
 
 def prepare(name: str, domain_xml: str | bytes, *, systemctl: Systemctl = _systemctl,
-            user: str | None = None) -> bool:
+            user: str | None = None, config_file: str | None = None) -> bool:
     """"prepare begin": the instance's runtime file, then its socket; False if the domain
     does not use passtd. HookError (with everything undone) if the domain must not start.
-    `user`: qemu's user, whose access to the socket is checked (None: not checked)."""
+    `user`: qemu's user, whose access to the socket is checked (None: not checked);
+    `config_file`: instead of /etc/passtd.yaml (as `passtd run --config`)."""
     try:
         settings = settings_from_domain(domain_xml)
     except MetadataError as e:
@@ -844,7 +856,7 @@ def prepare(name: str, domain_xml: str | bytes, *, systemctl: Systemctl = _syste
     _write_runtime_file(runtime_file, runtime_config(settings))
     try:
         try:  # the effective configuration: /etc/passtd.yaml and its drop-ins as well
-            config.load(name)
+            config.load(name, config_file=config_file)
         except config.ConfigError as e:
             raise HookError(f"domain {name}: passtd's configuration is refused: {e}") from None
         # restart, not start: an instance left over from a start whose release never ran
@@ -855,9 +867,9 @@ def prepare(name: str, domain_xml: str | bytes, *, systemctl: Systemctl = _syste
                             f"(journalctl -u {socket})")
         try:
             check_qemu_access(socket_path(name), user)
-        except BaseException:
+        except HookError as e:
             systemctl("stop", service, socket)
-            raise
+            raise HookError(f"domain {name}: {e}") from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(runtime_file)

@@ -831,7 +831,7 @@ def test_passtctl_forward_add_and_remove(vm: lab.Program, host: lab.HostNamespac
     ([VM, "forward", "add", "tcp", "18202:x"], 2, "HOST_PORT[:GUEST_PORT]"),
     ([VM, "forward", "add", "tcp", "0"], 2, "ports 1-65535"),
     ([VM, "forward", "add", "tcp", "18202-18203"], 2, "no range"),
-    ([VM, "forward", "add", "tcp", "18202", "--persist"], 2, "not supported yet"),
+    ([VM, "forward", "add", "tcp", "18202", "--persist"], 3, "libvirt"),
     ([VM, "forward", "remove", "x"], 2, "invalid int"),
     ([VM], 2, "give a command"),
     ([VM, "frobnicate"], 2, "invalid choice"),

@@ -1,0 +1,481 @@
+"""The libvirt integration end to end: hook, passtctl libvirt, a TCG guest, under real libvirtd.
+
+One container per module (tests/container.py) boots the host's root file system with
+systemd, the system bus and libvirtd (not masked here), and gets this checkout's units,
+D-Bus policy and libvirt hook; the checkout's `passtd` package is bound over the venv's
+copy, so the hook, the service and passtctl all run the code under test. libvirtd is
+restarted after that (it looks for hooks when it starts), with `cgroup_controllers = [ ]`
+(the container's cgroup controllers are read-only).
+
+The guest (tests/guestvm, TCG) boots in serve mode with a script; its console, where
+everything it says goes, is a file in a host directory bound into the container. Its
+network: passtd gives it the container's dead-end veth address 198.51.100.2 and gateway
+198.51.100.1, which leads to the container's loopback; nothing leaves the container's
+private network namespace.
+
+Timings of the steps are printed (pytest -s shows them; -v -rP too).
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import pytest
+
+from passtd import libvirt as passtd_libvirt
+from tests.container import UNNEEDED_UNITS, Container, missing_requirements
+from tests.guestvm.vm import QEMU, ensure_image, libvirt_domain_xml, parse_net_line
+
+pytestmark = [pytest.mark.libvirt, pytest.mark.vm]
+
+REPO = Path(__file__).resolve().parents[2]
+VENV = Path("/opt/passtd/venv")
+UNIT_DIR = "/usr/local/lib/systemd/system/"
+POLICY = REPO / "dbus" / "org.passtd.Passtd1.conf"
+HOOK = REPO / "libvirt-hook" / "passtd"
+HOOK_INSIDE = "/etc/libvirt/hooks/qemu.d/passtd"
+PASSTCTL = "/usr/local/bin/passtctl"
+GUEST_IP4, GUEST_GW4 = "198.51.100.2", "198.51.100.1"  # tests/container.py's dead end
+LOOPBACK_PORT = 18080
+BOOT_TIMEOUT = 120.0
+PLAIN_HOOK_MAX_S = 0.25  # what a domain without passtd may cost per hook call (CI slack)
+
+# The guest: a server on port 22 that greets and holds the connection (so that the host
+# can list it), and one request to the host's loopback through the gateway.
+GUEST_SCRIPT = f"""\
+socat TCP-LISTEN:22,reuseaddr,fork SYSTEM:'echo hello-from-guest; sleep 30' &
+if passtd-net-wait 90; then
+    . /run/passtd/net.env
+    echo "LVTEST outbound=$(socat -u -T 10 TCP4:$PASSTD_GW4:{LOOPBACK_PORT} STDOUT 2>&1)"
+else
+    echo "LVTEST no network"
+fi
+sleep 3600
+"""
+
+
+def _installed_package() -> Path | None:
+    found = sorted(VENV.glob("lib/python3*/site-packages/passtd"))
+    return found[-1] if found else None
+
+
+def _require() -> Path:
+    missing = missing_requirements()
+    if missing:
+        pytest.skip("libvirt container: " + "; ".join(missing))
+    for tool in (QEMU, "virsh", "libvirtd"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} not installed (setup.sh installs it)")
+    package = _installed_package()
+    if package is None or not (VENV / "bin" / "passtctl").exists():
+        pytest.skip("passtd is not installed in /opt/passtd/venv: run ./setup.sh --no-demo")
+    try:
+        import libvirt  # noqa: F401  (passtctl libvirt needs it inside, from the same venv)
+    except ImportError:
+        pytest.skip("libvirt-python is not installed: run ./setup.sh --no-demo")
+    try:
+        grp.getgrnam("passtd")
+        pwd.getpwnam("libvirt-qemu")
+    except KeyError as e:
+        pytest.skip(f"{e.args[0]}: run ./setup.sh --no-demo")
+    return package
+
+
+class Lab:
+    """The container, the directory shared with it, and helpers for the domains."""
+
+    def __init__(self, ct: Container, shared: Path) -> None:
+        self.ct = ct
+        self.shared = shared
+
+    def virsh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.ct.run(["virsh", "-q", *args], check=check, timeout=120)
+
+    def passtctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.ct.run([PASSTCTL, *args], check=check)
+
+    def define(self, name: str, *, script: str | None = None,
+               metadata: str | None = None) -> None:
+        """Define a plain domain (no NIC), with `metadata` (XML) if given."""
+        console = self.console_path(name)
+        console.unlink(missing_ok=True)
+        xml = libvirt_domain_xml(name, console_log=str(console), script=script)
+        if metadata is not None:
+            root = ET.fromstring(xml)
+            holder = ET.Element("metadata")
+            holder.append(ET.fromstring(metadata))
+            root.insert(1, holder)
+            xml = ET.tostring(root, encoding="unicode")
+        path = self.shared / f"{name}.xml"
+        path.write_text(xml)
+        self.virsh("define", str(path))
+
+    def console_path(self, name: str) -> Path:
+        return self.shared / f"{name}.console.log"
+
+    def console(self, name: str) -> str:
+        try:
+            return self.console_path(name).read_text(errors="replace").replace("\r", "")
+        except FileNotFoundError:
+            return ""
+
+    def wait_console(self, name: str, marker: str, timeout: float = BOOT_TIMEOUT) -> str:
+        """The first console line of domain `name` containing `marker`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.console(name).splitlines():
+                if marker in line:
+                    return line
+            time.sleep(0.2)
+        raise AssertionError(f"no {marker!r} on {name}'s console after {timeout:.0f} s:\n"
+                             f"{self.console(name)[-4000:]}")
+
+    def unit_state(self, unit: str) -> str:
+        return self.ct.unit_properties(unit, "ActiveState")["ActiveState"]
+
+    def exists(self, path: str) -> bool:
+        return os.path.lexists(self.ct.host_path(path))
+
+    def time_hook(self, domain_xml: str, *calls: tuple[str, ...],
+                  runs: int = 5) -> list[list[float]]:
+        """Seconds each call of the installed hook took (`runs` rounds of `calls`, each
+        the hook's arguments), as libvirtd calls it: timed inside the container, without
+        nsenter's own cost. Every call must succeed silently."""
+        probe = (
+            "import json, subprocess, sys, time\n"
+            "xml = sys.stdin.buffer.read()\n"
+            "rounds = []\n"
+            f"for _ in range({runs}):\n"
+            "    rounds.append([])\n"
+            "    for args in json.loads(sys.argv[1]):\n"
+            "        t = time.monotonic()\n"
+            f"        r = subprocess.run([{HOOK_INSIDE!r}, *args], input=xml,\n"
+            "                           capture_output=True,\n"
+            "                           env={'LC_ALL': 'C', 'PATH': '/usr/bin:/bin'})\n"
+            "        assert r.returncode == 0 and not r.stdout and not r.stderr, r\n"
+            "        rounds[-1].append(time.monotonic() - t)\n"
+            "print(json.dumps(rounds))\n")
+        res = self.ct.run(["python3", "-c", probe, json.dumps(calls)], input=domain_xml)
+        return json.loads(res.stdout)
+
+
+def _ms(seconds: Iterable[float]) -> str:
+    return ", ".join(f"{s * 1000:.0f}" for s in seconds) + " ms"
+
+
+@pytest.fixture(scope="module")
+def lab(lab_logs: object) -> Iterator[Lab]:
+    package = _require()
+    ensure_image()  # before the boot: the container's overlay shows the host's files
+    Container.remove_stale("passtd-lv")
+    shared = Path(tempfile.mkdtemp(prefix="passtd-lv-"))
+    shared.chmod(0o755)  # qemu (libvirt-qemu) opens the console and initramfs there
+    try:
+        with Container("passtd-lv", mask=UNNEEDED_UNITS, bind=[str(shared)],
+                       bind_ro=[(str(REPO / "passtd"), str(package))]) as ct:
+            started = time.monotonic()
+            for unit in ("passtd@.socket", "passtd@.service"):
+                ct.install_file(REPO / "units" / unit, UNIT_DIR)
+            ct.install_file(POLICY, "/usr/share/dbus-1/system.d/")
+            # as setup.sh installs it: run by the venv's python
+            hook = HOOK.read_text().split("\n", 1)[1]
+            ct.write_file(HOOK_INSIDE, f"#!{VENV}/bin/python3 -I\n{hook}", 0o755)
+            ct.sh("echo 'cgroup_controllers = [ ]' >> /etc/libvirt/qemu.conf")
+            ct.systemctl("daemon-reload")
+            ct.systemctl("reload", "dbus.service")
+            ct.systemctl("restart", "libvirtd.service")
+            groups = ct.run(["id", "-nG", "libvirt-qemu"]).stdout.split()
+            assert "passtd" in groups, f"libvirt-qemu is not in group passtd ({groups}): " \
+                "setup.sh adds it"
+            print(f"\n[libvirt] container up, units, policy and hook installed, libvirtd "
+                  f"restarted in {time.monotonic() - started:.2f} s")
+            lab_logs.add("container journal", ct.journal_log())  # type: ignore[attr-defined]
+            try:
+                yield Lab(ct, shared)
+            finally:
+                lab_logs.discard("container journal")  # type: ignore[attr-defined]
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def _inactive_xml(lab: Lab, name: str) -> ET.Element:
+    return ET.fromstring(lab.virsh("dumpxml", "--inactive", name).stdout)
+
+
+def _metadata_forwards(domain: ET.Element) -> list[tuple[str, str, str | None]]:
+    tag = f"{{{passtd_libvirt.NAMESPACE}}}"
+    return [(f.get("proto", ""), f.get("host", ""), f.get("guest"))
+            for f in domain.iterfind(f"metadata/{tag}network/{tag}forward")]
+
+
+def _qemu_args(domain: ET.Element) -> list[str]:
+    tag = f"{{{passtd_libvirt.QEMU_NAMESPACE}}}"
+    return [a.get("value", "") for a in domain.iterfind(f"{tag}commandline/{tag}arg")]
+
+
+def _connect_and_hold(lab: Lab, port: int, out: Path) -> subprocess.Popen[bytes]:
+    """A client in the container on 127.0.0.1:`port`, what it reads going to `out`; it
+    stays connected as long as the guest's server holds the connection (or 40 s)."""
+    return lab.ct.spawn(["timeout", "40", "socat", "-u", f"TCP4:127.0.0.1:{port}",
+                         f"OPEN:{out},creat,trunc"])
+
+
+def _wait_text(path: Path, text: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        time.sleep(0.1)
+    content = path.read_text(errors="replace") if path.exists() else "(no file)"
+    raise AssertionError(f"no {text!r} in {path} after {timeout:.0f} s: {content!r}")
+
+
+def _instance_stopped(lab: Lab, name: str) -> None:
+    for unit in (passtd_libvirt.socket_unit(name), passtd_libvirt.service_unit(name)):
+        assert lab.unit_state(unit) in ("inactive", "failed"), unit
+    assert not lab.exists(f"/run/passtd/{name}.sock")
+    assert not lab.exists(f"/run/passtd/{name}.yaml")
+
+
+def _boot_and_check(lab: Lab, name: str, label: str) -> None:
+    """Start domain `name`, wait for its DHCP lease and its outbound request; print times."""
+    lab.console_path(name).unlink(missing_ok=True)
+    started = time.monotonic()
+    lab.virsh("start", name)
+    start_s = time.monotonic() - started
+    assert lab.unit_state(passtd_libvirt.socket_unit(name)) == "active"
+    assert lab.exists(f"/run/passtd/{name}.sock")
+    net = parse_net_line(lab.wait_console(name, "PASSTD_NET "))
+    net_s = time.monotonic() - started
+    assert (net["ip4"], net["prefix"], net["gw4"]) == (GUEST_IP4, "24", GUEST_GW4), net
+    outbound = lab.wait_console(name, "LVTEST ")
+    assert outbound.endswith("LVTEST outbound=hello-from-host-loopback"), \
+        f"{outbound}\n{lab.console(name)[-3000:]}"
+    print(f"[libvirt] {label}: virsh start {start_s:.2f} s, guest DHCP lease "
+          f"{net['ip4']}/{net['prefix']} gw {net['gw4']} at {net_s:.1f} s, outbound to the "
+          f"host's loopback through the gateway at {time.monotonic() - started:.1f} s")
+
+
+# -- the whole chain -------------------------------------------------------------------------
+
+
+def test_attach_start_forward_flows_destroy_and_start_again(lab: Lab) -> None:
+    name = "lv-vm1"  # its units are passtd@lv\x2dvm1.*, its socket /run/passtd/lv-vm1.sock
+    lab.define(name, script=GUEST_SCRIPT)
+    loopback_server = lab.ct.spawn([
+        "socat", f"TCP4-LISTEN:{LOOPBACK_PORT},bind=127.0.0.1,reuseaddr,fork",
+        "SYSTEM:echo hello-from-host-loopback"])
+    try:
+        # attach: metadata + netdev + NIC, idempotent
+        t = time.monotonic()
+        out = lab.passtctl("libvirt", "attach", name, "--forward", "tcp:2222:22").stdout
+        print(f"[libvirt] passtctl libvirt attach in {time.monotonic() - t:.2f} s:\n{out}")
+        assert "attached to passtd" in out
+        first = lab.virsh("dumpxml", "--inactive", name).stdout
+        again = lab.passtctl("libvirt", "attach", name, "--forward", "tcp:2222:22").stdout
+        assert "nothing changed" in again
+        assert lab.virsh("dumpxml", "--inactive", name).stdout == first
+        domain = ET.fromstring(first)
+        assert _metadata_forwards(domain) == [("tcp", "2222", "22")]
+        args = _qemu_args(domain)
+        assert args[:3] == ["-netdev", passtd_libvirt.netdev_value(name), "-device"]
+        assert args[3].startswith("virtio-net-pci,id=passtd0-nic,netdev=passtd0,mac=52:54:00:")
+
+        _boot_and_check(lab, name, "first start")
+        runtime = lab.ct.host_path(f"/run/passtd/{name}.yaml")
+        assert stat.S_IMODE(runtime.stat().st_mode) == 0o644
+        assert "2222:22" in runtime.read_text()
+
+        # running: attach is refused, politely
+        refused = lab.passtctl("libvirt", "attach", name, check=False)
+        assert refused.returncode == 1 and "is running" in refused.stderr, refused
+
+        # the host reaches the guest through the forward; flows lists that connection
+        inbound = lab.shared / "inbound-2222.txt"
+        client = _connect_and_hold(lab, 2222, inbound)
+        try:
+            _wait_text(inbound, "hello-from-guest")
+            flows = json.loads(lab.passtctl(name, "flows", "--json").stdout)
+            live = [f for f in flows if f["protocol"] == "tcp" and f["guest_port"] == 22]
+            assert live, flows
+            table = lab.passtctl(name, "flows").stdout
+            print(f"[libvirt] passtctl {name} flows, with the host connected to the guest "
+                  f"through 2222:\n{table}")
+        finally:
+            client.terminate()
+
+        # a forward added at runtime, also written to the persistent metadata
+        added = lab.passtctl(name, "forward", "add", "tcp", "2223:22", "--persist").stdout
+        assert "recorded in the definition" in added, added
+        assert _metadata_forwards(_inactive_xml(lab, name)) == [
+            ("tcp", "2222", "22"), ("tcp", "2223", "22")]
+        live_domain = ET.fromstring(lab.virsh("dumpxml", name).stdout)
+        assert _metadata_forwards(live_domain) == [("tcp", "2222", "22")]  # live untouched
+
+        # destroy: the instance stops, its socket and runtime file go
+        t = time.monotonic()
+        lab.virsh("destroy", name)
+        print(f"[libvirt] virsh destroy (release hook included) in {time.monotonic() - t:.2f} s")
+        _instance_stopped(lab, name)
+
+        # a second start: a fresh instance, with the persisted forward from the metadata
+        _boot_and_check(lab, name, "second start")
+        forwards = json.loads(lab.passtctl(name, "forwards", "--json").stdout)
+        assert sorted((f["spec"], f["origin"]) for f in forwards) == [
+            ("2222:22", "config"), ("2223:22", "config")], forwards
+        inbound = lab.shared / "inbound-2223.txt"
+        client = _connect_and_hold(lab, 2223, inbound)
+        try:
+            _wait_text(inbound, "hello-from-guest")
+        finally:
+            client.terminate()
+        lab.virsh("destroy", name)
+        _instance_stopped(lab, name)
+    finally:
+        loopback_server.terminate()
+        lab.virsh("destroy", name, check=False)
+
+
+# -- what the hook leaves alone, and how it refuses ------------------------------------------
+
+
+def test_domain_without_passtd_is_left_alone(lab: Lab) -> None:
+    name = "lvplain"
+    lab.define(name)
+    xml = lab.virsh("dumpxml", name).stdout
+    rounds = lab.time_hook(xml, (name, "prepare", "begin", "-"))
+    times = [r[0] for r in rounds]
+    print(f"[libvirt] hook on a domain without passtd, prepare: {_ms(times)}")
+    assert min(times) < PLAIN_HOOK_MAX_S, times
+    started = time.monotonic()
+    lab.virsh("start", name)
+    print(f"[libvirt] virsh start of a plain domain in {time.monotonic() - started:.2f} s")
+    try:
+        assert lab.virsh("domstate", name).stdout.strip() == "running"
+        loaded = lab.ct.systemctl("list-units", "--all", "--plain", "--no-legend",
+                                  "passtd@*").stdout
+        assert name not in loaded, loaded
+        assert not lab.exists(f"/run/passtd/{name}.yaml")
+        assert not lab.exists(f"/run/passtd/{name}.sock")
+    finally:
+        lab.virsh("destroy", name, check=False)
+    assert lab.virsh("domstate", name).stdout.strip() == "shut off"
+
+
+def test_invalid_metadata_blocks_the_start_with_the_reason(lab: Lab) -> None:
+    name = "lvbad"
+    ns = passtd_libvirt.NAMESPACE
+    lab.define(name, metadata=f"<passtd:network xmlns:passtd='{ns}' mtu='9'>"
+                              "<passtd:forward proto='tcp' host='2290' guest='22'/>"
+                              "</passtd:network>")
+    res = lab.virsh("start", name, check=False)
+    print(f"[libvirt] virsh start of a domain with mtu='9' in its metadata:\n{res.stderr}")
+    assert res.returncode != 0
+    assert "Hook script execution failed" in res.stderr
+    assert f"passtd: domain {name}: its passtd metadata is refused: mtu: must be 0 or " \
+           "between 68 and 65520, got 9" in res.stderr
+    assert lab.virsh("domstate", name).stdout.strip() == "shut off"
+    _instance_stopped(lab, name)
+
+
+def test_qemu_user_without_access_blocks_the_start(lab: Lab) -> None:
+    """qemu 7.2 would start with a dead NIC (its stream netdev fails silently): the hook
+    refuses instead when qemu's user may not connect to the socket."""
+    name = "lvnoaccess"
+    ns = passtd_libvirt.NAMESPACE
+    lab.define(name, metadata=f"<passtd:network xmlns:passtd='{ns}'/>")
+    lab.ct.run(["gpasswd", "-d", "libvirt-qemu", "passtd"])
+    try:
+        res = lab.virsh("start", name, check=False)
+    finally:
+        lab.ct.run(["gpasswd", "-a", "libvirt-qemu", "passtd"])
+    print(f"[libvirt] virsh start while libvirt-qemu is not in group passtd:\n{res.stderr}")
+    assert res.returncode != 0
+    assert f"passtd: domain {name}: qemu runs as libvirt-qemu, which may not connect to " \
+           f"/run/passtd/{name}.sock" in res.stderr
+    assert lab.virsh("domstate", name).stdout.strip() == "shut off"
+    _instance_stopped(lab, name)
+
+
+# -- attach and detach against libvirt --------------------------------------------------------
+
+
+def test_attach_refuses_a_conflicting_netdev_and_detach_undoes_attach(lab: Lab) -> None:
+    name = "lvedit"
+    lab.define(name)
+    plain = lab.virsh("dumpxml", "--inactive", name).stdout
+
+    out = lab.passtctl("libvirt", "attach", name, "--forward", "udp:127.0.0.1/5353",
+                       "--mtu", "1500", "--json").stdout
+    attached = json.loads(out)
+    assert attached["changed"] and attached["settings"] == {
+        "mtu": 1500, "udp_forwards": ["127.0.0.1/5353"]}
+    assert attached["mac"].startswith("52:54:00:")
+    # what the hook costs a passtd domain (its socket is started and stopped; no qemu)
+    xml = lab.virsh("dumpxml", "--inactive", name).stdout
+    rounds = lab.time_hook(xml, (name, "prepare", "begin", "-"), (name, "release", "end", "-"),
+                           runs=3)
+    print(f"[libvirt] hook on a passtd domain: prepare {_ms(r[0] for r in rounds)}, "
+          f"release {_ms(r[1] for r in rounds)}")
+    _instance_stopped(lab, name)
+    overlapping = lab.passtctl("libvirt", "attach", name, "--forward", "udp:5353:53",
+                               check=False)
+    assert overlapping.returncode == 2 and "overlaps" in overlapping.stderr, overlapping
+
+    detached = lab.passtctl("libvirt", "detach", name).stdout
+    assert "detached from passtd" in detached
+    assert lab.virsh("dumpxml", "--inactive", name).stdout == plain
+    assert "nothing changed" in lab.passtctl("libvirt", "detach", name).stdout
+
+    # a netdev somebody else wired under our id
+    domain = ET.fromstring(plain)
+    qemu = passtd_libvirt.QEMU_NAMESPACE
+    commandline = ET.SubElement(domain, f"{{{qemu}}}commandline")
+    for value in ("-netdev", "user,id=passtd0"):
+        ET.SubElement(commandline, f"{{{qemu}}}arg", value=value)
+    path = lab.shared / f"{name}-foreign.xml"
+    path.write_text(ET.tostring(domain, encoding="unicode"))
+    lab.virsh("define", str(path))
+    before = lab.virsh("dumpxml", "--inactive", name).stdout
+    refused = lab.passtctl("libvirt", "attach", name, check=False)
+    assert refused.returncode == 1, refused
+    assert "already has a netdev with id passtd0 that is not passtd's" in refused.stderr
+    assert lab.virsh("dumpxml", "--inactive", name).stdout == before
+
+    missing = lab.passtctl("libvirt", "attach", "no-such-domain", check=False)
+    assert missing.returncode == 3 and "no libvirt domain 'no-such-domain'" in missing.stderr
+
+
+def test_persist_refuses_a_domain_without_passtd(lab: Lab) -> None:
+    """--persist checks before it adds: no passtd domain, no forward (and no instance
+    is needed to find that out: the check comes first)."""
+    name = "lvplain2"
+    lab.define(name)
+    res = lab.passtctl(name, "forward", "add", "tcp", "2250:22", "--persist", check=False)
+    assert res.returncode == 1, res
+    assert f"domain {name} is not a passtd domain" in res.stderr
+    res = lab.passtctl("no-such-vm", "forward", "add", "tcp", "2251:22", "--persist",
+                       check=False)
+    assert res.returncode == 3 and "no libvirt domain 'no-such-vm'" in res.stderr, res
+
+
+def test_hook_is_the_checkout_s(lab: Lab) -> None:
+    """The installed hook is this checkout's, and imports this checkout's passtd."""
+    inside = lab.ct.host_path(HOOK_INSIDE).read_text()
+    assert inside.split("\n", 1)[1] == HOOK.read_text().split("\n", 1)[1]
+    res = lab.ct.run([f"{VENV}/bin/python3", "-I", "-c",
+                      "import passtd.libvirt as m; print(m.NAMESPACE, m.__file__)"])
+    namespace, module = res.stdout.split()
+    assert namespace == passtd_libvirt.NAMESPACE
+    assert module.startswith(str(_installed_package())), res.stdout
