@@ -133,24 +133,17 @@ def _first_address(ifname: str, family: str) -> tuple[str, int] | None:
 def discover_host(ifname: str | None = None) -> HostAddresses:
     """Read the host's default-route interface, address and gateway for both families."""
     found: dict[str, object] = {"ifname": ifname}
-    route4 = _default_route("-4", ifname)
-    if route4:
-        dev = route4["dev"]
+    for version in (4, 6):
+        route = _default_route(f"-{version}", ifname)
+        if not route:
+            continue
+        dev = route["dev"]
         found["ifname"] = found["ifname"] or dev
-        addr = _first_address(dev, "-4")
+        addr = _first_address(dev, f"-{version}")
         if addr:
-            found["addr4"] = ipaddress.IPv4Interface(f"{addr[0]}/{addr[1]}")
-        if route4.get("gateway"):
-            found["gateway4"] = ipaddress.IPv4Address(route4["gateway"])
-    route6 = _default_route("-6", ifname)
-    if route6:
-        dev = route6["dev"]
-        found["ifname"] = found["ifname"] or dev
-        addr = _first_address(dev, "-6")
-        if addr:
-            found["addr6"] = ipaddress.IPv6Interface(f"{addr[0]}/{addr[1]}")
-        if route6.get("gateway"):
-            found["gateway6"] = ipaddress.IPv6Address(route6["gateway"])
+            found[f"addr{version}"] = ipaddress.ip_interface(f"{addr[0]}/{addr[1]}")
+        if route.get("gateway"):
+            found[f"gateway{version}"] = ipaddress.ip_address(route["gateway"])
     return HostAddresses(**found)  # type: ignore[arg-type]
 
 

@@ -655,19 +655,16 @@ class Engine:
         """How the guest sees a host peer: loopback and the host's own address appear as
         the gateway (the guest would otherwise see its own address talking to it)."""
         if family == 4:
-            net4 = self.cfg.ip4
-            assert net4 is not None
-            if packet.is_ipv4_loopback(addr) or addr == packet.IP4_ANY:
-                return net4.map_host_loopback or net4.gateway
-            if addr in (net4.address, self.settings.host_addr4):
-                return net4.map_guest_addr or net4.gateway
-            return addr
-        net6 = self.cfg.ip6
-        assert net6 is not None
-        if packet.is_ipv6_loopback(addr) or addr == packet.IP6_ANY:
-            return net6.map_host_loopback or net6.gateway
-        if addr in (net6.address, self.settings.host_addr6):
-            return net6.map_guest_addr or net6.gateway
+            net, host_addr = self.cfg.ip4, self.settings.host_addr4
+            loopback = packet.is_ipv4_loopback(addr) or addr == packet.IP4_ANY
+        else:
+            net, host_addr = self.cfg.ip6, self.settings.host_addr6
+            loopback = packet.is_ipv6_loopback(addr) or addr == packet.IP6_ANY
+        assert net is not None
+        if loopback:
+            return net.map_host_loopback or net.gateway
+        if addr in (net.address, host_addr):
+            return net.map_guest_addr or net.gateway
         return addr
 
     def _guest_target(self, family: int, peer: bytes, rule: ForwardRule) -> bytes | None:
@@ -1235,6 +1232,7 @@ class Engine:
         flow = UdpFlow(key, GUEST, now, self.settings.udp_timeout, self.settings.udp_stream_timeout)
         flow.sock = sock
         self.flows.add(flow)
+        self._schedule(flow)  # it expires even if its first datagram cannot be sent
         self._reader(flow, self._udp_host_readable)
         self._changed("FlowCount")
         return flow
@@ -1310,6 +1308,7 @@ class Engine:
             flow.sock = sock
             flow.sockaddr = target
             self.flows.add(flow)
+            self._schedule(flow)  # it expires even if its first request cannot be sent
             self._reader(flow, self._ping_readable)
             self._changed("FlowCount")
         try:

@@ -145,6 +145,7 @@ class TcpConn(Flow):
         "discard",
         "dupacks",
         "events",
+        "fin_seq",
         "guest_fin_at",
         "guest_mss",
         "guest_wnd",
@@ -186,6 +187,7 @@ class TcpConn(Flow):
         self.dupacks = 0
         self.recover = self.our_isn
         self.discard = 0
+        self.fin_seq: int | None = None  # our FIN's sequence number, once sent
         # guest -> host direction (the guest's sequence space)
         self.rcv_nxt = 0
         self.rcv_pending = 0
@@ -352,9 +354,12 @@ class TcpConn(Flow):
         new_wnd = window << self.guest_wscale
         acked = seq_diff(ack, self.snd_una)
         if acked > 0 and seq_diff(self.snd_max, ack) >= 0:
-            fin_acked = self.events & TAP_FIN_SENT and ack == self.snd_max
+            # our FIN is the last thing in our sequence space: an ACK beyond it covers it,
+            # whether or not a retransmission timeout has rewound us since it was sent
+            fin_acked = (self.fin_seq is not None and not self.events & TAP_FIN_ACKED
+                         and seq_diff(ack, self.fin_seq) > 0)
             if fin_acked:
-                self.events |= TAP_FIN_ACKED
+                self.events |= TAP_FIN_SENT | TAP_FIN_ACKED
                 acked -= 1  # the FIN occupies a sequence number but no byte in the socket
             self.snd_una = ack
             if seq_diff(self.snd_nxt, ack) < 0:
@@ -447,6 +452,7 @@ class TcpConn(Flow):
         if self.events & (TAP_FIN_SENT | CLOSED) or not self.events & ESTABLISHED:
             return 0
         self.events |= TAP_FIN_SENT
+        self.fin_seq = self.snd_nxt
         if self.snd_nxt == self.snd_una:
             self.rto_base = now
         self.snd_nxt = (self.snd_nxt + 1) & _SEQ_MASK
