@@ -38,7 +38,9 @@ processes outside the bench's namespaces used meanwhile (kernel threads and the 
 itself excluded; processes that end within the window are missed): the load of other users
 of the machine, which perturbs a run. Wakeups are context switches, voluntary and
 involuntary, summed over the instance's threads (/proc/PID/task/*/status): a process
-asleep in epoll_wait without a timer has none, each return from the wait is one.
+asleep in epoll_wait without a timer has none, each return from the wait is one. The
+guest kernel's TCP counters (GUEST_COUNTERS) around each run tell what the program did to
+its TCP: retransmissions, out-of-order arrivals, bad checksums.
 
 Output: progress on stderr, markdown tables on stdout, every run with --json. The exit
 status is 0 once the tables are printed, whatever the targets say (a measurement); 1 when
@@ -292,6 +294,27 @@ def machine_busy_pct(seconds: float) -> float:
     return 100.0 * (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
 
 
+# The guest kernel's view of the program: segments it retransmitted (the program lost or
+# was late to acknowledge them), out-of-order segments it received (the program dropped or
+# reordered some), segments with a bad checksum.
+GUEST_COUNTERS = {"retr": "Tcp:RetransSegs", "ooo": "TcpExt:TCPOFOQueue",
+                  "csum_errors": "Tcp:InCsumErrors"}
+
+
+def parse_snmp(text: str, wanted: dict[str, str]) -> dict[str, int]:
+    """Pick `wanted` ({label: "Section:Name"}) from /proc/net/snmp or netstat text, whose
+    sections come as pairs of lines: names, then values."""
+    values: dict[str, int] = {}
+    lines = text.splitlines()
+    for names, nums in zip(lines[::2], lines[1::2], strict=False):
+        section, _, names = names.partition(":")
+        if not nums.startswith(section + ":"):
+            continue
+        for name, num in zip(names.split(), nums.split()[1:], strict=False):
+            values[f"{section}:{name}"] = int(num)
+    return {label: values[key] for label, key in wanted.items() if key in values}
+
+
 # --- one program, its lab, its guest, its servers ------------------------------------
 
 
@@ -383,27 +406,6 @@ class ProgramRig:
 
     def down(self) -> None:
         self.host.down()  # guests included
-
-
-# The guest kernel's view of the program: segments it retransmitted (the program lost or
-# was late to acknowledge them), out-of-order segments it received (the program dropped or
-# reordered some), segments with a bad checksum.
-GUEST_COUNTERS = {"retr": "Tcp:RetransSegs", "ooo": "TcpExt:TCPOFOQueue",
-                  "csum_errors": "Tcp:InCsumErrors"}
-
-
-def parse_snmp(text: str, wanted: dict[str, str]) -> dict[str, int]:
-    """Pick `wanted` ({label: "Section:Name"}) from /proc/net/snmp or netstat text, whose
-    sections come as pairs of lines: names, then values."""
-    values: dict[str, int] = {}
-    lines = text.splitlines()
-    for names, nums in zip(lines[::2], lines[1::2], strict=False):
-        section, _, names = names.partition(":")
-        if not nums.startswith(section + ":"):
-            continue
-        for name, num in zip(names.split(), nums.split()[1:], strict=False):
-            values[f"{section}:{name}"] = int(num)
-    return {label: values[key] for label, key in wanted.items() if key in values}
 
 
 def _helper_argv(helper: str, *args: str) -> list[str]:
@@ -710,7 +712,10 @@ def render(meta: dict[str, Any], rows: Sequence[Row], idle: Sequence[IdleSample]
            f"wire {meta['wire']}", ""]
     out += [f"* {p} {meta['versions'][p]}: `{meta['commands'][p]}`" for p in programs]
     out += [f"* machine: {meta['cpus']} CPUs, kernel {meta['kernel']}, "
-            f"load average at start {meta['loadavg']}", ""]
+            f"load average at start {meta['loadavg']}"]
+    out += [f"* {p} died and was restarted {n} time(s): see the runs' errors (--json)"
+            for p, n in meta.get("restarts", {}).items() if n]
+    out += [""]
     bulk = [r for r in rows if r.test.bulk]
     if bulk:
         header = ["test"] + [f"{p} Gbit/s" for p in programs]
@@ -783,11 +788,11 @@ def load_summary(runs: Sequence[Run]) -> list[str]:
              f"bench, one core = 100%) median {other.median:.0f}%, max {other.high:.0f}%; "
              f"machine busy (all cores = 100%) median {_fmt(busy and busy.median, 0)}%; "
              f"steal max {_fmt(steal and steal.high, 0)}%."]
-    if other.high > PERTURBED_OTHER_CPU:
-        perturbed = sorted({f"{r.test} {r.program} round {r.round}" for r in runs
-                            if r.other_cpu is not None and r.other_cpu > PERTURBED_OTHER_CPU})
-        lines.append(f"Perturbed runs (other CPU > {PERTURBED_OTHER_CPU:g}%): "
-                     + ", ".join(perturbed) + ". Rerun on a quiet machine (--wait-idle).")
+    perturbed = [r for r in runs if r.other_cpu is not None and r.other_cpu > PERTURBED_OTHER_CPU]
+    if perturbed:
+        lines.append(f"{len(perturbed)} of {other.n} runs were perturbed (other CPU > "
+                     f"{PERTURBED_OTHER_CPU:g}%; the column 'other CPU max' shows which "
+                     f"tests): rerun on a quiet machine (--wait-idle) for firm figures.")
     return lines
 
 
@@ -901,7 +906,11 @@ def main(argv: Sequence[str]) -> int:
         print("passtd bench: cannot run: " + "; ".join(missing or ["empty command"]),
               file=sys.stderr)
         return 1
-    only = re.compile(args.only) if args.only else None
+    try:
+        only = re.compile(args.only) if args.only else None
+    except re.error as e:
+        print(f"passtd bench: --only {args.only!r}: {e}", file=sys.stderr)
+        return 2
     tests = [t for t in (QUICK_MATRIX if args.quick else MATRIX)
              if only is None or only.search(t.name)]
     idle_states = [s for s in IDLE_STATES if only is None or only.search(f"idle/{s}")]
@@ -941,17 +950,21 @@ def main(argv: Sequence[str]) -> int:
         except (LabError, TimeoutError, OSError, subprocess.SubprocessError) as e:
             print(f"passtd bench: setting up failed: {e}", file=sys.stderr)
             return 1
-        runs = run_rounds(rigs, tests, args, began)
+        run_rounds(rigs, tests, args, began, runs)
         if "after" in idle_states and tests:
             wait_guests_quiet(rigs, 15.0)
             progress(began, f"idle window, after the tests ({args.idle_time:g} s)")
             idle += measure_idle(rigs, "after", args.idle_time)
     except KeyboardInterrupt:
         print("passtd bench: interrupted; what was measured so far:", file=sys.stderr)
+        for run in runs:
+            if run.value is None and run.error is None:
+                run.error = "interrupted"
         status = 130
     finally:
         for rig in rigs:
             rig.down()
+    meta["restarts"] = {rig.program: rig.restarts for rig in rigs}
     rows = summarize(tests, runs, args.programs)
     print(render(meta, rows, idle, runs, args.programs), end="", flush=True)
     if args.json:
@@ -969,9 +982,9 @@ def _row_json(row: Row) -> dict[str, Any]:
 
 
 def run_rounds(rigs: Sequence[ProgramRig], tests: Sequence[Test], args: argparse.Namespace,
-               began: float) -> list[Run]:
-    """Every test in every round, programs back to back, their order rotating."""
-    runs: list[Run] = []
+               began: float, runs: list[Run]) -> None:
+    """Every test in every round, programs back to back, their order rotating; each run
+    is appended to `runs` as it starts (so an interrupted bench keeps what it measured)."""
     # bulk tests grouped by MTU (fewer MTU changes), latency at the advertised MTU last
     ordered = sorted(tests, key=lambda t: (not t.bulk, MTUS.index(t.mtu)))
     for rnd in range(1, args.rounds + 1):
@@ -986,7 +999,6 @@ def run_rounds(rigs: Sequence[ProgramRig], tests: Sequence[Test], args: argparse
                 measure(rig, test, run, args.time, rigs)
                 progress(began, f"round {rnd}/{args.rounds} {test.name:<12} "
                                 f"{rig.program:<7} {_describe(run, test)}")
-    return runs
 
 
 def measure(rig: ProgramRig, test: Test, run: Run, seconds: int,

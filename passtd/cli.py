@@ -66,6 +66,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # argparse's REMAINDER drops leading options: bench parses its own
+        from . import bench
+
+        return bench.main(argv[1:])
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.command == "run":
@@ -79,10 +83,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.prog:
             demo_argv += ["--prog", args.prog]
         return demo.main(demo_argv)
-    if args.command == "bench":
-        from . import bench
-
-        return bench.main(args.bench_args)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -20,6 +20,7 @@ never verify on receive (it would cost 2.6x at MTU 1500).
 from __future__ import annotations
 
 import mmap
+import os
 from types import ModuleType
 
 _NUMPY_MIN = 1024  # below this many bytes the bigint fold is faster than a numpy call
@@ -30,6 +31,9 @@ _numpy: ModuleType | None = None
 def _np() -> ModuleType:
     global _numpy
     if _numpy is None:
+        # numpy's BLAS would start a thread per core at import: we never multiply matrices
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(var, "1")
         import numpy
 
         _numpy = numpy

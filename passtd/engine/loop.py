@@ -70,6 +70,7 @@ UDP_BATCH = 64  # datagrams read from one socket per wakeup
 UDP_BUFFER = 4 << 20  # a burst of replies must not overflow a flow's receive queue
 TCP_READ_ROUNDS = 4  # batches read from one TCP socket per wakeup before yielding
 STALE_TIMERS_MAX = 4096  # stale timer-heap entries tolerated before a rebuild
+BUFFER_TRIM_DELAY = 10.0  # seconds without traffic before frame buffers are given back
 ACCEPT_PAUSE = 0.5  # seconds a listener rests after accept() ran out of descriptors
 TAP_SLACK = 64 << 10  # skb overhead the qemu socket's buffer accounting adds to our bytes
 _OUTQ = struct.Struct("i")
@@ -197,6 +198,8 @@ class Engine:
         self._reading: set[int] = set()  # fds registered with add_reader for host data
         self._writing: set[int] = set()
         self._ra_handle: asyncio.TimerHandle | None = None
+        self._buffers_used_at = 0.0  # when the big I/O buffers last held data
+        self._trim_handle: asyncio.TimerHandle | None = None
         self._rng = random.Random()
         self._dhcpv6_duid = dhcpv6.server_duid(self.cfg.mac)
         self._tap_side_addresses = {packet.IP4_ANY, packet.IP6_ANY}
@@ -242,8 +245,9 @@ class Engine:
         self.closed = True
         if self._timer_handle:
             self._timer_handle.cancel()
-        if self._ra_handle:
-            self._ra_handle.cancel()
+        for handle in (self._ra_handle, self._trim_handle):
+            if handle is not None:
+                handle.cancel()
         for flow in list(self.flows):
             self._close_flow(flow, rst_peer=False)
         for fwd in list(self.forwards.values()):
@@ -335,6 +339,7 @@ class Engine:
             return
         self.reader.commit(n)
         now = self.loop.time()
+        self._buffers_used(now)
         try:
             self._process_frames(now)
         except FramingError as e:
@@ -855,6 +860,10 @@ class Engine:
         if actions & tcp.A_CLOSE:
             if actions & tcp.A_RST_GUEST:
                 self._tcp_control(conn, tcp.TCP_RST | tcp.TCP_ACK, conn.snd_nxt)
+            elif actions & tcp.A_ACK:
+                # the guest's last FIN: without our ACK it would wait in LAST_ACK, resend
+                # it, and meet a RST from a flow that is gone
+                self._tcp_control(conn, tcp.TCP_ACK, conn.snd_nxt)
             if conn.discard and not actions & tcp.A_RST_PEER:
                 # bytes left in the receive queue would turn the kernel's FIN into a RST
                 self._tcp_discard(conn)
@@ -999,6 +1008,7 @@ class Engine:
                 if actions:
                     self._tcp_actions(conn, actions, now)
                 return
+            self._buffers_used(now)
             frames = batch.build(n, mss, self.cfg.mac, self._guest_mac, conn.peer_addr,
                                  conn.guest_addr, conn.peer_port, conn.guest_port, conn.snd_nxt,
                                  conn.rcv_nxt, conn.wnd_to_guest >> conn.our_wscale)
@@ -1133,6 +1143,10 @@ class Engine:
             except Exception:
                 log.exception("internal error in a timer of %r", flow)
                 self._close_flow(flow, rst_peer=True)
+        # entries of flows that closed must not wake us up: drop them from the top
+        while self._timers and self._timers[0][2] is None:
+            heapq.heappop(self._timers)
+            self._stale_timers = max(0, self._stale_timers - 1)
         if self._timers:
             self._arm_timer(self._timers[0][0])
         self._settle(now)
@@ -1150,6 +1164,31 @@ class Engine:
                 self._close_flow(flow, rst_peer=False)
                 return
             self._schedule(flow)
+
+    # -- memory --------------------------------------------------------------------------------
+
+    def _buffers_used(self, now: float) -> None:
+        """Note traffic through the big buffers; give their pages back once it stops."""
+        self._buffers_used_at = now
+        if self._trim_handle is None:
+            self._trim_handle = self.loop.call_at(now + BUFFER_TRIM_DELAY, self._trim_buffers)
+
+    def _trim_buffers(self) -> None:
+        """Megabytes of frame buffers stay resident after a burst of traffic: once the
+        instance has been quiet for BUFFER_TRIM_DELAY, hand them back to the kernel
+        (MADV_DONTNEED: the next use gets zero pages). One wakeup after traffic, none while
+        idle."""
+        self._trim_handle = None
+        now = self.loop.time()
+        if now - self._buffers_used_at < BUFFER_TRIM_DELAY:
+            self._trim_handle = self.loop.call_at(self._buffers_used_at + BUFFER_TRIM_DELAY,
+                                                  self._trim_buffers)
+            return
+        if self.reader.start == self.reader.end:  # no partial frame waiting in it
+            self.reader.reset()
+            self.reader.buf.madvise(mmap.MADV_DONTNEED)
+        for batch in self._batches.values():
+            batch.area.madvise(mmap.MADV_DONTNEED)
 
     # -- router advertisements ------------------------------------------------------------------
 
