@@ -33,10 +33,11 @@ def addr_text(addr: bytes) -> str:
 class Flow:
     """State every flow shares; protocol cores (tcp, udp, icmp) subclass it.
 
-    `sock`, `sockaddr` and `timer_entry` belong to the event loop (the protocol cores never
-    use them): the host socket of the flow, the host address datagrams go to when the
-    socket is not connected (ping sockets, replies through a UDP forward's listener), and
-    the flow's entry in the loop's timer heap.
+    `sock`, `sockaddr`, `rcvlowat` and `timer_entry` belong to the event loop (the protocol
+    cores never use them): the host socket of the flow, the host address datagrams go to
+    when the socket is not connected (ping sockets, replies through a UDP forward's
+    listener), the SO_RCVLOWAT last set on the socket, and the flow's entry in the loop's
+    timer heap.
     """
 
     __slots__ = (
@@ -48,6 +49,7 @@ class Flow:
         "id",
         "key",
         "origin",
+        "rcvlowat",
         "sock",
         "sockaddr",
         "timer_entry",
@@ -65,6 +67,7 @@ class Flow:
         self.deadline: float | None = None  # when handle_timer() wants to run
         self.sock: Any = None
         self.sockaddr: tuple | None = None
+        self.rcvlowat = 1
         self.timer_entry: list | None = None  # [deadline, seq, flow] in the loop's heap
         self.forward_id: int | None = None
 

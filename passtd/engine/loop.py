@@ -70,6 +70,7 @@ UDP_BATCH = 64  # datagrams read from one socket per wakeup
 UDP_BUFFER = 4 << 20  # a burst of replies must not overflow a flow's receive queue
 TCP_READ_ROUNDS = 4  # batches read from one TCP socket per wakeup before yielding
 STALE_TIMERS_MAX = 4096  # stale timer-heap entries tolerated before a rebuild
+ACK_DELAY = 0.0005  # how long a small ACK waits for host data to carry it
 BUFFER_TRIM_DELAY = 10.0  # seconds without traffic before frame buffers are given back
 ACCEPT_PAUSE = 0.5  # seconds a listener rests after accept() ran out of descriptors
 TAP_SLACK = 64 << 10  # skb overhead the qemu socket's buffer accounting adds to our bytes
@@ -183,6 +184,7 @@ class Engine:
         # writes it for TCP, so its pages stay unmapped
         self._discard = memoryview(mmap.mmap(-1, 16 << 20))
         self._peek_off = self._probe_peek_off()
+        self._rcvlowat_max = _tcp_rcvlowat_max()
         self._isn_secret = os.urandom(16)
         self._timers: list[list] = []  # heap of [deadline, seq, flow or None when stale]
         self._stale_timers = 0  # heap entries whose flow closed or moved to an earlier one
@@ -195,6 +197,8 @@ class Engine:
         self._tap_watching = False  # add_writer on the qemu socket is on
         self._tap_sndbuf = 0
         self._discard_due: dict[TcpConn, None] = {}
+        self._acks_delayed: dict[TcpConn, None] = {}
+        self._ack_timer: asyncio.TimerHandle | None = None
         self._reading: set[int] = set()  # fds registered with add_reader for host data
         self._writing: set[int] = set()
         self._ra_handle: asyncio.TimerHandle | None = None
@@ -245,7 +249,7 @@ class Engine:
         self.closed = True
         if self._timer_handle:
             self._timer_handle.cancel()
-        for handle in (self._ra_handle, self._trim_handle):
+        for handle in (self._ra_handle, self._trim_handle, self._ack_timer):
             if handle is not None:
                 handle.cancel()
         for flow in list(self.flows):
@@ -895,6 +899,8 @@ class Engine:
             self._resume[conn] = None
         if actions & tcp.A_ACK:
             self._ack_due[conn] = None
+        elif actions & tcp.A_ACK_DELAYED:
+            self._delay_ack(conn)
         self._schedule(conn)
 
     def _tcp_discard(self, conn: TcpConn) -> None:
@@ -914,6 +920,8 @@ class Engine:
             if n <= 0:
                 break
             left -= n
+        if conn.sock.fileno() in self._reading:
+            self._await_host_data(conn)  # less in flight: a lower threshold for new data
 
     def _free_space(self, sock: socket.socket) -> int:
         """Room in the host socket's send buffer: the window we offer the guest."""
@@ -931,10 +939,28 @@ class Engine:
         else:
             window = conn.wnd_to_guest >> conn.our_wscale
         ack = conn.rcv_nxt if flags & tcp.TCP_ACK else 0
+        if flags & tcp.TCP_ACK:
+            conn.ack_sent = ack
         seg = packet.tcp_segment(conn.peer_addr, conn.guest_addr, conn.peer_port, conn.guest_port,
                                  seq, ack, flags, window, options)
         self._send(packet.ip_frame(self._guest_mac, self.cfg.mac, conn.peer_addr,
                                    conn.guest_addr, packet.IPPROTO_TCP, seg))
+
+    def _delay_ack(self, conn: TcpConn) -> None:
+        """ACK a little data a moment later: a reply from the host carries it, and the
+        guest (and qemu) handle one frame instead of two per request. Bulk data is
+        acknowledged at once (tcp.ACK_EVERY)."""
+        self._acks_delayed[conn] = None
+        if self._ack_timer is None:
+            self._ack_timer = self.loop.call_later(ACK_DELAY, self._send_delayed_acks)
+
+    def _send_delayed_acks(self) -> None:
+        self._ack_timer = None
+        delayed, self._acks_delayed = self._acks_delayed, {}
+        for conn in delayed:
+            if conn.sock is not None and conn.ack_sent != conn.rcv_nxt:
+                self._ack_due[conn] = None
+        self._settle(self.loop.time())
 
     def _tcp_send_ack(self, conn: TcpConn) -> None:
         if not conn.events & tcp.ESTABLISHED:
@@ -995,7 +1021,7 @@ class Engine:
             try:
                 n = sock.recvmsg_into(bufs, 0, socket.MSG_PEEK)[0] - in_flight
             except (BlockingIOError, InterruptedError):
-                self._reader(conn)
+                self._await_host_data(conn)
                 return
             except OSError as e:
                 log.debug("%r: read: %s", conn, e)
@@ -1013,14 +1039,33 @@ class Engine:
                                  conn.guest_addr, conn.peer_port, conn.guest_port, conn.snd_nxt,
                                  conn.rcv_nxt, conn.wnd_to_guest >> conn.our_wscale)
             conn.on_sent(n, now)
+            conn.ack_sent = conn.rcv_nxt  # every data frame carries our ACK
             if self.pcap:
                 self.pcap.write_framed(frames, now)
             self.out.framed(frames)
             self._tap_flush()  # the slots are reused by the next read
             if n < want or self.out.congested or self.client is None:
                 break
-        self._reader(conn)
+        self._await_host_data(conn)
         self._schedule(conn)
+
+    def _await_host_data(self, conn: TcpConn) -> None:
+        """Be woken for host data the guest does not have yet, and only for that.
+
+        What the guest has not acknowledged stays in the socket's receive queue, so the
+        socket is readable all the time: SO_RCVLOWAT at (bytes in flight + 1) makes epoll
+        report it only when something new arrived (EOF always wakes it). Beyond the
+        kernel's cap for SO_RCVLOWAT the reader is dropped instead: the guest's next ACK
+        (A_RESUME) reads again.
+        """
+        lowat = tcp.seq_diff(conn.snd_nxt, conn.snd_una) + 1
+        if lowat > self._rcvlowat_max:
+            self._unreader(conn)
+            return
+        if lowat != conn.rcvlowat:
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
+            conn.rcvlowat = lowat
+        self._reader(conn)
 
     def _tap_wait(self, conn: TcpConn) -> None:
         """Park a flow until qemu's socket has room (or qemu is back)."""
@@ -1078,6 +1123,7 @@ class Engine:
             flow.sock = None
         self._ack_due.pop(flow, None)  # type: ignore[call-overload]
         self._discard_due.pop(flow, None)  # type: ignore[call-overload]
+        self._acks_delayed.pop(flow, None)  # type: ignore[call-overload]
         self._resume.pop(flow, None)  # type: ignore[call-overload]
         self._tap_waiters.pop(flow, None)  # type: ignore[call-overload]
         if flow.forward_id is not None:
@@ -1623,6 +1669,15 @@ class Engine:
     def summary(self) -> str:
         guest = "guest connected" if self.client is not None else "waiting for qemu"
         return f"{guest}, {len(self.flows)} flows, {len(self.forwards)} forwards"
+
+
+def _tcp_rcvlowat_max() -> int:
+    """The kernel caps SO_RCVLOWAT of TCP sockets at half of tcp_rmem's maximum."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_rmem", encoding="ascii") as f:
+            return int(f.read().split()[2]) // 2
+    except (OSError, ValueError, IndexError):
+        return 1 << 20
 
 
 def _peer_pid(sock: socket.socket) -> str:

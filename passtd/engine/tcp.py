@@ -71,6 +71,7 @@ A_KEEPALIVE = 1 << 11  # send a keepalive probe (sequence one below) to the gues
 A_SOCK_KEEPALIVE = 1 << 12  # enable SO_KEEPALIVE on the host socket
 A_WAIT_WRITABLE = 1 << 13  # the socket refused data: tell us when it has room again
 A_ESTABLISHED = 1 << 14  # handshake done: start reading the host socket
+A_ACK_DELAYED = 1 << 15  # an ACK is due but may wait a moment for data to carry it
 A_ABORT = A_RST_GUEST | A_RST_PEER | A_CLOSE
 
 # -- timers ---------------------------------------------------------------------------------
@@ -89,6 +90,7 @@ HANDSHAKE_RETRIES = 6
 KEEPALIVE_INTERVAL = 30.0  # tap-side silence before we probe the guest
 DEFAULT_IDLE_TIMEOUT = 7200.0
 DUPACK_THRESHOLD = 3
+ACK_EVERY = 2  # segments' worth of unacknowledged guest data that is ACKed at once (RFC 9293)
 
 OUR_WSCALE = 8  # windows we advertise go up to 16 MiB: above a big socket send buffer
 DEFAULT_GUEST_MSS = 536  # RFC 9293 default when the SYN carries no MSS option
@@ -140,6 +142,7 @@ class TcpConn(Flow):
     """One TCP connection between the guest and a host socket. See the module docstring."""
 
     __slots__ = (
+        "ack_sent",
         "data_skip",
         "data_take",
         "discard",
@@ -190,6 +193,7 @@ class TcpConn(Flow):
         self.fin_seq: int | None = None  # our FIN's sequence number, once sent
         # guest -> host direction (the guest's sequence space)
         self.rcv_nxt = 0
+        self.ack_sent = 0  # the last ACK number the guest got from us (the loop sets it)
         self.rcv_pending = 0
         self.guest_fin_at: int | None = None
         self.data_skip = 0
@@ -228,7 +232,7 @@ class TcpConn(Flow):
         return conn
 
     def _take_guest_syn(self, seq: int, window: int, mss: int | None, wscale: int | None) -> None:
-        self.rcv_nxt = (seq + 1) & _SEQ_MASK
+        self.rcv_nxt = self.ack_sent = (seq + 1) & _SEQ_MASK
         self.guest_mss = mss if mss else DEFAULT_GUEST_MSS
         if wscale is None:  # no scaling unless both sides offer it (RFC 7323 2.2)
             self.guest_wscale = 0
@@ -404,9 +408,13 @@ class TcpConn(Flow):
             self.rcv_nxt = (self.rcv_nxt + written) & _SEQ_MASK
             self.bytes_from_guest += written
             if written < self.rcv_pending:
-                actions |= A_WAIT_WRITABLE  # the rest is retransmitted by the guest later
+                # the rest is retransmitted by the guest later: tell it now where we are
+                actions |= A_WAIT_WRITABLE | A_ACK
+            elif seq_diff(self.rcv_nxt, self.ack_sent) < ACK_EVERY * self.our_mss:
+                actions |= A_ACK_DELAYED  # a reply may carry it (request/response)
+            else:
+                actions |= A_ACK
             self.rcv_pending = 0
-            actions |= A_ACK
         if self.guest_fin_at is not None:
             if self.guest_fin_at == self.rcv_nxt and not self.events & TAP_FIN_RCVD:
                 self.events |= TAP_FIN_RCVD | SOCK_FIN_SENT
