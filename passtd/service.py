@@ -53,6 +53,7 @@ log = logging.getLogger("passtd")
 SD_LISTEN_FDS_START = 3
 FD_NAME_LISTEN = "listen"
 FD_NAME_QEMU = "qemu"
+FD_NAME_PARTIAL = "qemu-partial"  # the start of a frame qemu was writing when we stopped
 
 
 class StartError(Exception):
@@ -287,7 +288,9 @@ class Instance:
         log.info("instance %s: %s", self.cfg.name, describe_network(settings.net))
         fds = listen_fds()
         kept = fds.get(FD_NAME_QEMU, [])
-        listening = [fd for name, group in fds.items() if name != FD_NAME_QEMU for fd in group]
+        partial = _read_and_forget(fds.get(FD_NAME_PARTIAL, []))
+        listening = [fd for name, group in fds.items()
+                     if name not in (FD_NAME_QEMU, FD_NAME_PARTIAL) for fd in group]
         if listening:
             self.listener = socket.socket(fileno=listening[0])
             log.info("using the socket passed by systemd (%s)", _sock_name(self.listener))
@@ -311,7 +314,7 @@ class Instance:
             if _is_connected(client):
                 log.info("resuming the qemu connection kept by systemd across the restart")
                 self.stored_client = client  # systemd holds it already: don't store it twice
-                engine.adopt_client(client)
+                engine.adopt_client(client, partial)
             else:
                 client.close()
                 sd_notify(f"FDSTOREREMOVE=1\nFDNAME={FD_NAME_QEMU}")
@@ -348,6 +351,8 @@ class Instance:
             with contextlib.suppress(Exception):
                 await self.bus.close()
         if self.engine is not None:
+            if self.stored_client is not None:
+                self._store_partial_frame(self.engine.partial_input())
             self.engine.close()
         if self.listener is not None:
             self.listener.close()
@@ -376,6 +381,22 @@ class Instance:
     def _status(self) -> None:
         if self.engine is not None:
             sd_notify(f"STATUS={self.engine.summary()}")
+
+    def _store_partial_frame(self, data: bytes) -> None:
+        """qemu writes frames in pieces when its socket is full, and a stop may fall between
+        two pieces: the next process, which gets the connection from the FD store, must
+        also get the first piece, or it would read the second one as a length and drop
+        qemu (whose 7.2 stream netdev never reconnects). A memfd carries it over."""
+        if not data:
+            return
+        fd = os.memfd_create("passtd-partial-frame", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, data)
+            if sd_notify(f"FDSTORE=1\nFDNAME={FD_NAME_PARTIAL}", [fd]):
+                log.info("handing %d bytes of a frame qemu is writing to the next process",
+                         len(data))
+        finally:
+            os.close(fd)
 
     # -- runtime forwards ----------------------------------------------------------------------
 
@@ -463,6 +484,21 @@ class Instance:
 
 def _fields_differing(a: InstanceConfig, b: InstanceConfig) -> list[Any]:
     return [f for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)]
+
+
+def _read_and_forget(fds: list[int]) -> bytes:
+    """The content of the memfds the previous process stored (then out of the store)."""
+    data = b""
+    for fd in fds:
+        try:
+            data += os.pread(fd, 65536 + 4, 0)
+        except OSError as e:
+            log.warning("cannot read the frame handed over by the previous process: %s", e)
+        finally:
+            os.close(fd)
+    if fds:
+        sd_notify(f"FDSTOREREMOVE=1\nFDNAME={FD_NAME_PARTIAL}")
+    return data
 
 
 def _sock_name(sock: socket.socket) -> str:

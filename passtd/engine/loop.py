@@ -71,6 +71,7 @@ UDP_BUFFER = 4 << 20  # a burst of replies must not overflow a flow's receive qu
 TCP_READ_ROUNDS = 4  # batches read from one TCP socket per wakeup before yielding
 STALE_TIMERS_MAX = 4096  # stale timer-heap entries tolerated before a rebuild
 ACK_DELAY = 0.0005  # how long a small ACK waits for host data to carry it
+HANDOVER_TIMEOUT = 1.0  # seconds to finish a frame half sent to qemu when stopping
 BUFFER_TRIM_DELAY = 10.0  # seconds without traffic before frame buffers are given back
 ACCEPT_PAUSE = 0.5  # seconds a listener rests after accept() ran out of descriptors
 TAP_SLACK = 64 << 10  # skb overhead the qemu socket's buffer accounting adds to our bytes
@@ -259,11 +260,35 @@ class Engine:
         if self.client is not None:
             self.loop.remove_reader(self.client.fileno())
             self.loop.remove_writer(self.client.fileno())
+            self._finish_output(self.client)
             self.client = None  # the service keeps (or closes) the socket itself
         if self.listener is not None:
             self.loop.remove_reader(self.listener.fileno())
         if self.pcap:
             self.pcap.close()
+
+    def _finish_output(self, sock: socket.socket) -> None:
+        """Send what qemu has part of, so that its reader is between two frames.
+
+        The connection may outlive this process (systemd's FD store hands it to the next
+        one): the rest of a half-sent frame must not be lost, or qemu's stream reader
+        would take the next process's bytes for a length.
+        """
+        if not self.out.backlog:
+            return
+        try:
+            sock.settimeout(HANDOVER_TIMEOUT)
+            sock.sendall(self.out.backlog)
+        except OSError as e:
+            log.warning("qemu's connection may be left inside a frame: %s", e)
+        finally:
+            self.out.drop_all()
+            with contextlib.suppress(OSError):
+                sock.setblocking(False)
+
+    def partial_input(self) -> bytes:
+        """The start of a frame qemu has not finished writing (for the next process)."""
+        return bytes(self.reader.buf[self.reader.start : self.reader.end])
 
     def _changed(self, *names: str) -> None:
         if self.on_change is not None:
@@ -287,8 +312,11 @@ class Engine:
             return
         self.adopt_client(sock)
 
-    def adopt_client(self, sock: socket.socket) -> None:
-        """Serve the guest behind `sock` (freshly accepted, or kept across a restart)."""
+    def adopt_client(self, sock: socket.socket, partial: bytes = b"") -> None:
+        """Serve the guest behind `sock` (freshly accepted, or kept across a restart).
+
+        `partial`: the start of a frame the previous process had read (`partial_input`).
+        """
         sock.setblocking(False)
         for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             with contextlib.suppress(OSError):
@@ -297,6 +325,9 @@ class Engine:
         self._tap_sndbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
         self._tap_watching = False
         self.reader.reset()
+        if partial:
+            self.reader.space()[: len(partial)] = partial
+            self.reader.commit(len(partial))
         self.out.drop_all()
         self.loop.add_reader(sock.fileno(), self._tap_readable)
         log.info("guest connected (qemu pid %s)", _peer_pid(sock))
@@ -920,8 +951,6 @@ class Engine:
             if n <= 0:
                 break
             left -= n
-        if conn.sock.fileno() in self._reading:
-            self._await_host_data(conn)  # less in flight: a lower threshold for new data
 
     def _free_space(self, sock: socket.socket) -> int:
         """Room in the host socket's send buffer: the window we offer the guest."""
@@ -1002,12 +1031,14 @@ class Engine:
                 conn.window_closed(now)
                 self._schedule(conn)
                 return
-            # no more than qemu's socket takes: a short write would cost a copy of the rest
-            fits = self._tap_room() // (batch.head + mss) * mss
-            if fits <= 0:
-                self._tap_wait(conn)
-                return
-            budget = min(budget, fits)
+            if budget > TAP_SLACK:
+                # no more than qemu's socket takes: a short write costs a copy of the rest
+                # (a small read is not worth the ioctl: its copy would be small too)
+                fits = self._tap_room() // (batch.head + mss) * mss
+                if fits <= 0:
+                    self._tap_wait(conn)
+                    return
+                budget = min(budget, fits)
             count = min(len(views), -(-budget // mss))
             bufs = views[:count]
             want = count * mss

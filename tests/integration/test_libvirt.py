@@ -1,11 +1,11 @@
 """The libvirt integration end to end: hook, passtctl libvirt, a TCG guest, under real libvirtd.
 
-One container per module (tests/container.py) boots the host's root file system with
-systemd, the system bus and libvirtd (not masked here), and gets this checkout's units,
-D-Bus policy and libvirt hook; the checkout's `passtd` package is bound over the venv's
-copy, so the hook, the service and passtctl all run the code under test. libvirtd is
-restarted after that (it looks for hooks when it starts), with `cgroup_controllers = [ ]`
-(the container's cgroup controllers are read-only).
+One container per module (tests/container.py, set up by tests/libvirt_env.py) boots the
+host's root file system with systemd, the system bus and libvirtd (not masked here), and
+gets this checkout's units, D-Bus policy and libvirt hook; the checkout's `passtd`
+package is bound over the venv's copy, so the hook, the service and passtctl all run the
+code under test. libvirtd is restarted after that (it looks for hooks when it starts), with
+`cgroup_controllers = [ ]` (the container's cgroup controllers are read-only).
 
 The guest (tests/guestvm, TCG) boots in serve mode with a script; its console, where
 everything it says goes, is a file in a host directory bound into the container. Its
@@ -18,37 +18,32 @@ Timings of the steps are printed (pytest -s shows them; -v -rP too).
 
 from __future__ import annotations
 
-import grp
 import json
-import os
-import pwd
-import shutil
 import stat
-import subprocess
-import tempfile
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 import pytest
 
 from passtd import libvirt as passtd_libvirt
-from tests.container import UNNEEDED_UNITS, Container, missing_requirements
-from tests.guestvm.vm import QEMU, ensure_image, libvirt_domain_xml, parse_net_line
+from tests.guestvm.vm import parse_net_line
+from tests.libvirt_env import (
+    GUEST_GW4,
+    GUEST_IP4,
+    HOOK,
+    HOOK_INSIDE,
+    VENV,
+    Lab,
+    connect_and_hold,
+    installed_package,
+    libvirt_lab,
+    wait_text,
+)
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.vm]
 
-REPO = Path(__file__).resolve().parents[2]
-VENV = Path("/opt/passtd/venv")
-UNIT_DIR = "/usr/local/lib/systemd/system/"
-POLICY = REPO / "dbus" / "org.passtd.Passtd1.conf"
-HOOK = REPO / "libvirt-hook" / "passtd"
-HOOK_INSIDE = "/etc/libvirt/hooks/qemu.d/passtd"
-PASSTCTL = "/usr/local/bin/passtctl"
-GUEST_IP4, GUEST_GW4 = "198.51.100.2", "198.51.100.1"  # tests/container.py's dead end
 LOOPBACK_PORT = 18080
-BOOT_TIMEOUT = 120.0
 PLAIN_HOOK_MAX_S = 0.25  # what a domain without passtd may cost per hook call (CI slack)
 
 # The guest: a server on port 22 that greets and holds the connection (so that the host
@@ -65,148 +60,14 @@ sleep 3600
 """
 
 
-def _installed_package() -> Path | None:
-    found = sorted(VENV.glob("lib/python3*/site-packages/passtd"))
-    return found[-1] if found else None
-
-
-def _require() -> Path:
-    missing = missing_requirements()
-    if missing:
-        pytest.skip("libvirt container: " + "; ".join(missing))
-    for tool in (QEMU, "virsh", "libvirtd"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} not installed (setup.sh installs it)")
-    package = _installed_package()
-    if package is None or not (VENV / "bin" / "passtctl").exists():
-        pytest.skip("passtd is not installed in /opt/passtd/venv: run ./setup.sh --no-demo")
-    try:
-        import libvirt  # noqa: F401  (passtctl libvirt needs it inside, from the same venv)
-    except ImportError:
-        pytest.skip("libvirt-python is not installed: run ./setup.sh --no-demo")
-    try:
-        grp.getgrnam("passtd")
-        pwd.getpwnam("libvirt-qemu")
-    except KeyError as e:
-        pytest.skip(f"{e.args[0]}: run ./setup.sh --no-demo")
-    return package
-
-
-class Lab:
-    """The container, the directory shared with it, and helpers for the domains."""
-
-    def __init__(self, ct: Container, shared: Path) -> None:
-        self.ct = ct
-        self.shared = shared
-
-    def virsh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return self.ct.run(["virsh", "-q", *args], check=check, timeout=120)
-
-    def passtctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return self.ct.run([PASSTCTL, *args], check=check)
-
-    def define(self, name: str, *, script: str | None = None,
-               metadata: str | None = None) -> None:
-        """Define a plain domain (no NIC), with `metadata` (XML) if given."""
-        console = self.console_path(name)
-        console.unlink(missing_ok=True)
-        xml = libvirt_domain_xml(name, console_log=str(console), script=script)
-        if metadata is not None:
-            root = ET.fromstring(xml)
-            holder = ET.Element("metadata")
-            holder.append(ET.fromstring(metadata))
-            root.insert(1, holder)
-            xml = ET.tostring(root, encoding="unicode")
-        path = self.shared / f"{name}.xml"
-        path.write_text(xml)
-        self.virsh("define", str(path))
-
-    def console_path(self, name: str) -> Path:
-        return self.shared / f"{name}.console.log"
-
-    def console(self, name: str) -> str:
-        try:
-            return self.console_path(name).read_text(errors="replace").replace("\r", "")
-        except FileNotFoundError:
-            return ""
-
-    def wait_console(self, name: str, marker: str, timeout: float = BOOT_TIMEOUT) -> str:
-        """The first console line of domain `name` containing `marker`."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in self.console(name).splitlines():
-                if marker in line:
-                    return line
-            time.sleep(0.2)
-        raise AssertionError(f"no {marker!r} on {name}'s console after {timeout:.0f} s:\n"
-                             f"{self.console(name)[-4000:]}")
-
-    def unit_state(self, unit: str) -> str:
-        return self.ct.unit_properties(unit, "ActiveState")["ActiveState"]
-
-    def exists(self, path: str) -> bool:
-        return os.path.lexists(self.ct.host_path(path))
-
-    def time_hook(self, domain_xml: str, *calls: tuple[str, ...],
-                  runs: int = 5) -> list[list[float]]:
-        """Seconds each call of the installed hook took (`runs` rounds of `calls`, each
-        the hook's arguments), as libvirtd calls it: timed inside the container, without
-        nsenter's own cost. Every call must succeed silently."""
-        probe = (
-            "import json, subprocess, sys, time\n"
-            "xml = sys.stdin.buffer.read()\n"
-            "rounds = []\n"
-            f"for _ in range({runs}):\n"
-            "    rounds.append([])\n"
-            "    for args in json.loads(sys.argv[1]):\n"
-            "        t = time.monotonic()\n"
-            f"        r = subprocess.run([{HOOK_INSIDE!r}, *args], input=xml,\n"
-            "                           capture_output=True,\n"
-            "                           env={'LC_ALL': 'C', 'PATH': '/usr/bin:/bin'})\n"
-            "        assert r.returncode == 0 and not r.stdout and not r.stderr, r\n"
-            "        rounds[-1].append(time.monotonic() - t)\n"
-            "print(json.dumps(rounds))\n")
-        res = self.ct.run(["python3", "-c", probe, json.dumps(calls)], input=domain_xml)
-        return json.loads(res.stdout)
-
-
 def _ms(seconds: Iterable[float]) -> str:
     return ", ".join(f"{s * 1000:.0f}" for s in seconds) + " ms"
 
 
 @pytest.fixture(scope="module")
 def lab(lab_logs: object) -> Iterator[Lab]:
-    package = _require()
-    ensure_image()  # before the boot: the container's overlay shows the host's files
-    Container.remove_stale("passtd-lv")
-    shared = Path(tempfile.mkdtemp(prefix="passtd-lv-"))
-    shared.chmod(0o755)  # qemu (libvirt-qemu) opens the console and initramfs there
-    try:
-        with Container("passtd-lv", mask=UNNEEDED_UNITS, bind=[str(shared)],
-                       bind_ro=[(str(REPO / "passtd"), str(package))]) as ct:
-            started = time.monotonic()
-            for unit in ("passtd@.socket", "passtd@.service"):
-                ct.install_file(REPO / "units" / unit, UNIT_DIR)
-            ct.install_file(POLICY, "/usr/share/dbus-1/system.d/")
-            # as setup.sh installs it: run by the venv's python
-            hook = HOOK.read_text().split("\n", 1)[1]
-            ct.write_file(HOOK_INSIDE, f"#!{VENV}/bin/python3 -I\n{hook}", 0o755)
-            ct.sh("echo 'cgroup_controllers = [ ]' >> /etc/libvirt/qemu.conf")
-            ct.systemctl("daemon-reload")
-            ct.systemctl("reload", "dbus.service")
-            ct.systemctl("restart", "libvirtd.service")
-            groups = ct.run(["id", "-nG", "libvirt-qemu"]).stdout.split()
-            assert "passtd" in groups, f"libvirt-qemu is not in group passtd ({groups}): " \
-                "setup.sh adds it"
-            print(f"\n[libvirt] container up, units, policy and hook installed, libvirtd "
-                  f"restarted in {time.monotonic() - started:.2f} s")
-            lab_logs.add("container journal", ct.journal_log())  # type: ignore[attr-defined]
-            try:
-                yield Lab(ct, shared)
-            finally:
-                lab_logs.discard("container journal")  # type: ignore[attr-defined]
-    finally:
-        shutil.rmtree(shared, ignore_errors=True)
+    with libvirt_lab("passtd-lv", "libvirt", lab_logs) as made:
+        yield made
 
 
 def _inactive_xml(lab: Lab, name: str) -> ET.Element:
@@ -222,23 +83,6 @@ def _metadata_forwards(domain: ET.Element) -> list[tuple[str, str, str | None]]:
 def _qemu_args(domain: ET.Element) -> list[str]:
     tag = f"{{{passtd_libvirt.QEMU_NAMESPACE}}}"
     return [a.get("value", "") for a in domain.iterfind(f"{tag}commandline/{tag}arg")]
-
-
-def _connect_and_hold(lab: Lab, port: int, out: Path) -> subprocess.Popen[bytes]:
-    """A client in the container on 127.0.0.1:`port`, what it reads going to `out`; it
-    stays connected as long as the guest's server holds the connection (or 40 s)."""
-    return lab.ct.spawn(["timeout", "40", "socat", "-u", f"TCP4:127.0.0.1:{port}",
-                         f"OPEN:{out},creat,trunc"])
-
-
-def _wait_text(path: Path, text: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and text in path.read_text(errors="replace"):
-            return
-        time.sleep(0.1)
-    content = path.read_text(errors="replace") if path.exists() else "(no file)"
-    raise AssertionError(f"no {text!r} in {path} after {timeout:.0f} s: {content!r}")
 
 
 def _instance_stopped(lab: Lab, name: str) -> None:
@@ -303,9 +147,9 @@ def test_attach_start_forward_flows_destroy_and_start_again(lab: Lab) -> None:
 
         # the host reaches the guest through the forward; flows lists that connection
         inbound = lab.shared / "inbound-2222.txt"
-        client = _connect_and_hold(lab, 2222, inbound)
+        client = connect_and_hold(lab, 2222, inbound)
         try:
-            _wait_text(inbound, "hello-from-guest")
+            wait_text(inbound, "hello-from-guest")
             flows = json.loads(lab.passtctl(name, "flows", "--json").stdout)
             live = [f for f in flows if f["protocol"] == "tcp" and f["guest_port"] == 22]
             assert live, flows
@@ -335,9 +179,9 @@ def test_attach_start_forward_flows_destroy_and_start_again(lab: Lab) -> None:
         assert sorted((f["spec"], f["origin"]) for f in forwards) == [
             ("2222:22", "config"), ("2223:22", "config")], forwards
         inbound = lab.shared / "inbound-2223.txt"
-        client = _connect_and_hold(lab, 2223, inbound)
+        client = connect_and_hold(lab, 2223, inbound)
         try:
-            _wait_text(inbound, "hello-from-guest")
+            wait_text(inbound, "hello-from-guest")
         finally:
             client.terminate()
         lab.virsh("destroy", name)
@@ -478,4 +322,4 @@ def test_hook_is_the_checkout_s(lab: Lab) -> None:
                       "import passtd.libvirt as m; print(m.NAMESPACE, m.__file__)"])
     namespace, module = res.stdout.split()
     assert namespace == passtd_libvirt.NAMESPACE
-    assert module.startswith(str(_installed_package())), res.stdout
+    assert module.startswith(str(installed_package())), res.stdout
