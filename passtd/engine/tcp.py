@@ -410,7 +410,7 @@ class TcpConn(Flow):
             if written < self.rcv_pending:
                 # the rest is retransmitted by the guest later: tell it now where we are
                 actions |= A_WAIT_WRITABLE | A_ACK
-            elif seq_diff(self.rcv_nxt, self.ack_sent) < ACK_EVERY * self.our_mss:
+            elif seq_diff(self.rcv_nxt, self.ack_sent) < ACK_EVERY * self.mss_to_guest:
                 actions |= A_ACK_DELAYED  # a reply may carry it (request/response)
             else:
                 actions |= A_ACK
