@@ -575,7 +575,9 @@ class Engine:
         on packets that open or use flows).
 
         Its family must be enabled, and it must not pretend to come from somewhere it
-        cannot: a loopback, multicast or broadcast source, or a loopback destination.
+        cannot: a loopback, multicast or broadcast source, or a loopback destination; nor
+        may IPv6 carry IPv4-mapped addresses (a host socket would take ::ffff:127.0.0.1 for
+        IPv4 loopback, whatever map_host_loopback says).
         """
         if pkt.family == 4:
             if self.cfg.ip4 is None:
@@ -586,7 +588,8 @@ class Engine:
             if self.cfg.ip6 is None:
                 return False
             bad = packet.is_ipv6_loopback(pkt.src) or packet.is_ipv6_loopback(pkt.dst) \
-                or packet.is_ipv6_multicast(pkt.src)
+                or packet.is_ipv6_multicast(pkt.src) or packet.is_ipv6_v4_mapped(pkt.src) \
+                or packet.is_ipv6_v4_mapped(pkt.dst)
         if bad:
             self.drop_log(logging.DEBUG, "martian", "dropped IPv%d %s -> %s", pkt.family,
                           addr_text(pkt.src), addr_text(pkt.dst))
@@ -666,8 +669,8 @@ class Engine:
             if net4.map_guest_addr is not None and dst == net4.map_guest_addr:
                 target = self.settings.host_addr4 or net4.address
                 return (addr_text(target), dport)
-            if dst == packet.IP4_ANY or packet.is_ipv4_multicast_or_broadcast(dst) \
-                    or dst == net4.address:
+            if dst[0] == 0 or packet.is_ipv4_multicast_or_broadcast(dst) \
+                    or dst == net4.address:  # 0.0.0.0/8 would be this host
                 return None
             return (addr_text(dst), dport)
         net6 = self.cfg.ip6

@@ -253,3 +253,12 @@ def is_ipv6_link_local(addr: bytes) -> bool:
 
 def is_ipv6_multicast(addr: bytes) -> bool:
     return addr[0] == 0xFF
+
+
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+
+
+def is_ipv6_v4_mapped(addr: bytes) -> bool:
+    """::ffff:a.b.c.d: never valid on the wire (RFC 4291 2.5.5.2), and a host socket given
+    one would reach the IPv4 address behind it (loopback included)."""
+    return addr[:12] == _V4_MAPPED
