@@ -15,6 +15,7 @@ import ipaddress
 
 from scapy.layers.dhcp import BOOTP, DHCP
 from scapy.layers.dhcp6 import (
+    DUID_LL,
     DHCP6_Confirm,
     DHCP6_InfoRequest,
     DHCP6_Rebind,
@@ -31,7 +32,6 @@ from scapy.layers.dhcp6 import (
     DHCP6OptOptReq,
     DHCP6OptRapidCommit,
     DHCP6OptServerId,
-    DUID_LL,
 )
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_RR
 from scapy.layers.inet6 import (
@@ -78,7 +78,8 @@ _IP6 = Ip6Config(
     dns=(addr("2001:db8::53"), addr("2001:db8::54")),
     map_host_loopback=addr(GW6),
 )
-_LONG_SEARCH = tuple(f"{'x' * 60}.zone{i}.example.com" for i in range(12)) + (
+_LONG_SEARCH = (
+    *(f"{'x' * 60}.zone{i}.example.com" for i in range(12)),
     "bad..name", "", ".", "y" * 70 + ".example", "example.org",
 )
 
@@ -170,22 +171,21 @@ def dhcpv6_frames() -> list[bytes]:
                   / UDP(sport=546, dport=547) / msg) for msg in dhcpv6_messages()]
 
 
-def ndp_messages() -> list[tuple[str, Packet]]:
-    """(IPv6 source, ICMPv6 message) pairs a guest sends for NDP."""
-    sll = ICMPv6NDOptSrcLLAddr(lladdr=GUEST_MAC)
-    return [
-        ("::", ICMPv6ND_RS()),
-        (GUEST_LL, ICMPv6ND_RS() / sll),
-        (GUEST_LL, ICMPv6ND_NS(tgt=GW6) / sll),
-        ("::", ICMPv6ND_NS(tgt=GUEST6)),  # duplicate address detection
-        (GUEST6, ICMPv6ND_NS(tgt="2001:db8::77") / sll / ICMPv6NDOptMTU()),
-        (GUEST_LL, ICMPv6ND_NA(tgt=GUEST_LL, R=0) / Raw(b"\x02\x01" + GUEST_MAC_BYTES)),
-    ]
-
-
 def ndp_frames() -> list[bytes]:
+    sll = ICMPv6NDOptSrcLLAddr(lladdr=GUEST_MAC)
     return [bytes(_eth("33:33:00:00:00:02") / IPv6(src=src, dst="ff02::2", hlim=255) / msg)
-            for src, msg in ndp_messages()]
+            for src, msg in (
+                ("::", ICMPv6ND_RS()),
+                (GUEST_LL, ICMPv6ND_RS() / sll),
+                (GUEST_LL, ICMPv6ND_NS(tgt=GW6) / sll),
+                ("::", ICMPv6ND_NS(tgt=GUEST6)),  # duplicate address detection
+                (GUEST6, ICMPv6ND_NS(tgt="2001:db8::77") / sll / ICMPv6NDOptMTU()),
+                (GUEST_LL, ICMPv6ND_NA(tgt=GUEST_LL, R=0) / Raw(b"\x02\x01" + GUEST_MAC_BYTES)),
+            )]
+
+
+# the IPv6 source of each of ndp_frames(), as the ndp target's knob selects it
+NDP_SOURCE_KNOBS = (0, 1, 1, 0, 2, 1)
 
 
 def ip_frames() -> list[bytes]:

@@ -104,7 +104,7 @@ def run_framing(data: bytes) -> None:
         pos += n
         try:
             for off, length in reader.frames():
-                assert 0 <= off and off + length <= reader.end <= len(reader.buf)
+                assert off >= 0 and off + length <= reader.end <= len(reader.buf)
                 got.append(bytes(reader.buf[off : off + length]))
         except FramingError:
             failed = True
@@ -396,8 +396,9 @@ TARGETS: dict[str, Target] = {
                lambda: _configs_times([bytes(m) for m in frames.dhcpv6_messages()], b"\x00"),
                max_len=1500, dictionary=DHCPV6_TOKENS, doc="the DHCPv6 server and its options"),
         Target("ndp", run_ndp, lambda: [
-            bytes((c, (0, 1, 1, 0, 2, 1)[i])) + bytes(m)
-            for c in range(len(CONFIGS)) for i, (_, m) in enumerate(frames.ndp_messages())
+            bytes((c, knob)) + frame[54:]
+            for c in range(len(CONFIGS))
+            for knob, frame in zip(frames.NDP_SOURCE_KNOBS, frames.ndp_frames(), strict=True)
         ], max_len=512, dictionary=NDP_TOKENS, doc="NDP: NS/RS in, NA/RA out, options"),
         TCP_TARGET,
     )
