@@ -587,11 +587,13 @@ class TapGuest(Netns):
     def __init__(self, host: HostNamespace, socket_path: str | os.PathLike[str], *,
                  name: str | None = None, wire: str = "qemu", mac: str = DEFAULT_MAC,
                  mtu: int | None = None, dhcp: bool = True, v6wait: float = 10.0,
-                 chunk: int | None = None) -> None:
+                 chunk: int | None = None, lose: int | None = None) -> None:
         if wire not in WIRES:
             raise ValueError(f"wire {wire!r}: one of {', '.join(WIRES)}")
         if chunk is not None and not wire.startswith("stream"):
             raise ValueError("chunk applies to the stream wires only")
+        if lose is not None and (wire == "qemu" or lose < 2):
+            raise ValueError("lose applies to the lab's own wires, every N >= 2 frames")
         if name is not None and not _PREFIX_RE.fullmatch(name):
             raise ValueError(f"guest name {name!r}: use letters, digits, '.', '_', '-'")
         suffix = f"-{name}" if name else ""
@@ -601,6 +603,7 @@ class TapGuest(Netns):
         self.socket = Path(socket_path)
         self.wire = wire
         self.chunk = chunk
+        self.lose = lose  # lab wires: drop every lose-th frame from the guest
         self.mac = mac
         self.want_mtu = mtu
         self.dhcp = dhcp
@@ -740,6 +743,8 @@ class TapGuest(Netns):
                 "--mode", self.wire, "--pidfile", str(self.workdir / "wire.pid")]
         if self.chunk is not None:
             argv += ["--chunk", str(self.chunk)]
+        if self.lose is not None:
+            argv += ["--lose", str(self.lose)]
         return argv
 
     def _run_dhcp(self) -> None:

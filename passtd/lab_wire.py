@@ -209,8 +209,11 @@ def read_tap(tap: int, pad: bool) -> list[bytes]:
 
 
 class Wire:
-    def __init__(self, tap: int, sock: socket.socket, mode: str, chunk: int | None) -> None:
+    def __init__(self, tap: int, sock: socket.socket, mode: str, chunk: int | None,
+                 lose: int | None = None) -> None:
         self.tap = tap
+        self.lose = lose  # drop every lose-th frame from the guest (a lossy link, for tests)
+        self.read_from_tap = 0
         self.sock = sock
         self.pad = mode.endswith("pad")
         self.sender = StreamSender(sock, chunk) if mode.startswith("stream") else \
@@ -250,6 +253,11 @@ class Wire:
             for fd, ev in poller.poll(100 if busy else None):
                 if fd == self.tap:
                     messages = read_tap(self.tap, self.pad)
+                    if self.lose:
+                        first = self.read_from_tap
+                        self.read_from_tap += len(messages)
+                        messages = [m for i, m in enumerate(messages, first + 1)
+                                    if i % self.lose]
                     self.to_socket += len(messages)
                     self.sender.add(messages)
                     continue
@@ -278,6 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--mode", choices=MODES, default="whole")
     ap.add_argument("--pidfile", help="write our pid here once connected")
     ap.add_argument("--chunk", type=int, help="stream modes: send at most N bytes at a time")
+    ap.add_argument("--lose", type=int, metavar="N",
+                    help="drop every Nth frame the guest sends (a lossy link)")
     ap.add_argument("--sndbuf", type=int, default=1 << 20,
                     help="socket send buffer to ask for (default 1 MiB)")
     args = ap.parse_args(argv)
@@ -298,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f.write(f"{os.getpid()}\n")
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    wire = Wire(tap, sock, args.mode, args.chunk)
+    wire = Wire(tap, sock, args.mode, args.chunk, args.lose)
     try:
         status, why = wire.run(), "socket closed"
     except Stopped as e:

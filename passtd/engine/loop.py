@@ -73,6 +73,7 @@ STALE_TIMERS_MAX = 4096  # stale timer-heap entries tolerated before a rebuild
 ACK_DELAY = 0.0005  # how long a small ACK waits for host data to carry it
 HANDOVER_TIMEOUT = 1.0  # seconds to finish a frame half sent to qemu when stopping
 BUFFER_TRIM_DELAY = 10.0  # seconds without traffic before frame buffers are given back
+TRIM_WORTHY = 256 << 10  # a read this size dirties enough buffer pages to give back later
 ACCEPT_PAUSE = 0.5  # seconds a listener rests after accept() ran out of descriptors
 TAP_SLACK = 64 << 10  # skb overhead the qemu socket's buffer accounting adds to our bytes
 _OUTQ = struct.Struct("i")
@@ -374,7 +375,8 @@ class Engine:
             return
         self.reader.commit(n)
         now = self.loop.time()
-        self._buffers_used(now)
+        if n > TRIM_WORTHY:
+            self._buffers_used(now)
         try:
             self._process_frames(now)
         except FramingError as e:
@@ -521,6 +523,12 @@ class Engine:
                 start = data + conn.data_skip  # type: ignore[union-attr]
                 views.append(mem[start : start + conn.data_take])  # type: ignore[union-attr]
             if actions:
+                if actions & tcp.A_HOLD:
+                    conn.hold(seq, bytes(mem[data:end]))  # type: ignore[union-attr]
+                if actions & tcp.A_DUPACK and views:
+                    # what came before the gap first, so the duplicates carry its ACK
+                    self._tcp_guest_flush(conn, views, now)  # type: ignore[arg-type]
+                    views = []
                 self._tcp_actions(conn, actions, now)  # type: ignore[arg-type]
         if group is not None:
             self._tcp_guest_flush(group, views, now)
@@ -757,18 +765,19 @@ class Engine:
             if conn is None:
                 conn = self.flows.get(key)  # type: ignore[assignment]
             plen = len(l4) - thl
-            mss = wscale = None
-            if flags & tcp.TCP_SYN:
-                mss, wscale = tcp.parse_options(l4[packet.TCP_HLEN : thl])
+            opts = tcp.parse_options(l4[packet.TCP_HLEN : thl]) if flags & tcp.TCP_SYN \
+                else tcp.SynOptions(None, None, False)
             if conn is None:
                 if flags & tcp.TCP_RST:
                     return
                 if flags & (tcp.TCP_SYN | tcp.TCP_ACK) == tcp.TCP_SYN:
-                    self._tcp_guest_syn(pkt, key, seq, window, mss, wscale, now)
+                    self._tcp_guest_syn(pkt, key, seq, window, opts, now)
                 else:
                     self._tcp_rst_unknown(pkt, sport, dport, seq, ack, flags, plen)
                 return
-            actions = conn.on_segment(flags, seq, ack, window, plen, now, mss, wscale)
+            actions = conn.on_segment(flags, seq, ack, window, plen, now, *opts)
+            if actions & tcp.A_HOLD:
+                conn.hold(seq, bytes(l4[thl:]))
             written = 0
             if conn.data_take:
                 start = thl + conn.data_skip
@@ -778,9 +787,7 @@ class Engine:
             if actions:
                 self._tcp_actions(conn, actions, now)
             if conn.sock is not None:
-                more = conn.commit(written, now)
-                if more:
-                    self._tcp_actions(conn, more, now)
+                self._tcp_commit(conn, written, now)
         except packet.Malformed as e:
             self.drop_log(logging.DEBUG, "malformed-tcp", "dropped malformed TCP segment: %s", e)
 
@@ -797,7 +804,7 @@ class Engine:
                                    packet.IPPROTO_TCP, seg))
 
     def _tcp_guest_syn(self, pkt: packet.Packet, key: tuple, seq: int, window: int,
-                       mss: int | None, wscale: int | None, now: float) -> None:
+                       opts: tcp.SynOptions, now: float) -> None:
         def refuse(why: str) -> None:
             log.debug("refusing guest TCP to %s:%d: %s", addr_text(pkt.dst), key[4], why)
             seg = packet.tcp_segment(pkt.dst, pkt.src, key[4], key[2], 0, seq + 1,
@@ -823,7 +830,8 @@ class Engine:
             return
         self._tcp_socket_options(sock)
         conn = TcpConn.from_guest_syn(key, now, self._isn(key, now), self._our_mss(pkt.family),
-                                      seq, window, mss, wscale, self.settings.tcp_idle_timeout)
+                                      seq, window, *opts,
+                                      idle_timeout=self.settings.tcp_idle_timeout)
         conn.sock = sock
         self.flows.add(conn)
         self._changed("FlowCount")
@@ -885,9 +893,21 @@ class Engine:
         if conn.sock is None:
             return
         written = self._tcp_write(conn, views) if views else 0
-        if written < 0:
-            return
+        if written >= 0:
+            self._tcp_commit(conn, written, now)
+
+    def _tcp_commit(self, conn: TcpConn, written: int, now: float) -> None:
+        """Settle a write of guest data; then write what it made contiguous, if any."""
         actions = conn.commit(written, now)
+        while actions & tcp.A_RELEASE:
+            released, conn.released = conn.released, []
+            written = self._tcp_write(conn, released)
+            if written < 0:
+                return
+            actions = (actions & ~tcp.A_RELEASE) | conn.commit(written, now)
+            rest = b"".join(released)[written:]
+            if rest:  # the socket is full: keep it for when it has room
+                conn.hold(conn.rcv_nxt, rest)
         if actions:
             self._tcp_actions(conn, actions, now)
 
@@ -919,10 +939,11 @@ class Engine:
         if actions & tcp.A_SYN_ACK:
             self._tcp_control(conn, tcp.TCP_SYN | tcp.TCP_ACK, conn.syn_seq,
                               tcp.syn_options(conn.our_mss, conn.our_wscale
-                                              if conn.guest_wscale or conn.our_wscale else None))
+                                              if conn.guest_wscale or conn.our_wscale else None,
+                                              conn.sack_ok))
         if actions & tcp.A_SYN:
             self._tcp_control(conn, tcp.TCP_SYN, conn.syn_seq,
-                              tcp.syn_options(conn.our_mss, tcp.OUR_WSCALE))
+                              tcp.syn_options(conn.our_mss, tcp.OUR_WSCALE, True))
         if actions & tcp.A_FIN:
             self._tcp_control(conn, tcp.TCP_FIN | tcp.TCP_ACK, (conn.snd_nxt - 1) & 0xFFFFFFFF)
         if actions & tcp.A_KEEPALIVE:
@@ -931,7 +952,11 @@ class Engine:
             self._writer(conn, self._tcp_host_writable)
         if actions & (tcp.A_ESTABLISHED | tcp.A_RESUME):
             self._resume[conn] = None
-        if actions & tcp.A_ACK:
+        if actions & tcp.A_DUPACK:
+            # not coalesced, and with the window unchanged: the guest counts only exact
+            # duplicates towards a fast retransmission
+            self._tcp_control(conn, tcp.TCP_ACK, conn.snd_nxt)
+        elif actions & tcp.A_ACK:
             self._ack_due[conn] = None
         elif actions & tcp.A_ACK_DELAYED:
             self._delay_ack(conn)
@@ -973,6 +998,8 @@ class Engine:
         ack = conn.rcv_nxt if flags & tcp.TCP_ACK else 0
         if flags & tcp.TCP_ACK:
             conn.ack_sent = ack
+            if conn.held and not flags & tcp.TCP_SYN:
+                options = conn.sack_option()
         seg = packet.tcp_segment(conn.peer_addr, conn.guest_addr, conn.peer_port, conn.guest_port,
                                  seq, ack, flags, window, options)
         self._send(packet.ip_frame(self._guest_mac, self.cfg.mac, conn.peer_addr,
@@ -1008,8 +1035,11 @@ class Engine:
         self._unwriter(conn)
         if conn.sock is None:
             return
-        self._ack_due[conn] = None
-        self._settle(self.loop.time())
+        now = self.loop.time()
+        self._tcp_commit(conn, 0, now)  # data held while the socket was full goes first
+        if conn.sock is not None:
+            self._ack_due[conn] = None
+        self._settle(now)
 
     def _tcp_host_readable_cb(self, conn: TcpConn) -> None:
         now = self.loop.time()
@@ -1068,7 +1098,8 @@ class Engine:
                 if actions:
                     self._tcp_actions(conn, actions, now)
                 return
-            self._buffers_used(now)
+            if n > TRIM_WORTHY:
+                self._buffers_used(now)
             frames = batch.build(n, mss, self.cfg.mac, self._guest_mac, conn.peer_addr,
                                  conn.guest_addr, conn.peer_port, conn.guest_port, conn.snd_nxt,
                                  conn.rcv_nxt, conn.wnd_to_guest >> conn.our_wscale)

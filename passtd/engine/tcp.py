@@ -16,7 +16,10 @@ Theory of operation (the same as passt's tcp.c):
 - Guest -> host data is written to the socket as it arrives in order and acknowledged
   only as far as the socket accepted it (`on_segment` then `commit`). We never queue guest
   data ourselves: what the socket refuses the guest retransmits. The window we advertise
-  is the socket's free send space, so a healthy guest never overruns it.
+  is the socket's free send space, so a healthy guest never overruns it. Data that
+  arrives after a gap (a frame lost on the way) is held, up to HOLD_MAX, and written
+  once the guest fills the gap: without SACK, dropping it would cost the guest a
+  retransmission per round trip for everything it had in flight.
 - Host -> guest data stays in the socket's receive queue until the guest acknowledges
   it: the loop reads with MSG_PEEK (SO_PEEK_OFF keeps the read position after what was
   already sent) and drops acknowledged bytes (`discard`). Retransmission rewinds to the
@@ -30,14 +33,20 @@ Theory of operation (the same as passt's tcp.c):
 The connection state is the set of events that happened (passt's approach), not an RFC
 state; `state_name` maps it to the nearest RFC name for listings.
 
-Deliberately not implemented: SACK, timestamps, PAWS, urgent data, path MTU discovery,
+SACK: we tell the guest which segments we hold past a gap, so that it resends only the
+holes; SACK blocks the guest sends about our data are ignored (RFC 2018 lets a sender
+ignore them: our retransmissions go back to the last acknowledged byte).
+
+Deliberately not implemented: timestamps, PAWS, urgent data, path MTU discovery,
 congestion control towards the guest (it is one virtual hop away; the window is the
 control), and TCP_WINDOW_CLAMP (it can lock the window at zero: passt bug 74).
 """
 
 from __future__ import annotations
 
+import bisect
 import struct
+from typing import NamedTuple
 
 from .flow import Flow, FlowKey
 from .packet import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
@@ -72,6 +81,9 @@ A_SOCK_KEEPALIVE = 1 << 12  # enable SO_KEEPALIVE on the host socket
 A_WAIT_WRITABLE = 1 << 13  # the socket refused data: tell us when it has room again
 A_ESTABLISHED = 1 << 14  # handshake done: start reading the host socket
 A_ACK_DELAYED = 1 << 15  # an ACK is due but may wait a moment for data to carry it
+A_DUPACK = 1 << 18  # a duplicate ACK, now: one per segment past a gap (RFC 5681 3.2)
+A_HOLD = 1 << 16  # keep this segment's payload aside with `hold`: it came after a gap
+A_RELEASE = 1 << 17  # held data is in order now: write `released`, then `commit` again
 A_ABORT = A_RST_GUEST | A_RST_PEER | A_CLOSE
 
 # -- timers ---------------------------------------------------------------------------------
@@ -90,6 +102,8 @@ HANDSHAKE_RETRIES = 6
 KEEPALIVE_INTERVAL = 30.0  # tap-side silence before we probe the guest
 DEFAULT_IDLE_TIMEOUT = 7200.0
 DUPACK_THRESHOLD = 3
+HOLD_MAX = 1 << 20  # bytes of out-of-order guest data held per flow
+SACK_BLOCKS_MAX = 4
 ACK_EVERY = 2  # segments' worth of unacknowledged guest data that is ACKed at once (RFC 9293)
 
 OUR_WSCALE = 8  # windows we advertise go up to 16 MiB: above a big socket send buffer
@@ -106,9 +120,16 @@ def seq_diff(a: int, b: int) -> int:
     return d - (1 << 32) if d & 0x80000000 else d
 
 
-def parse_options(opts: bytes | memoryview) -> tuple[int | None, int | None]:
-    """(MSS, window scale) from the options of a SYN; malformed options end the walk."""
+class SynOptions(NamedTuple):
+    mss: int | None
+    wscale: int | None
+    sack: bool  # SACK permitted (RFC 2018)
+
+
+def parse_options(opts: bytes | memoryview) -> SynOptions:
+    """MSS, window scale and SACK-permitted from a SYN; malformed options end the walk."""
     mss = wscale = None
+    sack = False
     i, n = 0, len(opts)
     while i < n:
         kind = opts[i]
@@ -126,15 +147,20 @@ def parse_options(opts: bytes | memoryview) -> tuple[int | None, int | None]:
             mss = (opts[i + 2] << 8) | opts[i + 3]
         elif kind == 3 and length == 3:
             wscale = min(opts[i + 2], MAX_WSCALE)
+        elif kind == 4 and length == 2:
+            sack = True
         i += length
-    return mss, wscale
+    return SynOptions(mss, wscale, sack)
 
 
-def syn_options(mss: int, wscale: int | None) -> bytes:
-    """MSS, then NOP + window scale when the other side offered scaling (RFC 7323)."""
+def syn_options(mss: int, wscale: int | None, sack: bool) -> bytes:
+    """MSS, NOP + window scale when the other side offered scaling (RFC 7323), and NOPs +
+    SACK-permitted when it offered SACK (or when we open: then we offer)."""
     opts = _OPT_MSS.pack(2, 4, mss)
     if wscale is not None:
         opts += bytes((1, 3, 3, wscale))
+    if sack:
+        opts += bytes((1, 1, 4, 2))
     return opts
 
 
@@ -153,6 +179,9 @@ class TcpConn(Flow):
         "guest_mss",
         "guest_wnd",
         "guest_wscale",
+        "held",
+        "held_bytes",
+        "held_last",
         "idle_timeout",
         "last_activity",
         "our_isn",
@@ -161,9 +190,11 @@ class TcpConn(Flow):
         "rcv_nxt",
         "rcv_pending",
         "recover",
+        "released",
         "retries",
         "rto",
         "rto_base",
+        "sack_ok",
         "snd_max",
         "snd_nxt",
         "snd_una",
@@ -194,6 +225,11 @@ class TcpConn(Flow):
         # guest -> host direction (the guest's sequence space)
         self.rcv_nxt = 0
         self.ack_sent = 0  # the last ACK number the guest got from us (the loop sets it)
+        self.held: list[tuple[int, bytes]] = []  # (seq, payload) past a gap, in order
+        self.held_bytes = 0
+        self.held_last = 0  # sequence number of the segment held most recently
+        self.released: list[bytes] = []
+        self.sack_ok = False  # the guest accepts SACK blocks from us (RFC 2018)
         self.rcv_pending = 0
         self.guest_fin_at: int | None = None
         self.data_skip = 0
@@ -211,12 +247,12 @@ class TcpConn(Flow):
 
     @classmethod
     def from_guest_syn(cls, key: FlowKey, now: float, our_isn: int, our_mss: int, seq: int,
-                       window: int, mss: int | None, wscale: int | None,
+                       window: int, mss: int | None, wscale: int | None, sack: bool = False,
                        idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> TcpConn:
         """The guest's SYN: the loop is about to connect() the host socket."""
         conn = cls(key, "guest", now, our_isn, our_mss, idle_timeout)
         conn.events = TAP_SYN_RCVD
-        conn._take_guest_syn(seq, window, mss, wscale)
+        conn._take_guest_syn(seq, window, mss, wscale, sack)
         conn._arm(now)
         return conn
 
@@ -231,8 +267,10 @@ class TcpConn(Flow):
         conn._arm(now)
         return conn
 
-    def _take_guest_syn(self, seq: int, window: int, mss: int | None, wscale: int | None) -> None:
+    def _take_guest_syn(self, seq: int, window: int, mss: int | None, wscale: int | None,
+                        sack: bool) -> None:
         self.rcv_nxt = self.ack_sent = (seq + 1) & _SEQ_MASK
+        self.sack_ok = sack
         self.guest_mss = mss if mss else DEFAULT_GUEST_MSS
         if wscale is None:  # no scaling unless both sides offer it (RFC 7323 2.2)
             self.guest_wscale = 0
@@ -269,7 +307,8 @@ class TcpConn(Flow):
     # -- segments from the guest -------------------------------------------------------------
 
     def on_segment(self, flags: int, seq: int, ack: int, window: int, plen: int, now: float,
-                   mss: int | None = None, wscale: int | None = None) -> int:
+                   mss: int | None = None, wscale: int | None = None,
+                   sack: bool = False) -> int:
         """One guest segment. Payload to write: `data_take` bytes from offset `data_skip`.
 
         The loop may call this for several segments of a batch before writing their data
@@ -281,7 +320,7 @@ class TcpConn(Flow):
         if events & CLOSED:
             return 0
         if not events & ESTABLISHED:
-            return self._handshake_segment(flags, seq, ack, window, plen, now, mss, wscale)
+            return self._handshake_segment(flags, seq, ack, window, plen, now, mss, wscale, sack)
         if flags & TCP_RST:
             # accept a RST anywhere in the window we offered (RFC 5961 would challenge
             # the inexact ones; the guest is on a private link with no blind attacker)
@@ -291,16 +330,34 @@ class TcpConn(Flow):
             return 0
         if flags & TCP_SYN:
             return A_ACK  # a stray SYN on an established flow: remind it where we are
+        expected = (self.rcv_nxt + self.rcv_pending) & _SEQ_MASK
+        if (
+            flags & (TCP_ACK | TCP_FIN) == TCP_ACK
+            and seq == expected
+            and plen
+            and ack == self.snd_una
+            and window << self.guest_wscale == self.guest_wnd
+            and not events & TAP_FIN_RCVD
+        ):
+            # the bulk of guest->host traffic: the next data in order, nothing else new
+            self.data_skip = 0
+            self.data_take = plen
+            self.rcv_pending += plen
+            return 0
         actions = self._on_ack(flags, ack, window, plen, now) if flags & TCP_ACK else 0
 
-        expected = (self.rcv_nxt + self.rcv_pending) & _SEQ_MASK
         offset = seq_diff(seq, expected)
         fin = flags & TCP_FIN
         if fin and events & TAP_FIN_RCVD:
             return actions | A_ACK  # a retransmitted FIN: our ACK of it was lost
         if plen:
-            if offset > 0 or events & TAP_FIN_RCVD:
-                return actions | A_ACK  # a gap (or data after FIN): duplicate ACK
+            if events & TAP_FIN_RCVD:
+                return actions | A_ACK  # data after the FIN: duplicate ACK
+            if offset > 0:  # a gap: duplicate ACK, and keep the data if it fits
+                if not fin and offset + plen <= self.wnd_to_guest \
+                        and self.held_bytes + plen <= HOLD_MAX:
+                    return actions | A_DUPACK | A_HOLD
+                return actions | A_DUPACK
             skip = -offset
             if skip < plen:
                 self.data_skip = skip
@@ -318,7 +375,7 @@ class TcpConn(Flow):
         return actions
 
     def _handshake_segment(self, flags: int, seq: int, ack: int, window: int, plen: int,
-                           now: float, mss: int | None, wscale: int | None) -> int:
+                           now: float, mss: int | None, wscale: int | None, sack: bool) -> int:
         events = self.events
         if flags & TCP_RST:
             if events & SOCK_ACCEPTED and not (flags & TCP_ACK and ack != self.snd_nxt):
@@ -330,7 +387,7 @@ class TcpConn(Flow):
             return 0
         if events & SOCK_ACCEPTED:
             if flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK and ack == self.snd_nxt:
-                self._take_guest_syn(seq, window, mss, wscale)
+                self._take_guest_syn(seq, window, mss, wscale, sack)
                 self.events |= ESTABLISHED
                 self.snd_una = ack
                 self.retries = 0
@@ -402,12 +459,16 @@ class TcpConn(Flow):
         return actions
 
     def commit(self, written: int, now: float) -> int:
-        """The socket took `written` of the bytes `on_segment` asked to write this batch."""
+        """The socket took `written` of the bytes `on_segment` asked to write this batch.
+
+        Called with 0 and nothing pending, it only releases held data that is in order.
+        """
         actions = 0
         if self.rcv_pending:
+            pending = self.rcv_pending
             self.rcv_nxt = (self.rcv_nxt + written) & _SEQ_MASK
             self.bytes_from_guest += written
-            if written < self.rcv_pending:
+            if written < pending:
                 # the rest is retransmitted by the guest later: tell it now where we are
                 actions |= A_WAIT_WRITABLE | A_ACK
             elif seq_diff(self.rcv_nxt, self.ack_sent) < ACK_EVERY * self.mss_to_guest:
@@ -415,6 +476,8 @@ class TcpConn(Flow):
             else:
                 actions |= A_ACK
             self.rcv_pending = 0
+        if self.held and not actions & A_WAIT_WRITABLE:
+            actions |= self._release()  # (when the socket is full: once it has room again)
         if self.guest_fin_at is not None:
             if self.guest_fin_at == self.rcv_nxt and not self.events & TAP_FIN_RCVD:
                 self.events |= TAP_FIN_RCVD | SOCK_FIN_SENT
@@ -427,6 +490,66 @@ class TcpConn(Flow):
         if actions:
             self._arm(now)
         return actions
+
+    def hold(self, seq: int, data: bytes) -> None:
+        """Keep a segment that came after a gap (`A_HOLD`) until the gap is filled.
+
+        Without it one lost frame costs the guest everything it sent after it: without
+        SACK it learns that only one retransmission at a time, and a large window of
+        small segments collapses into retransmission timeouts. Bounded by HOLD_MAX and by
+        the window we offer.
+        """
+        base = self.rcv_nxt
+        self.held_last = seq
+        at = bisect.bisect(self.held, seq_diff(seq, base), key=lambda e: seq_diff(e[0], base))
+        if at and self.held[at - 1][0] == seq:
+            return  # the same segment again
+        self.held.insert(at, (seq, data))
+        self.held_bytes += len(data)
+
+    def sack_option(self) -> bytes:
+        """SACK blocks for what we hold (RFC 2018): the guest then resends only the holes.
+
+        The block holding the latest arrival comes first, as 4.3 asks; four blocks at
+        most (all that fits beside nothing else in our ACKs: no timestamps).
+        """
+        if not (self.sack_ok and self.held):
+            return b""
+        blocks: list[list[int]] = []
+        for seq, data in self.held:
+            end = (seq + len(data)) & _SEQ_MASK
+            if blocks and seq_diff(seq, blocks[-1][1]) <= 0:
+                if seq_diff(end, blocks[-1][1]) > 0:
+                    blocks[-1][1] = end
+            else:
+                blocks.append([seq, end])
+        first = next((b for b in blocks if seq_diff(self.held_last, b[0]) >= 0
+                      and seq_diff(self.held_last, b[1]) < 0), blocks[0])
+        ordered = [first] + [b for b in blocks if b is not first]
+        ordered = ordered[:SACK_BLOCKS_MAX]
+        body = b"".join(struct.pack("!II", start, end) for start, end in ordered)
+        return bytes((1, 1, 5, 2 + len(body))) + body
+
+    def _release(self) -> int:
+        """Held data that the last write made contiguous: `released`, to write next."""
+        nxt = self.rcv_nxt
+        out: list[bytes] = []
+        while self.held:
+            seq, data = self.held[0]
+            offset = seq_diff(seq, nxt)
+            if offset > 0:
+                break
+            del self.held[0]
+            self.held_bytes -= len(data)
+            if -offset < len(data):
+                piece = data[-offset:]
+                out.append(piece)
+                nxt = (nxt + len(piece)) & _SEQ_MASK
+        if not out:
+            return 0
+        self.released = out
+        self.rcv_pending = sum(map(len, out))
+        return A_RELEASE
 
     # -- data from the host ------------------------------------------------------------------
 

@@ -178,7 +178,7 @@ def _check_tcp_header(l4: memoryview) -> None:
     thl = (l4[12] >> 4) * 4
     if thl < packet.TCP_HLEN or thl > len(l4):
         return
-    mss, wscale = tcp.parse_options(l4[packet.TCP_HLEN : thl])
+    mss, wscale, _sack = tcp.parse_options(l4[packet.TCP_HLEN : thl])
     assert mss is None or 0 <= mss <= 0xFFFF
     assert wscale is None or 0 <= wscale <= tcp.MAX_WSCALE
 

@@ -1,5 +1,7 @@
 """The TCP state machine, driven as the event loop drives it: segments, socket results, time."""
 
+import struct
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -72,7 +74,7 @@ def test_in_order_data_is_written_and_acknowledged_as_the_socket_takes_it() -> N
 def test_gap_and_old_data_get_a_duplicate_ack_and_nothing_written() -> None:
     conn = established_from_guest()
     seq = GUEST_ISN + 1
-    assert conn.on_segment(TCP_ACK, seq + 100, OUR_ISN + 1, 512, 50, 1.0) & tcp.A_ACK
+    assert conn.on_segment(TCP_ACK, seq + 100, OUR_ISN + 1, 512, 50, 1.0) & tcp.A_DUPACK
     assert conn.data_take == 0
     assert conn.on_segment(TCP_ACK, seq - 50, OUR_ISN + 1, 512, 50, 1.0) & tcp.A_ACK
     assert conn.data_take == 0
@@ -225,10 +227,12 @@ def test_host_open_unanswered_syn_is_retried_then_abandoned() -> None:
 
 
 def test_options_parser_handles_garbage() -> None:
-    assert tcp.parse_options(bytes.fromhex("020405b4010303070402")) == (1460, 7)
-    assert tcp.parse_options(bytes.fromhex("0303ff")) == (None, 14)  # scale capped at 14
-    assert tcp.parse_options(b"\x02") == (None, None)
-    assert tcp.parse_options(bytes.fromhex("0200")) == (None, None)
+    assert tcp.parse_options(bytes.fromhex("020405b4010303070402")) == (1460, 7, True)
+    assert tcp.parse_options(bytes.fromhex("0303ff")) == (None, 14, False)  # scale capped
+    assert tcp.parse_options(b"\x02") == (None, None, False)
+    assert tcp.parse_options(bytes.fromhex("0200")) == (None, None, False)
+    opts = tcp.syn_options(1460, 7, True)
+    assert tcp.parse_options(opts) == (1460, 7, True) and len(opts) % 4 == 0
 
 
 @settings(max_examples=300)
@@ -253,3 +257,54 @@ def test_any_segment_sequence_keeps_invariants(segments: list) -> None:
         assert conn.send_budget() >= 0
         if conn.get_timer() is not None:
             conn.handle_timer(now)
+
+
+def test_data_after_a_gap_is_held_and_released_when_the_gap_fills() -> None:
+    conn = established_from_guest()
+    conn.window_field(1 << 20)
+    seq = GUEST_ISN + 1
+    # segments 2 and 3 arrive, segment 1 was lost: duplicate ACKs, data held
+    for n in (1, 2):
+        actions = conn.on_segment(TCP_ACK, seq + n * 100, OUR_ISN + 1, 512, 100, 1.0)
+        assert actions & tcp.A_DUPACK and actions & tcp.A_HOLD and conn.data_take == 0
+        conn.hold(seq + n * 100, bytes([n]) * 100)
+    conn.hold(seq + 100, b"\1" * 100)  # a duplicate is kept once
+    assert conn.held_bytes == 200
+    conn.commit(0, 1.0)
+    # the retransmission of segment 1 fills the gap
+    conn.on_segment(TCP_ACK, seq, OUR_ISN + 1, 512, 100, 1.1)
+    assert conn.data_take == 100
+    actions = conn.commit(100, 1.1)
+    assert actions & tcp.A_RELEASE
+    assert b"".join(conn.released) == b"\1" * 100 + b"\2" * 100
+    assert not conn.commit(200, 1.1) & tcp.A_RELEASE
+    assert conn.rcv_nxt == seq + 300 and conn.held_bytes == 0
+
+
+def test_held_data_beyond_the_window_or_the_cap_is_not_kept() -> None:
+    conn = established_from_guest()
+    conn.window_field(1000)
+    actions = conn.on_segment(TCP_ACK, GUEST_ISN + 1 + 950, OUR_ISN + 1, 512, 100, 1.0)
+    assert actions & tcp.A_DUPACK and not actions & tcp.A_HOLD  # past the window we offered
+    conn.window_field(1 << 24)
+    conn.held_bytes = tcp.HOLD_MAX
+    actions = conn.on_segment(TCP_ACK, GUEST_ISN + 1 + 950, OUR_ISN + 1, 512, 100, 1.0)
+    assert not actions & tcp.A_HOLD
+
+
+def test_sack_blocks_describe_what_is_held_latest_first() -> None:
+    conn = TcpConn.from_guest_syn(KEY, 0.0, OUR_ISN, 65480, GUEST_ISN, 65535, 1460, 7, True)
+    conn.host_connected(0.0)
+    conn.on_segment(TCP_ACK, GUEST_ISN + 1, OUR_ISN + 1, 65535, 0, 0.1)
+    base = GUEST_ISN + 1
+    assert conn.sack_option() == b""
+    for offset in (1000, 1100, 3000, 5000, 7000, 9000):  # 1000-1200 merge into one block
+        conn.hold(base + offset, b"x" * 100)
+    conn.hold(base + 3000, b"x" * 100)  # again: the latest arrival is in the 3000 block
+    opt = conn.sack_option()
+    assert opt[:4] == bytes((1, 1, 5, 2 + 8 * 4))
+    blocks = [struct.unpack_from("!II", opt, 4 + 8 * i) for i in range(4)]
+    assert blocks[0] == (base + 3000, base + 3100)
+    assert (base + 1000, base + 1200) in blocks
+    conn.sack_ok = False
+    assert conn.sack_option() == b""
