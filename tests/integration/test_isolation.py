@@ -76,23 +76,29 @@ def test_no_map_gw_keeps_the_host_loopback_out_of_reach(program_factory, guest_f
     assert ping.returncode == 0  # the dead end itself still answers pings
 
 
+# Opens COUNT connections to HOST:PORT and holds them LINGER seconds; prints how many held
+HOLD_CLIENT = """
+import json, socket, sys, time
+host, port, count, linger = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+held, refused = [], 0
+for _ in range(count):
+    try:
+        held.append(socket.create_connection((host, port), timeout=5))
+    except ConnectionRefusedError:
+        refused += 1
+print(json.dumps({"held": len(held), "refused": refused}), flush=True)
+time.sleep(linger)
+"""
+
+
 def test_flow_cap_refuses_cleanly_and_recovers(program_factory, guest_factory,
                                                host_server) -> None:
     host_server([sys.executable, NETPROG, "tcp-server", "--bind", "127.0.0.1", "--port", "18080"],
                 port=18080)
     prog = program_factory([*BASE_ARGS, "--limit", "max_flows=8"])
     guest = guest_factory(prog, wire="whole")
-    code = f"""
-import socket, json
-held, refused = [], 0
-for i in range(20):
-    try:
-        held.append(socket.create_connection(({guest.gw4!r}, 18080), timeout=5))
-    except ConnectionRefusedError:
-        refused += 1
-print(json.dumps({{"held": len(held), "refused": refused}}))
-"""
-    res = guest.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    res = guest.run([sys.executable, "-c", HOLD_CLIENT, guest.gw4 or "", "18080", "20", "0"],
+                    capture_output=True, text=True, timeout=60)
     out = json.loads(res.stdout)
     assert out["held"] <= 8 and out["refused"] >= 12, out
     assert "flow limit (8) reached" in prog.log_text()
@@ -117,18 +123,8 @@ def test_out_of_file_descriptors(program_factory, guest_factory, host_server,
     guest.spawn([sys.executable, NETPROG, "tcp-server", "--bind", "::", "--port", "22"],
                 log=guest.workdir / "srv.log")
     guest.wait_listening(22)
-    hold = f"""
-import socket, json, time
-held, refused = [], 0
-for i in range(80):
-    try:
-        held.append(socket.create_connection(({guest.gw4!r}, 18080), timeout=5))
-    except ConnectionRefusedError:
-        refused += 1
-print(json.dumps({{"held": len(held), "refused": refused}}), flush=True)
-time.sleep(3)
-"""
-    holder = guest.spawn([sys.executable, "-c", hold], log=guest.workdir / "hold.log")
+    holder = guest.spawn([sys.executable, "-c", HOLD_CLIENT, guest.gw4 or "", "18080", "80", "3"],
+                         log=guest.workdir / "hold.log")
     lab.wait_for(lambda: "held" in (guest.workdir / "hold.log").read_text(), 30, "the holder")
     out = json.loads((guest.workdir / "hold.log").read_text())
     assert out["refused"] > 0 and out["held"] > 0, out
