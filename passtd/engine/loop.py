@@ -859,6 +859,8 @@ class Engine:
             return
         now = self.loop.time()
         err = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        # ECONNRESET here is a peer that accepted and reset before we looked: the guest's
+        # handshake is not complete, so, as in passt, it sees a refused connection.
         if err:
             log.debug("%r: connect: %s", conn, os.strerror(err))
             self._tcp_actions(conn, conn.host_refused(), now)

@@ -81,6 +81,7 @@ srv.bind(("127.0.0.1", 18096))
 srv.listen(8)
 while True:
     conn, _ = srv.accept()
+    conn.recv(1)  # the guest's handshake is complete: a reset before it reads as refused
     conn.sendall(b"x" * 1_000_000)
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     conn.close()  # a RST, with data still unread by the client
@@ -89,6 +90,7 @@ while True:
 RESET_CLIENT = """
 import socket, sys, time
 s = socket.create_connection((sys.argv[1], 18096), timeout=10)
+s.sendall(b"?")
 t = time.monotonic()
 got = 0
 try:
