@@ -1013,6 +1013,7 @@ class Engine:
         ack = conn.rcv_nxt if flags & tcp.TCP_ACK else 0
         if flags & tcp.TCP_ACK:
             conn.ack_sent = ack
+            self._ack_carried(conn)
             if conn.held and not flags & tcp.TCP_SYN:
                 options = conn.sack_option()
         seg = packet.tcp_segment(conn.peer_addr, conn.guest_addr, conn.peer_port, conn.guest_port,
@@ -1027,6 +1028,16 @@ class Engine:
         self._acks_delayed[conn] = None
         if self._ack_timer is None:
             self._ack_timer = self.loop.call_later(ACK_DELAY, self._send_delayed_acks)
+
+    def _ack_carried(self, conn: TcpConn) -> None:
+        """Our ACK went out, alone or with data: the flow's delayed ACK is moot, and the
+        timer goes once no flow waits (request/response would otherwise wake up for
+        nothing after every reply)."""
+        if conn in self._acks_delayed:
+            del self._acks_delayed[conn]
+            if not self._acks_delayed and self._ack_timer is not None:
+                self._ack_timer.cancel()
+                self._ack_timer = None
 
     def _send_delayed_acks(self) -> None:
         self._ack_timer = None
@@ -1122,6 +1133,7 @@ class Engine:
                                  conn.rcv_nxt, conn.wnd_to_guest >> conn.our_wscale)
             conn.on_sent(n, now)
             conn.ack_sent = conn.rcv_nxt  # every data frame carries our ACK
+            self._ack_carried(conn)
             if self.pcap:
                 self.pcap.write_framed(frames, now)
             self.out.framed(frames)
