@@ -108,7 +108,7 @@ class Timeouts:
 @dataclass(frozen=True)
 class Limits:
     max_flows: int = 65536
-    max_listeners: int = 8192  # listening sockets for port forwards
+    max_listeners: int = 65536  # listening sockets for port forwards: -t all and -u all fit
     tcp_sndbuf: int = 4194304  # SO_SNDBUF of host TCP sockets (passt's SNDBUF_BIG)
 
 

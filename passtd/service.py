@@ -33,6 +33,7 @@ import ipaddress
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
@@ -529,8 +530,19 @@ def setup_logging(level: str) -> None:
     root.propagate = False
 
 
+def raise_nofile_limit() -> None:
+    """Take the hard RLIMIT_NOFILE as the soft one: every flow and every listener is a
+    descriptor, and the soft default of 1024 only exists for select(), which passtd does
+    not use (systemd's advice for programs on epoll)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        log.debug("descriptor limit raised from %d to %d", soft, hard)
+
+
 def run(cfg: InstanceConfig, reload_config: Callable[[], InstanceConfig]) -> int:
     setup_logging(cfg.log_level)
+    raise_nofile_limit()
     instance = Instance(cfg, reload_config)
     try:
         return asyncio.run(instance.run())

@@ -108,7 +108,7 @@ class EngineSettings:
     icmp_timeout: float = 60.0
     tcp_idle_timeout: float = 7200.0
     max_flows: int = 65536
-    max_listeners: int = 8192
+    max_listeners: int = 65536
     tcp_sndbuf: int = 0  # 0: leave the kernel's autotuning alone
     # the host's own addresses (targets for map_guest_addr) and DNS redirections
     host_addr4: bytes | None = None
@@ -1535,7 +1535,8 @@ class Engine:
             raise
         except OSError as e:  # socket() itself failed: EMFILE, no IPv6 in this kernel...
             self._close_listeners(fwd)
-            raise ForwardError("InvalidArgument", f"cannot open a listening socket: {e}") from e
+            raise ForwardError("InvalidArgument", f"{rule.proto} {format_rule(rule)}: cannot open "
+                                                  f"a listening socket: {e.strerror}") from e
         self._next_forward_id += 1
         self.forwards[fwd.id] = fwd
         log.info("forward %d: %s %s -> guest (%s, %d listening sockets)", fwd.id, rule.proto,
@@ -1574,7 +1575,9 @@ class Engine:
             for family, address, v6only in targets:
                 if self._listener_count >= self.settings.max_listeners:
                     raise ForwardError("InvalidArgument",
-                                       f"listener limit ({self.settings.max_listeners}) reached")
+                                       f"{rule.proto} {format_rule(rule)}: listener limit "
+                                       f"reached (limits.max_listeners = "
+                                       f"{self.settings.max_listeners})")
                 af = socket.AF_INET if family == 4 else socket.AF_INET6
                 sock = socket.socket(af, sock_type | socket.SOCK_NONBLOCK)
                 try:
@@ -1591,7 +1594,7 @@ class Engine:
                         sock.listen(LISTEN_BACKLOG)
                 except OSError as e:
                     sock.close()
-                    if rule.weak:
+                    if rule.weak and e.errno not in (errno.EMFILE, errno.ENFILE):
                         failures.append(f"{port}: {e.strerror}")
                         continue
                     kind = {errno.EADDRINUSE: "AddressInUse", errno.EACCES: "AccessDenied",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -108,6 +109,39 @@ def test_flow_cap_refuses_cleanly_and_recovers(program_factory, guest_factory,
                                     "--reply", "100", "--timeout", "5"],
                                    capture_output=True, timeout=30).returncode == 0,
                  20, "a new connection after the cap emptied")
+
+
+def test_forward_all_takes_the_hard_descriptor_limit_and_refuses_clearly(
+        program_factory, lab_host: lab.HostNamespace) -> None:
+    """A weak `all` rule under a shell's soft descriptor limit of 1024: passtd raises it to
+    the hard limit and listens on every port of the rule. Out of descriptors, or over the
+    listener cap, the start is refused with a message that says why."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    # ports 20001 to the ephemeral range: ~12,800 listeners, well over 1024
+    rule = "all,~1-20000"
+    argv = ["prlimit", f"--nofile=1024:{hard}", sys.executable, "-m", "passtd", "run", "all",
+            "--socket", "{SOCK}", *BASE_ARGS, "-t", rule]
+    prog = program_factory(argv=argv, name="all", timeout=60)
+    lab.wait_for(lambda: "ready" in prog.log_text(), 60, "the instance to be ready")
+    (line,) = [x for x in prog.log_text().splitlines() if "forward 1: tcp" in x]
+    count = int(line.split("(config, ")[1].split()[0])
+    low = int(lab_host.run(["cat", "/proc/sys/net/ipv4/ip_local_port_range"]).stdout.split()[0])
+    assert count > low - 20001 - 100, line  # one dual-stack socket a port, but for any in use
+    assert lab_host.listening(20001) and lab_host.listening(low - 1)
+    assert not lab_host.listening(20000)
+    prog.stop()  # its ports free again for the refusals
+
+    def refused(nofile: str, *args: str) -> str:
+        """stderr of an instance with `rule` that must refuse to start."""
+        res = lab_host.run(["prlimit", f"--nofile={nofile}", sys.executable, "-m", "passtd",
+                            "run", "refused", "--socket", str(lab_host.workdir / "refused.sock"),
+                            *BASE_ARGS, "-t", rule, *args], timeout=60, env=lab.passtd_env())
+        assert res.returncode == 1, res.stderr
+        return res.stderr
+
+    assert "Too many open files" in refused("1024:1024")
+    assert "listener limit reached (limits.max_listeners = 100)" in \
+        refused(f"1024:{hard}", "--limit", "max_listeners=100")
 
 
 def test_out_of_file_descriptors(program_factory, guest_factory, host_server,

@@ -82,7 +82,7 @@ def test_defaults(env: Env) -> None:
     assert cfg.dns == "host" and cfg.search == "host" and cfg.bus == "system"
     assert (cfg.timeouts.udp, cfg.timeouts.udp_stream, cfg.timeouts.icmp) == (30, 120, 60)
     assert cfg.timeouts.tcp_idle == 7200
-    assert (cfg.limits.max_flows, cfg.limits.max_listeners) == (65536, 8192)
+    assert (cfg.limits.max_flows, cfg.limits.max_listeners) == (65536, 65536)
     assert cfg.limits.tcp_sndbuf == 4194304
     assert cfg.sources == ()
 
