@@ -617,7 +617,8 @@ class Engine:
         return not bad
 
     def _may_open(self, pkt: packet.Packet) -> bool:
-        """Whether a packet may use or open a flow (TCP, UDP other than DHCP, ICMP echo).
+        """Whether a packet may use or open a flow (TCP, UDP other than DHCP, ICMP echo);
+        if it may, its source is an address the guest uses (`_learn_addr`).
 
         The unspecified source (only DHCP and DAD use it) and the addresses that are ours
         on the tap side (the gateway, the mapped host addresses) are refused as sources:
@@ -628,6 +629,7 @@ class Engine:
             self.drop_log(logging.DEBUG, "spoofed", "dropped IPv%d from %s: not the guest's",
                           pkt.family, addr_text(pkt.src))
             return False
+        self._learn_addr(pkt.family, pkt.src)
         return True
 
     def _ip_packet(self, pkt: packet.Packet, now: float) -> None:
@@ -650,15 +652,12 @@ class Engine:
                         self._send(reply)
                 return
             if self._may_open(pkt):
-                self._learn_addr(family, pkt.src)
                 self._udp_from_guest(pkt, sport, dport, payload, now)
         elif proto == packet.IPPROTO_TCP:
             if self._may_open(pkt):
-                self._learn_addr(family, pkt.src)
                 self._tcp_unmatched(None, None, now, pkt)
         elif proto == packet.IPPROTO_ICMP and family == 4:
             if self._may_open(pkt):
-                self._learn_addr(family, pkt.src)
                 self._ping_from_guest(pkt, now)
         elif proto == packet.IPPROTO_ICMPV6 and family == 6:
             if len(pkt.l4) and 133 <= pkt.l4[0] <= 137:
@@ -671,7 +670,6 @@ class Engine:
                         self._send(reply)
                 return
             if self._may_open(pkt):
-                self._learn_addr(family, pkt.src)
                 self._ping_from_guest(pkt, now)
         else:
             self.drop_log(logging.DEBUG, "proto", "dropped IP protocol %d", proto)
@@ -766,7 +764,6 @@ class Engine:
                 pkt = packet.parse_ip(frame)
                 if not (self._acceptable(pkt) and self._may_open(pkt)):
                     return
-                self._learn_addr(pkt.family, pkt.src)
             l4 = pkt.l4
             if len(l4) < packet.TCP_HLEN:
                 raise packet.Malformed("truncated TCP header")
@@ -1012,8 +1009,7 @@ class Engine:
             window = conn.wnd_to_guest >> conn.our_wscale
         ack = conn.rcv_nxt if flags & tcp.TCP_ACK else 0
         if flags & tcp.TCP_ACK:
-            conn.ack_sent = ack
-            self._ack_carried(conn)
+            self._ack_sent(conn)
             if conn.held and not flags & tcp.TCP_SYN:
                 options = conn.sack_option()
         seg = packet.tcp_segment(conn.peer_addr, conn.guest_addr, conn.peer_port, conn.guest_port,
@@ -1029,10 +1025,11 @@ class Engine:
         if self._ack_timer is None:
             self._ack_timer = self.loop.call_later(ACK_DELAY, self._send_delayed_acks)
 
-    def _ack_carried(self, conn: TcpConn) -> None:
-        """Our ACK went out, alone or with data: the flow's delayed ACK is moot, and the
-        timer goes once no flow waits (request/response would otherwise wake up for
-        nothing after every reply)."""
+    def _ack_sent(self, conn: TcpConn) -> None:
+        """Our ACK of rcv_nxt went out, alone or with data: the flow's delayed ACK is moot,
+        and the timer goes once no flow waits (request/response would otherwise wake up
+        for nothing after every reply)."""
+        conn.ack_sent = conn.rcv_nxt
         if conn in self._acks_delayed:
             del self._acks_delayed[conn]
             if not self._acks_delayed and self._ack_timer is not None:
@@ -1132,8 +1129,7 @@ class Engine:
                                  conn.guest_addr, conn.peer_port, conn.guest_port, conn.snd_nxt,
                                  conn.rcv_nxt, conn.wnd_to_guest >> conn.our_wscale)
             conn.on_sent(n, now)
-            conn.ack_sent = conn.rcv_nxt  # every data frame carries our ACK
-            self._ack_carried(conn)
+            self._ack_sent(conn)  # every data frame carries our ACK
             if self.pcap:
                 self.pcap.write_framed(frames, now)
             self.out.framed(frames)
@@ -1267,11 +1263,13 @@ class Engine:
         self._timer_handle = None
         self._timer_when = math.inf
         now = self.loop.time()
-        while self._timers and self._timers[0][0] <= now:
+        # due entries run; stale ones (superseded by an earlier entry, or of a flow that is
+        # gone) are dropped whenever they reach the top, due or not: they must not wake us
+        while self._timers and (self._timers[0][2] is None or self._timers[0][0] <= now):
             _, _, flow = heapq.heappop(self._timers)
             if flow is None:
                 self._stale_timers = max(0, self._stale_timers - 1)
-                continue  # superseded by an earlier entry, or the flow is gone
+                continue
             flow.timer_entry = None
             if flow.deadline is None:
                 continue
@@ -1283,10 +1281,6 @@ class Engine:
             except Exception:
                 log.exception("internal error in a timer of %r", flow)
                 self._close_flow(flow, rst_peer=True)
-        # entries of flows that closed must not wake us up: drop them from the top
-        while self._timers and self._timers[0][2] is None:
-            heapq.heappop(self._timers)
-            self._stale_timers = max(0, self._stale_timers - 1)
         if self._timers:
             self._arm_timer(self._timers[0][0])
         self._settle(now)

@@ -81,9 +81,9 @@ A_SOCK_KEEPALIVE = 1 << 12  # enable SO_KEEPALIVE on the host socket
 A_WAIT_WRITABLE = 1 << 13  # the socket refused data: tell us when it has room again
 A_ESTABLISHED = 1 << 14  # handshake done: start reading the host socket
 A_ACK_DELAYED = 1 << 15  # an ACK is due but may wait a moment for data to carry it
-A_DUPACK = 1 << 18  # a duplicate ACK, now: one per segment past a gap (RFC 5681 3.2)
 A_HOLD = 1 << 16  # keep this segment's payload aside with `hold`: it came after a gap
 A_RELEASE = 1 << 17  # held data is in order now: write `released`, then `commit` again
+A_DUPACK = 1 << 18  # a duplicate ACK, now: one per segment past a gap (RFC 5681 3.2)
 A_ABORT = A_RST_GUEST | A_RST_PEER | A_CLOSE
 
 # -- timers ---------------------------------------------------------------------------------
