@@ -46,14 +46,15 @@ import struct
 import termios
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from passtd import libvirt as passtd_libvirt
+from passtd.lab import wait_for
 from tests.libvirt_env import Lab, libvirt_lab
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.vm]
@@ -238,20 +239,7 @@ with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10) as s:
         log.write(json.dumps({{"ev": "ended", "how": how, "t": time.monotonic()}}) + "\\n")
 """
 
-T = TypeVar("T")
-
-
-def wait_for(probe: Callable[[], T | None], what: str, timeout: float = 20.0,
-              interval: float = 0.05) -> T:
-    """The first true value `probe` returns, polling; AssertionError after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout:.0f} s")
-        time.sleep(interval)
+WAIT_S = 20.0  # for what should happen within a few seconds
 
 
 class ConsoleWatch:
@@ -292,8 +280,8 @@ class ConsoleWatch:
 
     def wait(self, prefix: str, since: float, timeout: float = 20.0) -> tuple[float, str]:
         """The first line starting with `prefix` read at or after `since`."""
-        return wait_for(lambda: next(iter(self.matching(prefix, since)), None),
-                        f"console line {prefix!r}", timeout)
+        return wait_for(lambda: next(iter(self.matching(prefix, since)), None), timeout,
+                        f"console line {prefix!r}")
 
 
 class ServerEvents:
@@ -320,7 +308,7 @@ class ServerEvents:
             answered = self.answered(since)
             return answered[count - 1] if len(answered) >= count else None
 
-        return wait_for(nth, f"{count} guest requests answered", timeout)
+        return wait_for(nth, timeout, f"{count} guest requests answered")
 
     def stream_end(self, stream_id: int) -> dict[str, Any] | None:
         return next((e for e in self.all("stream-end") if e["id"] == stream_id), None)
@@ -407,7 +395,7 @@ class Guest:
         long as the guest holds it: 60 s); its events (see CLIENT)."""
         events = ServerEvents(self.lab.shared / f"client-{tag}.log")
         self.ct.spawn(["python3", "-c", CLIENT, str(port), str(events.path)])
-        wait_for(lambda: events.all("greeted"), f"the greeting through {port}")
+        wait_for(lambda: events.all("greeted"), WAIT_S, f"the greeting through {port}")
         return events
 
     def greeted(self, port: int) -> float:
@@ -416,8 +404,8 @@ class Guest:
 
     def wait_loaded(self) -> int:
         """Wait until a download runs (its id) and requests are being answered."""
-        stream = wait_for(lambda: self.events.streaming(at_least_s=1.0), "a running download",
-                          timeout=30)
+        stream = wait_for(lambda: self.events.streaming(at_least_s=1.0), 30,
+                          "a running download")
         self.events.wait_answered(time.monotonic(), count=2)
         return stream
 
@@ -444,7 +432,7 @@ def guest(lab: Lab, lab_logs: Any) -> Iterator[Guest]:
     servers_py.write_text(SERVERS)
     events = ServerEvents(lab.shared / "events.log")
     servers = ct.spawn(["python3", str(servers_py), str(events.path), str(generation)])
-    wait_for(lambda: events.all("up"), "the loopback servers")
+    wait_for(lambda: events.all("up"), WAIT_S, "the loopback servers")
     lab.define(NAME, script=GUEST_SCRIPT)
     lab.passtctl("libvirt", "attach", NAME)
     console = ConsoleWatch(lab.console_path(NAME))
@@ -498,15 +486,15 @@ def _restart_under_load(guest: Guest, generation: int, pid: str,
         (connection.passtd_inode, connection.qemu_inode), (connection, served)
     assert f'("passtd",pid={pid},' in served.passtd_side, served
 
-    ended = wait_for(lambda: guest.events.stream_end(stream),
+    ended = wait_for(lambda: guest.events.stream_end(stream), WAIT_S,
                      "the end of the download in flight at the restart")
     # the old process closes all its sockets at once, that download's among them: what
     # arrives after that came through the new process
     first_answer = guest.events.wait_answered(ended["t"])
     # (the guest reports a download when it ends: the first since the restart is that one)
     guest_saw_end = guest.console.wait("FSD stream ", issued)[0]
-    next_stream = wait_for(lambda: guest.events.stream_opened(issued), "a new download")
-    (held_end,) = wait_for(lambda: held.all("ended"),
+    next_stream = wait_for(lambda: guest.events.stream_opened(issued), WAIT_S, "a new download")
+    (held_end,) = wait_for(lambda: held.all("ended"), WAIT_S,
                            "the end of the host->guest connection in flight at the restart")
     renewed, renewal = guest.console.wait(f"FSD renew gen={generation} ", issued)
     assert renewal.endswith(" ok"), renewal
@@ -592,7 +580,7 @@ def test_restart_between_the_two_parts_of_a_frame(lab: Lab) -> None:
             # SIOCOUTQ of a UNIX stream socket: what the peer has not read yet
             wait_for(lambda: struct.unpack("i", fcntl.ioctl(qemu.sock, termios.TIOCOUTQ,
                                                              bytes(4)))[0] == 0,
-                     "the running process to read the first part")
+                     WAIT_S, "the running process to read the first part")
             ct.systemctl("restart", units[1])
             qemu.sock.sendall(framed[20:])
             qemu.dhcp_offer(timeout=10)  # (BrokenPipeError: the new process dropped qemu)
@@ -634,11 +622,11 @@ def _refused_reload(guest: Guest, broken: Broken, pid: str, forwards: list[tuple
     issued = time.monotonic()
     ct.systemctl("reload", UNIT)
     line = f"reload refused, keeping the running configuration: {broken.reason}"
-    wait_for(lambda: guest.journal_has(line), f"{line!r} in the journal", timeout=10)
+    wait_for(lambda: guest.journal_has(line), 10, f"{line!r} in the journal")
     logged = time.monotonic()
     ct.write_file(broken.path, good)
     status = f"reload failed: {broken.reason}"
-    wait_for(lambda: guest.status() == status, f"StatusText {status!r}", timeout=5)
+    wait_for(lambda: guest.status() == status, 5, f"StatusText {status!r}")
     info = ct.unit_properties(UNIT, "MainPID", "ActiveState")
     assert (info["MainPID"], info["ActiveState"]) == (pid, "active"), info
     assert guest.forwards() == forwards
@@ -672,11 +660,9 @@ def test_reload_with_a_broken_config_under_load(guest: Guest) -> None:
     ct.write_file(ETC_FILE, etc_config(f"{CONFIG_PORT}:22", f"{ADDED_PORT}:22"))
     issued = time.monotonic()
     ct.systemctl("reload", UNIT)
-    wait_for(lambda: guest.listening(ADDED_PORT), f"the new forward {ADDED_PORT} listening",
-             timeout=10)
+    wait_for(lambda: guest.listening(ADDED_PORT), 10, f"the new forward {ADDED_PORT} listening")
     listening = time.monotonic()
-    wait_for(lambda: guest.journal_has("configuration reloaded"), "the reload in the journal",
-             timeout=5)
+    wait_for(lambda: guest.journal_has("configuration reloaded"), 5, "the reload in the journal")
     assert guest.forwards() == sorted([*forwards, (f"{ADDED_PORT}:22", "config")])
     added_in = guest.greeted(ADDED_PORT)
     kept_in = guest.greeted(CONFIG_PORT)

@@ -19,7 +19,7 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
-from passtd import lab
+from passtd import bench, lab
 from tests.qemu_stub import QemuStub
 
 NETPROG = str(Path(__file__).resolve().parents[1] / "netprog.py")
@@ -180,15 +180,14 @@ def test_out_of_file_descriptors(program_factory, guest_factory, host_server,
 
 
 def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = bench.cpu_ticks(pid)
+    assert ticks is not None, f"process {pid} is gone"
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _fds_and_rss(pid: int) -> tuple[int, int]:
-    fds = len(os.listdir(f"/proc/{pid}/fd"))
-    rss = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text()
-               .splitlines() if line.startswith("VmRSS:"))
-    return fds, rss
+    fds = len(os.listdir(f"/proc/{pid}/fd"))  # (raises if the process is gone)
+    return fds, bench.memory_kib(pid)[0]
 
 
 SOAK_CLIENT = """

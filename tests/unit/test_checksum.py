@@ -8,16 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from passtd.engine import checksum
-
-
-def reference(buf: bytes) -> int:
-    if len(buf) % 2:
-        buf += b"\0"
-    total = sum(struct.unpack(f"!{len(buf) // 2}H", buf))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
+from tests.fuzz.oracle import rfc1071 as reference
 
 EDGE_CASES = [
     b"",
