@@ -189,6 +189,7 @@ class Engine:
         self._peek_off = self._probe_peek_off()
         self._rcvlowat_max = _tcp_rcvlowat_max()
         self._isn_secret = os.urandom(16)
+        self._hold_budget = tcp.HoldBudget()  # out-of-order guest data, all flows together
         self._timers: list[list] = []  # heap of [deadline, seq, flow or None when stale]
         self._stale_timers = 0  # heap entries whose flow closed or moved to an earlier one
         self._timer_seq = itertools.count()
@@ -841,7 +842,8 @@ class Engine:
         self._tcp_socket_options(sock)
         conn = TcpConn.from_guest_syn(key, now, self._isn(key, now), self._our_mss(pkt.family),
                                       seq, window, *opts,
-                                      idle_timeout=self.settings.tcp_idle_timeout)
+                                      idle_timeout=self.settings.tcp_idle_timeout,
+                                      hold_budget=self._hold_budget)
         conn.sock = sock
         self.flows.add(conn)
         self._changed("FlowCount")
@@ -1211,6 +1213,8 @@ class Engine:
                                         struct.pack("ii", 1, 0))
                 sock.close()
             flow.sock = None
+        if isinstance(flow, TcpConn):
+            flow.drop_held()
         self._ack_due.pop(flow, None)  # type: ignore[call-overload]
         self._discard_due.pop(flow, None)  # type: ignore[call-overload]
         self._acks_delayed.pop(flow, None)  # type: ignore[call-overload]
@@ -1674,7 +1678,7 @@ class Engine:
         sock.setblocking(False)
         self._tcp_socket_options(sock)
         conn = TcpConn.from_host_accept(key, now, self._isn(key, now), self._our_mss(family),
-                                        self.settings.tcp_idle_timeout)
+                                        self.settings.tcp_idle_timeout, self._hold_budget)
         conn.sock = sock
         conn.forward_id = fwd.id
         self.flows.add(conn)

@@ -17,7 +17,8 @@ Theory of operation (the same as passt's tcp.c):
   only as far as the socket accepted it (`on_segment` then `commit`). We never queue guest
   data ourselves: what the socket refuses the guest retransmits. The window we advertise
   is the socket's free send space, so a healthy guest never overruns it. Data that
-  arrives after a gap (a frame lost on the way) is held, up to HOLD_MAX, and written
+  arrives after a gap (a frame lost on the way) is held, up to HOLD_MAX per flow and
+  HOLD_TOTAL_MAX per instance (`HoldBudget`), and written
   once the guest fills the gap: without SACK, dropping it would cost the guest a
   retransmission per round trip for everything it had in flight.
 - Host -> guest data stays in the socket's receive queue until the guest acknowledges
@@ -103,6 +104,7 @@ KEEPALIVE_INTERVAL = 30.0  # tap-side silence before we probe the guest
 DEFAULT_IDLE_TIMEOUT = 7200.0
 DUPACK_THRESHOLD = 3
 HOLD_MAX = 1 << 20  # bytes of out-of-order guest data held per flow
+HOLD_TOTAL_MAX = 64 << 20  # ... and by all the flows of one instance (HoldBudget)
 SACK_BLOCKS_MAX = 4
 ACK_EVERY = 2  # segments' worth of unacknowledged guest data that is ACKed at once (RFC 9293)
 
@@ -164,6 +166,17 @@ def syn_options(mss: int, wscale: int | None, sack: bool) -> bytes:
     return opts
 
 
+class HoldBudget:
+    """Out-of-order bytes held by all the flows of one instance (`TcpConn.hold`), against
+    one cap: HOLD_MAX bounds a flow, this bounds a guest that opens many of them."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int = HOLD_TOTAL_MAX) -> None:
+        self.limit = limit
+        self.used = 0
+
+
 class TcpConn(Flow):
     """One TCP connection between the guest and a host socket. See the module docstring."""
 
@@ -182,6 +195,7 @@ class TcpConn(Flow):
         "held",
         "held_bytes",
         "held_last",
+        "hold_budget",
         "idle_timeout",
         "last_activity",
         "our_isn",
@@ -206,7 +220,8 @@ class TcpConn(Flow):
     proto_name = "tcp"
 
     def __init__(self, key: FlowKey, origin: str, now: float, our_isn: int, our_mss: int,
-                 idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
+                 idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+                 hold_budget: HoldBudget | None = None) -> None:
         super().__init__(key, origin, now)
         self.events = 0
         self.our_isn = our_isn & _SEQ_MASK
@@ -228,6 +243,7 @@ class TcpConn(Flow):
         self.held: list[tuple[int, bytes]] = []  # (seq, payload) past a gap, in order
         self.held_bytes = 0
         self.held_last = 0  # sequence number of the segment held most recently
+        self.hold_budget = hold_budget if hold_budget is not None else HoldBudget()
         self.released: list[bytes] = []
         self.sack_ok = False  # the guest accepts SACK blocks from us (RFC 2018)
         self.rcv_pending = 0
@@ -248,9 +264,10 @@ class TcpConn(Flow):
     @classmethod
     def from_guest_syn(cls, key: FlowKey, now: float, our_isn: int, our_mss: int, seq: int,
                        window: int, mss: int | None, wscale: int | None, sack: bool = False,
-                       idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> TcpConn:
+                       idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+                       hold_budget: HoldBudget | None = None) -> TcpConn:
         """The guest's SYN: the loop is about to connect() the host socket."""
-        conn = cls(key, "guest", now, our_isn, our_mss, idle_timeout)
+        conn = cls(key, "guest", now, our_isn, our_mss, idle_timeout, hold_budget)
         conn.events = TAP_SYN_RCVD
         conn._take_guest_syn(seq, window, mss, wscale, sack)
         conn._arm(now)
@@ -258,9 +275,10 @@ class TcpConn(Flow):
 
     @classmethod
     def from_host_accept(cls, key: FlowKey, now: float, our_isn: int, our_mss: int,
-                         idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> TcpConn:
+                         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+                         hold_budget: HoldBudget | None = None) -> TcpConn:
         """A host peer connected through a forward: the loop sends our SYN (`A_SYN`)."""
-        conn = cls(key, "host", now, our_isn, our_mss, idle_timeout)
+        conn = cls(key, "host", now, our_isn, our_mss, idle_timeout, hold_budget)
         conn.events = SOCK_ACCEPTED
         conn.our_wscale = OUR_WSCALE
         conn.snd_nxt = conn.snd_max = (conn.our_isn + 1) & _SEQ_MASK  # the SYN takes one
@@ -354,8 +372,10 @@ class TcpConn(Flow):
             if events & TAP_FIN_RCVD:
                 return actions | A_ACK  # data after the FIN: duplicate ACK
             if offset > 0:  # a gap: duplicate ACK, and keep the data if it fits
+                budget = self.hold_budget
                 if not fin and offset + plen <= self.wnd_to_guest \
-                        and self.held_bytes + plen <= HOLD_MAX:
+                        and self.held_bytes + plen <= HOLD_MAX \
+                        and budget.used + plen <= budget.limit:
                     return actions | A_DUPACK | A_HOLD
                 return actions | A_DUPACK
             skip = -offset
@@ -496,8 +516,8 @@ class TcpConn(Flow):
 
         Without it one lost frame costs the guest everything it sent after it: without
         SACK it learns that only one retransmission at a time, and a large window of
-        small segments collapses into retransmission timeouts. Bounded by HOLD_MAX and by
-        the window we offer.
+        small segments collapses into retransmission timeouts. Bounded by HOLD_MAX, by the
+        instance's HoldBudget and by the window we offer.
         """
         base = self.rcv_nxt
         self.held_last = seq
@@ -506,6 +526,13 @@ class TcpConn(Flow):
             return  # the same segment again
         self.held.insert(at, (seq, data))
         self.held_bytes += len(data)
+        self.hold_budget.used += len(data)
+
+    def drop_held(self) -> None:
+        """The flow is gone: what it held goes, and back to the instance's budget."""
+        self.hold_budget.used -= self.held_bytes
+        self.held.clear()
+        self.held_bytes = 0
 
     def sack_option(self) -> bytes:
         """SACK blocks for what we hold (RFC 2018): the guest then resends only the holes.
@@ -541,6 +568,7 @@ class TcpConn(Flow):
                 break
             del self.held[0]
             self.held_bytes -= len(data)
+            self.hold_budget.used -= len(data)
             if -offset < len(data):
                 piece = data[-offset:]
                 out.append(piece)

@@ -292,6 +292,28 @@ def test_held_data_beyond_the_window_or_the_cap_is_not_kept() -> None:
     assert not actions & tcp.A_HOLD
 
 
+def test_flows_of_one_instance_hold_no_more_than_its_budget_together() -> None:
+    budget = tcp.HoldBudget(limit=150)
+    first, second = (TcpConn.from_guest_syn(KEY, 0.0, OUR_ISN, 65480, GUEST_ISN, 65535, 1460, 7,
+                                            hold_budget=budget) for _ in range(2))
+    gap = GUEST_ISN + 1 + 100
+    for conn in (first, second):
+        conn.host_connected(0.0)
+        conn.window_field(1 << 20)
+    assert first.on_segment(TCP_ACK, gap, OUR_ISN + 1, 512, 100, 1.0) & tcp.A_HOLD
+    first.hold(gap, b"\1" * 100)
+    assert budget.used == 100
+    actions = second.on_segment(TCP_ACK, gap, OUR_ISN + 1, 512, 100, 1.0)
+    assert actions & tcp.A_DUPACK and not actions & tcp.A_HOLD  # 200 would pass the limit
+    first.drop_held()  # the flow closed
+    assert budget.used == 0 and first.held_bytes == 0
+    assert second.on_segment(TCP_ACK, gap, OUR_ISN + 1, 512, 100, 1.0) & tcp.A_HOLD
+    second.hold(gap, b"\2" * 100)
+    second.on_segment(TCP_ACK, GUEST_ISN + 1, OUR_ISN + 1, 512, 100, 1.1)  # fills the gap
+    assert second.commit(100, 1.1) & tcp.A_RELEASE
+    assert budget.used == 0  # released data is no longer held
+
+
 def test_sack_blocks_describe_what_is_held_latest_first() -> None:
     conn = TcpConn.from_guest_syn(KEY, 0.0, OUR_ISN, 65480, GUEST_ISN, 65535, 1460, 7, True)
     conn.host_connected(0.0)
