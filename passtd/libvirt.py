@@ -408,14 +408,15 @@ def _parse_domain(domain_xml: str | bytes) -> ET.Element:
     return root
 
 
-def _find_metadata(root: ET.Element) -> ET.Element | None:
+def _find_metadata(root: ET.Element) -> tuple[ET.Element | None, ET.Element | None]:
+    """The domain's <metadata> and our <passtd:network> in it (None: absent)."""
     metadata = root.find("metadata")
-    return None if metadata is None else metadata.find(f"{_TAG}network")
+    return metadata, None if metadata is None else metadata.find(f"{_TAG}network")
 
 
 def settings_from_domain(domain_xml: str | bytes) -> NetworkSettings | None:
     """The domain's passtd settings, or None if it has no passtd metadata."""
-    element = _find_metadata(_parse_domain(domain_xml))
+    _metadata, element = _find_metadata(_parse_domain(domain_xml))
     return None if element is None else parse_metadata(element)
 
 
@@ -529,6 +530,11 @@ def _qemu_pairs(commandline: ET.Element | None, option: str) -> list[_Option]:
     return pairs
 
 
+def _our_pairs(commandline: ET.Element, option: str, key: str) -> list[_Option]:
+    """The -netdev (key "id") or -device (key "netdev") pairs of our netdev."""
+    return [p for p in _qemu_pairs(commandline, option) if p.options.get(key) == NETDEV_ID]
+
+
 def _is_passtd_netdev(options: dict[str, str]) -> bool:
     """A stream netdev to some instance's socket: ours (maybe of an earlier domain name)."""
     path = options.get("addr.path", "")
@@ -640,8 +646,7 @@ def attach_xml(domain_xml: str, change: SettingsChange = SettingsChange()) -> Ed
 def _update_metadata(root: ET.Element, name: str,
                      change: SettingsChange) -> tuple[NetworkSettings, bool]:
     """The domain's <passtd:network> with `change` applied: (settings, changed)."""
-    metadata = root.find("metadata")
-    element = None if metadata is None else metadata.find(f"{_TAG}network")
+    metadata, element = _find_metadata(root)
     old = parse_metadata(element) if element is not None else None
     settings = change.apply(old or NetworkSettings())
     check_settings(name, settings)
@@ -691,8 +696,7 @@ def _update_nic(root: ET.Element, commandline: ET.Element,
                 wanted: str | None) -> tuple[str, bool]:
     """Our -device on the netdev, added or given the `wanted` MAC: (its MAC, changed)."""
     wanted = None if wanted is None else _check_mac(wanted)
-    devices = [d for d in _qemu_pairs(commandline, "device")
-               if d.options.get("netdev") == NETDEV_ID]
+    devices = _our_pairs(commandline, "device", "netdev")
     if not devices:
         mac = wanted or stable_mac(root.findtext("uuid") or "", _domain_macs(root))
         for value in ("-device", device_value(mac)):
@@ -711,8 +715,7 @@ def detach_xml(domain_xml: str) -> Edit:
     root = _parse_domain(domain_xml)
     notes: list[str] = []
     changed = False
-    metadata = root.find("metadata")
-    element = None if metadata is None else metadata.find(f"{_TAG}network")
+    metadata, element = _find_metadata(root)
     if metadata is not None and element is not None:
         metadata.remove(element)
         if len(metadata) == 0:
@@ -720,15 +723,13 @@ def detach_xml(domain_xml: str) -> Edit:
         changed = True
     commandline = root.find(f"{_QEMU_TAG}commandline")
     if commandline is not None:
-        netdevs = [n for n in _qemu_pairs(commandline, "netdev")
-                   if n.options.get("id") == NETDEV_ID]
+        netdevs = _our_pairs(commandline, "netdev", "id")
         foreign = [n for n in netdevs if not _is_passtd_netdev(n.options)]
         if foreign:  # then its NIC is not ours either
             notes.append(f"left netdev {NETDEV_ID} and its NIC alone: not passtd's "
                          f"({foreign[0].arg.get('value')})")
         else:
-            devices = [d for d in _qemu_pairs(commandline, "device")
-                       if d.options.get("netdev") == NETDEV_ID]
+            devices = _our_pairs(commandline, "device", "netdev")
             for pair in [*netdevs, *devices]:
                 commandline.remove(pair.flag)
                 commandline.remove(pair.arg)
@@ -885,7 +886,7 @@ def release(name: str, domain_xml: str | bytes, *, systemctl: Systemctl = _syste
         config.check_name(name)
     except (MetadataError, config.ConfigError):
         return False  # prepare refused it: nothing was started
-    if _find_metadata(root) is None:
+    if _find_metadata(root)[1] is None:
         return False
     res = systemctl("stop", service_unit(name), socket_unit(name))
     with contextlib.suppress(FileNotFoundError):
