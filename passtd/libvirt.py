@@ -20,8 +20,9 @@ Design. A libvirt domain that uses passtd carries everything in its own definiti
     rejects `<interface><backend type='passt'/>`, so this is the way in (the domain is
     then "tainted: custom-argv" in libvirt's log, which is harmless).
 
-The instance name is the domain name (passtd.config.check_name applies), its systemd units
-are passtd@ESCAPED.socket/.service (`systemd_escape`).
+The instance name is the domain name, so a domain whose name is not an instance name
+(passtd.names: "-x", "..", "a b") is refused by the hook and by attach, with the reason;
+its systemd units are passtd@ESCAPED.socket/.service (`systemd_escape`).
 
 Three users of this module:
 
@@ -75,6 +76,7 @@ import yaml
 
 from . import config
 from .engine.fwd import SpecError, find_conflict, parse_spec
+from .names import InvalidName, check_name
 
 NAMESPACE = "https://passtd.org/xmlns/libvirt/1"
 PREFIX = "passtd"
@@ -257,7 +259,6 @@ def check_settings(name: str, settings: NetworkSettings) -> None:
     section of a scratch config file (no /etc files, no drop-ins), and its message loses
     the scratch file's name.
     """
-    config.check_name(name)
     with tempfile.TemporaryDirectory(prefix="passtd-check-") as scratch:
         path = os.path.join(scratch, "passtd.yaml")
         with open(path, "w", encoding="utf-8") as f:
@@ -495,7 +496,7 @@ def _format_qemu_options(options: dict[str, str]) -> str:
 
 
 def netdev_value(name: str) -> str:
-    # instance names (config.check_name) have no commas: nothing to escape for qemu
+    # instance names (passtd.names) have no commas: nothing to escape for qemu
     return f"stream,id={NETDEV_ID},server=off,addr.type=unix,addr.path={socket_path(name)}"
 
 
@@ -629,8 +630,8 @@ def attach_xml(domain_xml: str, change: SettingsChange = SettingsChange()) -> Ed
     root = _parse_domain(domain_xml)
     name = root.findtext("name") or ""
     try:
-        config.check_name(name)
-    except config.ConfigError as e:
+        check_name(name)
+    except InvalidName as e:
         raise DomainError(DomainError.REFUSED, f"domain {name!r}: {e}") from None
     settings, metadata_changed = _update_metadata(root, name, change)
     commandline = root.find(f"{_QEMU_TAG}commandline")
@@ -848,9 +849,13 @@ def prepare(name: str, domain_xml: str | bytes, *, systemctl: Systemctl = _syste
     if settings is None:
         return False
     try:
-        config.check_name(name)
+        check_name(name)
+    except InvalidName as e:
+        raise HookError(f"domain {name!r} cannot have a passtd instance: {e}; rename the "
+                        "domain (virsh domrename)") from None
+    try:
         check_settings(name, settings)
-    except (config.ConfigError, MetadataError) as e:
+    except MetadataError as e:
         raise HookError(f"domain {name}: its passtd metadata is refused: {e}") from None
     runtime_file = os.path.join(_runtime_dir(), f"{name}.yaml")
     socket, service = socket_unit(name), service_unit(name)
@@ -883,8 +888,8 @@ def release(name: str, domain_xml: str | bytes, *, systemctl: Systemctl = _syste
     does not use passtd. HookError if stopping failed (libvirt only logs it)."""
     try:
         root = _parse_domain(domain_xml)
-        config.check_name(name)
-    except (MetadataError, config.ConfigError):
+        check_name(name)
+    except (MetadataError, InvalidName):
         return False  # prepare refused it: nothing was started
     if _find_metadata(root)[1] is None:
         return False

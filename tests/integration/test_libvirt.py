@@ -252,6 +252,30 @@ def test_qemu_user_without_access_blocks_the_start(lab: Lab) -> None:
     _instance_stopped(lab, name)
 
 
+@pytest.mark.parametrize("name", ["-lvx", "lv:x", "lv x"])
+def test_a_domain_name_that_is_no_instance_name_blocks_the_start(lab: Lab, name: str) -> None:
+    """libvirt accepts these domain names (and "." too, now and then); as an instance name,
+    "-lvx" made `passtd run -lvx` (no instance: the VM ran with a dead NIC), and ":" is
+    refused as well (systemd 254 and later split RuntimeDirectory= at a colon). The hook
+    refuses the start, and virsh says why."""
+    ns = passtd_libvirt.NAMESPACE
+    lab.define(name, metadata=f"<passtd:network xmlns:passtd='{ns}'/>")
+    try:
+        res = lab.virsh("start", "--", name, check=False)
+        print(f"[libvirt] virsh start of domain {name!r}:\n{res.stderr}")
+        assert res.returncode != 0
+        assert f"passtd: domain {name!r} cannot have a passtd instance: instance name " \
+               f"{name!r}: must be 1 to 60 characters of A-Z a-z 0-9 _ . -, starting with " \
+               "a letter or a digit; rename the domain (virsh domrename)" in res.stderr
+        assert lab.virsh("domstate", "--", name).stdout.strip() == "shut off"
+        loaded = lab.ct.systemctl("list-units", "--all", "--plain", "--no-legend",
+                                  "passtd@*").stdout
+        assert passtd_libvirt.systemd_escape(name) not in loaded, loaded
+    finally:
+        lab.virsh("destroy", "--", name, check=False)
+        lab.virsh("undefine", "--", name, check=False)
+
+
 # -- attach and detach against libvirt --------------------------------------------------------
 
 

@@ -322,16 +322,31 @@ def test_socket_templates(env: Env) -> None:
 # --- instance names -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["vm1", "vm-1", "web_01.prod", "user@host:vm", "x" * 64])
+@pytest.mark.parametrize("name", ["vm1", "vm-1", "web_01.prod", "1vm", "a..b", "vm.",
+                                  "x" * 60])
 def test_good_names(env: Env, name: str) -> None:
     env.main_file("defaults: {socket: /tmp/passtd-test.sock}\n")
     assert env.load(name).name == name
 
 
-@pytest.mark.parametrize("name", ["", "x" * 65, "a/b", "vm 1", "vm\n", "é"])
+@pytest.mark.parametrize("name", ["", ".", "..", "-x", "--config", "_x", ".x", "x" * 61,
+                                  "a/b", "../x", "vm 1", "vm\n", "é", "a:b", "a@b"])
 def test_bad_names(env: Env, name: str) -> None:
-    with pytest.raises(ConfigError, match=r"instance name .*: must be 1 to 64 characters"):
+    with pytest.raises(ConfigError, match=r"instance name .*: must be 1 to 60 characters"):
         load(name, config_file=str(env.main))
+
+
+@pytest.mark.parametrize("key", ["-x", "..", "'.'", "'my vm'", "'a:b'"])
+def test_instance_keys_must_be_instance_names(env: Env, key: str) -> None:
+    """A section no instance can have is a mistake to report, not one to skip quietly."""
+    for main, dropin in ((f"instances: {{{key}: {{mtu: 1400}}}}\n", ""),
+                         ("", f"instances: {{{key}: {{mtu: 1400}}}}\n")):
+        env.main_file(main)
+        path = env.dropin("10-x.yaml", dropin)
+        got = error_of(env)
+        where = path if dropin else str(env.main)
+        assert got.startswith(f"{where}: instances: instance name "), got
+        assert "must be 1 to 60 characters of A-Z a-z 0-9 _ . -" in got, got
 
 
 # --- errors: file, key path and reason ------------------------------------------------
@@ -401,6 +416,7 @@ def file_error(env: Env, text: str, name: str = "vm1") -> str:
         ("defaults: {limits: {max_flows: 1.5}}",
          "defaults.limits.max_flows: must be an integer, got 1.5"),
         ("defaults: {bus: user}", "defaults.bus: must be one of system, session, none; got 'user'"),
+
         ("defaults: [1]", "defaults: must be a mapping, got a list"),
         ("mtu: 1500", "mtu: unknown key (this file has 'defaults:' and 'instances:'"),
         ("instances: [vm1]", "instances: must be a mapping of instance names"),

@@ -215,7 +215,7 @@ def test_passtd_config_checks_the_values(settings: NetworkSettings, message: str
 
 
 def test_check_settings_refuses_an_unusable_instance_name() -> None:
-    with pytest.raises(lv.config.ConfigError, match="instance name"):
+    with pytest.raises(MetadataError, match="instance name 'my vm': must be 1 to 60"):
         lv.check_settings("my vm", NetworkSettings())
 
 
@@ -506,6 +506,35 @@ def test_prepare_writes_the_runtime_file_and_starts_the_socket(runtime_dir: Path
     loaded = lv.config.load("my-vm", config_file=etc)
     assert loaded.mtu == 1500 and loaded.tcp_forward_specs == ("2222:22",
                                                                "127.0.0.1/8000-8010:9000-9010")
+
+
+@pytest.mark.parametrize("name", ["-x", ".", "..", "a b", "a:b", "vm\n", "é", "x" * 61])
+def test_prepare_refuses_a_domain_whose_name_is_no_instance_name(
+        runtime_dir: Path, etc: str, name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """"-x" would become `passtd run -x` (no instance: the VM's NIC dead), "." the unit
+    whose state directory is every instance's: the domain does not start, and virsh start
+    says why (the hook's last line on stderr)."""
+    systemctl = FakeSystemctl()
+    domain = with_metadata(net())
+    with pytest.raises(HookError) as caught:
+        lv.prepare(name, domain, systemctl=systemctl, config_file=etc)
+    assert str(caught.value) == (
+        f"domain {name!r} cannot have a passtd instance: instance name {name!r}: must be 1 "
+        "to 60 characters of A-Z a-z 0-9 _ . -, starting with a letter or a digit; rename "
+        "the domain (virsh domrename)")
+    assert systemctl.calls == [] and not runtime_dir.exists()
+    assert lv.hook_main([name, "prepare", "begin", "-"], domain.encode()) == 1
+    assert capsys.readouterr().err == f"passtd: {caught.value}\n"
+    assert not lv.release(name, domain, systemctl=systemctl)  # nothing was started
+    assert systemctl.calls == []
+    # a domain without passtd metadata is none of our business, whatever its name
+    assert lv.hook_main([name, "prepare", "begin", "-"], PLAIN.encode()) == 0
+
+
+def test_attach_refuses_a_domain_whose_name_is_no_instance_name() -> None:
+    domain = PLAIN.replace("<name>vm1</name>", "<name>-x</name>")
+    with pytest.raises(DomainError, match=r"domain '-x': instance name '-x': must be 1 to 60"):
+        lv.attach_xml(domain)
 
 
 def test_prepare_and_release_leave_other_domains_alone(runtime_dir: Path) -> None:
