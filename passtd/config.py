@@ -140,6 +140,7 @@ class InstanceConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
     bus: str = "system"
+    qemu_cgroup: str | None = None  # accept qemu only from this cgroup (or below); None: anyone
     sources: tuple[str, ...] = ()  # the files that contributed settings, in order
 
 
@@ -224,6 +225,16 @@ def _path(value: object) -> str:
         raise _Invalid(f"bad path {text!r}")
     if not os.path.isabs(text):
         raise _Invalid(f"must be an absolute path, got {text!r}")
+    return text
+
+
+def _cgroup(value: object) -> str:
+    """A cgroup as /proc/PID/cgroup shows it: /, then names (no "." or "..")."""
+    text = _str(value)
+    printable = re.fullmatch(r"/[^\x00-\x1f]*", text) is not None
+    names = text[1:].split("/")
+    if not printable or (text != "/" and any(n in ("", ".", "..") for n in names)):
+        raise _Invalid(f"must be a cgroup path like /machine.slice/NAME.scope, got {text!r}")
     return text
 
 
@@ -462,6 +473,7 @@ _INSTANCE_SCHEMA: dict[str, _Check] = {
     "timeouts": _section({f.name: _positive_number for f in fields(Timeouts)}),
     "limits": _section({f.name: _positive_int for f in fields(Limits)}),
     "bus": _choice(BUSES),
+    "qemu_cgroup": _optional(_cgroup),
 }
 _check_instance = _section(_INSTANCE_SCHEMA)
 
@@ -631,6 +643,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"UNIX socket qemu connects to (default: {DEFAULT_RUNTIME_DIR}/NAME.sock)",
     )
     inst.add_argument("--bus", choices=BUSES, help="D-Bus bus for the control API")
+    inst.add_argument(
+        "--qemu-cgroup", metavar="CGROUP|none",
+        help="adopt qemu's connection only from a process in this cgroup or below it",
+    )
 
     addr = parser.add_argument_group("Addresses")
     addr.add_argument(
@@ -736,6 +752,7 @@ _OPTION_FOR: dict[tuple[str, ...], str] = {
     ("timeouts",): "--timeout",
     ("limits",): "--limit",
     ("bus",): "--bus",
+    ("qemu_cgroup",): "--qemu-cgroup",
 }
 
 
@@ -798,9 +815,9 @@ def _cli_raw(args: argparse.Namespace) -> dict[str, Any]:
             raw[key] = None if none else os.path.abspath(given[key])
     if "mtu" in given:
         raw["mtu"] = _cli_number(given["mtu"])
-    if "map_guest_addr" in given:
-        addr = given["map_guest_addr"]
-        raw["map_guest_addr"] = None if addr == "none" else addr
+    for key in ("map_guest_addr", "qemu_cgroup"):
+        if key in given:
+            raw[key] = None if given[key] == "none" else given[key]
     if "tcp_ports" in given:
         raw["tcp_forwards"] = given["tcp_ports"]
     if "udp_ports" in given:
@@ -983,5 +1000,6 @@ def to_yaml_dict(cfg: InstanceConfig) -> dict[str, Any]:
         "timeouts": asdict(cfg.timeouts),
         "limits": asdict(cfg.limits),
         "bus": cfg.bus,
+        "qemu_cgroup": cfg.qemu_cgroup,
     }
 

@@ -277,6 +277,12 @@ def test_cli_switches(env: Env, monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
         True, False, True, False, False
     )  # fmt: skip
     assert (cfg.map_host_loopback, cfg.bus) == (False, "none")
+    assert env.load("vm1").qemu_cgroup is None  # nobody is asked who qemu is, unless told
+    env.main_file("defaults: {qemu_cgroup: /machine.slice/x.scope}\n")
+    assert env.load("vm1").qemu_cgroup == "/machine.slice/x.scope"
+    assert env.load("vm1", "--qemu-cgroup", "none").qemu_cgroup is None
+    assert env.load("vm1", "--qemu-cgroup", "/").qemu_cgroup == "/"
+    env.main_file("")
     cfg = env.load("vm1", "-6", "--no-dhcp", "--no-ndp", "-H", "guest.test", "-i", "eth0")
     assert (cfg.ipv4.enabled, cfg.ipv6.enabled, cfg.dhcp, cfg.ndp) == (False, True, False, False)
     assert (cfg.hostname, cfg.interface) == ("guest.test", "eth0")
@@ -297,8 +303,10 @@ def test_round_trip_through_to_yaml_dict(env: Env) -> None:
         "-a", "2001:db8::5", "-g", "fe80::1", "-D", "198.51.100.53", "-S", "example.com",
         "--map-guest-addr", "169.254.1.2", "-H", "guest", "--no-ra", "--timeout", "icmp=5",
         "--pcap", "/tmp/{name}.pcap", "--mtu", "1500",
+        "--qemu-cgroup", "/machine.slice/machine-qemu\\x2d1\\x2dvm1.scope",
     )  # fmt: skip
     shown = to_yaml_dict(cfg)
+    assert shown["qemu_cgroup"] == "/machine.slice/machine-qemu\\x2d1\\x2dvm1.scope"
     assert shown["ipv4"]["address"] == "198.51.100.5/25"
     assert shown["tcp_forwards"] == ["2222:22", "127.0.0.1/all,~2222"]
     assert shown["mac"] == "9a:55:9a:55:9a:55"
@@ -416,7 +424,11 @@ def file_error(env: Env, text: str, name: str = "vm1") -> str:
         ("defaults: {limits: {max_flows: 1.5}}",
          "defaults.limits.max_flows: must be an integer, got 1.5"),
         ("defaults: {bus: user}", "defaults.bus: must be one of system, session, none; got 'user'"),
-
+        ("defaults: {qemu_cgroup: /machine.slice/../x.scope}",
+         "defaults.qemu_cgroup: must be a cgroup path like /machine.slice/NAME.scope, got "
+         "'/machine.slice/../x.scope'"),
+        ("defaults: {qemu_cgroup: '/a//b'}", "defaults.qemu_cgroup: must be a cgroup path"),
+        ("defaults: {qemu_cgroup: '/a/'}", "defaults.qemu_cgroup: must be a cgroup path"),
         ("defaults: [1]", "defaults: must be a mapping, got a list"),
         ("mtu: 1500", "mtu: unknown key (this file has 'defaults:' and 'instances:'"),
         ("instances: [vm1]", "instances: must be a mapping of instance names"),
@@ -515,6 +527,8 @@ def test_cross_checks_name_the_later_layer(env: Env) -> None:
          "command line: --timeout: must be a positive number of seconds, got -1"),
         (["--limit", "max_flows=many"], "command line: --limit: must be an integer, got 'many'"),
         (["-H", "bad host"], "command line: --hostname: bad domain name 'bad host'"),
+        (["--qemu-cgroup", "machine.slice"], "command line: --qemu-cgroup: must be a cgroup "
+         "path like /machine.slice/NAME.scope, got 'machine.slice'"),
     ],
 )  # fmt: skip
 def test_command_line_errors(env: Env, argv: list[str], message: str) -> None:
