@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 
 import yaml
 
 from . import __version__
 from . import config as config_mod
+from .names import RULE, InvalidName, check_name
 
 DESCRIPTION = """\
 Unprivileged networking for one VM per instance, after passt: qemu's stream netdev
 (-netdev stream,server=off,addr.type=unix,addr.path=SOCKET) is turned into ordinary
 host TCP, UDP and ICMP sockets. The guest gets the host's addresses by DHCP, NDP and
 DHCPv6; its gateway address reaches the host's loopback; -t/-u forward host ports to it.
-"""
+""" + textwrap.fill(f"An instance name (NAME) is {RULE}.", 86) + "\n"
 
 EPILOG = """\
 examples:
@@ -49,6 +51,12 @@ def _build_parser() -> argparse.ArgumentParser:
     show_cmd = show_sub.add_parser("show", help="print the merged settings as YAML")
     config_mod.add_run_arguments(show_cmd)
 
+    check = sub.add_parser(
+        "check-name", help="check an instance name (exit status 2 and why, if it is not one)",
+        description=f"Exit with status 0 if NAME can name an instance ({RULE}), else print "
+                    "why and exit with status 2. passtd@.socket runs it before it listens.")
+    check.add_argument("name", metavar="NAME")
+
     demo = sub.add_parser(
         "demo", help="start an instance for a demo guest in throwaway namespaces (root)",
         description="Create an isolated host namespace (its only uplink is a dead end) and "
@@ -76,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     if args.command == "config":
         return _config_show(args)
+    if args.command == "check-name":
+        return _check_name(args.name)
     if args.command == "demo":
         from . import demo
 
@@ -102,6 +112,15 @@ def _run(args: argparse.Namespace) -> int:
     from . import service
 
     return service.run(cfg, lambda: config_mod.load(args.name, args))
+
+
+def _check_name(name: str) -> int:
+    try:
+        check_name(name)
+    except InvalidName as e:
+        print(f"passtd: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _config_show(args: argparse.Namespace) -> int:

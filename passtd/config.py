@@ -31,7 +31,8 @@ netmask from an earlier layer stays when a later layer gives an address without 
 Not done here: anything that needs the host (its addresses, /etc/resolv.conf, whether an
 interface exists): `None`/"host" values say "the host's" and the service resolves them
 at start. Only the defaults and this instance's section of each file are validated:
-one VM's broken section does not stop the others.
+one VM's broken section does not stop the others (but every key of `instances:` must be
+an instance name, passtd.names: a key no instance can have is a mistake, not a section).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from typing import Any, Literal
 import yaml
 
 from passtd.engine.fwd import ForwardRule, SpecError, check_ifname, parse_spec
+from passtd.names import RULE, InvalidName, check_name
 
 DEFAULT_CONFIG_FILE = "/etc/passtd.yaml"
 DROPIN_DIR_NAME = "passtd.d"
@@ -63,7 +65,6 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 BUSES = ("system", "session", "none")
 MTU_MIN, MTU_MAX = 68, 65520  # IPv4's minimum; passt's 65520 (65535 minus 802.3, aligned)
 SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) minus the terminating NUL
-_NAME_RE = re.compile(r"[A-Za-z0-9_.@:-]{1,64}")
 _MAC_RE = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}")
 _LABEL_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 
@@ -139,6 +140,7 @@ class InstanceConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
     bus: str = "system"
+    qemu_cgroup: str | None = None  # accept qemu only from this cgroup (or below); None: anyone
     sources: tuple[str, ...] = ()  # the files that contributed settings, in order
 
 
@@ -223,6 +225,16 @@ def _path(value: object) -> str:
         raise _Invalid(f"bad path {text!r}")
     if not os.path.isabs(text):
         raise _Invalid(f"must be an absolute path, got {text!r}")
+    return text
+
+
+def _cgroup(value: object) -> str:
+    """A cgroup as /proc/PID/cgroup shows it: /, then names (no "." or "..")."""
+    text = _str(value)
+    printable = re.fullmatch(r"/[^\x00-\x1f]*", text) is not None
+    names = text[1:].split("/")
+    if not printable or (text != "/" and any(n in ("", ".", "..") for n in names)):
+        raise _Invalid(f"must be a cgroup path like /machine.slice/NAME.scope, got {text!r}")
     return text
 
 
@@ -461,6 +473,7 @@ _INSTANCE_SCHEMA: dict[str, _Check] = {
     "timeouts": _section({f.name: _positive_number for f in fields(Timeouts)}),
     "limits": _section({f.name: _positive_int for f in fields(Limits)}),
     "bus": _choice(BUSES),
+    "qemu_cgroup": _optional(_cgroup),
 }
 _check_instance = _section(_INSTANCE_SCHEMA)
 
@@ -557,6 +570,10 @@ def _etc_sections(doc: object, path: str, name: str) -> list[tuple[str, object]]
     if instances is not None and not isinstance(instances, dict):
         raise ConfigError(f"{path}: instances: must be a mapping of instance names")
     for key, section in (instances or {}).items():
+        try:  # a key that can name no instance is a mistake, not a section to skip
+            check_name(str(key))
+        except InvalidName as e:
+            raise ConfigError(f"{path}: instances: {e}") from None
         if str(key) == name:
             sections.append((f"instances.{key}", section))
     return sections
@@ -614,7 +631,8 @@ def _add_file_section(layers: _Layers, section: object, path: str, key_prefix: s
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """NAME and every setting's option; every one defaults to None (= "not given")."""
     inst = parser.add_argument_group("Instance")
-    inst.add_argument("name", metavar="NAME", help="instance name, normally the VM's name")
+    inst.add_argument("name", metavar="NAME",
+                      help=f"instance name, normally the VM's name: {RULE}")
     inst.add_argument(
         "--config",
         metavar="FILE",
@@ -625,6 +643,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"UNIX socket qemu connects to (default: {DEFAULT_RUNTIME_DIR}/NAME.sock)",
     )
     inst.add_argument("--bus", choices=BUSES, help="D-Bus bus for the control API")
+    inst.add_argument(
+        "--qemu-cgroup", metavar="CGROUP|none",
+        help="adopt qemu's connection only from a process in this cgroup or below it",
+    )
 
     addr = parser.add_argument_group("Addresses")
     addr.add_argument(
@@ -730,6 +752,7 @@ _OPTION_FOR: dict[tuple[str, ...], str] = {
     ("timeouts",): "--timeout",
     ("limits",): "--limit",
     ("bus",): "--bus",
+    ("qemu_cgroup",): "--qemu-cgroup",
 }
 
 
@@ -792,9 +815,9 @@ def _cli_raw(args: argparse.Namespace) -> dict[str, Any]:
             raw[key] = None if none else os.path.abspath(given[key])
     if "mtu" in given:
         raw["mtu"] = _cli_number(given["mtu"])
-    if "map_guest_addr" in given:
-        addr = given["map_guest_addr"]
-        raw["map_guest_addr"] = None if addr == "none" else addr
+    for key in ("map_guest_addr", "qemu_cgroup"):
+        if key in given:
+            raw[key] = None if given[key] == "none" else given[key]
     if "tcp_ports" in given:
         raw["tcp_forwards"] = given["tcp_ports"]
     if "udp_ports" in given:
@@ -825,14 +848,6 @@ def _cli_raw(args: argparse.Namespace) -> dict[str, Any]:
 # --- loading ------------------------------------------------------------------------
 
 
-def check_name(name: str) -> None:
-    """ConfigError unless `name` is a usable instance name."""
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise ConfigError(
-            f"instance name {name!r}: must be 1 to 64 characters of A-Z a-z 0-9 _ . @ : -"
-        )
-
-
 def load(
     name: str, args: argparse.Namespace | None = None, *, config_file: str | None = None
 ) -> InstanceConfig:
@@ -841,7 +856,10 @@ def load(
     `config_file` (else `args.config`) replaces /etc/passtd.yaml; `args` is what
     add_run_arguments() parsed, its options the last layer.
     """
-    check_name(name)
+    try:
+        check_name(name)
+    except InvalidName as e:
+        raise ConfigError(str(e)) from None
     if config_file is None and args is not None:
         config_file = getattr(args, "config", None)
     runtime_dir = os.environ.get(RUNTIME_DIR_ENV) or DEFAULT_RUNTIME_DIR
@@ -982,5 +1000,6 @@ def to_yaml_dict(cfg: InstanceConfig) -> dict[str, Any]:
         "timeouts": asdict(cfg.timeouts),
         "limits": asdict(cfg.limits),
         "bus": cfg.bus,
+        "qemu_cgroup": cfg.qemu_cgroup,
     }
 

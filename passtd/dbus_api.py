@@ -53,6 +53,7 @@ from dbus_fast.signature import Variant
 
 from .engine.fwd import ForwardRule, SpecError
 from .engine.loop import ForwardError
+from .names import check_name, is_valid_name
 
 log = logging.getLogger("passtd.dbus")
 
@@ -64,7 +65,6 @@ ERROR_KINDS = ("InvalidArgument", "AddressInUse", "NotFound", "AccessDenied")
 ERROR_FAILED = "org.freedesktop.DBus.Error.Failed"  # the standard name for "a bug of ours"
 DBUS_ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
 
-BUS_NAME_MAX = 255  # the D-Bus specification's limit on a whole bus name
 CONNECT_TIMEOUT = 10.0  # seconds for connect + RequestName: READY=1 waits for them
 SIGNAL_INTERVAL = 1.0  # at most one PropertiesChanged per property per second
 
@@ -112,23 +112,20 @@ def _is_alnum(byte: int) -> bool:
 def bus_name(instance_name: str) -> str:
     """The bus name an instance owns: `org.passtd.Passtd1.` + NAME escaped.
 
-    Every byte of NAME's UTF-8 outside [A-Za-z0-9] becomes `_XX` (lowercase hex), as
-    systemd escapes object paths, and so does a leading digit (a bus name element may not
-    start with one): `vm-1` -> `vm_2d1`, `1vm` -> `_31vm`. `_` itself is escaped, so the
-    mapping is reversible (`instance_name`).
+    NAME must be an instance name (passtd.names; InvalidName, a ValueError, otherwise).
+    Every byte outside [A-Za-z0-9] becomes `_XX` (lowercase hex), as systemd escapes
+    object paths, and so does a leading digit (a bus name element may not start with
+    one): `vm-1` -> `vm_2d1`, `1vm` -> `_31vm`. `_` itself is escaped, so the mapping is
+    reversible (`instance_name`). The longest name gives 19 + 3 * 60 characters, well
+    within the 255 of a bus name.
     """
-    if not instance_name:
-        raise ValueError("an instance name cannot be empty")
     out = []
-    for i, byte in enumerate(instance_name.encode()):
+    for i, byte in enumerate(check_name(instance_name).encode()):
         if _is_alnum(byte) and not (i == 0 and chr(byte).isdigit()):
             out.append(chr(byte))
         else:
             out.append(f"_{byte:02x}")
-    name = BUS_NAME_PREFIX + "".join(out)
-    if len(name) > BUS_NAME_MAX:
-        raise ValueError(f"instance name {instance_name!r} is too long for a bus name")
-    return name
+    return BUS_NAME_PREFIX + "".join(out)
 
 
 def instance_name(name: str) -> str | None:
@@ -156,8 +153,9 @@ def instance_name(name: str) -> str | None:
         text = raw.decode()
     except UnicodeDecodeError:
         return None
-    # only the canonical spelling: "_61" for "a" would name the same instance twice
-    return text if text and bus_name(text) == name else None
+    # only instance names, in the canonical spelling: "_61" for "a" would name the same
+    # instance twice
+    return text if is_valid_name(text) and bus_name(text) == name else None
 
 
 # -- PropertiesChanged rate limit (sans-IO: the caller passes the time) -------------------------

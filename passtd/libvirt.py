@@ -20,14 +20,18 @@ Design. A libvirt domain that uses passtd carries everything in its own definiti
     rejects `<interface><backend type='passt'/>`, so this is the way in (the domain is
     then "tainted: custom-argv" in libvirt's log, which is harmless).
 
-The instance name is the domain name (passtd.config.check_name applies), its systemd units
-are passtd@ESCAPED.socket/.service (`systemd_escape`).
+The instance name is the domain name, so a domain whose name is not an instance name
+(passtd.names: "-x", "..", "a b") is refused by the hook and by attach, with the reason;
+its systemd units are passtd@ESCAPED.socket/.service (`systemd_escape`).
 
 Three users of this module:
 
   - the qemu hook (libvirt-hook/passtd calls `hook_main`): on "prepare begin" it turns the
     metadata into the runtime file /run/passtd/NAME.yaml (a config layer, see config.py),
-    checks the effective configuration, starts the socket unit so that it listens before
+    with `qemu_cgroup` naming the scope libvirt will run this domain's qemu in (`qemu_scope`:
+    the instance then adopts no other process's connection, passtd/qemu_peer.py; every
+    qemu of the host may open every instance's socket), checks the effective
+    configuration, starts the socket unit so that it listens before
     qemu connects (qemu 7.2's stream netdev connects once, never again) and checks that
     qemu's user may connect to it; any failure exits non-zero with a message, which libvirt
     shows as the reason `virsh start` failed. On "release end" it stops the instance and
@@ -75,6 +79,7 @@ import yaml
 
 from . import config
 from .engine.fwd import SpecError, find_conflict, parse_spec
+from .names import InvalidName, check_name
 
 NAMESPACE = "https://passtd.org/xmlns/libvirt/1"
 PREFIX = "passtd"
@@ -89,6 +94,12 @@ QEMU_CONF = "/etc/libvirt/qemu.conf"
 QEMU_DEFAULT_USERS = ("libvirt-qemu", "qemu")
 SYSTEMCTL_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SYSTEMCTL_TIMEOUT = 30.0
+# where the system bus finds the services it can start (dbus-daemon's standard directories)
+DBUS_SYSTEM_SERVICE_DIRS = ("/usr/local/share/dbus-1/system-services",
+                            "/usr/share/dbus-1/system-services", "/lib/dbus-1/system-services")
+MACHINED_BUS_SERVICE = "org.freedesktop.machine1.service"
+MACHINE_NAME_MAX = 64  # libvirt stops adding a domain's name at this length
+DEFAULT_PARTITION = "/machine"  # libvirt's resource partition when the domain sets none
 
 _TAG = f"{{{NAMESPACE}}}"
 _QEMU_TAG = f"{{{QEMU_NAMESPACE}}}"
@@ -257,7 +268,6 @@ def check_settings(name: str, settings: NetworkSettings) -> None:
     section of a scratch config file (no /etc files, no drop-ins), and its message loses
     the scratch file's name.
     """
-    config.check_name(name)
     with tempfile.TemporaryDirectory(prefix="passtd-check-") as scratch:
         path = os.path.join(scratch, "passtd.yaml")
         with open(path, "w", encoding="utf-8") as f:
@@ -455,6 +465,56 @@ def socket_path(name: str) -> str:
     return f"{config.DEFAULT_RUNTIME_DIR}/{name}.sock"
 
 
+# -- the cgroup libvirt runs qemu in ----------------------------------------------------------
+
+
+def machined_available(service_dirs: Sequence[str] = DBUS_SYSTEM_SERVICE_DIRS) -> bool:
+    """Whether libvirt will run qemu in a systemd-machined scope: as libvirt decides it,
+    whether the system bus can start org.freedesktop.machine1 (Debian's libvirt depends
+    on systemd-container, which ships it)."""
+    return any(os.path.exists(os.path.join(d, MACHINED_BUS_SERVICE)) for d in service_dirs)
+
+
+def machine_name(domain_id: int, name: str) -> str:
+    """The name libvirt registers domain `name` under with systemd-machined: "qemu-ID-"
+    and the name's letters, digits, and single "." or "-" between them, 64 characters
+    at most (libvirt's virDomainDriverGenerateMachineName, unchanged from 9.0 to 11)."""
+    out = f"qemu-{domain_id}-"
+    after_separator = True  # no "." or "-" at the start, none twice in a row
+    for char in name:
+        if len(out) >= MACHINE_NAME_MAX:
+            break
+        if char in ".-":
+            if not after_separator:
+                out += char
+                after_separator = True
+        elif char.isascii() and char.isalnum():
+            out += char
+            after_separator = False
+    return out.rstrip(".-")
+
+
+def _slice_cgroup(partition: str) -> str:
+    """The cgroup of the slice libvirt makes of a resource partition: "/machine" is
+    machine.slice, "/machine/prod" machine-prod.slice inside machine.slice."""
+    parts = systemd_escape(partition.strip("/")).split("-")
+    return "".join(f"/{'-'.join(parts[:i + 1])}.slice" for i in range(len(parts)))
+
+
+def qemu_scope(domain_xml: str | bytes) -> str | None:
+    """The cgroup of the scope systemd-machined makes for the domain's qemu (libvirt asks
+    for it when it starts qemu), e.g. /machine.slice/machine-qemu\\x2d1\\x2dvm1.scope.
+    None without the domain's id: libvirt gives the domain its id before "prepare", so
+    that is a domain XML from elsewhere."""
+    root = _parse_domain(domain_xml)
+    domain_id = root.get("id", "")
+    if not (domain_id.isascii() and domain_id.isdigit()):
+        return None
+    partition = root.findtext("resource/partition") or DEFAULT_PARTITION
+    machine = machine_name(int(domain_id), root.findtext("name") or "")
+    return f"{_slice_cgroup(partition)}/machine-{systemd_escape(machine)}.scope"
+
+
 # -- the qemu command line -----------------------------------------------------------------
 
 
@@ -495,7 +555,7 @@ def _format_qemu_options(options: dict[str, str]) -> str:
 
 
 def netdev_value(name: str) -> str:
-    # instance names (config.check_name) have no commas: nothing to escape for qemu
+    # instance names (passtd.names) have no commas: nothing to escape for qemu
     return f"stream,id={NETDEV_ID},server=off,addr.type=unix,addr.path={socket_path(name)}"
 
 
@@ -629,8 +689,8 @@ def attach_xml(domain_xml: str, change: SettingsChange = SettingsChange()) -> Ed
     root = _parse_domain(domain_xml)
     name = root.findtext("name") or ""
     try:
-        config.check_name(name)
-    except config.ConfigError as e:
+        check_name(name)
+    except InvalidName as e:
         raise DomainError(DomainError.REFUSED, f"domain {name!r}: {e}") from None
     settings, metadata_changed = _update_metadata(root, name, change)
     commandline = root.find(f"{_QEMU_TAG}commandline")
@@ -836,11 +896,14 @@ def _failed(res: subprocess.CompletedProcess[str]) -> str:
 
 
 def prepare(name: str, domain_xml: str | bytes, *, systemctl: Systemctl = _systemctl,
-            user: str | None = None, config_file: str | None = None) -> bool:
+            user: str | None = None, config_file: str | None = None,
+            machined: bool = False) -> bool:
     """"prepare begin": the instance's runtime file, then its socket; False if the domain
     does not use passtd. HookError (with everything undone) if the domain must not start.
     `user`: qemu's user, whose access to the socket is checked (None: not checked);
-    `config_file`: instead of /etc/passtd.yaml (as `passtd run --config`)."""
+    `config_file`: instead of /etc/passtd.yaml (as `passtd run --config`); `machined`:
+    libvirt runs qemu in a systemd-machined scope (`machined_available`), then the
+    instance adopts only that scope's qemu (`qemu_cgroup` of the runtime file)."""
     try:
         settings = settings_from_domain(domain_xml)
     except MetadataError as e:
@@ -848,13 +911,21 @@ def prepare(name: str, domain_xml: str | bytes, *, systemctl: Systemctl = _syste
     if settings is None:
         return False
     try:
-        config.check_name(name)
+        check_name(name)
+    except InvalidName as e:
+        raise HookError(f"domain {name!r} cannot have a passtd instance: {e}; rename the "
+                        "domain (virsh domrename)") from None
+    try:
         check_settings(name, settings)
-    except (config.ConfigError, MetadataError) as e:
+    except MetadataError as e:
         raise HookError(f"domain {name}: its passtd metadata is refused: {e}") from None
     runtime_file = os.path.join(_runtime_dir(), f"{name}.yaml")
     socket, service = socket_unit(name), service_unit(name)
-    _write_runtime_file(runtime_file, runtime_config(settings))
+    runtime = runtime_config(settings)
+    scope = qemu_scope(domain_xml) if machined else None
+    if scope is not None:
+        runtime["qemu_cgroup"] = scope
+    _write_runtime_file(runtime_file, runtime)
     try:
         try:  # the effective configuration: /etc/passtd.yaml and its drop-ins as well
             config.load(name, config_file=config_file)
@@ -883,8 +954,8 @@ def release(name: str, domain_xml: str | bytes, *, systemctl: Systemctl = _syste
     does not use passtd. HookError if stopping failed (libvirt only logs it)."""
     try:
         root = _parse_domain(domain_xml)
-        config.check_name(name)
-    except (MetadataError, config.ConfigError):
+        check_name(name)
+    except (MetadataError, InvalidName):
         return False  # prepare refused it: nothing was started
     if _find_metadata(root)[1] is None:
         return False
@@ -906,7 +977,7 @@ def hook_main(argv: Sequence[str], domain_xml: bytes) -> int:
     name, operation, sub = argv[0], argv[1], argv[2]
     try:
         if (operation, sub) == ("prepare", "begin"):
-            prepare(name, domain_xml, user=qemu_user())
+            prepare(name, domain_xml, user=qemu_user(), machined=machined_available())
         elif (operation, sub) == ("release", "end"):
             release(name, domain_xml)
     except HookError as e:

@@ -15,6 +15,10 @@ metadata, qemu netdev and NIC), and `forward add --persist` also records the for
 the metadata of the libvirt domain of the same name, so that it is there at the domain's
 next start. `libvirt` is therefore not usable as an instance name here (as `list`).
 
+Names: NAME (and attach's DOMAIN) must be an instance name (passtd.names); anything else
+is a usage error (exit status 2) before any bus or libvirt is asked. `list` shows only bus
+names that decode to one.
+
 Not done here: port ranges (AddForward takes one port, ranges belong in the
 configuration or the domain's metadata), `forward remove --persist`.
 """
@@ -35,13 +39,13 @@ from dbus_fast.aio import MessageBus
 
 from . import libvirt as libvirt_mod
 from .dbus_api import (
-    BUS_NAME_PREFIX,
     ERROR_PREFIX,
     INTERFACE,
     OBJECT_PATH,
     bus_name,
     instance_name,
 )
+from .names import RULE, InvalidName, check_name
 
 EXIT_OK = 0
 EXIT_INSTANCE_ERROR = 1  # the instance (or the bus, for another reason) refused: message shown
@@ -156,8 +160,10 @@ class Client:
         return [_plain(entry) for entry in entries]
 
     async def instance_names(self) -> list[str]:
+        """The bus names of instances (a name under our prefix that decodes to no instance
+        name is somebody else's, and not listed)."""
         (names,) = await self.call(DBUS, "ListNames", interface=DBUS, path="/org/freedesktop/DBus")
-        return sorted(n for n in names if n.startswith(BUS_NAME_PREFIX))
+        return sorted(n for n in names if instance_name(n) is not None)
 
 
 def _who(destination: str) -> str:
@@ -215,7 +221,7 @@ def _guest_text(connected: bool | None) -> str:
 
 
 async def _status(client: Client, args: argparse.Namespace) -> int:
-    name = _bus_name_arg(args.name)
+    name = bus_name(args.name)
     props, forwards = await asyncio.gather(client.properties(name),
                                            client.listing(name, "ListForwards"))
     status = {
@@ -250,7 +256,7 @@ async def _status(client: Client, args: argparse.Namespace) -> int:
 
 
 async def _forwards(client: Client, args: argparse.Namespace) -> int:
-    forwards = await client.listing(_bus_name_arg(args.name), "ListForwards")
+    forwards = await client.listing(bus_name(args.name), "ListForwards")
     if args.json:
         _print_json(forwards)
         return EXIT_OK
@@ -267,7 +273,7 @@ async def _forwards(client: Client, args: argparse.Namespace) -> int:
 
 
 async def _flows(client: Client, args: argparse.Namespace) -> int:
-    flows = await client.listing(_bus_name_arg(args.name), "ListFlows")
+    flows = await client.listing(bus_name(args.name), "ListFlows")
     if args.json:
         _print_json(flows)
         return EXIT_OK
@@ -283,12 +289,12 @@ async def _flows(client: Client, args: argparse.Namespace) -> int:
 
 async def _forward_add(client: Client, args: argparse.Namespace) -> int:
     host_port, guest_port = args.ports
-    bus_name = _bus_name_arg(args.name)
+    destination = bus_name(args.name)
     # --persist: everything that could refuse it is checked before the forward is added,
     # and it is written only after AddForward succeeded: a refused forward is never recorded
     persister = _persister(args, host_port, guest_port) if args.persist else None
     try:
-        (forward_id,) = await client.call(bus_name, "AddForward", "ssqq",
+        (forward_id,) = await client.call(destination, "AddForward", "ssqq",
                                           [args.protocol, args.address, host_port,
                                            guest_port])
         if persister is not None:
@@ -413,7 +419,9 @@ def _build_libvirt_parser() -> argparse.ArgumentParser:
         description="Add passtd metadata, netdev and NIC to DOMAIN's definition, or update "
                     "them: forwards are added to those there, other options replace what "
                     "they set, what is not given stays.")
-    attach.add_argument("domain", metavar="DOMAIN")
+    attach.add_argument("domain", metavar="DOMAIN", type=_name_arg,
+                        help="the domain; its name is the instance's, so it must be one "
+                             f"({RULE})")
     attach.add_argument("--forward", action="append", type=_forward_arg,
                         metavar="PROTO:[ADDR/]HOST[:GUEST]",
                         help="forward host port(s) to the guest, e.g. tcp:2222:22, "
@@ -430,6 +438,7 @@ def _build_libvirt_parser() -> argparse.ArgumentParser:
     detach = sub.add_parser("detach", parents=[common], help="unwire a domain from passtd",
                             description="Remove passtd's metadata, netdev and NIC from "
                                         "DOMAIN's definition (nothing else).")
+    # any name: a domain wired before the name rule tightened can still be unwired
     detach.add_argument("domain", metavar="DOMAIN")
     return parser
 
@@ -448,7 +457,7 @@ def _libvirt_main(argv: list[str]) -> int:
 
 
 async def _forward_remove(client: Client, args: argparse.Namespace) -> int:
-    await client.call(_bus_name_arg(args.name), "RemoveForward", "u", [args.id])
+    await client.call(bus_name(args.name), "RemoveForward", "u", [args.id])
     if args.json:
         _print_json({"id": args.id})
     else:
@@ -530,11 +539,16 @@ def _ports(text: str) -> tuple[int, int]:
     return ports[0], ports[1] if len(ports) > 1 else 0
 
 
-def _bus_name_arg(name: str) -> str:
+def _name_arg(text: str) -> str:
+    """NAME and DOMAIN: an instance name (passtd.names), refused before anything is asked."""
     try:
-        return bus_name(name)
-    except ValueError as e:
-        raise Failure(EXIT_USAGE, str(e)) from None
+        return check_name(text)
+    except InvalidName as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _name_or_list_arg(text: str) -> str:
+    return text if text == "list" else _name_arg(text)
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -560,7 +574,7 @@ def _build_parser() -> argparse.ArgumentParser:
         usage="passtctl [options] list\n       passtctl [options] NAME COMMAND ...\n"
               "       passtctl libvirt {attach,detach} DOMAIN ...",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("name", metavar="NAME|list",
+    parser.add_argument("name", metavar="NAME|list", type=_name_or_list_arg,
                         help="an instance name (the VM's name), or `list` for all instances")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", prog="passtctl NAME")
     for command, help_text in (("status", "show the instance's state"),

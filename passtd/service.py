@@ -48,6 +48,7 @@ from .engine import addrs
 from .engine.addrs import Ip4Config, Ip6Config, NetConfig
 from .engine.fwd import ForwardRule, SpecError, format_rule, parse_spec
 from .engine.loop import Engine, EngineSettings, ForwardError
+from .qemu_peer import CgroupPeerCheck
 
 log = logging.getLogger("passtd")
 
@@ -304,6 +305,9 @@ class Instance:
         engine = Engine(settings, loop, on_change=self._on_change)
         self.engine = engine
         engine.on_client = self._client_changed
+        if self.cfg.qemu_cgroup is not None:
+            engine.accept_peer = CgroupPeerCheck(self.cfg.qemu_cgroup)
+            log.info("adopting qemu only from cgroup %s", self.cfg.qemu_cgroup)
         try:
             engine.start(self.listener)
         except ForwardError as e:

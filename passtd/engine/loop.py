@@ -172,6 +172,10 @@ class Engine:
         self.loop = loop or asyncio.get_event_loop()
         self.on_change = on_change  # property names that changed (D-Bus PropertiesChanged)
         self.on_client: Callable[[socket.socket | None], None] | None = None
+        # asked before a qemu connection is adopted: None to accept it, else why not (the
+        # service sets it from `qemu_cgroup`, passtd/qemu_peer.py); unset: anyone who may
+        # open the socket is the guest's qemu
+        self.accept_peer: Callable[[socket.socket], str | None] | None = None
         self.seen = GuestSeen()
         self.flows = FlowTable(settings.max_flows)
         self.forwards: dict[int, Forward] = {}
@@ -312,6 +316,13 @@ class Engine:
         if self.client is not None:
             log.warning("refusing a second qemu client (pid %s): one guest per instance",
                         _peer_pid(sock))
+            sock.close()
+            return
+        refusal = self.accept_peer(sock) if self.accept_peer is not None else None
+        if refusal is not None:
+            self.drop_log(logging.WARNING, "refused qemu connections",
+                          "refusing a connection on the qemu socket: %s; still waiting for "
+                          "the guest's qemu", refusal)
             sock.close()
             return
         self.adopt_client(sock)

@@ -776,6 +776,28 @@ def test_passtctl_list_and_status(vm: lab.Program, system_bus: PrivateBus,
 
 
 @pytest.mark.netns
+def test_passtctl_lists_instances_only(vm: lab.Program, system_bus: PrivateBus,
+                                       on_system: dict[str, str]) -> None:
+    """Bus names under our prefix that decode to no instance name ("." and "-x", which
+    root may own) are not an instance's: not listed, and no error."""
+    foreign = [f"{dbus_api.BUS_NAME_PREFIX}_2e", f"{dbus_api.BUS_NAME_PREFIX}_2dx"]
+
+    async def list_while_owned() -> subprocess.CompletedProcess[str]:
+        bus = await MessageBus(bus_address=system_bus.address).connect()
+        try:
+            for name in foreign:
+                await bus.request_name(name)
+            return await asyncio.to_thread(passtctl, "--json", "list", env=on_system)
+        finally:
+            bus.disconnect()
+
+    res = asyncio.run(list_while_owned())
+    assert res.returncode == 0, res.stderr
+    listed = [row["bus_name"] for row in json.loads(res.stdout)]
+    assert VM_BUS in listed and not set(foreign) & set(listed), listed
+
+
+@pytest.mark.netns
 def test_passtctl_forwards_and_flows(vm: lab.Program, system_bus: PrivateBus,
                                      on_system: dict[str, str]) -> None:
     res = passtctl(VM, "forwards", env=on_system)
@@ -836,6 +858,10 @@ def test_passtctl_forward_add_and_remove(vm: lab.Program, host: lab.HostNamespac
     ([VM], 2, "give a command"),
     ([VM, "frobnicate"], 2, "invalid choice"),
     (["--session", "--system", "list"], 2, "not allowed with"),
+    # names that are no instance names: usage errors, no bus is asked
+    (["--", "-x", "status"], 2, "instance name '-x': must be 1 to 60 characters"),
+    ([".", "forwards"], 2, "instance name '.': must be 1 to 60 characters"),
+    (["..", "forward", "add", "tcp", "18202"], 2, "instance name '..'"),
 ])
 def test_passtctl_exit_status(unchanged: None, on_system: dict[str, str], args: list[str],
                               status: int, message: str) -> None:

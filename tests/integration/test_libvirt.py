@@ -19,12 +19,15 @@ Timings of the steps are printed (pytest -s shows them; -v -rP too).
 from __future__ import annotations
 
 import json
+import re
 import stat
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import pytest
+import yaml
 
 from passtd import libvirt as passtd_libvirt
 from tests.guestvm.vm import parse_net_line
@@ -250,6 +253,101 @@ def test_qemu_user_without_access_blocks_the_start(lab: Lab) -> None:
            f"/run/passtd/{name}.sock" in res.stderr
     assert lab.virsh("domstate", name).stdout.strip() == "shut off"
     _instance_stopped(lab, name)
+
+
+@pytest.mark.parametrize("name", ["-lvx", "lv:x", "lv x"])
+def test_a_domain_name_that_is_no_instance_name_blocks_the_start(lab: Lab, name: str) -> None:
+    """libvirt accepts these domain names (and "." too, now and then); as an instance name,
+    "-lvx" made `passtd run -lvx` (no instance: the VM ran with a dead NIC), and ":" is
+    refused as well (systemd 254 and later split RuntimeDirectory= at a colon). The hook
+    refuses the start, and virsh says why."""
+    ns = passtd_libvirt.NAMESPACE
+    lab.define(name, metadata=f"<passtd:network xmlns:passtd='{ns}'/>")
+    try:
+        res = lab.virsh("start", "--", name, check=False)
+        print(f"[libvirt] virsh start of domain {name!r}:\n{res.stderr}")
+        assert res.returncode != 0
+        assert f"passtd: domain {name!r} cannot have a passtd instance: instance name " \
+               f"{name!r}: must be 1 to 60 characters of A-Z a-z 0-9 _ . -, starting with " \
+               "a letter or a digit; rename the domain (virsh domrename)" in res.stderr
+        assert lab.virsh("domstate", "--", name).stdout.strip() == "shut off"
+        loaded = lab.ct.systemctl("list-units", "--all", "--plain", "--no-legend",
+                                  "passtd@*").stdout
+        assert passtd_libvirt.systemd_escape(name) not in loaded, loaded
+    finally:
+        lab.virsh("destroy", "--", name, check=False)
+        lab.virsh("undefine", "--", name, check=False)
+
+
+# -- only the domain's own qemu ------------------------------------------------------------------
+
+PEER_DOMAIN = "lv-peer"
+IMPOSTOR_HOOK = "/etc/libvirt/hooks/qemu.d/zz-passtd-test-impostor"
+
+
+def _impostor_hook(shared: Path) -> str:
+    """A second hook, run after passtd's (libvirt runs them in alphabetical order): on
+    "prepare begin" of PEER_DOMAIN, when the instance's socket listens and qemu does not
+    exist yet, a process in a scope of its own connects to that socket and waits for the
+    instance to hang up (at most 20 s idle); it records its pid and how long it waited."""
+    return f"""#!/bin/sh
+[ "$1" = {PEER_DOMAIN} ] && [ "$2" = prepare ] && [ "$3" = begin ] || exit 0
+cat > /dev/null
+start=$(date +%s%N)
+systemd-run --scope --quiet -- sh -c 'echo $$ > {shared}/impostor.pid
+    exec socat -T 20 -u UNIX-CONNECT:/run/passtd/{PEER_DOMAIN}.sock OPEN:/dev/null'
+echo $(( ($(date +%s%N) - start) / 1000000 )) > {shared}/impostor.ms
+exit 0
+"""
+
+
+def _cgroup_of(lab: Lab, pid: int) -> str:
+    """A process's cgroup as the container sees it (its own cgroup namespace): the
+    cgroup2 line of /proc/PID/cgroup, else name=systemd's."""
+    lines = lab.ct.run(["cat", f"/proc/{pid}/cgroup"]).stdout.splitlines()
+    paths = {tree: path for _, tree, path in (line.split(":", 2) for line in lines)}
+    return paths[""] if paths.get("", "/") != "/" else paths["name=systemd"]
+
+
+def test_only_the_domain_s_own_qemu_is_adopted(lab: Lab) -> None:
+    """Every qemu of the host may open every instance's socket (group passtd). An instance
+    the hook started adopts only its domain's qemu, found by its cgroup (the scope
+    systemd-machined made for it): a process in another scope that connects first is
+    refused, with a log line, and the guest gets its lease from the same instance."""
+    shared = lab.shared
+    lab.ct.write_file(IMPOSTOR_HOOK, _impostor_hook(shared), 0o755)
+    lab.ct.systemctl("restart", "libvirtd.service")  # it looks for hooks when it starts
+    lab.define(PEER_DOMAIN, script=GUEST_SCRIPT)
+    lab.passtctl("libvirt", "attach", PEER_DOMAIN)
+    service = passtd_libvirt.service_unit(PEER_DOMAIN)
+    try:
+        lab.virsh("start", PEER_DOMAIN)
+        net = parse_net_line(lab.wait_console(PEER_DOMAIN, "PASSTD_NET "))
+        assert (net["ip4"], net["gw4"]) == (GUEST_IP4, GUEST_GW4), net
+
+        qemu = int(lab.ct.host_path(f"/run/libvirt/qemu/{PEER_DOMAIN}.pid").read_text())
+        impostor = int((shared / "impostor.pid").read_text())
+        waited = int((shared / "impostor.ms").read_text()) / 1000
+        journal = lab.ct.journal("-u", service, lines=100)
+        print(f"[libvirt] an impostor in another scope connected first, was hung up on "
+              f"after {waited:.2f} s; {service}:\n{journal}")
+        refusals = [line for line in journal.splitlines() if "refusing a connection" in line]
+        assert len(refusals) == 1, journal
+        assert re.search(f"refusing a connection on the qemu socket: pid {impostor}[ :]",
+                         refusals[0]), refusals
+        assert f"guest connected (qemu pid {qemu})" in journal
+        assert "guest connected (qemu pid" not in journal.split(refusals[0])[0]
+        assert waited < 15, "the impostor was kept (it waits until hung up, at most 20 s)"
+        assert lab.unit_state(service) == "active"
+        # the hook named the scope libvirt did put qemu in
+        scope = _cgroup_of(lab, qemu)
+        runtime = lab.ct.host_path(f"/run/passtd/{PEER_DOMAIN}.yaml").read_text()
+        assert yaml.safe_load(runtime).get("qemu_cgroup") == scope, (runtime, scope)
+        assert scope.startswith("/machine.slice/machine-qemu"), scope
+    finally:
+        lab.virsh("destroy", PEER_DOMAIN, check=False)
+        lab.ct.run(["rm", "-f", IMPOSTOR_HOOK])
+        lab.ct.systemctl("restart", "libvirtd.service")
 
 
 # -- attach and detach against libvirt --------------------------------------------------------

@@ -406,9 +406,55 @@ def test_instance_name_that_needs_escaping(ct: Container, instances: Instances) 
     assert_offer(instances.connect("my-vm"))
     pid = props(ct, f"passtd@{inst}.service", "MainPID")["MainPID"]
     argv = ct.host_path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    assert argv[-3:] == [b"run", b"my-vm", b""]
+    assert argv[-4:] == [b"run", b"--", b"my-vm", b""]
     assert ct.host_path(f"{STATE_DIR}/my-vm").is_dir()
     if HAVE_DBUS_API:
         assert busctl_json(ct, "get-property", bus_name("my-vm"), OBJECT, INTERFACE,
                            "Name") == "my-vm"
 
+
+# raw unit instances (not what `systemd-escape NAME` gives for a valid NAME) and the %I
+# they unescape to
+BAD_INSTANCES = [(".", "."), ("..", ".."), ("\\x2e", "."), ("keep1-.", "keep1/."),
+                 ("-keep1", "/keep1"), ("\\x2dx", "-x")]
+
+
+@needs_dbus_api
+def test_units_refuse_names_that_are_no_instance_names(ct: Container,
+                                                       instances: Instances) -> None:
+    """passtd@..service had /run/passtd-state itself as its state directory (RuntimeDirectory=
+    passtd-state/%I) and deleted it at its stop, runtime forwards of every VM with it;
+    passtd@keep1-..service had keep1's; passtd@-keep1.socket (%I "/keep1") took over
+    /run/passtd/keep1.sock. The socket unit checks the name before it listens, and the
+    service needs the socket: none of them starts, and another VM loses nothing."""
+    inst = instances.socket("keep1")
+    client = instances.connect("keep1")
+    assert_offer(client)
+    busctl_json(ct, "call", bus_name("keep1"), OBJECT, INTERFACE, "AddForward", "ssqq", "tcp",
+                "", "2242", "22")
+    state = ct.host_path(f"{STATE_DIR}/keep1/keep1.forwards.json")
+    assert state.exists()
+    keep1_socket = os.stat(ct.host_path("/run/passtd/keep1.sock")).st_ino
+
+    started = {}
+    for bad, _name in BAD_INSTANCES:
+        units = [f"passtd@{bad}.socket", f"passtd@{bad}.service"]
+        for unit in units:
+            started[unit] = ct.systemctl("start", unit, check=False).returncode == 0
+        ct.systemctl("stop", *reversed(units), check=False)
+        ct.systemctl("reset-failed", *units, check=False)
+
+    # another VM's runtime forwards and socket are still there
+    assert state.exists(), "a unit with a bad name deleted keep1's runtime forwards"
+    assert os.stat(ct.host_path("/run/passtd/keep1.sock")).st_ino == keep1_socket
+    ct.systemctl("restart", f"passtd@{inst}.service")
+    assert [(f["spec"], f["origin"]) for f in list_forwards(ct, "keep1")] == [
+        ("2242:22", "runtime")]
+    assert_offer(client)
+    # none of the bad ones started, and each says why
+    assert not any(started.values()), [unit for unit, ok in started.items() if ok]
+    for bad, name in BAD_INSTANCES:
+        journal = ct.journal("-u", f"passtd@{bad}.socket", lines=50)
+        assert f"passtd: instance name {name!r}: must be 1 to 60 characters" in journal, journal
+    for left in ("..sock", "...sock", "keep1", "-x.sock"):
+        assert not os.path.lexists(ct.host_path(f"/run/passtd/{left}")), left

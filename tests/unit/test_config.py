@@ -277,6 +277,12 @@ def test_cli_switches(env: Env, monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
         True, False, True, False, False
     )  # fmt: skip
     assert (cfg.map_host_loopback, cfg.bus) == (False, "none")
+    assert env.load("vm1").qemu_cgroup is None  # nobody is asked who qemu is, unless told
+    env.main_file("defaults: {qemu_cgroup: /machine.slice/x.scope}\n")
+    assert env.load("vm1").qemu_cgroup == "/machine.slice/x.scope"
+    assert env.load("vm1", "--qemu-cgroup", "none").qemu_cgroup is None
+    assert env.load("vm1", "--qemu-cgroup", "/").qemu_cgroup == "/"
+    env.main_file("")
     cfg = env.load("vm1", "-6", "--no-dhcp", "--no-ndp", "-H", "guest.test", "-i", "eth0")
     assert (cfg.ipv4.enabled, cfg.ipv6.enabled, cfg.dhcp, cfg.ndp) == (False, True, False, False)
     assert (cfg.hostname, cfg.interface) == ("guest.test", "eth0")
@@ -297,8 +303,10 @@ def test_round_trip_through_to_yaml_dict(env: Env) -> None:
         "-a", "2001:db8::5", "-g", "fe80::1", "-D", "198.51.100.53", "-S", "example.com",
         "--map-guest-addr", "169.254.1.2", "-H", "guest", "--no-ra", "--timeout", "icmp=5",
         "--pcap", "/tmp/{name}.pcap", "--mtu", "1500",
+        "--qemu-cgroup", "/machine.slice/machine-qemu\\x2d1\\x2dvm1.scope",
     )  # fmt: skip
     shown = to_yaml_dict(cfg)
+    assert shown["qemu_cgroup"] == "/machine.slice/machine-qemu\\x2d1\\x2dvm1.scope"
     assert shown["ipv4"]["address"] == "198.51.100.5/25"
     assert shown["tcp_forwards"] == ["2222:22", "127.0.0.1/all,~2222"]
     assert shown["mac"] == "9a:55:9a:55:9a:55"
@@ -322,16 +330,31 @@ def test_socket_templates(env: Env) -> None:
 # --- instance names -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["vm1", "vm-1", "web_01.prod", "user@host:vm", "x" * 64])
+@pytest.mark.parametrize("name", ["vm1", "vm-1", "web_01.prod", "1vm", "a..b", "vm.",
+                                  "x" * 60])
 def test_good_names(env: Env, name: str) -> None:
     env.main_file("defaults: {socket: /tmp/passtd-test.sock}\n")
     assert env.load(name).name == name
 
 
-@pytest.mark.parametrize("name", ["", "x" * 65, "a/b", "vm 1", "vm\n", "é"])
+@pytest.mark.parametrize("name", ["", ".", "..", "-x", "--config", "_x", ".x", "x" * 61,
+                                  "a/b", "../x", "vm 1", "vm\n", "é", "a:b", "a@b"])
 def test_bad_names(env: Env, name: str) -> None:
-    with pytest.raises(ConfigError, match=r"instance name .*: must be 1 to 64 characters"):
+    with pytest.raises(ConfigError, match=r"instance name .*: must be 1 to 60 characters"):
         load(name, config_file=str(env.main))
+
+
+@pytest.mark.parametrize("key", ["-x", "..", "'.'", "'my vm'", "'a:b'"])
+def test_instance_keys_must_be_instance_names(env: Env, key: str) -> None:
+    """A section no instance can have is a mistake to report, not one to skip quietly."""
+    for main, dropin in ((f"instances: {{{key}: {{mtu: 1400}}}}\n", ""),
+                         ("", f"instances: {{{key}: {{mtu: 1400}}}}\n")):
+        env.main_file(main)
+        path = env.dropin("10-x.yaml", dropin)
+        got = error_of(env)
+        where = path if dropin else str(env.main)
+        assert got.startswith(f"{where}: instances: instance name "), got
+        assert "must be 1 to 60 characters of A-Z a-z 0-9 _ . -" in got, got
 
 
 # --- errors: file, key path and reason ------------------------------------------------
@@ -401,6 +424,11 @@ def file_error(env: Env, text: str, name: str = "vm1") -> str:
         ("defaults: {limits: {max_flows: 1.5}}",
          "defaults.limits.max_flows: must be an integer, got 1.5"),
         ("defaults: {bus: user}", "defaults.bus: must be one of system, session, none; got 'user'"),
+        ("defaults: {qemu_cgroup: /machine.slice/../x.scope}",
+         "defaults.qemu_cgroup: must be a cgroup path like /machine.slice/NAME.scope, got "
+         "'/machine.slice/../x.scope'"),
+        ("defaults: {qemu_cgroup: '/a//b'}", "defaults.qemu_cgroup: must be a cgroup path"),
+        ("defaults: {qemu_cgroup: '/a/'}", "defaults.qemu_cgroup: must be a cgroup path"),
         ("defaults: [1]", "defaults: must be a mapping, got a list"),
         ("mtu: 1500", "mtu: unknown key (this file has 'defaults:' and 'instances:'"),
         ("instances: [vm1]", "instances: must be a mapping of instance names"),
@@ -499,6 +527,8 @@ def test_cross_checks_name_the_later_layer(env: Env) -> None:
          "command line: --timeout: must be a positive number of seconds, got -1"),
         (["--limit", "max_flows=many"], "command line: --limit: must be an integer, got 'many'"),
         (["-H", "bad host"], "command line: --hostname: bad domain name 'bad host'"),
+        (["--qemu-cgroup", "machine.slice"], "command line: --qemu-cgroup: must be a cgroup "
+         "path like /machine.slice/NAME.scope, got 'machine.slice'"),
     ],
 )  # fmt: skip
 def test_command_line_errors(env: Env, argv: list[str], message: str) -> None:

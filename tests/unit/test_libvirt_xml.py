@@ -215,7 +215,7 @@ def test_passtd_config_checks_the_values(settings: NetworkSettings, message: str
 
 
 def test_check_settings_refuses_an_unusable_instance_name() -> None:
-    with pytest.raises(lv.config.ConfigError, match="instance name"):
+    with pytest.raises(MetadataError, match="instance name 'my vm': must be 1 to 60"):
         lv.check_settings("my vm", NetworkSettings())
 
 
@@ -288,6 +288,50 @@ def test_systemd_escape_agrees_with_systemd(name: str) -> None:
     expected = subprocess.run(["systemd-escape", name], capture_output=True, text=True,
                               check=True).stdout.strip()
     assert lv.systemd_escape(name) == expected
+
+
+# libvirt's own examples (tests/virsystemdtest.c, libvirt 9 to 11): domain name and id ->
+# the machine name systemd-machined registers
+@pytest.mark.parametrize(("name", "domain_id", "machine"), [
+    ("demo", 1, "qemu-1-demo"),
+    ("demo-name", 2, "qemu-2-demo-name"),
+    ("demo!name", 3, "qemu-3-demoname"),
+    (".demo", 4, "qemu-4-demo"),
+    ("bull\U0001f4a9", 5, "qemu-5-bull"),
+    ("demo..name", 6, "qemu-6-demo.name"),
+    ("1234567890" * 6, 8, "qemu-8-" + "1234567890" * 5 + "1234567"),
+    ("kstest-network-device-default-httpks_(c9eed63e-981e-48ec--cdc-56b3f8c5f678)", 10,
+     "qemu-10-kstest-network-device-default-httpksc9eed63e-981e-48ec-c"),
+    ("demo.-.test.", 11, "qemu-11-demo.test"),
+    ("|.-m", 1, "qemu-1-m"),
+    ("web_01", 7, "qemu-7-web01"),  # "_" is dropped: one more reason for the domain's id
+])
+def test_machine_name_is_libvirt_s(name: str, domain_id: int, machine: str) -> None:
+    assert lv.machine_name(domain_id, name) == machine
+
+
+@pytest.mark.parametrize(("domain", "scope"), [
+    # as libvirt 9 made it for domain lv-x1, seen in /proc/PID/cgroup of its qemu
+    ("<domain type='qemu' id='1'><name>lv-x1</name></domain>",
+     "/machine.slice/machine-qemu\\x2d1\\x2dlv\\x2dx1.scope"),
+    ("<domain id='42'><name>vm1</name><resource><partition>/machine/prod-eu</partition>"
+     "</resource></domain>",
+     "/machine.slice/machine-prod\\x2deu.slice/machine-qemu\\x2d42\\x2dvm1.scope"),
+    ("<domain id='3'><name>a</name><resource><partition>/machine</partition></resource>"
+     "</domain>", "/machine.slice/machine-qemu\\x2d3\\x2da.scope"),
+    (PLAIN, None),  # no id: not what libvirt gives the hook
+    ("<domain id='-1'><name>vm1</name></domain>", None),
+])
+def test_qemu_scope(domain: str, scope: str | None) -> None:
+    assert lv.qemu_scope(domain) == scope
+
+
+def test_machined_available(tmp_path: Path) -> None:
+    dirs = [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert not lv.machined_available(dirs)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "org.freedesktop.machine1.service").touch()
+    assert lv.machined_available(dirs)
 
 
 def test_unit_and_socket_names() -> None:
@@ -506,6 +550,49 @@ def test_prepare_writes_the_runtime_file_and_starts_the_socket(runtime_dir: Path
     loaded = lv.config.load("my-vm", config_file=etc)
     assert loaded.mtu == 1500 and loaded.tcp_forward_specs == ("2222:22",
                                                                "127.0.0.1/8000-8010:9000-9010")
+
+
+def test_prepare_names_the_scope_of_the_domain_s_qemu(runtime_dir: Path, etc: str) -> None:
+    """Under systemd-machined, the instance is told which qemu is the domain's (its scope,
+    from the id libvirt gives the domain before "prepare"); without machined, nobody."""
+    domain = with_metadata(net()).replace("<domain type='qemu'>",
+                                          "<domain type='qemu' id='7'>")
+    scope = "/machine.slice/machine-qemu\\x2d7\\x2dvm1.scope"
+    assert lv.prepare("vm1", domain, systemctl=FakeSystemctl(), config_file=etc,
+                      machined=True)
+    assert yaml.safe_load((runtime_dir / "vm1.yaml").read_text()) == {"qemu_cgroup": scope}
+    assert lv.config.load("vm1", config_file=etc).qemu_cgroup == scope
+    assert lv.prepare("vm1", domain, systemctl=FakeSystemctl(), config_file=etc)
+    assert yaml.safe_load((runtime_dir / "vm1.yaml").read_text()) == {}
+
+
+@pytest.mark.parametrize("name", ["-x", ".", "..", "a b", "a:b", "vm\n", "é", "x" * 61])
+def test_prepare_refuses_a_domain_whose_name_is_no_instance_name(
+        runtime_dir: Path, etc: str, name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """"-x" would become `passtd run -x` (no instance: the VM's NIC dead), "." the unit
+    whose state directory is every instance's: the domain does not start, and virsh start
+    says why (the hook's last line on stderr)."""
+    systemctl = FakeSystemctl()
+    domain = with_metadata(net())
+    with pytest.raises(HookError) as caught:
+        lv.prepare(name, domain, systemctl=systemctl, config_file=etc)
+    assert str(caught.value) == (
+        f"domain {name!r} cannot have a passtd instance: instance name {name!r}: must be 1 "
+        "to 60 characters of A-Z a-z 0-9 _ . -, starting with a letter or a digit; rename "
+        "the domain (virsh domrename)")
+    assert systemctl.calls == [] and not runtime_dir.exists()
+    assert lv.hook_main([name, "prepare", "begin", "-"], domain.encode()) == 1
+    assert capsys.readouterr().err == f"passtd: {caught.value}\n"
+    assert not lv.release(name, domain, systemctl=systemctl)  # nothing was started
+    assert systemctl.calls == []
+    # a domain without passtd metadata is none of our business, whatever its name
+    assert lv.hook_main([name, "prepare", "begin", "-"], PLAIN.encode()) == 0
+
+
+def test_attach_refuses_a_domain_whose_name_is_no_instance_name() -> None:
+    domain = PLAIN.replace("<name>vm1</name>", "<name>-x</name>")
+    with pytest.raises(DomainError, match=r"domain '-x': instance name '-x': must be 1 to 60"):
+        lv.attach_xml(domain)
 
 
 def test_prepare_and_release_leave_other_domains_alone(runtime_dir: Path) -> None:
