@@ -123,7 +123,7 @@ def engine_settings(cfg: InstanceConfig, host: addrs.HostAddresses | None = None
         servers, host_search = addrs.read_resolv_conf(resolv_conf)
     else:
         servers, host_search = [], []
-    dns = [ipaddress.ip_address(s) for s in servers] if cfg.dns == "host" else list(cfg.dns)
+    dns = servers if cfg.dns == "host" else list(cfg.dns)
     search = tuple(host_search) if cfg.search == "host" else tuple(cfg.search)
     dns_redirect: dict[bytes, str] = {}
 

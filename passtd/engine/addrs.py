@@ -19,12 +19,16 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import subprocess
 from dataclasses import dataclass
 
 OUR_MAC = bytes.fromhex("9a559a559a55")  # passt's default since 2024: not the host's MAC
 DEFAULT_MTU = 65520  # 802.3 maximum (65535) minus the Ethernet header, 32-bit aligned
 IP6_GATEWAY_LL_DEFAULT = ipaddress.IPv6Address("fe80::1")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+log = logging.getLogger("passtd.engine")
 
 
 class AddressError(Exception):
@@ -147,20 +151,38 @@ def discover_host(ifname: str | None = None) -> HostAddresses:
     return HostAddresses(**found)  # type: ignore[arg-type]
 
 
-def read_resolv_conf(path: str = "/etc/resolv.conf") -> tuple[list[str], list[str]]:
-    """(nameservers, search domains) from a resolv.conf; at most 3 nameservers (MAXNS)."""
-    servers: list[str] = []
+def read_resolv_conf(path: str = "/etc/resolv.conf") -> tuple[list[IPAddress], list[str]]:
+    """(nameservers, search domains) from a resolv.conf; at most 3 nameservers (MAXNS).
+
+    A `nameserver` line that holds no usable address is skipped with a warning, as the C
+    library's resolver skips it: one bad line must not keep the guest from starting.
+    A scope (`%eth0`) is dropped: the guest reaches such a server on its own link.
+    """
+    servers: list[IPAddress] = []
     search: list[str] = []
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
+            for number, line in enumerate(f, 1):
                 words = line.split()
                 if not words or words[0].startswith(("#", ";")):
                     continue
-                if words[0] == "nameserver" and len(words) > 1 and len(servers) < 3:
-                    servers.append(words[1].split("%")[0])
+                if words[0] == "nameserver" and len(servers) < 3:
+                    server = _nameserver(words[1] if len(words) > 1 else "")
+                    if server is None:
+                        log.warning("%s line %d: %r is not a nameserver address: skipped",
+                                    path, number, line.strip())
+                    else:
+                        servers.append(server)
                 elif words[0] in ("search", "domain"):
                     search = words[1:]
     except OSError:
         pass
     return servers, search
+
+
+def _nameserver(text: str) -> IPAddress | None:
+    try:
+        addr = ipaddress.ip_address(text.split("%")[0])
+    except ValueError:
+        return None
+    return None if addr.is_unspecified or addr.is_multicast else addr
