@@ -651,7 +651,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     addr.add_argument(
         "--no-map-gw", dest="map_host_loopback", action="store_const", const=False,
-        help="don't map the gateway address to host loopback",
+        help="don't map the gateway address to host loopback (nor offer a resolver there)",
     )
     addr.add_argument(
         "--map-guest-addr", metavar="ADDR|none",

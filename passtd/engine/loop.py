@@ -77,6 +77,7 @@ TRIM_WORTHY = 256 << 10  # a read this size dirties enough buffer pages to give 
 ACCEPT_PAUSE = 0.5  # seconds a listener rests after accept() ran out of descriptors
 TAP_SLACK = 64 << 10  # skb overhead the qemu socket's buffer accounting adds to our bytes
 TAP_SEND_OVERHEAD = 2048  # what one sendmsg may add to that accounting beyond its bytes
+DNS_PORTS = (53, 853)  # DNS and DNS over TLS: what a DNS redirection applies to, as in passt
 _OUTQ = struct.Struct("i")
 _OUTQ_ARG = bytes(_OUTQ.size)
 
@@ -110,7 +111,8 @@ class EngineSettings:
     max_flows: int = 65536
     max_listeners: int = 65536
     tcp_sndbuf: int = 0  # 0: leave the kernel's autotuning alone
-    # the host's own addresses (targets for map_guest_addr) and DNS redirections
+    # the host's own addresses (targets for map_guest_addr), and DNS redirections: guest
+    # DNS (DNS_PORTS) to a key goes to the resolver named by its value (addrs.guest_dns)
     host_addr4: bytes | None = None
     host_addr6: bytes | None = None
     dns_redirect: dict[bytes, str] = field(default_factory=dict)
@@ -682,7 +684,7 @@ class Engine:
         if family == 4:
             net4 = self.cfg.ip4
             assert net4 is not None
-            if dport == 53 and dst in self.settings.dns_redirect:
+            if dport in DNS_PORTS and dst in self.settings.dns_redirect:
                 return (self.settings.dns_redirect[dst], dport)
             if net4.map_host_loopback is not None and dst == net4.map_host_loopback:
                 return ("127.0.0.1", dport)
@@ -695,14 +697,15 @@ class Engine:
             return (addr_text(dst), dport)
         net6 = self.cfg.ip6
         assert net6 is not None
-        if dport == 53 and dst in self.settings.dns_redirect:
-            return (self.settings.dns_redirect[dst], dport, 0, 0)
-        if net6.map_host_loopback is not None and dst == net6.map_host_loopback:
+        if dport in DNS_PORTS and dst in self.settings.dns_redirect:
+            # the resolver may be the gateway's link-local address: scoped below
+            dst = socket.inet_pton(socket.AF_INET6, self.settings.dns_redirect[dst])
+        elif net6.map_host_loopback is not None and dst == net6.map_host_loopback:
             return ("::1", dport, 0, 0)
-        if net6.map_guest_addr is not None and dst == net6.map_guest_addr:
+        elif net6.map_guest_addr is not None and dst == net6.map_guest_addr:
             target = self.settings.host_addr6 or net6.address
             return (addr_text(target), dport, 0, 0) if target else None
-        if dst == packet.IP6_ANY or packet.is_ipv6_multicast(dst):
+        elif dst == packet.IP6_ANY or packet.is_ipv6_multicast(dst):
             return None
         if packet.is_ipv6_link_local(dst):
             if not self.cfg.host_ifname:

@@ -77,6 +77,65 @@ def test_no_map_gw_keeps_the_host_loopback_out_of_reach(program_factory, guest_f
     assert ping.returncode == 0  # the dead end itself still answers pings
 
 
+# UDP server on ADDR PORT answering every datagram with the source port it came from
+UDP_WHOAMI = """
+import socket, sys
+addr, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((addr, port))
+while True:
+    data, peer = s.recvfrom(2048)
+    s.sendto(str(peer[1]).encode(), peer)
+"""
+
+# From each source port SPORT (0: any), one datagram to HOST:PORT; prints, as JSON, the
+# answer each got ({sport: text, or null without an answer within a second})
+UDP_PROBE = """
+import json, socket, sys
+host, port, sports = sys.argv[1], int(sys.argv[2]), [int(p) for p in sys.argv[3:]]
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+answers, socks = {}, []
+for sport in sports:
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    socks.append(s)  # kept open: their flows must all be alive at once
+    s.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", sport))
+    s.settimeout(1)
+    s.sendto(b"?", (host, port))
+    try:
+        answers[sport] = s.recv(2048).decode()
+    except OSError:
+        answers[sport] = None
+print(json.dumps(answers))
+"""
+
+
+def udp_probe(guest: lab.TapGuest, host: str, port: int, *sports: int) -> dict[int, str | None]:
+    res = guest.run([sys.executable, "-c", UDP_PROBE, host, str(port), *map(str, sports)],
+                    capture_output=True, text=True, timeout=30 + 2 * len(sports))
+    assert res.returncode == 0, res.stderr
+    return {int(k): v for k, v in json.loads(res.stdout).items()}
+
+
+@pytest.mark.parametrize("map_gw", [True, False])
+def test_dns_to_a_loopback_resolver_follows_the_gateway_mapping(
+        program_factory, guest_factory, host_server, map_gw: bool) -> None:
+    """A resolver on host loopback is offered as the gateway and reached through it only
+    while the gateway maps to host loopback; with --no-map-gw it is neither offered nor
+    reached (the guest's DNS to the gateway goes to the gateway itself)."""
+    host_server([sys.executable, "-c", UDP_WHOAMI, "127.0.0.1", "53"], port=53, udp=True)
+    prog = program_factory(["--bus", "none", "-S", "none", "-D", "127.0.0.1",
+                            *([] if map_gw else ["--no-map-gw"])])
+    guest = guest_factory(prog, wire="whole")
+    answer = udp_probe(guest, guest.gw4 or "", 53, 0)[0]
+    if map_gw:
+        assert guest.dns == (guest.gw4,)
+        assert answer is not None
+    else:
+        assert guest.dns == ()
+        assert answer is None
+        assert "nameserver 127.0.0.1 is on the host's loopback" in prog.log_text()
+
+
 # Opens COUNT connections to HOST:PORT and holds them LINGER seconds; prints how many held
 HOLD_CLIENT = """
 import json, socket, sys, time

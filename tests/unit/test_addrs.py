@@ -41,3 +41,43 @@ def test_resolv_conf_garbage_is_skipped_with_a_warning(tmp_path: Path,
 
 def test_resolv_conf_missing_is_empty(tmp_path: Path) -> None:
     assert addrs.read_resolv_conf(str(tmp_path / "absent")) == ([], [])
+
+
+GW4 = ipaddress.ip_address("198.51.100.1")
+GW6 = ipaddress.ip_address("fe80::1")
+
+
+@pytest.mark.parametrize(
+    ("nameservers", "version", "mapped", "told", "redirect", "unreachable"),
+    [
+        # a resolver on host loopback: through the mapped gateway, or not at all
+        (["127.0.0.53"], 4, True, ["198.51.100.1"], {"198.51.100.1": "127.0.0.53"}, []),
+        (["127.0.0.53"], 4, False, [], {}, ["127.0.0.53"]),
+        (["::1"], 6, True, ["fe80::1"], {"fe80::1": "::1"}, []),
+        (["::1"], 6, False, [], {}, ["::1"]),
+        # the gateway is the resolver: the loopback mapping shadows it, so its DNS goes to
+        # the real gateway; without the mapping nothing is shadowed
+        (["198.51.100.1"], 4, True, ["198.51.100.1"], {"198.51.100.1": "198.51.100.1"}, []),
+        (["198.51.100.1"], 4, False, ["198.51.100.1"], {}, []),
+        (["fe80::1"], 6, True, ["fe80::1"], {"fe80::1": "fe80::1"}, []),
+        # others as they are; the other family's are not this family's business
+        (["192.0.2.53", "2001:db8::53"], 4, True, ["192.0.2.53"], {}, []),
+        (["192.0.2.53", "2001:db8::53"], 6, False, ["2001:db8::53"], {}, []),
+        # the first resolver that needs the gateway is the one its queries reach
+        (["127.0.0.53", "198.51.100.1", "192.0.2.53"], 4, True,
+         ["198.51.100.1", "192.0.2.53"], {"198.51.100.1": "127.0.0.53"}, []),
+        (["127.0.0.53", "192.0.2.53", "127.0.0.1"], 4, False, ["192.0.2.53"], {},
+         ["127.0.0.53", "127.0.0.1"]),
+        # never more than a resolver uses
+        (["192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.4"], 4, True,
+         ["192.0.2.1", "192.0.2.2", "192.0.2.3"], {}, []),
+    ],
+)
+def test_guest_dns(nameservers: list[str], version: int, mapped: bool, told: list[str],
+                   redirect: dict[str, str], unreachable: list[str]) -> None:
+    gateway = GW4 if version == 4 else GW6
+    found = addrs.guest_dns([ipaddress.ip_address(a) for a in nameservers], version, gateway,
+                            mapped)
+    assert found.servers == tuple(ipaddress.ip_address(a).packed for a in told)
+    assert found.redirect == {ipaddress.ip_address(k).packed: v for k, v in redirect.items()}
+    assert found.unreachable == tuple(ipaddress.ip_address(a) for a in unreachable)
