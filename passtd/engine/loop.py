@@ -680,7 +680,15 @@ class Engine:
     # -- address mapping ------------------------------------------------------------------------
 
     def _outbound_target(self, family: int, dst: bytes, dport: int) -> tuple | None:
-        """The host socket address for a flow the guest opens towards `dst`, or None."""
+        """The host socket address for a flow the guest opens towards `dst`, or None.
+
+        The address the guest was given (the host's own, by default) is a destination
+        like any other in both families, as in passt: a guest that uses it never sends
+        there, and one that does not (IPv6 by SLAAC alone, a static IPv4 address) reaches
+        the host at it, as a machine on the host's LAN would. Refusing it would wall the
+        guest off nothing: the host's other addresses, and host loopback through the
+        gateway, stay reachable.
+        """
         if family == 4:
             net4 = self.cfg.ip4
             assert net4 is not None
@@ -691,9 +699,8 @@ class Engine:
             if net4.map_guest_addr is not None and dst == net4.map_guest_addr:
                 target = self.settings.host_addr4 or net4.address
                 return (addr_text(target), dport)
-            if dst[0] == 0 or packet.is_ipv4_multicast_or_broadcast(dst) \
-                    or dst == net4.address:  # 0.0.0.0/8 would be this host
-                return None
+            if dst[0] == 0 or packet.is_ipv4_multicast_or_broadcast(dst):
+                return None  # 0.0.0.0/8 would be this host
             return (addr_text(dst), dport)
         net6 = self.cfg.ip6
         assert net6 is not None

@@ -61,6 +61,19 @@ def test_spoofed_sources_get_nothing(program_factory, host_server) -> None:
     assert prog.alive()
 
 
+def test_the_guests_own_address_is_one_rule_for_both_families(program_factory,
+                                                              host_server) -> None:
+    """The guest is given the host's address. A guest that uses another one (SLAAC alone,
+    a static address) reaches the host at "its" address in both families, as passt lets
+    it (IPv4 refused it, IPv6 did not)."""
+    host_server([sys.executable, NETPROG, "tcp-server", "--bind", "::", "--port", "18080"],
+                port=18080)
+    prog = program_factory(BASE_ARGS)
+    with QemuStub(prog.socket) as stub:
+        assert syn_answer(stub, "198.51.100.5", 40011, dst="198.51.100.2") == "SA"
+        assert syn_answer(stub, "2001:db8::5", 40012, dst="2001:db8::2") == "SA"
+
+
 def test_no_map_gw_keeps_the_host_loopback_out_of_reach(program_factory, guest_factory,
                                                         host_server) -> None:
     host_server([sys.executable, NETPROG, "tcp-server", "--bind", "127.0.0.1", "--port", "18080"],
