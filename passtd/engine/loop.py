@@ -219,6 +219,9 @@ class Engine:
                 self._tap_side_addresses |= {a for a in (net.gateway, net.map_host_loopback,
                                                          net.map_guest_addr) if a}
         self.drop_log = _RateLimited()
+        # a guest settles on its MAC and addresses within a few frames of booting; one that
+        # keeps changing them must not get a log line per frame
+        self.learn_log = _RateLimited(burst=5, period=60.0)
         self.closed = False
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -554,7 +557,7 @@ class Engine:
     def _learn_mac(self, mac: bytes) -> None:
         if mac != self.seen.mac and not mac[0] & 1:  # never learn a multicast source
             self.seen.mac = mac
-            log.info("guest MAC %s", mac.hex(":"))
+            self.learn_log(logging.INFO, "guest MAC", "guest MAC %s", mac.hex(":"))
             self._changed("GuestMac")
 
     def _learn_addr(self, family: int, addr: bytes) -> None:
@@ -571,7 +574,7 @@ class Engine:
             if addr == packet.IP6_ANY or addr == seen.addr6:
                 return
             seen.addr6 = addr
-        log.info("guest uses address %s", addr_text(addr))
+        self.learn_log(logging.INFO, "guest address", "guest uses address %s", addr_text(addr))
         self._changed("GuestAddresses")
 
     def _slow_frame(self, frame: memoryview, now: float) -> None:

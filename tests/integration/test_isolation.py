@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from scapy.layers.inet import IP, TCP
+from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
@@ -72,6 +72,25 @@ def test_the_guests_own_address_is_one_rule_for_both_families(program_factory,
     with QemuStub(prog.socket) as stub:
         assert syn_answer(stub, "198.51.100.5", 40011, dst="198.51.100.2") == "SA"
         assert syn_answer(stub, "2001:db8::5", 40012, dst="2001:db8::2") == "SA"
+
+
+def test_a_guest_changing_addresses_all_the_time_cannot_flood_the_log(program_factory) -> None:
+    """Every frame from another MAC and source address: the instance follows them, but
+    says so a bounded number of times (it logged a line per frame)."""
+    prog = program_factory(BASE_ARGS, name="flood")  # a log file of its own
+    frames = 400
+    with QemuStub(prog.socket) as stub:
+        for i in range(frames):
+            ip = IP(src=f"198.51.100.{10 + i % 200}", dst="198.51.100.1") if i % 2 else \
+                IPv6(src=f"2001:db8::{10 + i:x}", dst="fe80::1")
+            mac = f"52:54:00:00:{i >> 8:02x}:{i & 0xFF:02x}"
+            stub.send(bytes(Ether(src=mac, dst=OUR_MAC) / ip / UDP(sport=40000, dport=9)))
+        assert stub.ping("198.51.100.2", "198.51.100.1") is not None  # all taken in
+    log = prog.log_text()
+    macs = [x for x in log.splitlines() if "guest MAC" in x]
+    addresses = [x for x in log.splitlines() if "guest uses address" in x]
+    assert 0 < len(macs) <= 6 and 0 < len(addresses) <= 6, log[-4000:]
+    assert prog.alive()
 
 
 def test_no_map_gw_keeps_the_host_loopback_out_of_reach(program_factory, guest_factory,
