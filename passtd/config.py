@@ -105,6 +105,11 @@ class Timeouts:
     tcp_idle: float = 7200  # TCP connection with no activity at all
 
 
+# SO_SNDBUF of host TCP sockets: the kernel stores twice the value in an int (so at most
+# 2^30 - 1) after capping it at net.core.wmem_max, and gives nothing below ~4 KiB
+TCP_SNDBUF_MIN, TCP_SNDBUF_MAX = 4096, (1 << 30) - 1
+
+
 @dataclass(frozen=True)
 class Limits:
     max_flows: int = 65536
@@ -194,6 +199,15 @@ def _positive_int(value: object) -> int:
     if _int(value) <= 0:
         raise _Invalid(f"must be a positive integer, got {value}")
     return value  # type: ignore[return-value]
+
+
+def _int_between(low: int, high: int) -> _Check:
+    def check(value: object) -> int:
+        if not low <= _int(value) <= high:
+            raise _Invalid(f"must be between {low} and {high}, got {value}")
+        return value  # type: ignore[return-value]
+
+    return check
 
 
 def _positive_number(value: object) -> float:
@@ -459,7 +473,8 @@ _INSTANCE_SCHEMA: dict[str, _Check] = {
     "dhcpv6": _bool,
     "ra": _bool,
     "timeouts": _section({f.name: _positive_number for f in fields(Timeouts)}),
-    "limits": _section({f.name: _positive_int for f in fields(Limits)}),
+    "limits": _section({f.name: _positive_int for f in fields(Limits)}
+                       | {"tcp_sndbuf": _int_between(TCP_SNDBUF_MIN, TCP_SNDBUF_MAX)}),
     "bus": _choice(BUSES),
 }
 _check_instance = _section(_INSTANCE_SCHEMA)

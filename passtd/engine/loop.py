@@ -852,7 +852,11 @@ class Engine:
             self.drop_log(logging.WARNING, "socket", "cannot open a TCP socket: %s", e)
             refuse(str(e))
             return
-        self._tcp_socket_options(sock)
+        failed = self._tcp_socket_options(sock)
+        if failed:
+            sock.close()
+            refuse(failed)
+            return
         conn = TcpConn.from_guest_syn(key, now, self._isn(key, now), self._our_mss(pkt.family),
                                       seq, window, *opts,
                                       idle_timeout=self.settings.tcp_idle_timeout,
@@ -871,12 +875,21 @@ class Engine:
             log.debug("%r: connect: %s", conn, os.strerror(rc))
             self._tcp_actions(conn, conn.host_refused(), now)
 
-    def _tcp_socket_options(self, sock: socket.socket) -> None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.settings.tcp_sndbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.settings.tcp_sndbuf)
-        if self._peek_off:  # peeks continue after what the guest already has
-            sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+    def _tcp_socket_options(self, sock: socket.socket) -> str | None:
+        """Set up a new host TCP socket; what went wrong, if anything: the caller then
+        closes the socket and refuses the connection."""
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.settings.tcp_sndbuf:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.settings.tcp_sndbuf)
+            if self._peek_off:  # peeks continue after what the guest already has
+                sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+        # the kernel refusing a value (OSError), or Python one no C int holds (TypeError,
+        # OverflowError): either way the socket must not leak, nor the exception escape
+        except Exception as e:
+            self.drop_log(logging.WARNING, "sockopt", "cannot set up a TCP socket: %s", e)
+            return str(e)
+        return None
 
     def _tcp_connect_done(self, conn: TcpConn) -> None:
         self._unwriter(conn)
@@ -1689,7 +1702,10 @@ class Engine:
             reject("a flow with the same addresses exists")
             return
         sock.setblocking(False)
-        self._tcp_socket_options(sock)
+        failed = self._tcp_socket_options(sock)
+        if failed:
+            reject(failed)
+            return
         conn = TcpConn.from_host_accept(key, now, self._isn(key, now), self._our_mss(family),
                                         self.settings.tcp_idle_timeout, self._hold_budget)
         conn.sock = sock

@@ -168,6 +168,57 @@ def test_dns_to_a_loopback_resolver_follows_the_gateway_mapping(
         assert "nameserver 127.0.0.1 is on the host's loopback" in prog.log_text()
 
 
+# An Engine with SO_SNDBUF SNDBUF for its TCP sockets, fed COUNT guest SYNs over a
+# socketpair: prints its descriptors before and after, and the TCP flags it answered with
+SNDBUF_ENGINE = """
+import asyncio, json, os, socket, struct, sys
+from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import Ether
+from passtd.engine.addrs import Ip4Config, NetConfig
+from passtd.engine.loop import Engine, EngineSettings
+sndbuf, count = int(sys.argv[1]), int(sys.argv[2])
+guest, gateway = socket.inet_aton("198.51.100.2"), socket.inet_aton("198.51.100.1")
+net = NetConfig(ip4=Ip4Config(guest, 24, gateway, map_host_loopback=gateway))
+loop = asyncio.new_event_loop()
+engine = Engine(EngineSettings(net=net, tcp_sndbuf=sndbuf), loop)
+engine.start(None)
+ours, theirs = socket.socketpair()
+engine.adopt_client(theirs)
+before = len(os.listdir("/proc/self/fd"))
+for i in range(count):
+    frame = bytes(Ether(src="52:54:00:12:34:56", dst="9a:55:9a:55:9a:55")
+                  / IP(src="198.51.100.2", dst="198.51.100.1")
+                  / TCP(sport=40000 + i, dport=18099, flags="S", seq=1))
+    ours.send(struct.pack("!I", len(frame)) + frame)
+    loop.run_until_complete(asyncio.sleep(0.01))
+after = len(os.listdir("/proc/self/fd"))
+ours.setblocking(False)
+try:
+    data = ours.recv(1 << 20)
+except BlockingIOError:
+    data = b""
+flags = []
+while data:
+    length = int.from_bytes(data[:4], "big")
+    flags.append(str(Ether(data[4:4 + length])[TCP].flags))
+    data = data[4 + length:]
+print(json.dumps({"before": before, "after": after, "answers": flags}))
+"""
+
+
+def test_a_socket_that_cannot_be_set_up_is_closed(lab_host: lab.HostNamespace) -> None:
+    """A TCP socket the engine cannot set up (here: a send buffer beyond what setsockopt
+    takes, which the configuration now refuses) costs the guest that connection, with a
+    RST, and is closed: it leaked a descriptor per connection."""
+    res = lab_host.run([sys.executable, "-c", SNDBUF_ENGINE, str(1 << 31), "20"],
+                       capture_output=True, text=True, timeout=60, env=lab.passtd_env())
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["after"] <= out["before"], out
+    assert out["answers"] == ["RA"] * 20, out
+    assert "internal error" not in res.stderr, res.stderr
+
+
 # Opens COUNT connections to HOST:PORT and holds them LINGER seconds; prints how many held
 HOLD_CLIENT = """
 import json, socket, sys, time
