@@ -115,6 +115,7 @@ class Limits:
     max_flows: int = 65536
     max_listeners: int = 65536  # listening sockets for port forwards: -t all and -u all fit
     tcp_sndbuf: int = 4194304  # SO_SNDBUF of host TCP sockets (passt's SNDBUF_BIG)
+    pcap_size: int = 256 << 20  # bytes of a capture (`pcap`): it stops there
 
 
 @dataclass(frozen=True)
@@ -712,7 +713,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     log = parser.add_argument_group("Logging")
     log.add_argument("--log-level", choices=LOG_LEVELS, help="least severe message logged")
     log.add_argument(
-        "-p", "--pcap", metavar="FILE|none", help="capture the guest's frames to a pcap file"
+        "-p", "--pcap", metavar="FILE|none",
+        help="capture the guest's frames to a pcap file, up to --limit pcap_size=BYTES",
     )
 
 

@@ -180,6 +180,7 @@ def engine_settings(cfg: InstanceConfig, host: addrs.HostAddresses | None = None
         tcp_forwards=cfg.tcp_forwards,
         udp_forwards=cfg.udp_forwards,
         pcap=cfg.pcap,
+        pcap_size=cfg.limits.pcap_size,
         dhcp=cfg.dhcp and ip4 is not None,
         ndp=cfg.ndp,
         dhcpv6=cfg.dhcpv6,

@@ -100,6 +100,7 @@ class EngineSettings:
     tcp_forwards: Sequence[ForwardRule] = ()
     udp_forwards: Sequence[ForwardRule] = ()
     pcap: str | None = None
+    pcap_size: int = 256 << 20  # bytes; the capture stops there
     dhcp: bool = True
     ndp: bool = True
     dhcpv6: bool = True
@@ -183,7 +184,8 @@ class Engine:
         self.client: socket.socket | None = None
         self.reader = FrameReader()
         self.out = TapOutput()
-        self.pcap = PcapWriter(settings.pcap) if settings.pcap else None
+        self.pcap = PcapWriter.open(settings.pcap, settings.pcap_size) if settings.pcap \
+            else None
         self._batches = {4: TcpFrameBatch(4), 6: TcpFrameBatch(6)}
         # acknowledged host data is dropped with MSG_TRUNC into this; the kernel never
         # writes it for TCP, so its pages stay unmapped
@@ -481,6 +483,8 @@ class Engine:
                 break
         if self.pcap:
             self.pcap.flush()
+            if not self.pcap.active:  # it stopped (full disk, size limit): forget it
+                self.pcap = None
 
     # -- guest frames ---------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from scapy.layers.l2 import ARP, Ether
 from scapy.utils import rdpcap
 
 from passtd import lab
+from tests.mounts import with_private_mounts
 from tests.qemu_stub import QemuStub, dhcp_option
 
 NETPROG = str(Path(__file__).resolve().parents[1] / "netprog.py")
@@ -237,13 +238,6 @@ def test_many_guests_one_after_another_leave_nothing_behind(program_factory,
         guest.down()
     time.sleep(0.2)
     healthy(prog)
-
-
-def with_private_mounts(setup: str, argv: list[str]) -> list[str]:
-    """`argv` in a mount namespace of its own, after the shell commands `setup` (mounts
-    there are seen by that program only; /proc/PID/root shows them from outside)."""
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-ec",
-            f'{setup}\nexec "$@"', "sh", *argv]
 
 
 def test_bad_nameserver_line_is_skipped_at_start(program_factory, program_argv,
