@@ -116,6 +116,9 @@ class Limits:
     max_listeners: int = 65536  # listening sockets for port forwards: -t all and -u all fit
     tcp_sndbuf: int = 4194304  # SO_SNDBUF of host TCP sockets (passt's SNDBUF_BIG)
     pcap_size: int = 256 << 20  # bytes of a capture (`pcap`): it stops there
+    # guest UDP flows at a time whose host socket keeps the guest's source port (where
+    # that is harmless: engine/udp.py); beyond, a flow gets a port the kernel chooses
+    udp_preserved_ports: int = 64
 
 
 @dataclass(frozen=True)
@@ -475,7 +478,8 @@ _INSTANCE_SCHEMA: dict[str, _Check] = {
     "ra": _bool,
     "timeouts": _section({f.name: _positive_number for f in fields(Timeouts)}),
     "limits": _section({f.name: _positive_int for f in fields(Limits)}
-                       | {"tcp_sndbuf": _int_between(TCP_SNDBUF_MIN, TCP_SNDBUF_MAX)}),
+                       | {"tcp_sndbuf": _int_between(TCP_SNDBUF_MIN, TCP_SNDBUF_MAX),
+                          "udp_preserved_ports": _int_between(0, 65535)}),
     "bus": _choice(BUSES),
 }
 _check_instance = _section(_INSTANCE_SCHEMA)

@@ -46,8 +46,16 @@ from . import config as config_mod
 from .config import ConfigError, InstanceConfig
 from .engine import addrs
 from .engine.addrs import Ip4Config, Ip6Config, NetConfig
-from .engine.fwd import ForwardRule, SpecError, format_rule, parse_spec
+from .engine.fwd import (
+    ForwardRule,
+    SpecError,
+    format_rule,
+    parse_spec,
+    read_ephemeral_range,
+    read_reserved_ports,
+)
 from .engine.loop import Engine, EngineSettings, ForwardError
+from .engine.udp import SourcePortRule
 
 log = logging.getLogger("passtd")
 
@@ -192,6 +200,8 @@ def engine_settings(cfg: InstanceConfig, host: addrs.HostAddresses | None = None
         max_flows=cfg.limits.max_flows,
         max_listeners=cfg.limits.max_listeners,
         tcp_sndbuf=cfg.limits.tcp_sndbuf,
+        udp_port_rule=SourcePortRule(read_ephemeral_range(), read_reserved_ports()),
+        udp_preserved_ports=cfg.limits.udp_preserved_ports,
         host_addr4=host.addr4.ip.packed if host.addr4 else None,
         host_addr6=host.addr6.ip.packed if host.addr6 else None,
         dns_redirect=dns_redirect,

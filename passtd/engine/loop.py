@@ -55,7 +55,7 @@ from .pcap import PcapWriter
 from .tap import FrameReader, FramingError, TapOutput
 from .tcp import TcpConn
 from .tcp_buf import TcpFrameBatch
-from .udp import UdpFlow
+from .udp import SourcePortRule, UdpFlow
 
 log = logging.getLogger("passtd.engine")
 
@@ -112,6 +112,9 @@ class EngineSettings:
     max_flows: int = 65536
     max_listeners: int = 65536
     tcp_sndbuf: int = 0  # 0: leave the kernel's autotuning alone
+    # guest UDP source ports kept on the host: which ones, and for how many flows at once
+    udp_port_rule: SourcePortRule = field(default_factory=SourcePortRule)
+    udp_preserved_ports: int = 64
     # the host's own addresses (targets for map_guest_addr), and DNS redirections: guest
     # DNS (DNS_PORTS) to a key goes to the resolver named by its value (addrs.guest_dns)
     host_addr4: bytes | None = None
@@ -180,6 +183,7 @@ class Engine:
         self.forwards: dict[int, Forward] = {}
         self._next_forward_id = 1
         self._listener_count = 0
+        self._udp_ports_held = 0  # guest UDP flows whose host socket has the guest's port
         self.listener: socket.socket | None = None
         self.client: socket.socket | None = None
         self.reader = FrameReader()
@@ -1245,6 +1249,9 @@ class Engine:
             flow.sock = None
         if isinstance(flow, TcpConn):
             flow.drop_held()
+        elif isinstance(flow, UdpFlow) and flow.holds_guest_port:
+            flow.holds_guest_port = False
+            self._udp_ports_held -= 1
         self._ack_due.pop(flow, None)  # type: ignore[call-overload]
         self._discard_due.pop(flow, None)  # type: ignore[call-overload]
         self._acks_delayed.pop(flow, None)  # type: ignore[call-overload]
@@ -1424,12 +1431,17 @@ class Engine:
             self.drop_log(logging.WARNING, "socket", "cannot open a UDP socket: %s", e)
             unreachable(icmp.ICMP_HOST_UNREACH, icmp.ICMPV6_ADDR_UNREACH)
             return None
+        keep_port = self._udp_may_keep(sport)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_BUFFER)
-            try:  # keep the guest's source port, as passt does, when the host has it free
-                sock.bind(("0.0.0.0" if af == socket.AF_INET else "::", sport))
-            except OSError:
-                sock.bind(("0.0.0.0" if af == socket.AF_INET else "::", 0))
+            wildcard = "0.0.0.0" if af == socket.AF_INET else "::"
+            if keep_port:
+                try:
+                    sock.bind((wildcard, sport))
+                except OSError:  # the host has it in use: fine, it is the host's
+                    keep_port = False
+            if not keep_port:
+                sock.bind((wildcard, 0))
             sock.connect(target)
         except OSError as e:
             sock.close()
@@ -1438,11 +1450,30 @@ class Engine:
             return None
         flow = UdpFlow(key, GUEST, now, self.settings.udp_timeout, self.settings.udp_stream_timeout)
         flow.sock = sock
+        if keep_port:
+            flow.holds_guest_port = True
+            self._udp_ports_held += 1
         self.flows.add(flow)
         self._schedule(flow)  # it expires even if its first datagram cannot be sent
         self._reader(flow, self._udp_host_readable)
         self._changed("FlowCount")
         return flow
+
+    def _udp_may_keep(self, port: int) -> bool:
+        """Whether a new guest flow may bind its host socket to the guest's source port
+        `port` (udp.py's module docstring has the rule and why)."""
+        if not self.settings.udp_port_rule.allows(port):
+            return False
+        for fwd in self.forwards.values():
+            if fwd.rule.proto == "udp" and fwd.rule.first <= port <= fwd.rule.last:
+                return False
+        if self._udp_ports_held >= self.settings.udp_preserved_ports:
+            self.drop_log(logging.INFO, "udp-ports",
+                          "guest UDP flows hold %d host ports of their own source ports "
+                          "(limits.udp_preserved_ports): new flows get ephemeral ones",
+                          self._udp_ports_held)
+            return False
+        return True
 
     def _udp_host_readable(self, flow: UdpFlow) -> None:
         now = self.loop.time()
@@ -1555,6 +1586,12 @@ class Engine:
                 raise ForwardError("AddressInUse",
                                    f"{rule.proto} {format_rule(rule)} overlaps forward {fwd.id} "
                                    f"({format_rule(fwd.rule)})")
+        if rule.proto == "udp":  # a forward's ports are never a guest flow's (udp.py)
+            for flow in list(self.flows):
+                if isinstance(flow, UdpFlow) and flow.holds_guest_port \
+                        and rule.first <= flow.guest_port <= rule.last:
+                    log.debug("%r: gives its host port to forward %s", flow, format_rule(rule))
+                    self._close_flow(flow, rst_peer=False)
         fwd = Forward(self._next_forward_id, rule, origin)
         try:
             self._open_listeners(fwd)

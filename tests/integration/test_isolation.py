@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -59,6 +60,102 @@ def test_spoofed_sources_get_nothing(program_factory, host_server) -> None:
         for src, dst in (("2001:db8::5", "::127.0.0.1"), ("198.51.100.2", "0.0.0.1")):
             assert syn_answer(stub, src, 40004, dst=dst) in (None, "RA"), dst
     assert prog.alive()
+
+
+# Binds UDP PORT... on the wildcard of both families; prints, as JSON, {port: errno name or
+# "ok"} (each socket closed again at once)
+HOST_BIND = """
+import errno, json, socket, sys
+result = {}
+for port in map(int, sys.argv[1:]):
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        s.bind(("::", port))
+        result[port] = "ok"
+    except OSError as e:
+        result[port] = errno.errorcode[e.errno]
+    finally:
+        s.close()
+print(json.dumps(result))
+"""
+
+
+def host_binds(lab_host: lab.HostNamespace, *ports: int) -> dict[int, str]:
+    res = lab_host.run([sys.executable, "-c", HOST_BIND, *map(str, ports)],
+                       capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    return {int(k): v for k, v in json.loads(res.stdout).items()}
+
+
+def ephemeral_range(lab_host: lab.HostNamespace) -> tuple[int, int]:
+    first, last = lab_host.run(["cat", "/proc/sys/net/ipv4/ip_local_port_range"],
+                               capture_output=True, text=True).stdout.split()
+    return int(first), int(last)
+
+
+def test_guest_udp_source_ports_never_take_what_the_host_may_need(
+        program_factory, guest_factory, host_server, lab_host: lab.HostNamespace) -> None:
+    """A guest writing from ports the host may need (privileged, ephemeral, reserved, a
+    forward's) gets its datagrams out from another host port and its replies back on its
+    own, and the host can still bind those ports meanwhile; from any other port above
+    1024 it keeps its port, as in passt. (The instance runs as root here: before, it took
+    500 for the guest as readily as 20001.)"""
+    first, last = ephemeral_range(lab_host)
+    assert first > 1034 and last < 65535, (first, last)
+    host_server([sys.executable, "-c", UDP_WHOAMI, "127.0.0.1", "18081"], port=18081, udp=True)
+    lab_host.run(["sysctl", "-qw", "net.ipv4.ip_local_reserved_ports=20005"])
+    try:
+        prog = program_factory([*BASE_ARGS, "-u", "20006"])  # the sysctls are read at start
+    finally:
+        lab_host.run(["sysctl", "-qw", "net.ipv4.ip_local_reserved_ports="])
+    guest = guest_factory(prog, wire="whole")
+    needed = [500, 1023, first, first + 5, last, 20005, 20006]
+    free = [1024, 20001, first - 1, last + 1, 65535]
+    seen = udp_probe(guest, guest.gw4 or "", 18081, *needed, *free)
+    assert all(seen[port] is not None for port in seen), seen  # every reply reached the guest
+    assert {port for port in seen if seen[port] == str(port)} == set(free), seen
+    # the flows are alive (30 s): the host has the ports it may need, not the others
+    binds = host_binds(lab_host, *needed, *free)
+    assert {port for port, result in binds.items() if result == "ok"} \
+        == set(needed) - {20006}, binds  # 20006 is the forward's
+
+
+def test_guest_udp_source_ports_kept_are_capped(program_factory, guest_factory, host_server,
+                                                lab_host: lab.HostNamespace) -> None:
+    """limits.udp_preserved_ports: beyond it a flow gets a port of the kernel's choosing
+    instead of failing; once flows expire, their ports count no more."""
+    host_server([sys.executable, "-c", UDP_WHOAMI, "127.0.0.1", "18081"], port=18081, udp=True)
+    prog = program_factory([*BASE_ARGS, "--limit", "udp_preserved_ports=3",
+                            "--timeout", "udp=1"])
+    guest = guest_factory(prog, wire="whole")
+    ports = list(range(20011, 20017))
+    seen = udp_probe(guest, guest.gw4 or "", 18081, *ports)
+    assert all(seen[port] is not None for port in ports), seen
+    kept = [port for port in ports if seen[port] == str(port)]
+    assert kept == ports[:3], seen
+    assert "limits.udp_preserved_ports" in prog.log_text()
+    time.sleep(2.5)  # the flows expire (1 s without traffic)
+    seen = udp_probe(guest, guest.gw4 or "", 18081, *ports[3:])
+    assert all(seen[port] == str(port) for port in ports[3:]), seen
+
+
+def test_a_udp_forward_takes_its_port_back_from_a_guest_flow(
+        program_factory, program_argv, guest_factory, host_server,
+        lab_host: lab.HostNamespace) -> None:
+    """A guest flow keeps port 20021; a forward of that port, added by a reload, opens all
+    the same (the flow gives the port up: it was "in use")."""
+    host_server([sys.executable, "-c", UDP_WHOAMI, "127.0.0.1", "18081"], port=18081, udp=True)
+    config = lab_host.workdir / "forwards.yaml"
+    config.write_text("defaults: {}\n")
+    prog = program_factory(argv=program_argv("fwd", [*BASE_ARGS, "--config", str(config)]),
+                           name="fwd")
+    guest = guest_factory(prog, wire="whole")
+    assert udp_probe(guest, guest.gw4 or "", 18081, 20021)[20021] == "20021"
+    config.write_text("defaults: {udp_forwards: ['20021']}\n")
+    prog.proc.send_signal(signal.SIGHUP)
+    lab.wait_for(lambda: "configuration reloaded" in prog.log_text(), 10, "the reload")
+    assert "forward 1: udp 20021" in prog.log_text(), prog.log_text()[-3000:]
+    assert lab_host.listening(20021, udp=True)
 
 
 def test_the_guests_own_address_is_one_rule_for_both_families(program_factory,
