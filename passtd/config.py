@@ -711,7 +711,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     tune.add_argument(
         "--limit", action="append", metavar="KIND=N",
-        help=f"resource limit; KIND: {', '.join(f.name for f in fields(Limits))}",
+        help=f"resource limit (each one explained in /etc/passtd.yaml); KIND: "
+             f"{', '.join(f.name for f in fields(Limits))}",
     )
 
     log = parser.add_argument_group("Logging")
