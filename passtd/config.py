@@ -106,11 +106,20 @@ class Timeouts:
     tcp_idle: float = 7200  # TCP connection with no activity at all
 
 
+# SO_SNDBUF of host TCP sockets: the kernel stores twice the value in an int (so at most
+# 2^30 - 1) after capping it at net.core.wmem_max, and gives nothing below ~4 KiB
+TCP_SNDBUF_MIN, TCP_SNDBUF_MAX = 4096, (1 << 30) - 1
+
+
 @dataclass(frozen=True)
 class Limits:
     max_flows: int = 65536
     max_listeners: int = 65536  # listening sockets for port forwards: -t all and -u all fit
     tcp_sndbuf: int = 4194304  # SO_SNDBUF of host TCP sockets (passt's SNDBUF_BIG)
+    pcap_size: int = 256 << 20  # bytes of a capture (`pcap`): it stops there
+    # guest UDP flows at a time whose host socket keeps the guest's source port (where
+    # that is harmless: engine/udp.py); beyond, a flow gets a port the kernel chooses
+    udp_preserved_ports: int = 64
 
 
 @dataclass(frozen=True)
@@ -196,6 +205,15 @@ def _positive_int(value: object) -> int:
     if _int(value) <= 0:
         raise _Invalid(f"must be a positive integer, got {value}")
     return value  # type: ignore[return-value]
+
+
+def _int_between(low: int, high: int) -> _Check:
+    def check(value: object) -> int:
+        if not low <= _int(value) <= high:
+            raise _Invalid(f"must be between {low} and {high}, got {value}")
+        return value  # type: ignore[return-value]
+
+    return check
 
 
 def _positive_number(value: object) -> float:
@@ -471,7 +489,9 @@ _INSTANCE_SCHEMA: dict[str, _Check] = {
     "dhcpv6": _bool,
     "ra": _bool,
     "timeouts": _section({f.name: _positive_number for f in fields(Timeouts)}),
-    "limits": _section({f.name: _positive_int for f in fields(Limits)}),
+    "limits": _section({f.name: _positive_int for f in fields(Limits)}
+                       | {"tcp_sndbuf": _int_between(TCP_SNDBUF_MIN, TCP_SNDBUF_MAX),
+                          "udp_preserved_ports": _int_between(0, 65535)}),
     "bus": _choice(BUSES),
     "qemu_cgroup": _optional(_cgroup),
 }
@@ -673,7 +693,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     addr.add_argument(
         "--no-map-gw", dest="map_host_loopback", action="store_const", const=False,
-        help="don't map the gateway address to host loopback",
+        help="don't map the gateway address to host loopback (nor offer a resolver there)",
     )
     addr.add_argument(
         "--map-guest-addr", metavar="ADDR|none",
@@ -713,13 +733,15 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     tune.add_argument(
         "--limit", action="append", metavar="KIND=N",
-        help=f"resource limit; KIND: {', '.join(f.name for f in fields(Limits))}",
+        help=f"resource limit (each one explained in /etc/passtd.yaml); KIND: "
+             f"{', '.join(f.name for f in fields(Limits))}",
     )
 
     log = parser.add_argument_group("Logging")
     log.add_argument("--log-level", choices=LOG_LEVELS, help="least severe message logged")
     log.add_argument(
-        "-p", "--pcap", metavar="FILE|none", help="capture the guest's frames to a pcap file"
+        "-p", "--pcap", metavar="FILE|none",
+        help="capture the guest's frames to a pcap file, up to --limit pcap_size=BYTES",
     )
 
 

@@ -46,8 +46,16 @@ from . import config as config_mod
 from .config import ConfigError, InstanceConfig
 from .engine import addrs
 from .engine.addrs import Ip4Config, Ip6Config, NetConfig
-from .engine.fwd import ForwardRule, SpecError, format_rule, parse_spec
+from .engine.fwd import (
+    ForwardRule,
+    SpecError,
+    format_rule,
+    parse_spec,
+    read_ephemeral_range,
+    read_reserved_ports,
+)
 from .engine.loop import Engine, EngineSettings, ForwardError
+from .engine.udp import SourcePortRule
 from .qemu_peer import CgroupPeerCheck
 
 log = logging.getLogger("passtd")
@@ -124,7 +132,7 @@ def engine_settings(cfg: InstanceConfig, host: addrs.HostAddresses | None = None
         servers, host_search = addrs.read_resolv_conf(resolv_conf)
     else:
         servers, host_search = [], []
-    dns = [ipaddress.ip_address(s) for s in servers] if cfg.dns == "host" else list(cfg.dns)
+    dns = servers if cfg.dns == "host" else list(cfg.dns)
     search = tuple(host_search) if cfg.search == "host" else tuple(cfg.search)
     dns_redirect: dict[bytes, str] = {}
 
@@ -137,20 +145,12 @@ def engine_settings(cfg: InstanceConfig, host: addrs.HostAddresses | None = None
             log.warning("IPv4 disabled: the host has no IPv4 default route and address "
                         "(set ipv4.address and ipv4.gateway to use IPv4 anyway)")
         else:
-            dns4: list[bytes] = []
-            for server in dns:
-                if server.version != 4:
-                    continue
-                if server.is_loopback:  # a resolver on host loopback: reach it via the gateway
-                    dns_redirect[gateway.packed] = str(server)
-                    server = gateway
-                if server.packed not in dns4:
-                    dns4.append(server.packed)
+            dns4 = _guest_dns(dns, 4, gateway, cfg.map_host_loopback, dns_redirect)
             ip4 = Ip4Config(
                 address=address.packed,
                 prefix_len=prefix,
                 gateway=gateway.packed,
-                dns=tuple(dns4[:3]),
+                dns=dns4,
                 map_host_loopback=gateway.packed if cfg.map_host_loopback else None,
                 map_guest_addr=_packed(cfg.map_guest_addr)
                 if cfg.map_guest_addr and cfg.map_guest_addr.version == 4 else None,
@@ -169,20 +169,12 @@ def engine_settings(cfg: InstanceConfig, host: addrs.HostAddresses | None = None
                 our_ll = addrs.IP6_GATEWAY_LL_DEFAULT
             else:
                 our_ll = gateway6
-            dns6: list[bytes] = []
-            for server in dns:
-                if server.version != 6:
-                    continue
-                if server.is_loopback:
-                    dns_redirect[our_ll.packed] = str(server)
-                    server = our_ll
-                if server.packed not in dns6:
-                    dns6.append(server.packed)
+            dns6 = _guest_dns(dns, 6, our_ll, cfg.map_host_loopback, dns_redirect)
             ip6 = Ip6Config(
                 address=_packed(address6),
                 prefix_len=prefix6 if address6 is not None else 64,
                 gateway=our_ll.packed,
-                dns=tuple(dns6[:3]),
+                dns=dns6,
                 map_host_loopback=our_ll.packed if cfg.map_host_loopback else None,
                 map_guest_addr=_packed(cfg.map_guest_addr)
                 if cfg.map_guest_addr and cfg.map_guest_addr.version == 6 else None,
@@ -197,6 +189,7 @@ def engine_settings(cfg: InstanceConfig, host: addrs.HostAddresses | None = None
         tcp_forwards=cfg.tcp_forwards,
         udp_forwards=cfg.udp_forwards,
         pcap=cfg.pcap,
+        pcap_size=cfg.limits.pcap_size,
         dhcp=cfg.dhcp and ip4 is not None,
         ndp=cfg.ndp,
         dhcpv6=cfg.dhcpv6,
@@ -208,10 +201,25 @@ def engine_settings(cfg: InstanceConfig, host: addrs.HostAddresses | None = None
         max_flows=cfg.limits.max_flows,
         max_listeners=cfg.limits.max_listeners,
         tcp_sndbuf=cfg.limits.tcp_sndbuf,
+        udp_port_rule=SourcePortRule(read_ephemeral_range(), read_reserved_ports()),
+        udp_preserved_ports=cfg.limits.udp_preserved_ports,
         host_addr4=host.addr4.ip.packed if host.addr4 else None,
         host_addr6=host.addr6.ip.packed if host.addr6 else None,
         dns_redirect=dns_redirect,
     )
+
+
+def _guest_dns(nameservers: list[addrs.IPAddress], version: int, gateway: addrs.IPAddress,
+               map_host_loopback: bool, redirect: dict[bytes, str]) -> tuple[bytes, ...]:
+    """The nameservers told to the guest for one family (addrs.guest_dns); adds the DNS
+    redirections they need to `redirect`."""
+    found = addrs.guest_dns(nameservers, version, gateway, map_host_loopback)
+    for server in found.unreachable:
+        log.warning("nameserver %s is on the host's loopback, which the guest cannot reach "
+                    "with map_host_loopback off (--no-map-gw): not offered to the guest",
+                    server)
+    redirect.update(found.redirect)
+    return found.servers
 
 
 def describe_network(net: NetConfig) -> str:

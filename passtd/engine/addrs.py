@@ -6,6 +6,11 @@ with `ip -j`, iproute2's JSON output: no netlink code of our own). The gateway a
 is also ours on the tap side: the guest reaches host loopback through it
 (`map_host_loopback`). Every value can be overridden by the configuration.
 
+The guest is told the host's nameservers (resolv.conf, read once at start), except that
+one on host loopback can only be reached through the gateway mapped to loopback: it is
+told as the gateway, and DNS to the gateway is redirected to it (`guest_dns`, after
+passt's --dns-forward defaults); without the mapping it is not told at all.
+
 `NetConfig` is immutable and built once per instance (rebuilt on reload). `GuestSeen`
 holds what the engine learns from guest frames (its MAC and the source addresses it
 actually uses): inbound connections and replies go to those.
@@ -19,12 +24,18 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 OUR_MAC = bytes.fromhex("9a559a559a55")  # passt's default since 2024: not the host's MAC
 DEFAULT_MTU = 65520  # 802.3 maximum (65535) minus the Ethernet header, 32-bit aligned
 IP6_GATEWAY_LL_DEFAULT = ipaddress.IPv6Address("fe80::1")
+
+MAXNS = 3  # nameservers a resolver uses (resolv.h), and so the most we tell the guest
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+log = logging.getLogger("passtd.engine")
 
 
 class AddressError(Exception):
@@ -147,20 +158,80 @@ def discover_host(ifname: str | None = None) -> HostAddresses:
     return HostAddresses(**found)  # type: ignore[arg-type]
 
 
-def read_resolv_conf(path: str = "/etc/resolv.conf") -> tuple[list[str], list[str]]:
-    """(nameservers, search domains) from a resolv.conf; at most 3 nameservers (MAXNS)."""
-    servers: list[str] = []
+@dataclass(frozen=True, slots=True)
+class GuestDns:
+    """The nameservers of one family told to the guest, and where its queries go."""
+
+    servers: tuple[bytes, ...]  # told to the guest (DHCP, RA, DHCPv6), at most MAXNS
+    redirect: dict[bytes, str]  # guest DNS to this address (port 53) goes to that resolver
+    unreachable: tuple[IPAddress, ...]  # nameservers the guest could not reach: not told
+
+
+def guest_dns(nameservers: Sequence[IPAddress], version: int, gateway: IPAddress,
+              map_host_loopback: bool) -> GuestDns:
+    """Which of the host's (or the configured) nameservers the guest is told, as passt
+    does it (its --dns-forward address being the gateway):
+
+    - a resolver on host loopback (127.0.0.53, ::1) is reachable only through the
+      gateway mapped to loopback: the guest is told the gateway, and its DNS to the
+      gateway goes to that resolver. With the gateway not mapped (`--no-map-gw`) the
+      guest has no way to it: it is not told (passt: "address unreachable");
+    - a resolver on the gateway's own address is shadowed by that same mapping (the
+      guest's DNS to the gateway would reach host loopback): its DNS goes to the real
+      gateway. Without the mapping nothing is shadowed;
+    - any other resolver is told as it is.
+
+    The first resolver that needs the gateway is the one its queries go to.
+    """
+    servers: list[bytes] = []
+    redirect: dict[bytes, str] = {}
+    unreachable: list[IPAddress] = []
+    for server in nameservers:
+        if server.version != version:
+            continue
+        if server.is_loopback and not map_host_loopback:
+            unreachable.append(server)
+            continue
+        if map_host_loopback and (server.is_loopback or server == gateway):
+            redirect.setdefault(gateway.packed, str(server))
+            server = gateway
+        if server.packed not in servers:
+            servers.append(server.packed)
+    return GuestDns(tuple(servers[:MAXNS]), redirect, tuple(unreachable))
+
+
+def read_resolv_conf(path: str = "/etc/resolv.conf") -> tuple[list[IPAddress], list[str]]:
+    """(nameservers, search domains) from a resolv.conf; at most 3 nameservers (MAXNS).
+
+    A `nameserver` line that holds no usable address is skipped with a warning, as the C
+    library's resolver skips it: one bad line must not keep the guest from starting.
+    A scope (`%eth0`) is dropped: the guest reaches such a server on its own link.
+    """
+    servers: list[IPAddress] = []
     search: list[str] = []
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
+            for number, line in enumerate(f, 1):
                 words = line.split()
                 if not words or words[0].startswith(("#", ";")):
                     continue
-                if words[0] == "nameserver" and len(words) > 1 and len(servers) < 3:
-                    servers.append(words[1].split("%")[0])
+                if words[0] == "nameserver" and len(servers) < MAXNS:
+                    server = _nameserver(words[1] if len(words) > 1 else "")
+                    if server is None:
+                        log.warning("%s line %d: %r is not a nameserver address: skipped",
+                                    path, number, line.strip())
+                    else:
+                        servers.append(server)
                 elif words[0] in ("search", "domain"):
                     search = words[1:]
     except OSError:
         pass
     return servers, search
+
+
+def _nameserver(text: str) -> IPAddress | None:
+    try:
+        addr = ipaddress.ip_address(text.split("%")[0])
+    except ValueError:
+        return None
+    return None if addr.is_unspecified or addr.is_multicast else addr

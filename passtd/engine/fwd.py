@@ -44,7 +44,8 @@ from dataclasses import dataclass
 from itertools import pairwise
 
 PORT_RANGE_SYSCTL = "/proc/sys/net/ipv4/ip_local_port_range"
-EPHEMERAL_START_FALLBACK = 32768  # Linux's default start of ip_local_port_range
+RESERVED_PORTS_SYSCTL = "/proc/sys/net/ipv4/ip_local_reserved_ports"
+EPHEMERAL_RANGE_FALLBACK = (32768, 60999)  # Linux's default ip_local_port_range
 MAX_PORT = 65535
 IFNAMSIZ = 16  # interface names are at most IFNAMSIZ - 1 bytes
 PROTOCOLS = ("tcp", "udp")
@@ -171,15 +172,30 @@ def find_conflict(rules: Iterable[ForwardRule]) -> tuple[ForwardRule, ForwardRul
     return None
 
 
-def read_ephemeral_start(path: str = PORT_RANGE_SYSCTL) -> int:
-    """The first ephemeral port of this host (32768, Linux's default, if unreadable)."""
+def read_ephemeral_range(path: str = PORT_RANGE_SYSCTL) -> tuple[int, int]:
+    """The host's ephemeral port range (Linux's default, 32768-60999, if unreadable)."""
     try:
         with open(path, encoding="ascii") as f:
-            words = f.read().split()
-        start = int(words[0])
-    except (OSError, ValueError, IndexError):
-        return EPHEMERAL_START_FALLBACK
-    return start if 1 <= start <= MAX_PORT else EPHEMERAL_START_FALLBACK
+            first, last = (int(word) for word in f.read().split())
+    except (OSError, ValueError):
+        return EPHEMERAL_RANGE_FALLBACK
+    return (first, last) if 1 <= first <= last <= MAX_PORT else EPHEMERAL_RANGE_FALLBACK
+
+
+def read_ephemeral_start(path: str = PORT_RANGE_SYSCTL) -> int:
+    """The first ephemeral port of this host (32768, Linux's default, if unreadable)."""
+    return read_ephemeral_range(path)[0]
+
+
+def read_reserved_ports(path: str = RESERVED_PORTS_SYSCTL) -> tuple[tuple[int, int], ...]:
+    """The port ranges the admin keeps out of the ephemeral pool ("8080,9000-9100");
+    none if unreadable."""
+    try:
+        with open(path, encoding="ascii") as f:
+            text = f.read().strip()
+        return tuple(_parse_range(item.strip()) for item in text.split(",") if item.strip())
+    except (OSError, ValueError):  # SpecError is a ValueError
+        return ()
 
 
 # --- the parser ---------------------------------------------------------------------

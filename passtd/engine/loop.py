@@ -55,7 +55,7 @@ from .pcap import PcapWriter
 from .tap import FrameReader, FramingError, TapOutput
 from .tcp import TcpConn
 from .tcp_buf import TcpFrameBatch
-from .udp import UdpFlow
+from .udp import SourcePortRule, UdpFlow
 
 log = logging.getLogger("passtd.engine")
 
@@ -77,6 +77,7 @@ TRIM_WORTHY = 256 << 10  # a read this size dirties enough buffer pages to give 
 ACCEPT_PAUSE = 0.5  # seconds a listener rests after accept() ran out of descriptors
 TAP_SLACK = 64 << 10  # skb overhead the qemu socket's buffer accounting adds to our bytes
 TAP_SEND_OVERHEAD = 2048  # what one sendmsg may add to that accounting beyond its bytes
+DNS_PORTS = (53, 853)  # DNS and DNS over TLS: what a DNS redirection applies to, as in passt
 _OUTQ = struct.Struct("i")
 _OUTQ_ARG = bytes(_OUTQ.size)
 
@@ -99,6 +100,7 @@ class EngineSettings:
     tcp_forwards: Sequence[ForwardRule] = ()
     udp_forwards: Sequence[ForwardRule] = ()
     pcap: str | None = None
+    pcap_size: int = 256 << 20  # bytes; the capture stops there
     dhcp: bool = True
     ndp: bool = True
     dhcpv6: bool = True
@@ -110,7 +112,11 @@ class EngineSettings:
     max_flows: int = 65536
     max_listeners: int = 65536
     tcp_sndbuf: int = 0  # 0: leave the kernel's autotuning alone
-    # the host's own addresses (targets for map_guest_addr) and DNS redirections
+    # guest UDP source ports kept on the host: which ones, and for how many flows at once
+    udp_port_rule: SourcePortRule = field(default_factory=SourcePortRule)
+    udp_preserved_ports: int = 64
+    # the host's own addresses (targets for map_guest_addr), and DNS redirections: guest
+    # DNS (DNS_PORTS) to a key goes to the resolver named by its value (addrs.guest_dns)
     host_addr4: bytes | None = None
     host_addr6: bytes | None = None
     dns_redirect: dict[bytes, str] = field(default_factory=dict)
@@ -181,11 +187,13 @@ class Engine:
         self.forwards: dict[int, Forward] = {}
         self._next_forward_id = 1
         self._listener_count = 0
+        self._udp_ports_held = 0  # guest UDP flows whose host socket has the guest's port
         self.listener: socket.socket | None = None
         self.client: socket.socket | None = None
         self.reader = FrameReader()
         self.out = TapOutput()
-        self.pcap = PcapWriter(settings.pcap) if settings.pcap else None
+        self.pcap = PcapWriter.open(settings.pcap, settings.pcap_size) if settings.pcap \
+            else None
         self._batches = {4: TcpFrameBatch(4), 6: TcpFrameBatch(6)}
         # acknowledged host data is dropped with MSG_TRUNC into this; the kernel never
         # writes it for TCP, so its pages stay unmapped
@@ -221,6 +229,9 @@ class Engine:
                 self._tap_side_addresses |= {a for a in (net.gateway, net.map_host_loopback,
                                                          net.map_guest_addr) if a}
         self.drop_log = _RateLimited()
+        # a guest settles on its MAC and addresses within a few frames of booting; one that
+        # keeps changing them must not get a log line per frame
+        self.learn_log = _RateLimited(burst=5, period=60.0)
         self.closed = False
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -487,6 +498,8 @@ class Engine:
                 break
         if self.pcap:
             self.pcap.flush()
+            if not self.pcap.active:  # it stopped (full disk, size limit): forget it
+                self.pcap = None
 
     # -- guest frames ---------------------------------------------------------------------------
 
@@ -563,7 +576,7 @@ class Engine:
     def _learn_mac(self, mac: bytes) -> None:
         if mac != self.seen.mac and not mac[0] & 1:  # never learn a multicast source
             self.seen.mac = mac
-            log.info("guest MAC %s", mac.hex(":"))
+            self.learn_log(logging.INFO, "guest MAC", "guest MAC %s", mac.hex(":"))
             self._changed("GuestMac")
 
     def _learn_addr(self, family: int, addr: bytes) -> None:
@@ -580,7 +593,7 @@ class Engine:
             if addr == packet.IP6_ANY or addr == seen.addr6:
                 return
             seen.addr6 = addr
-        log.info("guest uses address %s", addr_text(addr))
+        self.learn_log(logging.INFO, "guest address", "guest uses address %s", addr_text(addr))
         self._changed("GuestAddresses")
 
     def _slow_frame(self, frame: memoryview, now: float) -> None:
@@ -689,31 +702,39 @@ class Engine:
     # -- address mapping ------------------------------------------------------------------------
 
     def _outbound_target(self, family: int, dst: bytes, dport: int) -> tuple | None:
-        """The host socket address for a flow the guest opens towards `dst`, or None."""
+        """The host socket address for a flow the guest opens towards `dst`, or None.
+
+        The address the guest was given (the host's own, by default) is a destination
+        like any other in both families, as in passt: a guest that uses it never sends
+        there, and one that does not (IPv6 by SLAAC alone, a static IPv4 address) reaches
+        the host at it, as a machine on the host's LAN would. Refusing it would wall the
+        guest off nothing: the host's other addresses, and host loopback through the
+        gateway, stay reachable.
+        """
         if family == 4:
             net4 = self.cfg.ip4
             assert net4 is not None
-            if dport == 53 and dst in self.settings.dns_redirect:
+            if dport in DNS_PORTS and dst in self.settings.dns_redirect:
                 return (self.settings.dns_redirect[dst], dport)
             if net4.map_host_loopback is not None and dst == net4.map_host_loopback:
                 return ("127.0.0.1", dport)
             if net4.map_guest_addr is not None and dst == net4.map_guest_addr:
                 target = self.settings.host_addr4 or net4.address
                 return (addr_text(target), dport)
-            if dst[0] == 0 or packet.is_ipv4_multicast_or_broadcast(dst) \
-                    or dst == net4.address:  # 0.0.0.0/8 would be this host
-                return None
+            if dst[0] == 0 or packet.is_ipv4_multicast_or_broadcast(dst):
+                return None  # 0.0.0.0/8 would be this host
             return (addr_text(dst), dport)
         net6 = self.cfg.ip6
         assert net6 is not None
-        if dport == 53 and dst in self.settings.dns_redirect:
-            return (self.settings.dns_redirect[dst], dport, 0, 0)
-        if net6.map_host_loopback is not None and dst == net6.map_host_loopback:
+        if dport in DNS_PORTS and dst in self.settings.dns_redirect:
+            # the resolver may be the gateway's link-local address: scoped below
+            dst = socket.inet_pton(socket.AF_INET6, self.settings.dns_redirect[dst])
+        elif net6.map_host_loopback is not None and dst == net6.map_host_loopback:
             return ("::1", dport, 0, 0)
-        if net6.map_guest_addr is not None and dst == net6.map_guest_addr:
+        elif net6.map_guest_addr is not None and dst == net6.map_guest_addr:
             target = self.settings.host_addr6 or net6.address
             return (addr_text(target), dport, 0, 0) if target else None
-        if dst == packet.IP6_ANY or packet.is_ipv6_multicast(dst):
+        elif dst == packet.IP6_ANY or packet.is_ipv6_multicast(dst):
             return None
         if packet.is_ipv6_link_local(dst):
             if not self.cfg.host_ifname:
@@ -850,7 +871,11 @@ class Engine:
             self.drop_log(logging.WARNING, "socket", "cannot open a TCP socket: %s", e)
             refuse(str(e))
             return
-        self._tcp_socket_options(sock)
+        failed = self._tcp_socket_options(sock)
+        if failed:
+            sock.close()
+            refuse(failed)
+            return
         conn = TcpConn.from_guest_syn(key, now, self._isn(key, now), self._our_mss(pkt.family),
                                       seq, window, *opts,
                                       idle_timeout=self.settings.tcp_idle_timeout,
@@ -869,12 +894,21 @@ class Engine:
             log.debug("%r: connect: %s", conn, os.strerror(rc))
             self._tcp_actions(conn, conn.host_refused(), now)
 
-    def _tcp_socket_options(self, sock: socket.socket) -> None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.settings.tcp_sndbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.settings.tcp_sndbuf)
-        if self._peek_off:  # peeks continue after what the guest already has
-            sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+    def _tcp_socket_options(self, sock: socket.socket) -> str | None:
+        """Set up a new host TCP socket; what went wrong, if anything: the caller then
+        closes the socket and refuses the connection."""
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.settings.tcp_sndbuf:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.settings.tcp_sndbuf)
+            if self._peek_off:  # peeks continue after what the guest already has
+                sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+        # the kernel refusing a value (OSError), or Python one no C int holds (TypeError,
+        # OverflowError): either way the socket must not leak, nor the exception escape
+        except Exception as e:
+            self.drop_log(logging.WARNING, "sockopt", "cannot set up a TCP socket: %s", e)
+            return str(e)
+        return None
 
     def _tcp_connect_done(self, conn: TcpConn) -> None:
         self._unwriter(conn)
@@ -1226,6 +1260,9 @@ class Engine:
             flow.sock = None
         if isinstance(flow, TcpConn):
             flow.drop_held()
+        elif isinstance(flow, UdpFlow) and flow.holds_guest_port:
+            flow.holds_guest_port = False
+            self._udp_ports_held -= 1
         self._ack_due.pop(flow, None)  # type: ignore[call-overload]
         self._discard_due.pop(flow, None)  # type: ignore[call-overload]
         self._acks_delayed.pop(flow, None)  # type: ignore[call-overload]
@@ -1405,12 +1442,17 @@ class Engine:
             self.drop_log(logging.WARNING, "socket", "cannot open a UDP socket: %s", e)
             unreachable(icmp.ICMP_HOST_UNREACH, icmp.ICMPV6_ADDR_UNREACH)
             return None
+        keep_port = self._udp_may_keep(sport)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_BUFFER)
-            try:  # keep the guest's source port, as passt does, when the host has it free
-                sock.bind(("0.0.0.0" if af == socket.AF_INET else "::", sport))
-            except OSError:
-                sock.bind(("0.0.0.0" if af == socket.AF_INET else "::", 0))
+            wildcard = "0.0.0.0" if af == socket.AF_INET else "::"
+            if keep_port:
+                try:
+                    sock.bind((wildcard, sport))
+                except OSError:  # the host has it in use: fine, it is the host's
+                    keep_port = False
+            if not keep_port:
+                sock.bind((wildcard, 0))
             sock.connect(target)
         except OSError as e:
             sock.close()
@@ -1419,11 +1461,30 @@ class Engine:
             return None
         flow = UdpFlow(key, GUEST, now, self.settings.udp_timeout, self.settings.udp_stream_timeout)
         flow.sock = sock
+        if keep_port:
+            flow.holds_guest_port = True
+            self._udp_ports_held += 1
         self.flows.add(flow)
         self._schedule(flow)  # it expires even if its first datagram cannot be sent
         self._reader(flow, self._udp_host_readable)
         self._changed("FlowCount")
         return flow
+
+    def _udp_may_keep(self, port: int) -> bool:
+        """Whether a new guest flow may bind its host socket to the guest's source port
+        `port` (udp.py's module docstring has the rule and why)."""
+        if not self.settings.udp_port_rule.allows(port):
+            return False
+        for fwd in self.forwards.values():
+            if fwd.rule.proto == "udp" and fwd.rule.first <= port <= fwd.rule.last:
+                return False
+        if self._udp_ports_held >= self.settings.udp_preserved_ports:
+            self.drop_log(logging.INFO, "udp-ports",
+                          "guest UDP flows hold %d host ports of their own source ports "
+                          "(limits.udp_preserved_ports): new flows get ephemeral ones",
+                          self._udp_ports_held)
+            return False
+        return True
 
     def _udp_host_readable(self, flow: UdpFlow) -> None:
         now = self.loop.time()
@@ -1536,6 +1597,12 @@ class Engine:
                 raise ForwardError("AddressInUse",
                                    f"{rule.proto} {format_rule(rule)} overlaps forward {fwd.id} "
                                    f"({format_rule(fwd.rule)})")
+        if rule.proto == "udp":  # a forward's ports are never a guest flow's (udp.py)
+            for flow in list(self.flows):
+                if isinstance(flow, UdpFlow) and flow.holds_guest_port \
+                        and rule.first <= flow.guest_port <= rule.last:
+                    log.debug("%r: gives its host port to forward %s", flow, format_rule(rule))
+                    self._close_flow(flow, rst_peer=False)
         fwd = Forward(self._next_forward_id, rule, origin)
         try:
             self._open_listeners(fwd)
@@ -1687,7 +1754,10 @@ class Engine:
             reject("a flow with the same addresses exists")
             return
         sock.setblocking(False)
-        self._tcp_socket_options(sock)
+        failed = self._tcp_socket_options(sock)
+        if failed:
+            reject(failed)
+            return
         conn = TcpConn.from_host_accept(key, now, self._isn(key, now), self._our_mss(family),
                                         self.settings.tcp_idle_timeout, self._hold_budget)
         conn.sock = sock

@@ -80,7 +80,8 @@ TCP_DESTINATIONS = (
     (4, frames.addr("198.51.100.77"), 80),  # on-link, nobody there: unreachable
     (4, MAP4, LISTEN_PORT), (6, MAP6, LISTEN_PORT),  # the host's own address, our servers
     (4, GW4, 53),  # redirected to the host's resolver on 127.0.0.1: nothing listens
-    (4, G4, 80), (6, frames.addr("ff02::1"), 80),  # the guest itself, multicast: refused
+    (4, G4, 80),  # the guest's address, the host's too: nothing listens there
+    (6, frames.addr("ff02::1"), 80),  # multicast: refused
     (6, frames.addr("fe80::99"), 80),  # link-local: scoped to eth0, nobody there
 )
 FINAL_ARP = frames.addr("198.51.100.123")  # asked at the end of every input: must be answered

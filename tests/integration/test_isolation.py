@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from scapy.layers.inet import IP, TCP
+from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
@@ -61,6 +62,134 @@ def test_spoofed_sources_get_nothing(program_factory, host_server) -> None:
     assert prog.alive()
 
 
+# Binds UDP PORT... on the wildcard of both families; prints, as JSON, {port: errno name or
+# "ok"} (each socket closed again at once)
+HOST_BIND = """
+import errno, json, socket, sys
+result = {}
+for port in map(int, sys.argv[1:]):
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        s.bind(("::", port))
+        result[port] = "ok"
+    except OSError as e:
+        result[port] = errno.errorcode[e.errno]
+    finally:
+        s.close()
+print(json.dumps(result))
+"""
+
+
+def host_binds(lab_host: lab.HostNamespace, *ports: int) -> dict[int, str]:
+    res = lab_host.run([sys.executable, "-c", HOST_BIND, *map(str, ports)],
+                       capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    return {int(k): v for k, v in json.loads(res.stdout).items()}
+
+
+def ephemeral_range(lab_host: lab.HostNamespace) -> tuple[int, int]:
+    first, last = lab_host.run(["cat", "/proc/sys/net/ipv4/ip_local_port_range"],
+                               capture_output=True, text=True).stdout.split()
+    return int(first), int(last)
+
+
+def test_guest_udp_source_ports_never_take_what_the_host_may_need(
+        program_factory, guest_factory, host_server, lab_host: lab.HostNamespace) -> None:
+    """A guest writing from ports the host may need (privileged, ephemeral, reserved, a
+    forward's) gets its datagrams out from another host port and its replies back on its
+    own, and the host can still bind those ports meanwhile; from any other port above
+    1024 it keeps its port, as in passt. (The instance runs as root here: before, it took
+    500 for the guest as readily as 20001.)"""
+    first, last = ephemeral_range(lab_host)
+    assert first > 1034 and last < 65535, (first, last)
+    host_server([sys.executable, "-c", UDP_WHOAMI, "127.0.0.1", "18081"], port=18081, udp=True)
+    lab_host.run(["sysctl", "-qw", "net.ipv4.ip_local_reserved_ports=20005"])
+    try:
+        prog = program_factory([*BASE_ARGS, "-u", "20006"])  # the sysctls are read at start
+    finally:
+        lab_host.run(["sysctl", "-qw", "net.ipv4.ip_local_reserved_ports="])
+    guest = guest_factory(prog, wire="whole")
+    needed = [500, 1023, first, first + 5, last, 20005, 20006]
+    free = [1024, 20001, first - 1, last + 1, 65535]
+    seen = udp_probe(guest, guest.gw4 or "", 18081, *needed, *free)
+    assert all(seen[port] is not None for port in seen), seen  # every reply reached the guest
+    assert {port for port in seen if seen[port] == str(port)} == set(free), seen
+    # the flows are alive (30 s): the host has the ports it may need, not the others
+    binds = host_binds(lab_host, *needed, *free)
+    assert {port for port, result in binds.items() if result == "ok"} \
+        == set(needed) - {20006}, binds  # 20006 is the forward's
+
+
+def test_guest_udp_source_ports_kept_are_capped(program_factory, guest_factory, host_server,
+                                                lab_host: lab.HostNamespace) -> None:
+    """limits.udp_preserved_ports: beyond it a flow gets a port of the kernel's choosing
+    instead of failing; once flows expire, their ports count no more."""
+    host_server([sys.executable, "-c", UDP_WHOAMI, "127.0.0.1", "18081"], port=18081, udp=True)
+    prog = program_factory([*BASE_ARGS, "--limit", "udp_preserved_ports=3",
+                            "--timeout", "udp=1"])
+    guest = guest_factory(prog, wire="whole")
+    ports = list(range(20011, 20017))
+    seen = udp_probe(guest, guest.gw4 or "", 18081, *ports)
+    assert all(seen[port] is not None for port in ports), seen
+    kept = [port for port in ports if seen[port] == str(port)]
+    assert kept == ports[:3], seen
+    assert "limits.udp_preserved_ports" in prog.log_text()
+    time.sleep(2.5)  # the flows expire (1 s without traffic)
+    seen = udp_probe(guest, guest.gw4 or "", 18081, *ports[3:])
+    assert all(seen[port] == str(port) for port in ports[3:]), seen
+
+
+def test_a_udp_forward_takes_its_port_back_from_a_guest_flow(
+        program_factory, program_argv, guest_factory, host_server,
+        lab_host: lab.HostNamespace) -> None:
+    """A guest flow keeps port 20021; a forward of that port, added by a reload, opens all
+    the same (the flow gives the port up: it was "in use")."""
+    host_server([sys.executable, "-c", UDP_WHOAMI, "127.0.0.1", "18081"], port=18081, udp=True)
+    config = lab_host.workdir / "forwards.yaml"
+    config.write_text("defaults: {}\n")
+    prog = program_factory(argv=program_argv("fwd", [*BASE_ARGS, "--config", str(config)]),
+                           name="fwd")
+    guest = guest_factory(prog, wire="whole")
+    assert udp_probe(guest, guest.gw4 or "", 18081, 20021)[20021] == "20021"
+    config.write_text("defaults: {udp_forwards: ['20021']}\n")
+    prog.proc.send_signal(signal.SIGHUP)
+    lab.wait_for(lambda: "configuration reloaded" in prog.log_text(), 10, "the reload")
+    assert "forward 1: udp 20021" in prog.log_text(), prog.log_text()[-3000:]
+    assert lab_host.listening(20021, udp=True)
+
+
+def test_the_guests_own_address_is_one_rule_for_both_families(program_factory,
+                                                              host_server) -> None:
+    """The guest is given the host's address. A guest that uses another one (SLAAC alone,
+    a static address) reaches the host at "its" address in both families, as passt lets
+    it (IPv4 refused it, IPv6 did not)."""
+    host_server([sys.executable, NETPROG, "tcp-server", "--bind", "::", "--port", "18080"],
+                port=18080)
+    prog = program_factory(BASE_ARGS)
+    with QemuStub(prog.socket) as stub:
+        assert syn_answer(stub, "198.51.100.5", 40011, dst="198.51.100.2") == "SA"
+        assert syn_answer(stub, "2001:db8::5", 40012, dst="2001:db8::2") == "SA"
+
+
+def test_a_guest_changing_addresses_all_the_time_cannot_flood_the_log(program_factory) -> None:
+    """Every frame from another MAC and source address: the instance follows them, but
+    says so a bounded number of times (it logged a line per frame)."""
+    prog = program_factory(BASE_ARGS, name="flood")  # a log file of its own
+    frames = 400
+    with QemuStub(prog.socket) as stub:
+        for i in range(frames):
+            ip = IP(src=f"198.51.100.{10 + i % 200}", dst="198.51.100.1") if i % 2 else \
+                IPv6(src=f"2001:db8::{10 + i:x}", dst="fe80::1")
+            mac = f"52:54:00:00:{i >> 8:02x}:{i & 0xFF:02x}"
+            stub.send(bytes(Ether(src=mac, dst=OUR_MAC) / ip / UDP(sport=40000, dport=9)))
+        assert stub.ping("198.51.100.2", "198.51.100.1") is not None  # all taken in
+    log = prog.log_text()
+    macs = [x for x in log.splitlines() if "guest MAC" in x]
+    addresses = [x for x in log.splitlines() if "guest uses address" in x]
+    assert 0 < len(macs) <= 6 and 0 < len(addresses) <= 6, log[-4000:]
+    assert prog.alive()
+
+
 def test_no_map_gw_keeps_the_host_loopback_out_of_reach(program_factory, guest_factory,
                                                         host_server) -> None:
     host_server([sys.executable, NETPROG, "tcp-server", "--bind", "127.0.0.1", "--port", "18080"],
@@ -75,6 +204,116 @@ def test_no_map_gw_keeps_the_host_loopback_out_of_reach(program_factory, guest_f
     ping = guest.run(["busybox", "ping", "-c", "1", "-W", "3", guest.gw4 or ""],
                      capture_output=True, timeout=15)
     assert ping.returncode == 0  # the dead end itself still answers pings
+
+
+# UDP server on ADDR PORT answering every datagram with the source port it came from
+UDP_WHOAMI = """
+import socket, sys
+addr, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((addr, port))
+while True:
+    data, peer = s.recvfrom(2048)
+    s.sendto(str(peer[1]).encode(), peer)
+"""
+
+# From each source port SPORT (0: any), one datagram to HOST:PORT; prints, as JSON, the
+# answer each got ({sport: text, or null without an answer within a second})
+UDP_PROBE = """
+import json, socket, sys
+host, port, sports = sys.argv[1], int(sys.argv[2]), [int(p) for p in sys.argv[3:]]
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+answers, socks = {}, []
+for sport in sports:
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    socks.append(s)  # kept open: their flows must all be alive at once
+    s.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", sport))
+    s.settimeout(1)
+    s.sendto(b"?", (host, port))
+    try:
+        answers[sport] = s.recv(2048).decode()
+    except OSError:
+        answers[sport] = None
+print(json.dumps(answers))
+"""
+
+
+def udp_probe(guest: lab.TapGuest, host: str, port: int, *sports: int) -> dict[int, str | None]:
+    res = guest.run([sys.executable, "-c", UDP_PROBE, host, str(port), *map(str, sports)],
+                    capture_output=True, text=True, timeout=30 + 2 * len(sports))
+    assert res.returncode == 0, res.stderr
+    return {int(k): v for k, v in json.loads(res.stdout).items()}
+
+
+@pytest.mark.parametrize("map_gw", [True, False])
+def test_dns_to_a_loopback_resolver_follows_the_gateway_mapping(
+        program_factory, guest_factory, host_server, map_gw: bool) -> None:
+    """A resolver on host loopback is offered as the gateway and reached through it only
+    while the gateway maps to host loopback; with --no-map-gw it is neither offered nor
+    reached (the guest's DNS to the gateway goes to the gateway itself)."""
+    host_server([sys.executable, "-c", UDP_WHOAMI, "127.0.0.1", "53"], port=53, udp=True)
+    prog = program_factory(["--bus", "none", "-S", "none", "-D", "127.0.0.1",
+                            *([] if map_gw else ["--no-map-gw"])])
+    guest = guest_factory(prog, wire="whole")
+    answer = udp_probe(guest, guest.gw4 or "", 53, 0)[0]
+    if map_gw:
+        assert guest.dns == (guest.gw4,)
+        assert answer is not None
+    else:
+        assert guest.dns == ()
+        assert answer is None
+        assert "nameserver 127.0.0.1 is on the host's loopback" in prog.log_text()
+
+
+# An Engine with SO_SNDBUF SNDBUF for its TCP sockets, fed COUNT guest SYNs over a
+# socketpair: prints its descriptors before and after, and the TCP flags it answered with
+SNDBUF_ENGINE = """
+import asyncio, json, os, socket, struct, sys
+from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import Ether
+from passtd.engine.addrs import Ip4Config, NetConfig
+from passtd.engine.loop import Engine, EngineSettings
+sndbuf, count = int(sys.argv[1]), int(sys.argv[2])
+guest, gateway = socket.inet_aton("198.51.100.2"), socket.inet_aton("198.51.100.1")
+net = NetConfig(ip4=Ip4Config(guest, 24, gateway, map_host_loopback=gateway))
+loop = asyncio.new_event_loop()
+engine = Engine(EngineSettings(net=net, tcp_sndbuf=sndbuf), loop)
+engine.start(None)
+ours, theirs = socket.socketpair()
+engine.adopt_client(theirs)
+before = len(os.listdir("/proc/self/fd"))
+for i in range(count):
+    frame = bytes(Ether(src="52:54:00:12:34:56", dst="9a:55:9a:55:9a:55")
+                  / IP(src="198.51.100.2", dst="198.51.100.1")
+                  / TCP(sport=40000 + i, dport=18099, flags="S", seq=1))
+    ours.send(struct.pack("!I", len(frame)) + frame)
+    loop.run_until_complete(asyncio.sleep(0.01))
+after = len(os.listdir("/proc/self/fd"))
+ours.setblocking(False)
+try:
+    data = ours.recv(1 << 20)
+except BlockingIOError:
+    data = b""
+flags = []
+while data:
+    length = int.from_bytes(data[:4], "big")
+    flags.append(str(Ether(data[4:4 + length])[TCP].flags))
+    data = data[4 + length:]
+print(json.dumps({"before": before, "after": after, "answers": flags}))
+"""
+
+
+def test_a_socket_that_cannot_be_set_up_is_closed(lab_host: lab.HostNamespace) -> None:
+    """A TCP socket the engine cannot set up (here: a send buffer beyond what setsockopt
+    takes, which the configuration now refuses) costs the guest that connection, with a
+    RST, and is closed: it leaked a descriptor per connection."""
+    res = lab_host.run([sys.executable, "-c", SNDBUF_ENGINE, str(1 << 31), "20"],
+                       capture_output=True, text=True, timeout=60, env=lab.passtd_env())
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["after"] <= out["before"], out
+    assert out["answers"] == ["RA"] * 20, out
+    assert "internal error" not in res.stderr, res.stderr
 
 
 # Opens COUNT connections to HOST:PORT and holds them LINGER seconds; prints how many held

@@ -24,6 +24,8 @@ from scapy.layers.l2 import ARP, Ether
 from scapy.utils import rdpcap
 
 from passtd import lab
+from tests.mounts import with_private_mounts
+from tests.qemu_stub import QemuStub, dhcp_option
 
 NETPROG = str(Path(__file__).resolve().parents[1] / "netprog.py")
 BASE_ARGS = ["--bus", "none", "-D", "none", "-S", "none"]
@@ -235,4 +237,21 @@ def test_many_guests_one_after_another_leave_nothing_behind(program_factory,
         guest = guest_factory(prog, wire="whole")
         guest.down()
     time.sleep(0.2)
+    healthy(prog)
+
+
+def test_bad_nameserver_line_is_skipped_at_start(program_factory, program_argv,
+                                                 lab_host: lab.HostNamespace) -> None:
+    """A resolv.conf with garbage in a nameserver line: the instance starts, says which
+    line it skipped, and offers the servers that are addresses."""
+    resolv = lab_host.workdir / "resolv.conf"
+    resolv.write_text("nameserver dns.example.\nnameserver 192.0.2.53\nsearch example.com\n")
+    argv = with_private_mounts(f"mount --bind {resolv} /etc/resolv.conf",
+                               program_argv("resolv", ["--bus", "none"]))
+    prog = program_factory(argv=argv, name="resolv")
+    with QemuStub(prog.socket) as stub:
+        offer = stub.dhcp_offer()
+    assert dhcp_option(offer, "name_server") == "192.0.2.53"
+    log = prog.log_text()
+    assert "'nameserver dns.example.' is not a nameserver address: skipped" in log, log
     healthy(prog)

@@ -372,6 +372,31 @@ def test_reload_refuses_a_broken_config_and_keeps_running(ct: Container,
             ct.write_file("/etc/passtd.yaml", original)
 
 
+def test_the_shipped_capture_place_works_in_the_sandbox(ct: Container,
+                                                       instances: Instances) -> None:
+    """etc/passtd.yaml's example puts captures in /var/log/passtd/NAME: the unit makes it
+    the instance's own (0700), and the capture in it is private (0600)."""
+    config = ct.host_path("/etc/passtd.yaml")
+    original = config.read_bytes() if config.exists() else None
+    try:
+        ct.write_file("/etc/passtd.yaml",
+                      "instances:\n  cap1:\n    pcap: /var/log/passtd/{name}/capture.pcap\n")
+        inst = instances.socket("cap1")
+        assert_offer(instances.connect("cap1"))
+        capture = ct.host_path("/var/log/passtd/cap1/capture.pcap")
+        wait(lambda: capture.exists() and capture.stat().st_size > 24, "the capture")
+        uid = pwd.getpwnam("passtd").pw_uid
+        st, directory = capture.stat(), capture.parent.stat()
+        assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o600, uid)
+        assert (stat.S_IMODE(directory.st_mode), directory.st_uid) == (0o700, uid)
+        assert "not capturing" not in ct.journal("-u", f"passtd@{inst}.service", lines=50)
+    finally:
+        if original is None:
+            config.unlink(missing_ok=True)
+        else:
+            ct.write_file("/etc/passtd.yaml", original)
+
+
 # -- lifecycle and names -------------------------------------------------------------------
 
 

@@ -6,7 +6,7 @@ import argparse
 import ipaddress
 import re
 import textwrap
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
@@ -423,6 +423,10 @@ def file_error(env: Env, text: str, name: str = "vm1") -> str:
          "defaults.timeouts.udp: must be a positive number of seconds, got nan"),
         ("defaults: {limits: {max_flows: 1.5}}",
          "defaults.limits.max_flows: must be an integer, got 1.5"),
+        ("defaults: {limits: {tcp_sndbuf: 2147483648}}",
+         "defaults.limits.tcp_sndbuf: must be between 4096 and 1073741823, got 2147483648"),
+        ("defaults: {limits: {tcp_sndbuf: 4095}}",
+         "defaults.limits.tcp_sndbuf: must be between 4096 and 1073741823, got 4095"),
         ("defaults: {bus: user}", "defaults.bus: must be one of system, session, none; got 'user'"),
         ("defaults: {qemu_cgroup: /machine.slice/../x.scope}",
          "defaults.qemu_cgroup: must be a cgroup path like /machine.slice/NAME.scope, got "
@@ -526,6 +530,8 @@ def test_cross_checks_name_the_later_layer(env: Env) -> None:
         (["--timeout", "udp=-1"],
          "command line: --timeout: must be a positive number of seconds, got -1"),
         (["--limit", "max_flows=many"], "command line: --limit: must be an integer, got 'many'"),
+        (["--limit", "tcp_sndbuf=1073741824"],
+         "command line: --limit: must be between 4096 and 1073741823, got 1073741824"),
         (["-H", "bad host"], "command line: --hostname: bad domain name 'bad host'"),
         (["--qemu-cgroup", "machine.slice"], "command line: --qemu-cgroup: must be a cgroup "
          "path like /machine.slice/NAME.scope, got 'machine.slice'"),
@@ -576,7 +582,7 @@ def test_shipped_config_documents_every_key() -> None:
     for section, keys in (("ipv4", ["enabled", "address", "netmask", "gateway"]),
                           ("ipv6", ["enabled", "address", "gateway"]),
                           ("timeouts", ["udp", "udp_stream", "icmp", "tcp_idle"]),
-                          ("limits", ["max_flows", "max_listeners", "tcp_sndbuf"])):  # fmt: skip
+                          ("limits", [f.name for f in fields(config.Limits)])):  # fmt: skip
         for key in keys:
             assert re.search(rf"^  #   {key}:", text, re.M), f"{section}.{key}"
 
@@ -592,7 +598,7 @@ def test_shipped_commented_defaults_and_example_load(env: Env) -> None:
     env.main_file("\n".join(uncommented) + "\n")
     # the example's instances use the shipped defaults for everything else
     assert env.load("vm1").tcp_forward_specs == ("2222:22", "127.0.0.1/8080:80")
-    assert env.load("build-box").pcap == "/var/tmp/passtd-build-box.pcap"
+    assert env.load("build-box").pcap == "/var/log/passtd/build-box/capture.pcap"
     assert env.load("vm9") == InstanceConfig(
         name="vm9", socket="/run/passtd/vm9.sock", sources=(str(env.main),)
     )

@@ -122,6 +122,30 @@ def test_read_ephemeral_start(tmp_path, content: str, expected: int) -> None:
     assert fwd.read_ephemeral_start(str(tmp_path / "missing")) == 32768
 
 
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [("40000\t60999\n", (40000, 60999)), ("1024 65535", (1024, 65535)),
+     ("60999 40000", (32768, 60999)), ("1 2 3", (32768, 60999)), ("", (32768, 60999))],
+)
+def test_read_ephemeral_range(tmp_path, content: str, expected: tuple[int, int]) -> None:
+    path = tmp_path / "ip_local_port_range"
+    path.write_text(content)
+    assert fwd.read_ephemeral_range(str(path)) == expected
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [("\n", ()), ("8080\n", ((8080, 8080),)), ("123,8080,9000-9100\n",
+                                              ((123, 123), (8080, 8080), (9000, 9100))),
+     ("9000-8000", ()), ("x", ())],
+)
+def test_read_reserved_ports(tmp_path, content: str, expected: tuple) -> None:
+    path = tmp_path / "ip_local_reserved_ports"
+    path.write_text(content)
+    assert fwd.read_reserved_ports(str(path)) == expected
+    assert fwd.read_reserved_ports(str(tmp_path / "missing")) == ()
+
+
 def test_adjacent_ranges_collapse() -> None:
     assert rules("22,23,24") == [(None, None, 22, 24, 22, None, False)]
     assert rules("22:32,23:33") == [(None, None, 22, 23, 32, None, False)]
