@@ -41,8 +41,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from passtd import lab
+
+# Property tests give the same verdict on every machine: the same examples (derandomize)
+# and no per-example deadline, which a slow or busy machine would miss.
+settings.register_profile("suite", deadline=None, derandomize=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
 
 PROG_ENV = "PASSTD_TEST_PROG"
 PREFIX_FAMILY = "pdt"  # test labs are named pdt-<pid>-<worker>

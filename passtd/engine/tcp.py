@@ -356,6 +356,7 @@ class TcpConn(Flow):
             and ack == self.snd_una
             and window << self.guest_wscale == self.guest_wnd
             and not events & TAP_FIN_RCVD
+            and self.guest_fin_at is None
         ):
             # the bulk of guest->host traffic: the next data in order, nothing else new
             self.data_skip = 0
@@ -366,10 +367,12 @@ class TcpConn(Flow):
 
         offset = seq_diff(seq, expected)
         fin = flags & TCP_FIN
-        if fin and events & TAP_FIN_RCVD:
+        # the guest's FIN ends its stream, also while it waits in this batch for commit()
+        stream_ended = events & TAP_FIN_RCVD or self.guest_fin_at is not None
+        if fin and stream_ended:
             return actions | A_ACK  # a retransmitted FIN: our ACK of it was lost
         if plen:
-            if events & TAP_FIN_RCVD:
+            if stream_ended:
                 return actions | A_ACK  # data after the FIN: duplicate ACK
             if offset > 0:  # a gap: duplicate ACK, and keep the data if it fits
                 budget = self.hold_budget
@@ -496,10 +499,16 @@ class TcpConn(Flow):
             else:
                 actions |= A_ACK
             self.rcv_pending = 0
-        if self.held and not actions & A_WAIT_WRITABLE:
+        fin_in_order = self.guest_fin_at == self.rcv_nxt and not self.events & TAP_FIN_RCVD
+        if fin_in_order:
+            # the FIN fixes where the stream ends (RFC 9293 3.10.7.4): what is held either
+            # repeats bytes this FIN's segment carried or lies past the end, where the guest
+            # sent nothing; releasing it would acknowledge bytes that were never sent
+            self.drop_held()
+        elif self.held and not actions & A_WAIT_WRITABLE:
             actions |= self._release()  # (when the socket is full: once it has room again)
         if self.guest_fin_at is not None:
-            if self.guest_fin_at == self.rcv_nxt and not self.events & TAP_FIN_RCVD:
+            if fin_in_order:
                 self.events |= TAP_FIN_RCVD | SOCK_FIN_SENT
                 self.rcv_nxt = (self.rcv_nxt + 1) & _SEQ_MASK
                 actions |= A_SHUT_WR | A_ACK

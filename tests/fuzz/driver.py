@@ -210,12 +210,16 @@ class CoverageFuzzer:
         if self.log:
             self.log(f"FAILURE in {self.target.name}{where}: input {data.hex()}\n{trace}")
 
-    def run(self, seconds: float, *, max_executions: int | None = None,
+    def run(self, *, executions: int | None = None, seconds: float | None = None,
             stop_on_failure: bool = True, extra_corpus: Iterable[bytes] = (),
             report_every: float = 0.0) -> Stats:
-        """Fuzz for `seconds` (or `max_executions`); the seeds always run first."""
+        """Fuzz for a number of `executions` (the test suite: the same inputs on a fast and
+        a slow machine) or for `seconds` (long runs by hand); the seeds always run first
+        and count among the executions."""
+        if (executions is None) == (seconds is None):
+            raise ValueError("give executions or seconds, not both")
         start = time.monotonic()
-        deadline = start + seconds
+        deadline = start + seconds if seconds is not None else float("inf")
         next_report = start + report_every if report_every else float("inf")
         for data in [*self.target.seeds(), *extra_corpus]:
             if self.execute(data[: self.target.max_len]) or not self.corpus:
@@ -225,7 +229,7 @@ class CoverageFuzzer:
             now = time.monotonic()
             if now >= deadline:
                 break
-            if max_executions is not None and self.stats.executions >= max_executions:
+            if executions is not None and self.stats.executions >= executions:
                 break
             if now >= next_report and self.log:
                 self._update(now - start)

@@ -2,8 +2,8 @@
 """Run a fuzz target for as long as you like, or reproduce a crash (see README.md).
 
     python tests/fuzz/run.py list
-    python tests/fuzz/run.py TARGET [--time S] [--driver atheris|python] [--dir DIR]
-                                    [-- LIBFUZZER_ARGS...]
+    python tests/fuzz/run.py TARGET [--time S | --runs N] [--seed N]
+                                    [--driver atheris|python] [--dir DIR] [-- LIBFUZZER_ARGS...]
     python tests/fuzz/run.py TARGET --repro FILE... [--verbose]
     python tests/fuzz/run.py TARGET --minimize FILE
     python tests/fuzz/run.py TARGET --seeds DIR
@@ -32,7 +32,13 @@ ALL = (*PURE, "engine")
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("target", choices=(*ALL, "list"))
-    p.add_argument("--time", type=float, default=60.0, help="seconds to fuzz (default 60)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--time", type=float, default=None,
+                        help="seconds to fuzz (default 60 unless --runs is given)")
+    budget.add_argument("--runs", type=int, default=None,
+                        help="fuzz for this many executions (seeds included) instead of a "
+                             "time; with the python driver and --seed, the same inputs on "
+                             "any machine, as the test suite runs them")
     p.add_argument("--driver", choices=("atheris", "python"), default=None,
                    help="atheris (libFuzzer) when installed, else the pure-Python driver")
     p.add_argument("--dir", type=Path, default=DEFAULT_DIR,
@@ -137,7 +143,9 @@ def _python(target, args: argparse.Namespace) -> int:
     fuzzer = CoverageFuzzer(target, module_files([passtd.engine, *engine_modules]), seed=seed,
                             crash_dir=workdir / "crashes",
                             log=lambda line: print(line, flush=True))
-    stats = fuzzer.run(args.time, extra_corpus=extra, report_every=30.0,
+    budget = {"executions": args.runs} if args.runs is not None \
+        else {"seconds": args.time if args.time is not None else 60.0}
+    stats = fuzzer.run(**budget, extra_corpus=extra, report_every=30.0,
                        stop_on_failure=False)
     known = {p.name for p in corpus.iterdir()}
     for data in fuzzer.corpus:
@@ -167,7 +175,8 @@ def _atheris(args: argparse.Namespace) -> int:
         (seeds / f"seed-{i:03d}").write_bytes(seed)
     libfuzzer = [
         f"-max_len={target.max_len}",
-        f"-max_total_time={int(args.time)}",
+        f"-runs={args.runs}" if args.runs is not None
+        else f"-max_total_time={int(args.time if args.time is not None else 60)}",
         f"-artifact_prefix={crashes}/",
         "-timeout=20",
         "-rss_limit_mb=4096",

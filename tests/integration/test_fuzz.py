@@ -1,10 +1,11 @@
-"""The engine-level fuzz target for a few seconds, inside a lab namespace (root only).
+"""The engine-level fuzz target for a fixed number of executions, in a lab namespace (root).
 
 tests/fuzz/run.py builds the lab (passtd.lab.HostNamespace: a dead-end uplink, nothing
 leaves the machine) and runs the whole Engine on an event loop there, fed by the
 pure-Python coverage-guided driver; every input ends with an ARP request and a DHCP
-DISCOVER that must still be answered. The execution count is printed. Long runs by
-hand: tests/fuzz/README.md.
+DISCOVER that must still be answered. The run is bounded by a count of executions from a
+fixed seed (PASSTD_FUZZ_ENGINE_RUNS, PASSTD_FUZZ_SEED), never by time: a slow machine
+runs the same inputs as a fast one, only longer. Long runs by hand: tests/fuzz/README.md.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pytest
 from passtd import lab
 
 RUN = Path(__file__).resolve().parents[1] / "fuzz" / "run.py"
-SECONDS = float(os.environ.get("PASSTD_FUZZ_ENGINE_SECONDS", "10"))
+RUNS = int(os.environ.get("PASSTD_FUZZ_ENGINE_RUNS", "800"))
 SEED = int(os.environ.get("PASSTD_FUZZ_SEED", "0"))
 
 pytestmark = pytest.mark.netns
@@ -32,9 +33,9 @@ def test_fuzz_engine(request: pytest.FixtureRequest, capsys: pytest.CaptureFixtu
     if missing:
         pytest.skip("engine fuzzing needs the lab: " + "; ".join(missing))
     res = subprocess.run(
-        [sys.executable, str(RUN), "engine", "--driver", "python", "--time", str(SECONDS),
+        [sys.executable, str(RUN), "engine", "--driver", "python", "--runs", str(RUNS),
          "--seed", str(SEED), "--dir", str(tmp_path), "--prefix", f"pdfuzz-t{os.getpid()}"],
-        capture_output=True, text=True, timeout=SECONDS + 120, env=lab.passtd_env(),
+        capture_output=True, text=True, timeout=None, env=lab.passtd_env(),
     )
     output = res.stdout + res.stderr
     summary = re.findall(r"^fuzz engine: \d+ executions.*$", output, re.MULTILINE)
@@ -48,3 +49,23 @@ def test_fuzz_engine(request: pytest.FixtureRequest, capsys: pytest.CaptureFixtu
         f"python tests/fuzz/run.py engine --repro {' '.join(map(str, crashes))}\n{output[-8000:]}"
     )
     assert summary and int(line.split()[2]) > 0, output[-4000:]
+
+
+REGRESSIONS = Path(__file__).resolve().parents[1] / "fuzz" / "regressions" / "engine"
+
+
+def test_engine_fuzz_findings_stay_fixed() -> None:
+    """Every input the engine target ever failed on (tests/fuzz/regressions/engine, one
+    file per finding, named after the bug) passes again."""
+    missing = lab.missing_requirements()
+    if missing:
+        pytest.skip("engine fuzzing needs the lab: " + "; ".join(missing))
+    files = sorted(p for p in REGRESSIONS.iterdir() if p.is_file())
+    assert files, f"no regression inputs in {REGRESSIONS}"
+    res = subprocess.run(
+        [sys.executable, str(RUN), "engine", "--repro", *map(str, files),
+         "--prefix", f"pdfuzz-r{os.getpid()}"],
+        capture_output=True, text=True, env=lab.passtd_env(),
+    )
+    assert res.returncode == 0, res.stdout[-8000:] + res.stderr[-2000:]
+    assert res.stdout.count(": passes") == len(files), res.stdout

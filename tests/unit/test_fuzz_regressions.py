@@ -55,6 +55,44 @@ def test_fin_acknowledged_after_its_retransmission_timeout() -> None:
     assert conn.events & tcp.TAP_FIN_ACKED, "the guest acknowledged our FIN"
 
 
+def test_fin_ends_the_stream_before_data_held_past_it() -> None:
+    """Found by the engine target (a CI run, issue 14 item 2): the guest sent 1460 bytes
+    after a gap, then the segment before the gap with a FIN that ends the stream inside
+    the held bytes. The held data was released after the FIN's segment and the FIN
+    counted after it: the engine acknowledged a byte the guest never sent."""
+    conn = TcpConn.from_guest_syn(KEY, 0.0, OUR_ISN, 65480, GUEST_ISN, 65535, 1460, None)
+    conn.host_connected(0.0)
+    conn.on_segment(TCP_ACK, GUEST_ISN + 1, OUR_ISN + 1, 65535, 0, 0.1)
+    conn.window_field(1 << 20)
+    start = GUEST_ISN + 1
+    assert conn.on_segment(TCP_ACK, start + 108, OUR_ISN + 1, 65535, 1460, 0.2) & tcp.A_HOLD
+    conn.hold(start + 108, bytes(1460))
+    conn.commit(0, 0.2)
+    # in order, with a FIN after 1460 bytes: the stream ends at start + 1460
+    conn.on_segment(TCP_ACK | packet.TCP_FIN, start, OUR_ISN + 1, 65535, 1460, 0.3)
+    assert conn.data_take == 1460
+    actions = conn.commit(1460, 0.3)
+    assert not actions & tcp.A_RELEASE, "nothing past the FIN is the guest's data"
+    assert actions & tcp.A_SHUT_WR
+    assert conn.rcv_nxt == start + 1460 + 1  # the data and the FIN, nothing more
+    assert conn.held_bytes == 0 and conn.hold_budget.used == 0
+
+
+def test_data_after_a_fin_in_the_same_batch_is_not_taken() -> None:
+    """The same bug's other door: a FIN and, in the same batch of frames, data past it
+    in sequence (a guest that contradicts itself) before `commit` settles the FIN."""
+    conn = TcpConn.from_guest_syn(KEY, 0.0, OUR_ISN, 65480, GUEST_ISN, 65535, 1460, None)
+    conn.host_connected(0.0)
+    conn.on_segment(TCP_ACK, GUEST_ISN + 1, OUR_ISN + 1, 65535, 0, 0.1)
+    start = GUEST_ISN + 1
+    conn.on_segment(TCP_ACK | packet.TCP_FIN, start, OUR_ISN + 1, 65535, 100, 0.2)
+    assert conn.data_take == 100
+    assert conn.on_segment(TCP_ACK, start + 100, OUR_ISN + 1, 65535, 100, 0.2) & tcp.A_ACK
+    assert conn.data_take == 0
+    conn.commit(100, 0.2)
+    assert conn.rcv_nxt == start + 100 + 1
+
+
 # -- engine level: a real Engine on an event loop, its sockets replaced by ones that fail ---
 
 
