@@ -36,7 +36,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Protocol, TypeVar
 
 from dbus_fast import BusType, DBusError, NameFlag, RequestNameReply
 from dbus_fast.aio import MessageBus
@@ -51,8 +51,8 @@ from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
 from dbus_fast.signature import Variant
 
+from .engine.forwards import ForwardError
 from .engine.fwd import ForwardRule, SpecError
-from .engine.loop import ForwardError
 from .names import check_name, is_valid_name
 
 log = logging.getLogger("passtd.dbus")
@@ -233,6 +233,23 @@ def _entries(items: Iterable[dict[str, Any]], fields: dict[str, str]) -> list[di
     return [{key: Variant(sig, item[key]) for key, sig in fields.items()} for item in items]
 
 
+class EngineView(Protocol):
+    """What the API reads of a running engine (engine/loop.py's facade); nothing else of
+    the engine is reachable from here."""
+
+    @property
+    def guest_connected(self) -> bool: ...
+    @property
+    def guest_mac(self) -> str: ...
+    @property
+    def mtu(self) -> int: ...
+    @property
+    def flow_count(self) -> int: ...
+    def guest_addresses(self) -> list[str]: ...
+    def list_flows(self) -> list[dict[str, Any]]: ...
+    def list_forwards(self) -> list[dict[str, Any]]: ...
+
+
 class InstanceInterface(ServiceInterface):
     """The exported object; `instance` is a running service.Instance."""
 
@@ -241,7 +258,7 @@ class InstanceInterface(ServiceInterface):
         self.instance = instance
 
     @property
-    def _engine(self) -> Any:
+    def _engine(self) -> EngineView:
         engine = self.instance.engine
         if engine is None:  # export() runs after the engine started; close() before it ends
             raise DBusError(ERROR_FAILED, "the instance is not running")
@@ -287,8 +304,7 @@ class InstanceInterface(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def GuestMac(self) -> DBusStr:
-        mac = self._engine.seen.mac
-        return mac.hex(":") if mac else ""
+        return self._engine.guest_mac
 
     @dbus_property(access=PropertyAccess.READ)
     def GuestAddresses(self) -> StrList:
@@ -296,11 +312,11 @@ class InstanceInterface(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def Mtu(self) -> DBusUInt32:
-        return int(self._engine.cfg.mtu)
+        return int(self._engine.mtu)
 
     @dbus_property(access=PropertyAccess.READ)
     def FlowCount(self) -> DBusUInt32:
-        return len(self._engine.flows)
+        return self._engine.flow_count
 
     def current(self, name: str) -> Any:
         """A property's value now (what PropertiesChanged carries)."""

@@ -46,6 +46,7 @@ from . import config as config_mod
 from .config import ConfigError, InstanceConfig
 from .engine import addrs
 from .engine.addrs import Ip4Config, Ip6Config, NetConfig
+from .engine.forwards import ForwardError
 from .engine.fwd import (
     ForwardRule,
     SpecError,
@@ -54,7 +55,8 @@ from .engine.fwd import (
     read_ephemeral_range,
     read_reserved_ports,
 )
-from .engine.loop import Engine, EngineSettings, ForwardError
+from .engine.loop import Engine
+from .engine.settings import EngineSettings
 from .engine.udp import SourcePortRule
 from .qemu_peer import CgroupPeerCheck
 
@@ -428,7 +430,7 @@ class Instance:
     def _save_runtime_forwards(self) -> None:
         assert self.engine is not None
         entries = [{"proto": f.rule.proto, "spec": format_rule(f.rule)}
-                   for f in self.engine.forwards.values() if f.origin == "runtime"]
+                   for f in self.engine.forwards_from("runtime")]
         tmp = self.forwards_file + ".tmp"
         try:
             os.makedirs(self.state_dir, exist_ok=True)
@@ -484,7 +486,7 @@ class Instance:
         engine = self.engine
         assert engine is not None
         wanted = set(new.tcp_forwards) | set(new.udp_forwards)
-        current = {f.rule: f for f in engine.forwards.values() if f.origin == "config"}
+        current = {f.rule: f for f in engine.forwards_from("config")}
         for rule, fwd in current.items():
             if rule not in wanted:
                 engine.remove_forward(fwd.id)

@@ -25,6 +25,8 @@ HOST = "host"  # a host peer opened it, through a port forward
 
 FlowKey = tuple[int, bytes, int, bytes, int]
 
+A_CLOSE = 1 << 7  # from handle_timer: the flow is over (tcp.A_CLOSE is the same bit)
+
 
 def addr_text(addr: bytes) -> str:
     return str(ipaddress.ip_address(addr))
@@ -33,11 +35,15 @@ def addr_text(addr: bytes) -> str:
 class Flow:
     """State every flow shares; protocol cores (tcp, udp, icmp) subclass it.
 
-    `sock`, `sockaddr`, `rcvlowat` and `timer_entry` belong to the event loop (the protocol
-    cores never use them): the host socket of the flow, the host address datagrams go to
-    when the socket is not connected (ping sockets, replies through a UDP forward's
-    listener), the SO_RCVLOWAT last set on the socket, and the flow's entry in the loop's
-    timer heap.
+    `sock`, `sockaddr`, `rcvlowat` and `timer_entry` belong to the socket halves and the
+    timers (the protocol cores never use them): the host socket of the flow, the host
+    address datagrams go to when the socket is not connected (ping sockets, replies through
+    a UDP forward's listener), the SO_RCVLOWAT last set on the socket, and the flow's entry
+    in the timer heap (timers.py).
+
+    Timer contract, the same for every kind of flow: `deadline` says when `handle_timer`
+    wants to run (None: never); `handle_timer(now)` returns actions, among which A_CLOSE
+    ends the flow, and leaves the next `deadline`.
     """
 
     __slots__ = (
@@ -68,7 +74,7 @@ class Flow:
         self.sock: Any = None
         self.sockaddr: tuple | None = None
         self.rcvlowat = 1
-        self.timer_entry: list | None = None  # [deadline, seq, flow] in the loop's heap
+        self.timer_entry: list | None = None  # [deadline, seq, flow] in the timer heap
         self.forward_id: int | None = None
 
     @property
@@ -93,6 +99,11 @@ class Flow:
 
     def state_name(self) -> str:
         return "ACTIVE"
+
+    def handle_timer(self, now: float) -> int:
+        """The deadline passed: actions (A_CLOSE: the flow is over); the protocol cores
+        implement it."""
+        raise NotImplementedError
 
     def describe(self, now: float) -> dict[str, Any]:
         """The flow as ListFlows shows it."""
@@ -128,6 +139,21 @@ class FlowTable:
 
     def __iter__(self) -> Iterator[Flow]:
         return iter(list(self._by_id.values()))
+
+    @property
+    def by_key(self) -> dict[FlowKey, Flow]:
+        """The key index itself, for the frame loop's one lookup per segment: read it,
+        never change it (`add` and `remove` keep both indexes in step)."""
+        return self._by_key
+
+    def problems(self) -> list[str]:
+        """Where the two indexes disagree (the fuzz targets check after every step)."""
+        out = []
+        if len(self._by_id) != len(self._by_key):
+            out.append(f"{len(self._by_id)} flows by id, {len(self._by_key)} by key")
+        out += [f"{flow!r} misfiled" for flow_id, flow in self._by_id.items()
+                if flow.id != flow_id or self._by_key.get(flow.key) is not flow]
+        return out
 
     @property
     def full(self) -> bool:

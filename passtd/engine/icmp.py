@@ -20,7 +20,7 @@ from __future__ import annotations
 import struct
 
 from . import packet
-from .flow import Flow, FlowKey
+from .flow import A_CLOSE, Flow, FlowKey
 
 ICMP_ECHO_REPLY = 0
 ICMP_DEST_UNREACH = 3
@@ -65,10 +65,10 @@ class PingFlow(Flow):
         self.last_activity = now
         self.deadline = now + self.timeout
 
-    def handle_timer(self, now: float) -> bool:
-        """True when the flow has expired."""
-        self.deadline = self.last_activity + self.timeout
-        return now >= self.deadline
+    def handle_timer(self, now: float) -> int:
+        """A_CLOSE when the flow has expired, else 0 (and the next deadline)."""
+        at = self.deadline = self.last_activity + self.timeout
+        return A_CLOSE if now >= at else 0
 
 
 def parse_echo_request(pkt: packet.Packet) -> tuple[int, int] | None:

@@ -1,10 +1,14 @@
 """TCP translation without a TCP stack: one guest connection mirrored onto one host socket.
 
-Rules: everything that decides a TCP flow's state lives in this file. `TcpConn` never
-touches a socket or a clock: the event loop feeds it guest segments, socket results and
-the time, and it answers with an action bitmask (the `A_*` flags below) telling the loop
-what to do (send an ACK, write guest data, shut the socket down, retransmit...). The
-numbers the loop needs travel as attributes (`data_skip`, `data_take`, `discard`).
+Rules: everything that decides a TCP flow's state and numbers lives in this file (with
+the stateless pieces in tcp_seg.py and the out-of-order hold in tcp_hold.py). `TcpConn`
+never touches a socket or a clock: the socket half (tcp_sock.py) feeds it guest segments,
+socket results and the time, and it answers with an action bitmask (the `A_*` flags
+below) telling the socket half what to do (send an ACK, write guest data, shut the socket
+down, retransmit...). Every segment without payload that goes to the guest comes whole
+from `control` (flags, seq, ack, window, options); the socket half only addresses and
+sends it. The numbers for writes travel as attributes (`data_skip`, `data_take`,
+`discard`).
 
 Theory of operation (the same as passt's tcp.c):
 
@@ -17,10 +21,8 @@ Theory of operation (the same as passt's tcp.c):
   only as far as the socket accepted it (`on_segment` then `commit`). We never queue guest
   data ourselves: what the socket refuses the guest retransmits. The window we advertise
   is the socket's free send space, so a healthy guest never overruns it. Data that
-  arrives after a gap (a frame lost on the way) is held, up to HOLD_MAX per flow and
-  HOLD_TOTAL_MAX per instance (`HoldBudget`), and written
-  once the guest fills the gap: without SACK, dropping it would cost the guest a
-  retransmission per round trip for everything it had in flight.
+  arrives after a gap (a frame lost on the way) is held (tcp_hold.py) and written once
+  the guest fills the gap.
 - Host -> guest data stays in the socket's receive queue until the guest acknowledges
   it: the loop reads with MSG_PEEK (SO_PEEK_OFF keeps the read position after what was
   already sent) and drops acknowledged bytes (`discard`). Retransmission rewinds to the
@@ -45,12 +47,12 @@ control), and TCP_WINDOW_CLAMP (it can lock the window at zero: passt bug 74).
 
 from __future__ import annotations
 
-import bisect
-import struct
-from typing import NamedTuple
-
+from .flow import A_CLOSE as FLOW_CLOSE
 from .flow import Flow, FlowKey
 from .packet import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
+from .tcp_hold import HoldBudget, Reassembly
+from .tcp_seg import SEQ_MASK as _SEQ_MASK
+from .tcp_seg import Segment, seq_diff, syn_options
 
 # -- events: the connection state is the set of these that happened ------------------------
 SOCK_ACCEPTED = 1 << 0  # host opened (forward): SYN sent to the guest
@@ -73,7 +75,7 @@ A_REWIND = 1 << 3  # retransmit: the next read peeks from the last acknowledged 
 A_RESUME = 1 << 4  # the guest can take data again: read the host socket
 A_RST_GUEST = 1 << 5  # send a RST to the guest
 A_RST_PEER = 1 << 6  # close the socket with SO_LINGER 0 (RST to the host peer)
-A_CLOSE = 1 << 7  # the flow is over: close the socket and forget the flow
+A_CLOSE = FLOW_CLOSE  # the flow is over: close the socket and forget the flow (flow.py)
 A_SYN_ACK = 1 << 8  # send our SYN-ACK to the guest
 A_SYN = 1 << 9  # send our SYN to the guest
 A_FIN = 1 << 10  # send FIN to the guest
@@ -103,78 +105,10 @@ HANDSHAKE_RETRIES = 6
 KEEPALIVE_INTERVAL = 30.0  # tap-side silence before we probe the guest
 DEFAULT_IDLE_TIMEOUT = 7200.0
 DUPACK_THRESHOLD = 3
-HOLD_MAX = 1 << 20  # bytes of out-of-order guest data held per flow
-HOLD_TOTAL_MAX = 64 << 20  # ... and by all the flows of one instance (HoldBudget)
-SACK_BLOCKS_MAX = 4
 ACK_EVERY = 2  # segments' worth of unacknowledged guest data that is ACKed at once (RFC 9293)
 
 OUR_WSCALE = 8  # windows we advertise go up to 16 MiB: above a big socket send buffer
 DEFAULT_GUEST_MSS = 536  # RFC 9293 default when the SYN carries no MSS option
-MAX_WSCALE = 14
-
-_SEQ_MASK = 0xFFFFFFFF
-_OPT_MSS = struct.Struct("!BBH")
-
-
-def seq_diff(a: int, b: int) -> int:
-    """a - b in sequence space, as a signed 32-bit value."""
-    d = (a - b) & _SEQ_MASK
-    return d - (1 << 32) if d & 0x80000000 else d
-
-
-class SynOptions(NamedTuple):
-    mss: int | None
-    wscale: int | None
-    sack: bool  # SACK permitted (RFC 2018)
-
-
-def parse_options(opts: bytes | memoryview) -> SynOptions:
-    """MSS, window scale and SACK-permitted from a SYN; malformed options end the walk."""
-    mss = wscale = None
-    sack = False
-    i, n = 0, len(opts)
-    while i < n:
-        kind = opts[i]
-        if kind == 0:  # end of options
-            break
-        if kind == 1:  # NOP
-            i += 1
-            continue
-        if i + 1 >= n:
-            break
-        length = opts[i + 1]
-        if length < 2 or i + length > n:
-            break
-        if kind == 2 and length == 4:
-            mss = (opts[i + 2] << 8) | opts[i + 3]
-        elif kind == 3 and length == 3:
-            wscale = min(opts[i + 2], MAX_WSCALE)
-        elif kind == 4 and length == 2:
-            sack = True
-        i += length
-    return SynOptions(mss, wscale, sack)
-
-
-def syn_options(mss: int, wscale: int | None, sack: bool) -> bytes:
-    """MSS, NOP + window scale when the other side offered scaling (RFC 7323), and NOPs +
-    SACK-permitted when it offered SACK (or when we open: then we offer)."""
-    opts = _OPT_MSS.pack(2, 4, mss)
-    if wscale is not None:
-        opts += bytes((1, 3, 3, wscale))
-    if sack:
-        opts += bytes((1, 1, 4, 2))
-    return opts
-
-
-class HoldBudget:
-    """Out-of-order bytes held by all the flows of one instance (`TcpConn.hold`), against
-    one cap: HOLD_MAX bounds a flow, this bounds a guest that opens many of them."""
-
-    __slots__ = ("limit", "used")
-
-    def __init__(self, limit: int = HOLD_TOTAL_MAX) -> None:
-        self.limit = limit
-        self.used = 0
 
 
 class TcpConn(Flow):
@@ -192,10 +126,6 @@ class TcpConn(Flow):
         "guest_mss",
         "guest_wnd",
         "guest_wscale",
-        "held",
-        "held_bytes",
-        "held_last",
-        "hold_budget",
         "idle_timeout",
         "last_activity",
         "our_isn",
@@ -203,6 +133,7 @@ class TcpConn(Flow):
         "our_wscale",
         "rcv_nxt",
         "rcv_pending",
+        "reassembly",
         "recover",
         "released",
         "retries",
@@ -240,10 +171,7 @@ class TcpConn(Flow):
         # guest -> host direction (the guest's sequence space)
         self.rcv_nxt = 0
         self.ack_sent = 0  # the last ACK number the guest got from us (the loop sets it)
-        self.held: list[tuple[int, bytes]] = []  # (seq, payload) past a gap, in order
-        self.held_bytes = 0
-        self.held_last = 0  # sequence number of the segment held most recently
-        self.hold_budget = hold_budget if hold_budget is not None else HoldBudget()
+        self.reassembly = Reassembly(hold_budget if hold_budget is not None else HoldBudget())
         self.released: list[bytes] = []
         self.sack_ok = False  # the guest accepts SACK blocks from us (RFC 2018)
         self.rcv_pending = 0
@@ -318,10 +246,6 @@ class TcpConn(Flow):
         """Largest segment we send: the guest's MSS, within our own frame size."""
         return min(self.guest_mss, self.our_mss)
 
-    @property
-    def syn_seq(self) -> int:
-        return self.our_isn
-
     # -- segments from the guest -------------------------------------------------------------
 
     def on_segment(self, flags: int, seq: int, ack: int, window: int, plen: int, now: float,
@@ -375,10 +299,8 @@ class TcpConn(Flow):
             if stream_ended:
                 return actions | A_ACK  # data after the FIN: duplicate ACK
             if offset > 0:  # a gap: duplicate ACK, and keep the data if it fits
-                budget = self.hold_budget
                 if not fin and offset + plen <= self.wnd_to_guest \
-                        and self.held_bytes + plen <= HOLD_MAX \
-                        and budget.used + plen <= budget.limit:
+                        and self.reassembly.admits(plen):
                     return actions | A_DUPACK | A_HOLD
                 return actions | A_DUPACK
             skip = -offset
@@ -505,7 +427,7 @@ class TcpConn(Flow):
             # repeats bytes this FIN's segment carried or lies past the end, where the guest
             # sent nothing; releasing it would acknowledge bytes that were never sent
             self.drop_held()
-        elif self.held and not actions & A_WAIT_WRITABLE:
+        elif self.reassembly and not actions & A_WAIT_WRITABLE:
             actions |= self._release()  # (when the socket is full: once it has room again)
         if self.guest_fin_at is not None:
             if fin_in_order:
@@ -521,72 +443,56 @@ class TcpConn(Flow):
         return actions
 
     def hold(self, seq: int, data: bytes) -> None:
-        """Keep a segment that came after a gap (`A_HOLD`) until the gap is filled.
-
-        Without it one lost frame costs the guest everything it sent after it: without
-        SACK it learns that only one retransmission at a time, and a large window of
-        small segments collapses into retransmission timeouts. Bounded by HOLD_MAX, by the
-        instance's HoldBudget and by the window we offer.
-        """
-        base = self.rcv_nxt
-        self.held_last = seq
-        at = bisect.bisect(self.held, seq_diff(seq, base), key=lambda e: seq_diff(e[0], base))
-        if at and self.held[at - 1][0] == seq:
-            return  # the same segment again
-        self.held.insert(at, (seq, data))
-        self.held_bytes += len(data)
-        self.hold_budget.used += len(data)
+        """Keep a segment that came after a gap (`A_HOLD`) until the gap is filled."""
+        self.reassembly.add(seq, data, self.rcv_nxt)
 
     def drop_held(self) -> None:
         """The flow is gone: what it held goes, and back to the instance's budget."""
-        self.hold_budget.used -= self.held_bytes
-        self.held.clear()
-        self.held_bytes = 0
-
-    def sack_option(self) -> bytes:
-        """SACK blocks for what we hold (RFC 2018): the guest then resends only the holes.
-
-        The block holding the latest arrival comes first, as 4.3 asks; four blocks at
-        most (all that fits beside nothing else in our ACKs: no timestamps).
-        """
-        if not (self.sack_ok and self.held):
-            return b""
-        blocks: list[list[int]] = []
-        for seq, data in self.held:
-            end = (seq + len(data)) & _SEQ_MASK
-            if blocks and seq_diff(seq, blocks[-1][1]) <= 0:
-                if seq_diff(end, blocks[-1][1]) > 0:
-                    blocks[-1][1] = end
-            else:
-                blocks.append([seq, end])
-        first = next((b for b in blocks if seq_diff(self.held_last, b[0]) >= 0
-                      and seq_diff(self.held_last, b[1]) < 0), blocks[0])
-        ordered = [first] + [b for b in blocks if b is not first]
-        ordered = ordered[:SACK_BLOCKS_MAX]
-        body = b"".join(struct.pack("!II", start, end) for start, end in ordered)
-        return bytes((1, 1, 5, 2 + len(body))) + body
+        self.reassembly.clear()
 
     def _release(self) -> int:
         """Held data that the last write made contiguous: `released`, to write next."""
-        nxt = self.rcv_nxt
-        out: list[bytes] = []
-        while self.held:
-            seq, data = self.held[0]
-            offset = seq_diff(seq, nxt)
-            if offset > 0:
-                break
-            del self.held[0]
-            self.held_bytes -= len(data)
-            self.hold_budget.used -= len(data)
-            if -offset < len(data):
-                piece = data[-offset:]
-                out.append(piece)
-                nxt = (nxt + len(piece)) & _SEQ_MASK
+        out = self.reassembly.take_contiguous(self.rcv_nxt)
         if not out:
             return 0
         self.released = out
         self.rcv_pending = sum(map(len, out))
         return A_RELEASE
+
+    # -- segments to the guest ---------------------------------------------------------------
+
+    def control(self, action: int, free: int | None = None) -> Segment:
+        """The segment without payload that `action` asks for: one of A_SYN, A_SYN_ACK,
+        A_FIN, A_KEEPALIVE, A_ACK, A_DUPACK, A_RST_GUEST. `free`: room in the host
+        socket's send buffer now, for the window (None: the window last offered, as a
+        duplicate ACK must repeat it exactly)."""
+        if action & (A_SYN | A_SYN_ACK):
+            # the window in a SYN is never scaled (RFC 7323), and the options offer
+            # scaling only where the guest did (or where we open)
+            self.window_field(free or 0)
+            if action & A_SYN:
+                flags, options = TCP_SYN, syn_options(self.our_mss, OUR_WSCALE, True)
+            else:
+                flags = TCP_SYN | TCP_ACK
+                options = syn_options(self.our_mss, self.our_wscale or None, self.sack_ok)
+            return self._segment(flags, self.our_isn, min(self.wnd_to_guest, 0xFFFF), options)
+        if free is not None:
+            self.window_field(free)
+        window = self.wnd_to_guest >> self.our_wscale
+        if action & A_RST_GUEST:
+            return self._segment(TCP_RST | TCP_ACK, self.snd_nxt, window)
+        sack = self.reassembly.sack_option() if self.sack_ok else b""
+        if action & A_FIN:  # on_host_eof moved snd_nxt past it
+            return self._segment(TCP_FIN | TCP_ACK, (self.snd_nxt - 1) & _SEQ_MASK, window, sack)
+        if action & A_KEEPALIVE:  # one below: the guest answers with its window
+            return self._segment(TCP_ACK, (self.snd_nxt - 1) & _SEQ_MASK, window, sack)
+        return self._segment(TCP_ACK, self.snd_nxt, window, sack)
+
+    def _segment(self, flags: int, seq: int, window: int, options: bytes = b"") -> Segment:
+        ack = 0
+        if flags & TCP_ACK:
+            ack = self.ack_sent = self.rcv_nxt
+        return Segment(flags, seq, ack, window, options)
 
     # -- data from the host ------------------------------------------------------------------
 
@@ -597,7 +503,9 @@ class TcpConn(Flow):
         return max(0, self.guest_wnd - seq_diff(self.snd_nxt, self.snd_una))
 
     def on_sent(self, nbytes: int, now: float) -> None:
-        """`nbytes` of host data went to the guest, starting at `snd_nxt`."""
+        """`nbytes` of host data went to the guest, starting at `snd_nxt`, each frame with
+        our ACK of `rcv_nxt`."""
+        self.ack_sent = self.rcv_nxt
         if self.snd_nxt == self.snd_una:
             self.rto_base = now
         self.snd_nxt = (self.snd_nxt + nbytes) & _SEQ_MASK

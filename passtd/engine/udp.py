@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .flow import Flow, FlowKey
+from .flow import A_CLOSE, Flow, FlowKey
 
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_STREAM_TIMEOUT = 120.0
@@ -103,15 +103,15 @@ class UdpFlow(Flow):
         self.last_activity = now
         self._arm()
 
-    def _arm(self) -> None:
-        self.deadline = self.last_activity + (
+    def _arm(self) -> float:
+        at = self.deadline = self.last_activity + (
             self.stream_timeout if self.is_stream else self.timeout
         )
+        return at
 
-    def handle_timer(self, now: float) -> bool:
-        """True when the flow has expired (the loop then closes it)."""
-        self._arm()
-        return now >= self.deadline
+    def handle_timer(self, now: float) -> int:
+        """A_CLOSE when the flow has expired, else 0 (and the next deadline)."""
+        return A_CLOSE if now >= self._arm() else 0
 
     def state_name(self) -> str:
         return "STREAM" if self.is_stream else "ACTIVE"

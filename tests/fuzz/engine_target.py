@@ -54,8 +54,8 @@ from typing import Any
 from passtd.engine import packet, tcp
 from passtd.engine.addrs import Ip4Config, Ip6Config, NetConfig
 from passtd.engine.fwd import ForwardRule
-from passtd.engine.loop import Engine, EngineSettings
-from passtd.engine.tcp import TcpConn
+from passtd.engine.loop import Engine
+from passtd.engine.settings import EngineSettings
 
 from . import frames, oracle
 from .driver import Target
@@ -242,6 +242,7 @@ class EngineHarness:
             self.echo.append(udp)
         self.templates = frames.all_guest_frames()
         self.baseline_fds = -1
+        self.engine_ends: list[socket.socket] = []  # qemu sockets handed to the engine
 
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
@@ -295,14 +296,14 @@ class EngineHarness:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ours.setblocking(False)
         engine.adopt_client(theirs)
+        self.engine_ends.append(theirs)  # the service's to close, not the engine's
         return ours
 
     def _stop(self, run: Run) -> None:
-        engine = run.engine
-        client = engine.client
-        engine.close()
-        if client is not None:
-            client.close()
+        run.engine.close()
+        for sock in self.engine_ends:
+            sock.close()
+        self.engine_ends.clear()
         run.qemu.close()
         for host in run.hosts:
             host.sock.close()
@@ -346,7 +347,7 @@ class EngineHarness:
         for piece in pieces:
             view = memoryview(piece)
             for _ in range(1000):
-                if not view or run.engine.client is None:
+                if not view or not run.engine.guest_connected:
                     break
                 try:
                     n = run.qemu.send(view)
@@ -371,7 +372,7 @@ class EngineHarness:
                 return
             framed = b"".join(run.batch)
             run.batch.clear()
-        if run.engine.client is None:
+        if not run.engine.guest_connected:
             reconnect(self, run, None)  # qemu is back
         self.send(run, framed)
 
@@ -500,32 +501,8 @@ class EngineHarness:
 
     def check(self, run: Run) -> None:
         assert not self.errors, "\n".join(self.errors)
-        engine = run.engine
-        table = engine.flows
-        by_id, by_key = table._by_id, table._by_key
-        assert len(by_id) == len(by_key), f"{len(by_id)} flows by id, {len(by_key)} by key"
-        live_fds = set()
-        heap = {id(entry) for entry in engine._timers}
-        for flow_id, flow in by_id.items():
-            assert flow.id == flow_id and by_key.get(flow.key) is flow, f"{flow!r} misfiled"
-            assert flow.sock is not None, f"{flow!r} in the table without a socket"
-            live_fds.add(flow.sock.fileno())
-            if isinstance(flow, TcpConn):
-                assert not flow.events & tcp.CLOSED, f"{flow!r} closed but still in the table"
-                assert flow.deadline is not None, f"{flow!r} has no timer: it never ends"
-            if flow.deadline is not None:  # entries are [deadline, seq, flow]
-                entry = flow.timer_entry
-                assert entry is not None and entry[0] <= flow.deadline and entry[2] is flow \
-                    and id(entry) in heap, f"{flow!r}: its deadline is not scheduled"
-        live_entries = [entry[0] for entry in engine._timers if entry[2] is not None]
-        if live_entries:
-            assert engine._timer_handle is not None and engine._timer_when <= min(live_entries), \
-                "the loop timer is not armed for the earliest deadline"
-        assert engine._reading <= live_fds and engine._writing <= live_fds, \
-            "readers or writers registered for sockets of no flow"
-        for pending in (engine._ack_due, engine._resume, engine._tap_waiters,
-                        engine._discard_due):
-            assert all(by_id.get(conn.id) is conn for conn in pending)
+        problems = run.engine.problems()
+        assert not problems, "\n".join(problems)
 
     def final_check(self, run: Run) -> None:
         engine = run.engine
@@ -534,7 +511,7 @@ class EngineHarness:
         if run.batch:
             self.send(run, b"".join(run.batch))
             run.batch.clear()
-        if engine.client is None or not run.aligned:
+        if not engine.guest_connected or not run.aligned:
             reconnect(self, run, None)
         self.pump(run)
         run.answers.clear()  # the program itself may have asked the same
@@ -607,7 +584,7 @@ def op_garbage(h: EngineHarness, run: Run, prog: Program) -> None:
     for conn in run.conns.values():
         conn.tainted = True
     h.send(run, raw)
-    if run.engine.client is None:
+    if not run.engine.guest_connected:
         reconnect(h, run, prog)
 
 
@@ -762,13 +739,11 @@ def op_disconnect(h: EngineHarness, run: Run, prog: Program) -> None:
 
 def _hang_up(h: EngineHarness, run: Run) -> None:
     engine = run.engine
-    if engine.client is None:
+    if not engine.guest_connected:
         return
-    client = engine.client
     run.qemu.close()
     h.pump(run)
-    assert engine.client is None, "qemu hung up and the engine kept the client"
-    client.close()
+    assert not engine.guest_connected, "qemu hung up and the engine kept the client"
 
 
 def op_split(h: EngineHarness, run: Run, prog: Program) -> None:
@@ -784,7 +759,7 @@ def reconnect(h: EngineHarness, run: Run, prog: Program | None) -> None:
     run.rx.clear()
     run.aligned = True
     h.pump(run)
-    assert engine.client is not None
+    assert engine.guest_connected
 
 
 def op_reconnect(h: EngineHarness, run: Run, prog: Program) -> None:

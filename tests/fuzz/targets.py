@@ -28,7 +28,7 @@ from __future__ import annotations
 import random
 import struct
 
-from passtd.engine import arp, dhcp, dhcpv6, icmp, ndp, packet, tcp
+from passtd.engine import arp, dhcp, dhcpv6, icmp, ndp, packet, tcp_seg
 from passtd.engine.addrs import NetConfig
 from passtd.engine.tap import MAX_FRAME, MIN_FRAME, FrameReader, FramingError
 
@@ -140,7 +140,7 @@ def _check_packet(frame: memoryview, pkt: packet.Packet) -> None:
 
 
 def dispatch(cfg: NetConfig, frame: memoryview) -> list[bytes]:
-    """The replies to one frame, as Engine._slow_frame/_ip_packet reach the responders
+    """The replies to one frame, as Engine._other_frame/_ip_packet reach the responders
     (the socket-bound paths stop at their parsers). Raises Malformed as they do."""
     _dst, _src, ethertype = packet.parse_eth(frame)
     replies: list[bytes | None] = []
@@ -172,15 +172,15 @@ def dispatch(cfg: NetConfig, frame: memoryview) -> list[bytes]:
 
 
 def _check_tcp_header(l4: memoryview) -> None:
-    """What the engine reads of a segment it may open a flow for (loop._tcp_unmatched)."""
+    """What the engine reads of a segment it may open a flow for (TcpSockets.guest_packet)."""
     if len(l4) < packet.TCP_HLEN:
         return
     thl = (l4[12] >> 4) * 4
     if thl < packet.TCP_HLEN or thl > len(l4):
         return
-    mss, wscale, _sack = tcp.parse_options(l4[packet.TCP_HLEN : thl])
+    mss, wscale, _sack = tcp_seg.parse_options(l4[packet.TCP_HLEN : thl])
     assert mss is None or 0 <= mss <= 0xFFFF
-    assert wscale is None or 0 <= wscale <= tcp.MAX_WSCALE
+    assert wscale is None or 0 <= wscale <= tcp_seg.MAX_WSCALE
 
 
 def run_frame(data: bytes) -> None:

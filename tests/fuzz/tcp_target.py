@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from passtd.engine import tcp
+from passtd.engine import tcp, tcp_seg
 from passtd.engine.packet import TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN
 from passtd.engine.tcp import TcpConn, seq_diff
 
@@ -116,10 +116,10 @@ class Model:
         self.check()
 
     def _syn_options(self) -> tuple[int | None, int | None]:
-        """MSS and window scale as tcp.parse_options can return them."""
+        """MSS and window scale as tcp_seg.parse_options can return them."""
         which = self.prog.u8()
         mss = self.prog.u16() if which & 1 else None
-        wscale = min(self.prog.u8(), tcp.MAX_WSCALE) if which & 2 else None
+        wscale = min(self.prog.u8(), tcp_seg.MAX_WSCALE) if which & 2 else None
         return mss, wscale
 
     # -- the loop's reactions ---------------------------------------------------------------

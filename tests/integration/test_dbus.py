@@ -49,8 +49,8 @@ from dbus_fast.aio import MessageBus
 from passtd import dbus_api, lab
 from passtd.dbus_api import ChangeThrottle, bus_name
 from passtd.engine import packet
+from passtd.engine.forwards import ForwardError
 from passtd.engine.fwd import ForwardRule
-from passtd.engine.loop import ForwardError
 from tests.dbus_bus import PrivateBus
 
 REPO = Path(__file__).resolve().parents[2]
@@ -912,8 +912,12 @@ class FakeEngine:
     def __init__(self) -> None:
         self.flows: list[dict[str, Any]] = []
         self.guest_connected = False
-        self.seen = SimpleNamespace(mac=None)
-        self.cfg = SimpleNamespace(mtu=1500)
+        self.guest_mac = ""
+        self.mtu = 1500
+
+    @property
+    def flow_count(self) -> int:
+        return len(self.flows)
 
     def list_flows(self) -> list[dict[str, Any]]:
         return self.flows

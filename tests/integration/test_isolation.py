@@ -272,7 +272,8 @@ import asyncio, json, os, socket, struct, sys
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 from passtd.engine.addrs import Ip4Config, NetConfig
-from passtd.engine.loop import Engine, EngineSettings
+from passtd.engine.loop import Engine
+from passtd.engine.settings import EngineSettings
 sndbuf, count = int(sys.argv[1]), int(sys.argv[2])
 guest, gateway = socket.inet_aton("198.51.100.2"), socket.inet_aton("198.51.100.1")
 net = NetConfig(ip4=Ip4Config(guest, 24, gateway, map_host_loopback=gateway))

@@ -20,8 +20,9 @@ import pytest
 from passtd.engine import loop as engine_loop
 from passtd.engine import packet, tcp
 from passtd.engine.addrs import Ip4Config, NetConfig
-from passtd.engine.loop import Engine, EngineSettings
+from passtd.engine.loop import Engine
 from passtd.engine.packet import TCP_ACK
+from passtd.engine.settings import EngineSettings
 from passtd.engine.tcp import TcpConn
 
 KEY = (6, bytes([198, 51, 100, 2]), 40000, bytes([198, 51, 100, 1]), 80)
@@ -75,7 +76,7 @@ def test_fin_ends_the_stream_before_data_held_past_it() -> None:
     assert not actions & tcp.A_RELEASE, "nothing past the FIN is the guest's data"
     assert actions & tcp.A_SHUT_WR
     assert conn.rcv_nxt == start + 1460 + 1  # the data and the FIN, nothing more
-    assert conn.held_bytes == 0 and conn.hold_budget.used == 0
+    assert conn.reassembly.bytes == 0 and conn.reassembly.budget.used == 0
 
 
 def test_data_after_a_fin_in_the_same_batch_is_not_taken() -> None:

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from passtd.engine.addrs import Ip4Config, NetConfig
-from passtd.engine.loop import Engine, EngineSettings
+from passtd.engine.loop import Engine
+from passtd.engine.settings import EngineSettings
 from passtd.qemu_peer import CGROUP_ROOTS, CgroupPeerCheck, peer_pid, pids_below
 
 SCOPE = "/machine.slice/machine-qemu\\x2d1\\x2dvm1.scope"
@@ -165,7 +166,7 @@ def test_the_engine_refuses_a_stranger_and_adopts_the_domain_s_qemu(
     stranger = connect(path)
     loop.run_until_complete(asyncio.sleep(0.05))
     assert stranger.recv(1) == b"", "a stranger's connection was kept"
-    assert eng.client is None
+    assert not eng.guest_connected
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
         f"refusing a connection on the qemu socket: pid {os.getpid()} is not in cgroup "
         f"{SCOPE} (another process, or gone); still waiting for the guest's qemu"]
@@ -173,7 +174,7 @@ def test_the_engine_refuses_a_stranger_and_adopts_the_domain_s_qemu(
     (scope / "cgroup.procs").write_text(f"{os.getpid()}\n")  # now "the domain's qemu"
     qemu = connect(path)
     loop.run_until_complete(asyncio.sleep(0.05))
-    assert eng.client is not None and eng.guest_connected
+    assert eng.guest_connected
     for sock in (stranger, qemu):
         sock.close()
 
@@ -190,4 +191,4 @@ def test_refusals_are_logged_at_a_bounded_rate(
         assert sock.recv(1) == b""
         sock.close()
     refused = [r for r in caplog.records if "refusing a connection" in r.getMessage()]
-    assert len(refused) == 10 and eng.client is None
+    assert len(refused) == 10 and not eng.guest_connected

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from passtd.engine import tcp
+from passtd.engine import tcp, tcp_hold, tcp_seg
 from passtd.engine.packet import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 from passtd.engine.tcp import TcpConn
 
@@ -227,12 +227,12 @@ def test_host_open_unanswered_syn_is_retried_then_abandoned() -> None:
 
 
 def test_options_parser_handles_garbage() -> None:
-    assert tcp.parse_options(bytes.fromhex("020405b4010303070402")) == (1460, 7, True)
-    assert tcp.parse_options(bytes.fromhex("0303ff")) == (None, 14, False)  # scale capped
-    assert tcp.parse_options(b"\x02") == (None, None, False)
-    assert tcp.parse_options(bytes.fromhex("0200")) == (None, None, False)
-    opts = tcp.syn_options(1460, 7, True)
-    assert tcp.parse_options(opts) == (1460, 7, True) and len(opts) % 4 == 0
+    assert tcp_seg.parse_options(bytes.fromhex("020405b4010303070402")) == (1460, 7, True)
+    assert tcp_seg.parse_options(bytes.fromhex("0303ff")) == (None, 14, False)  # scale capped
+    assert tcp_seg.parse_options(b"\x02") == (None, None, False)
+    assert tcp_seg.parse_options(bytes.fromhex("0200")) == (None, None, False)
+    opts = tcp_seg.syn_options(1460, 7, True)
+    assert tcp_seg.parse_options(opts) == (1460, 7, True) and len(opts) % 4 == 0
 
 
 @settings(max_examples=300)
@@ -269,7 +269,7 @@ def test_data_after_a_gap_is_held_and_released_when_the_gap_fills() -> None:
         assert actions & tcp.A_DUPACK and actions & tcp.A_HOLD and conn.data_take == 0
         conn.hold(seq + n * 100, bytes([n]) * 100)
     conn.hold(seq + 100, b"\1" * 100)  # a duplicate is kept once
-    assert conn.held_bytes == 200
+    assert conn.reassembly.bytes == 200
     conn.commit(0, 1.0)
     # the retransmission of segment 1 fills the gap
     conn.on_segment(TCP_ACK, seq, OUR_ISN + 1, 512, 100, 1.1)
@@ -278,7 +278,7 @@ def test_data_after_a_gap_is_held_and_released_when_the_gap_fills() -> None:
     assert actions & tcp.A_RELEASE
     assert b"".join(conn.released) == b"\1" * 100 + b"\2" * 100
     assert not conn.commit(200, 1.1) & tcp.A_RELEASE
-    assert conn.rcv_nxt == seq + 300 and conn.held_bytes == 0
+    assert conn.rcv_nxt == seq + 300 and conn.reassembly.bytes == 0
 
 
 def test_held_data_beyond_the_window_or_the_cap_is_not_kept() -> None:
@@ -287,13 +287,13 @@ def test_held_data_beyond_the_window_or_the_cap_is_not_kept() -> None:
     actions = conn.on_segment(TCP_ACK, GUEST_ISN + 1 + 950, OUR_ISN + 1, 512, 100, 1.0)
     assert actions & tcp.A_DUPACK and not actions & tcp.A_HOLD  # past the window we offered
     conn.window_field(1 << 24)
-    conn.held_bytes = tcp.HOLD_MAX
+    conn.hold(GUEST_ISN + 1 + 2000, bytes(tcp_hold.HOLD_MAX - 50))
     actions = conn.on_segment(TCP_ACK, GUEST_ISN + 1 + 950, OUR_ISN + 1, 512, 100, 1.0)
     assert not actions & tcp.A_HOLD
 
 
 def test_flows_of_one_instance_hold_no_more_than_its_budget_together() -> None:
-    budget = tcp.HoldBudget(limit=150)
+    budget = tcp_hold.HoldBudget(limit=150)
     first, second = (TcpConn.from_guest_syn(KEY, 0.0, OUR_ISN, 65480, GUEST_ISN, 65535, 1460, 7,
                                             hold_budget=budget) for _ in range(2))
     gap = GUEST_ISN + 1 + 100
@@ -306,7 +306,7 @@ def test_flows_of_one_instance_hold_no_more_than_its_budget_together() -> None:
     actions = second.on_segment(TCP_ACK, gap, OUR_ISN + 1, 512, 100, 1.0)
     assert actions & tcp.A_DUPACK and not actions & tcp.A_HOLD  # 200 would pass the limit
     first.drop_held()  # the flow closed
-    assert budget.used == 0 and first.held_bytes == 0
+    assert budget.used == 0 and first.reassembly.bytes == 0
     assert second.on_segment(TCP_ACK, gap, OUR_ISN + 1, 512, 100, 1.0) & tcp.A_HOLD
     second.hold(gap, b"\2" * 100)
     second.on_segment(TCP_ACK, GUEST_ISN + 1, OUR_ISN + 1, 512, 100, 1.1)  # fills the gap
@@ -319,14 +319,69 @@ def test_sack_blocks_describe_what_is_held_latest_first() -> None:
     conn.host_connected(0.0)
     conn.on_segment(TCP_ACK, GUEST_ISN + 1, OUR_ISN + 1, 65535, 0, 0.1)
     base = GUEST_ISN + 1
-    assert conn.sack_option() == b""
+    assert conn.control(tcp.A_ACK).options == b""
     for offset in (1000, 1100, 3000, 5000, 7000, 9000):  # 1000-1200 merge into one block
         conn.hold(base + offset, b"x" * 100)
     conn.hold(base + 3000, b"x" * 100)  # again: the latest arrival is in the 3000 block
-    opt = conn.sack_option()
+    opt = conn.control(tcp.A_ACK).options
     assert opt[:4] == bytes((1, 1, 5, 2 + 8 * 4))
     blocks = [struct.unpack_from("!II", opt, 4 + 8 * i) for i in range(4)]
     assert blocks[0] == (base + 3000, base + 3100)
     assert (base + 1000, base + 1200) in blocks
     conn.sack_ok = False
-    assert conn.sack_option() == b""
+    assert conn.control(tcp.A_ACK).options == b""
+
+
+# -- every number of the segments we send comes from the core --------------------------------
+
+
+def test_guest_syn_then_host_connected_gives_exactly_this_syn_ack() -> None:
+    conn = TcpConn.from_guest_syn(KEY, 0.0, OUR_ISN, 1460, GUEST_ISN, 64240, 1400, 7, True)
+    assert conn.host_connected(0.1) == tcp.A_SYN_ACK
+    # 300,000 bytes of room: the window field of a SYN is never scaled, so it saturates
+    assert conn.control(tcp.A_SYN_ACK, free=300_000) == tcp_seg.Segment(
+        TCP_SYN | TCP_ACK, OUR_ISN, GUEST_ISN + 1, 0xFFFF,
+        tcp_seg.syn_options(1460, tcp.OUR_WSCALE, True))
+    # a guest that offered neither scaling nor SACK gets neither
+    plain = TcpConn.from_guest_syn(KEY, 0.0, OUR_ISN, 1460, GUEST_ISN, 64240, None, None)
+    plain.host_connected(0.1)
+    assert plain.control(tcp.A_SYN_ACK, free=1000) == tcp_seg.Segment(
+        TCP_SYN | TCP_ACK, OUR_ISN, GUEST_ISN + 1, 1000, tcp_seg.syn_options(1460, None, False))
+
+
+def test_host_accept_sends_a_syn_offering_scaling_and_sack() -> None:
+    conn = TcpConn.from_host_accept(KEY, 0.0, OUR_ISN, 65480)
+    assert conn.control(tcp.A_SYN, free=70_000) == tcp_seg.Segment(
+        TCP_SYN, OUR_ISN, 0, 0xFFFF, tcp_seg.syn_options(65480, tcp.OUR_WSCALE, True))
+
+
+def test_acks_fins_keepalives_and_resets_carry_the_connection_s_numbers() -> None:
+    conn = established_from_guest(wscale=7)
+    field = conn.window_field(1 << 16)  # scaled by ours, 8
+    assert field == (1 << 16) >> tcp.OUR_WSCALE
+    ack = conn.control(tcp.A_ACK)
+    assert ack == tcp_seg.Segment(TCP_ACK, OUR_ISN + 1, GUEST_ISN + 1, field)
+    assert conn.ack_sent == GUEST_ISN + 1
+    assert conn.control(tcp.A_ACK, free=512).window == 512 >> tcp.OUR_WSCALE
+    assert conn.control(tcp.A_KEEPALIVE).seq == OUR_ISN  # one below: the guest answers
+    assert conn.on_host_eof(1.0) == tcp.A_FIN
+    assert conn.control(tcp.A_FIN)[:3] == (TCP_FIN | TCP_ACK, OUR_ISN + 1, GUEST_ISN + 1)
+    assert conn.control(tcp.A_RST_GUEST)[:2] == (TCP_RST | TCP_ACK, OUR_ISN + 2)
+
+
+def test_segments_for_no_connection_get_the_rfc_9293_reset() -> None:
+    assert tcp_seg.reset_for_unknown(TCP_ACK, 100, 5000, 10) == tcp_seg.Segment(TCP_RST, 5000, 0, 0)
+    assert tcp_seg.reset_for_unknown(TCP_SYN | TCP_FIN, 100, 0, 10) == \
+        tcp_seg.Segment(TCP_RST | TCP_ACK, 0, 112, 0)
+    assert tcp_seg.reset_for_unknown(TCP_RST, 100, 0, 0) is None  # never a RST for a RST
+    assert tcp_seg.refusal(0xFFFFFFFF) == tcp_seg.Segment(TCP_RST | TCP_ACK, 0, 0, 0)
+
+
+def test_our_mss_and_initial_sequence_numbers() -> None:
+    assert tcp_seg.our_mss(4, 1500) == 1460 and tcp_seg.our_mss(6, 1500) == 1440
+    assert tcp_seg.our_mss(4, 0) == 65480  # no MTU given: the largest frame
+    secret = b"s" * 16
+    first = tcp_seg.initial_sequence(secret, KEY, 1.0)
+    # RFC 6528: the same connection a second later starts 250,000 further on
+    assert tcp_seg.initial_sequence(secret, KEY, 2.0) == (first + 250_000) & 0xFFFFFFFF
+    assert tcp_seg.initial_sequence(b"t" * 16, KEY, 1.0) != first

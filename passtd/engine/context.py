@@ -1,0 +1,137 @@
+"""What the parts of one engine share: settings, the flow table, readiness, and a few calls.
+
+Design: the engine is one dispatcher (loop.py) and parts named after what they own: the
+qemu link (link.py), forwards and listeners (forwards.py), and one socket half per
+protocol (tcp_sock.py, udp_sock.py, icmp_sock.py). None of them imports another; they
+meet here. `EngineContext` carries the shared state (settings, flow table, what the guest
+was seen using, the link) and the engine's own services as plain callables (`schedule`,
+`close_flow`, `settle`, `changed`, `buffers_used`), which the engine fills in. A part
+keeps its own state private and offers the engine a few methods; the engine wires them.
+
+`Readiness` keeps the add_reader/add_writer registrations of flow sockets, once per fd:
+epoll registrations are the one piece of loop state several parts touch.
+
+Not done here: any protocol or I/O decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .addrs import GuestSeen, NetConfig
+from .flow import Flow, FlowTable
+from .link import GuestLink
+from .settings import EngineSettings
+
+log = logging.getLogger("passtd.engine")
+
+
+class RateLimitedLog:
+    """At most `burst` log lines per `period` seconds per category, then a summary."""
+
+    def __init__(self, burst: int = 10, period: float = 10.0) -> None:
+        self.burst = burst
+        self.period = period
+        self._state: dict[str, list[float | int]] = {}
+
+    def __call__(self, level: int, category: str, msg: str, *args: Any) -> None:
+        if not log.isEnabledFor(level):
+            return
+        now = time.monotonic()
+        state = self._state.setdefault(category, [now, 0, 0])
+        if now - state[0] > self.period:
+            if state[2]:
+                log.log(level, "%s: %d more suppressed", category, state[2])
+            state[:] = [now, 0, 0]
+        if state[1] < self.burst:
+            state[1] += 1
+            log.log(level, msg, *args)
+        else:
+            state[2] += 1
+
+
+class Readiness:
+    """Reader and writer callbacks on flow sockets, registered once per descriptor."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._reading: set[int] = set()
+        self._writing: set[int] = set()
+
+    def read(self, flow: Flow, callback: Callable[..., Any]) -> None:
+        fd = flow.sock.fileno()
+        if fd not in self._reading:
+            self._reading.add(fd)
+            self.loop.add_reader(fd, callback, flow)
+
+    def stop_reading(self, flow: Flow) -> None:
+        fd = flow.sock.fileno()
+        if fd in self._reading:
+            self._reading.discard(fd)
+            self.loop.remove_reader(fd)
+
+    def write(self, flow: Flow, callback: Callable[..., Any]) -> None:
+        fd = flow.sock.fileno()
+        if fd not in self._writing:
+            self._writing.add(fd)
+            self.loop.add_writer(fd, callback, flow)
+
+    def stop_writing(self, flow: Flow) -> None:
+        if flow.sock is None:
+            return
+        fd = flow.sock.fileno()
+        if fd in self._writing:
+            self._writing.discard(fd)
+            self.loop.remove_writer(fd)
+
+    def forget(self, flow: Flow) -> None:
+        """The flow's socket is about to close."""
+        self.stop_reading(flow)
+        self.stop_writing(flow)
+
+    def problems(self, live_fds: set[int]) -> list[str]:
+        """Registrations for descriptors of no flow (the fuzz targets check)."""
+        stray = (self._reading | self._writing) - live_fds
+        return [f"readiness registered for fds {sorted(stray)} of no flow"] if stray else []
+
+
+def _unset(*_args: Any) -> None:
+    raise RuntimeError("EngineContext: the engine did not wire this call")
+
+
+class EngineContext:
+    """The shared state and engine services every part of one engine receives."""
+
+    def __init__(self, settings: EngineSettings, loop: asyncio.AbstractEventLoop,
+                 link: GuestLink) -> None:
+        self.settings = settings
+        self.cfg: NetConfig = settings.net
+        self.loop = loop
+        self.link = link
+        self.flows = FlowTable(settings.max_flows)
+        self.seen = GuestSeen()
+        self.readiness = Readiness(loop)
+        self.drop_log = RateLimitedLog()
+        # filled in by the engine (loop.py)
+        self.schedule: Callable[[Flow], None] = _unset
+        self.close_flow: Callable[[Flow, bool], None] = _unset
+        self.settle: Callable[[float], None] = _unset
+        self.changed: Callable[..., None] = _unset
+        self.buffers_used: Callable[[float], None] = _unset
+
+    @property
+    def guest_mac(self) -> bytes:
+        """Where frames for the guest go: the MAC it was seen using, or broadcast."""
+        return self.seen.mac or b"\xff" * 6
+
+    def flow_limit_reached(self, what: str) -> bool:
+        """Whether the flow table is full; logs it (rate-limited) with what is refused."""
+        if not self.flows.full:
+            return False
+        self.drop_log(logging.WARNING, "flow-limit", "flow limit (%d) reached: refusing %s",
+                      self.flows.max_flows, what)
+        return True

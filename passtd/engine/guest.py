@@ -1,0 +1,87 @@
+"""Who the guest is: the MAC and addresses it uses, and which of its packets may enter.
+
+Design: passt learns the guest's MAC and addresses from its frames rather than trusting
+configuration (a guest may use a static address, SLAAC, or change its MAC); forwarded
+connections go to what it was seen using. `GuestIdentity` keeps that (addrs.GuestSeen),
+with one rate-limited log line per change: a guest settles on its MAC and addresses within
+a few frames of booting, and one that keeps changing them must not get a line per frame.
+
+Admission, two rules: `admit` lets a packet in at all (its family is enabled, it is no
+martian: nat.is_martian); `may_open` is the stricter rule for packets that use or open
+flows: the source must not be unspecified or one of our tap-side addresses, since flows
+are keyed by the guest's source and a guest posing as the gateway would collide with the
+host peers seen as the gateway. A packet that passes is where the guest's address is
+learnt.
+
+Not done here: the responders (DHCP, NDP) that tell the guest its addresses.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from . import nat, packet
+from .addrs import GuestSeen, NetConfig
+from .context import RateLimitedLog
+from .flow import addr_text
+
+
+class GuestIdentity:
+    def __init__(self, net: NetConfig, seen: GuestSeen, drop_log: RateLimitedLog,
+                 changed: Callable[..., None]) -> None:
+        self.net = net
+        self.seen = seen
+        self.drop_log = drop_log
+        self.learn_log = RateLimitedLog(burst=5, period=60.0)
+        self.changed = changed  # D-Bus property names
+        self.tap_side = nat.tap_side_addresses(net)
+
+    def learn_mac(self, mac: bytes) -> None:
+        if mac != self.seen.mac and not mac[0] & 1:  # never learn a multicast source
+            self.seen.mac = mac
+            self.learn_log(logging.INFO, "guest MAC", "guest MAC %s", mac.hex(":"))
+            self.changed("GuestMac")
+
+    def learn_addr(self, family: int, addr: bytes) -> None:
+        seen = self.seen
+        if family == 4:
+            if addr == packet.IP4_ANY or addr == seen.addr4:
+                return
+            seen.addr4 = addr
+        elif packet.is_ipv6_link_local(addr):
+            if addr == seen.addr6_ll:
+                return
+            seen.addr6_ll = addr
+        else:
+            if addr == packet.IP6_ANY or addr == seen.addr6:
+                return
+            seen.addr6 = addr
+        self.learn_log(logging.INFO, "guest address", "guest uses address %s", addr_text(addr))
+        self.changed("GuestAddresses")
+
+    def admit(self, pkt: packet.Packet) -> bool:
+        if (self.net.ip4 if pkt.family == 4 else self.net.ip6) is None:
+            return False
+        if nat.is_martian(pkt.family, pkt.src, pkt.dst):
+            self.drop_log(logging.DEBUG, "martian", "dropped IPv%d %s -> %s", pkt.family,
+                          addr_text(pkt.src), addr_text(pkt.dst))
+            return False
+        return True
+
+    def may_open(self, pkt: packet.Packet) -> bool:
+        if pkt.src in self.tap_side:
+            self.drop_log(logging.DEBUG, "spoofed", "dropped IPv%d from %s: not the guest's",
+                          pkt.family, addr_text(pkt.src))
+            return False
+        self.learn_addr(pkt.family, pkt.src)
+        return True
+
+    def addresses(self) -> list[str]:
+        seen = self.seen
+        return [addr_text(a) for a in (seen.addr4, seen.addr6, seen.addr6_ll) if a]
+
+    @property
+    def mac_text(self) -> str:
+        """The MAC the guest was seen using, as text ("" before its first frame)."""
+        return self.seen.mac.hex(":") if self.seen.mac else ""

@@ -1,0 +1,307 @@
+"""The qemu link: the listening socket, the one qemu connection, frames in and out, pcap.
+
+Design: qemu connects to the instance's UNIX stream socket and sends the guest's Ethernet
+frames, each after a 4-byte big-endian length (tap.py frames and unframes them). The link
+reads whole buffers into the `FrameReader` and hands them to the engine (`on_input`), and
+queues frames for the guest in `TapOutput`, flushed with one sendmsg per batch. qemu only
+ever drains its socket, so the room measured last (TIOCOUTQ) less what was sent since is a
+floor: `room` skips the ioctl while the floor covers what a flow wants to send. Flows that
+find no room park with `wait` and are handed back (`on_room`) once qemu has drained.
+
+One guest per instance: a second qemu is refused while one is connected, and `accept_peer`
+(the service's check of who the peer is, qemu_peer.py) may refuse any. A connection can
+outlive the process (systemd's FD store): `finish_output` completes a half-sent frame and
+`partial_input` hands over a half-read one, so qemu's stream stays aligned.
+
+A capture (pcap.py) sees every frame both ways; its failures cost the capture only.
+
+Not done here: what the frames mean (loop.py), vhost-user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import mmap
+import socket
+import struct
+import termios
+from collections.abc import Callable
+
+from .flow import Flow
+from .pcap import PcapWriter
+from .tap import FrameReader, FramingError, TapOutput
+
+log = logging.getLogger("passtd.engine")
+
+TAP_BUFFER = 4 << 20  # qemu socket buffers (passt asks for INT_MAX/2; wmem_max caps it)
+TAP_SLACK = 64 << 10  # skb overhead the qemu socket's buffer accounting adds to our bytes
+TAP_SEND_OVERHEAD = 2048  # what one sendmsg may add to that accounting beyond its bytes
+HANDOVER_TIMEOUT = 1.0  # seconds to finish a frame half sent to qemu when stopping
+TRIM_WORTHY = 256 << 10  # a read this size dirties enough buffer pages to give back later
+_OUTQ = struct.Struct("i")
+_OUTQ_ARG = bytes(_OUTQ.size)
+
+
+def peer_pid(sock: socket.socket) -> str:
+    """The pid of the process on the other end of a UNIX socket, for logs."""
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return str(struct.unpack("3i", creds)[0])
+    except OSError:
+        return "?"
+
+
+class GuestLink:
+    def __init__(self, loop: asyncio.AbstractEventLoop, pcap_path: str | None,
+                 pcap_size: int, on_input: Callable[[float], None],
+                 on_client: Callable[[socket.socket | None, str], None],
+                 on_room: Callable[[list[Flow]], None], settle: Callable[[float], None],
+                 buffers_used: Callable[[float], None], refused: Callable[[str], None]) -> None:
+        self.loop = loop
+        self.reader = FrameReader()
+        self.out = TapOutput()
+        self.pcap = PcapWriter.open(pcap_path, pcap_size) if pcap_path else None
+        self.listener: socket.socket | None = None
+        self.client: socket.socket | None = None
+        # asked before a qemu connection is adopted: None to accept it, else why not
+        self.accept_peer: Callable[[socket.socket], str | None] | None = None
+        self._on_input = on_input  # frames are in the reader: process them (may raise
+        # FramingError: the client is dropped)
+        self._on_client = on_client  # (sock, "") connected, (None, why) gone
+        self._on_room = on_room  # flows that waited for room towards qemu
+        self._settle = settle
+        self._buffers_used = buffers_used
+        self._refused = refused  # a rate-limited warning about a refused connection
+        self._sndbuf = 0
+        self._room_floor = 0  # the last TIOCOUTQ reading's room, less what we sent since
+        self._watching = False  # add_writer on the qemu socket is on
+        self._waiters: dict[Flow, None] = {}
+
+    # -- connection ---------------------------------------------------------------------------
+
+    def listen(self, listener: socket.socket) -> None:
+        self.listener = listener
+        listener.setblocking(False)
+        self.loop.add_reader(listener.fileno(), self._accept)
+
+    @property
+    def connected(self) -> bool:
+        return self.client is not None
+
+    def _accept(self) -> None:
+        assert self.listener is not None
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            log.warning("accept on the qemu socket failed: %s", e)
+            return
+        if self.client is not None:
+            log.warning("refusing a second qemu client (pid %s): one guest per instance",
+                        peer_pid(sock))
+            sock.close()
+            return
+        refusal = self.accept_peer(sock) if self.accept_peer is not None else None
+        if refusal is not None:
+            self._refused(refusal)
+            sock.close()
+            return
+        self.adopt(sock)
+
+    def adopt(self, sock: socket.socket, partial: bytes = b"") -> None:
+        """Serve the guest behind `sock` (freshly accepted, or kept across a restart);
+        `partial`: the start of a frame the previous process had read."""
+        sock.setblocking(False)
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, opt, TAP_BUFFER)
+        self.client = sock
+        self._sndbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        self._room_floor = 0
+        self._watching = False
+        self.reader.reset()
+        if partial:
+            self.reader.space()[: len(partial)] = partial
+            self.reader.commit(len(partial))
+        self.out.drop_all()
+        self.loop.add_reader(sock.fileno(), self._readable)
+        self._on_client(sock, "")
+        self._wake_waiters()
+
+    def drop_client(self, why: str) -> None:
+        sock = self.client
+        if sock is None:
+            return
+        self.loop.remove_reader(sock.fileno())
+        self.loop.remove_writer(sock.fileno())
+        self._watching = False
+        sock.close()
+        self.client = None
+        self.reader.reset()
+        self.out.drop_all()
+        self._on_client(None, why)
+
+    def partial_input(self) -> bytes:
+        """The start of a frame qemu has not finished writing (for the next process)."""
+        return bytes(self.reader.buf[self.reader.start : self.reader.end])
+
+    def close(self) -> None:
+        """Stop serving; the service keeps (or closes) the qemu socket itself."""
+        if self.client is not None:
+            self.loop.remove_reader(self.client.fileno())
+            self.loop.remove_writer(self.client.fileno())
+            self._finish_output(self.client)
+            self.client = None
+        if self.listener is not None:
+            self.loop.remove_reader(self.listener.fileno())
+        if self.pcap:
+            self.pcap.close()
+
+    def _finish_output(self, sock: socket.socket) -> None:
+        """Send what qemu has part of, so that its reader is between two frames."""
+        if not self.out.backlog:
+            return
+        try:
+            sock.settimeout(HANDOVER_TIMEOUT)
+            sock.sendall(self.out.backlog)
+        except OSError as e:
+            log.warning("qemu's connection may be left inside a frame: %s", e)
+        finally:
+            self.out.drop_all()
+            with contextlib.suppress(OSError):
+                sock.setblocking(False)
+
+    # -- frames in ----------------------------------------------------------------------------
+
+    def _readable(self) -> None:
+        sock = self.client
+        if sock is None:
+            return
+        try:
+            n = sock.recv_into(self.reader.space())
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.drop_client(str(e))
+            return
+        if n == 0:
+            self.drop_client("qemu closed the connection")
+            return
+        self.reader.commit(n)
+        now = self.loop.time()
+        if n > TRIM_WORTHY:
+            self._buffers_used(now)
+        try:
+            self._on_input(now)
+        except FramingError as e:
+            log.warning("dropping qemu client: %s", e)
+            self.drop_client("bad framing")
+        self._settle(now)
+
+    # -- frames out ---------------------------------------------------------------------------
+
+    def send(self, frame: bytes, now: float) -> None:
+        """Queue one frame for the guest (flushed when the engine settles)."""
+        if self.client is None:
+            return
+        if self.pcap:
+            self.pcap.write(frame, now)
+        self.out.frame(frame)
+
+    def send_framed(self, frames: memoryview, now: float) -> None:
+        """Queue frames that already carry their length prefixes (tcp_buf.py's slots),
+        and flush: the slots are reused by the next read."""
+        if self.pcap:
+            self.pcap.write_framed(frames, now)
+        self.out.framed(frames)
+        self.flush()
+
+    @property
+    def congested(self) -> bool:
+        return self.client is None or self.out.congested
+
+    def room(self, need: int) -> int:
+        """Bytes the qemu socket takes right now without a short write (and a copy), or
+        at least `need` of them."""
+        if self._room_floor >= need:
+            return self._room_floor
+        assert self.client is not None
+        queued = _OUTQ.unpack(fcntl.ioctl(self.client.fileno(), termios.TIOCOUTQ, _OUTQ_ARG))[0]
+        self._room_floor = self._sndbuf - queued - TAP_SLACK
+        return self._room_floor
+
+    def flush(self) -> None:
+        out = self.out
+        sock = self.client
+        if sock is None:
+            out.drop_all()
+            return
+        while out.pending():
+            batch = out.take()
+            try:
+                n = sock.sendmsg(batch)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError as e:
+                self.drop_client(str(e))
+                return
+            self._room_floor -= n + TAP_SEND_OVERHEAD
+            if not out.sent(batch, n):
+                self._watch(True)
+                break
+
+    def end_batch(self) -> None:
+        """The end of a callback: flush what is queued, and the capture."""
+        if self.out.pending():
+            self.flush()
+        if self.pcap:
+            self.pcap.flush()
+            if not self.pcap.active:  # it stopped (full disk, size limit): forget it
+                self.pcap = None
+
+    # -- flows waiting for room ---------------------------------------------------------------
+
+    def wait(self, flow: Flow) -> None:
+        """Park a flow until qemu's socket has room (or qemu is back)."""
+        self._waiters[flow] = None
+        if self.client is not None:
+            self._watch(True)
+
+    def forget(self, flow: Flow) -> None:
+        self._waiters.pop(flow, None)
+
+    def waiting(self) -> list[Flow]:
+        return list(self._waiters)
+
+    def _wake_waiters(self) -> None:
+        waiters, self._waiters = list(self._waiters), {}
+        if waiters:
+            self._on_room(waiters)
+
+    def _watch(self, on: bool) -> None:
+        if on != self._watching and self.client is not None:
+            if on:
+                self.loop.add_writer(self.client.fileno(), self._writable)
+            else:
+                self.loop.remove_writer(self.client.fileno())
+            self._watching = on
+
+    def _writable(self) -> None:
+        """qemu drained its socket: send the backlog, wake the flows that waited."""
+        self._watch(False)
+        self.flush()
+        if not self.out.congested:
+            self._wake_waiters()
+        self._settle(self.loop.time())
+
+    # -- memory -------------------------------------------------------------------------------
+
+    def trim(self) -> None:
+        """Give the frame reader's pages back to the kernel, unless a frame is half read."""
+        if self.reader.start == self.reader.end:
+            self.reader.reset()
+            self.reader.buf.madvise(mmap.MADV_DONTNEED)
