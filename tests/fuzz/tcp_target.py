@@ -8,15 +8,15 @@ picks one of:
   segments   1-4 guest segments (flags, sequence and acknowledgement numbers relative to
              what each side has sent, or raw 32-bit values; the last window or a new one;
              payload length; SYN options), then `commit` with what the "socket" took: all,
-             nothing, part, or a write error (on_host_error), as loop._tcp_guest_flush does
+             nothing, part, or a write error (on_host_error), as TcpSockets.end_run does
   connect    the host connect() finished (host_connected) or failed (host_refused), once
   peer data  the host peer writes N bytes into the socket's receive queue
   peer eof   the host peer shuts its side
-  read       loop._tcp_host_readable: peek up to the send budget, on_sent, on_host_eof at
+  read       tcp_peek.HostData.read: peek up to the send budget, on_sent, on_host_eof at
              the end of the data after EOF, window_closed when the budget is spent
   error      the host socket fails (on_host_error)
-  time       the clock moves on; due timers fire (handle_timer) as loop._on_timer does
-  window     window_field(free) for a free send-buffer size, as _tcp_send_ack asks
+  time       the clock moves on; due timers fire (handle_timer) as Engine._on_timer does
+  window     window_field(free) for a free send-buffer size, as TcpSockets._send_ack asks
 
 The model is what the kernel would hold: the receive queue of the host socket (bytes the
 peer wrote, minus those discarded) and the SO_PEEK_OFF position (advanced by peeks, set
@@ -31,7 +31,9 @@ back by discards, reset by A_REWIND). Invariants (a violation is a corrupted flo
 - windows and budgets never negative, window fields 16-bit, the RTO within its bounds;
 - timers: an open connection always has a finite deadline, and after a timer fired the
   next one lies in the future (no busy loop); CLOSED is set exactly when A_CLOSE is
-  returned, after which the loop forgets the flow (the program ends there).
+  returned, after which the loop forgets the flow (the program ends there);
+- every control segment (TcpConn.control) acknowledges exactly rcv_nxt, never a byte the
+  socket did not take, and carries a sequence number within what we sent.
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ KEY = (6, bytes([198, 51, 100, 2]), 40000, bytes([198, 51, 100, 1]), 80)
 TIME_STEPS = (0.001, 0.2, 1.0, 2.5, 10.0, 31.0, 61.0, 200.0, 7201.0)
 PLENS = (0, 0, 1, 1, 7, 536, 1460, 65480)
 FLAG_MASK = TCP_FIN | TCP_SYN | TCP_RST | TCP_PSH | TCP_ACK
+# the actions tcp_sock.py answers with a segment built by TcpConn.control
+CONTROLS = (tcp.A_SYN_ACK, tcp.A_SYN, tcp.A_FIN, tcp.A_KEEPALIVE, tcp.A_DUPACK, tcp.A_ACK)
+WITH_ROOM = (tcp.A_SYN_ACK, tcp.A_SYN, tcp.A_ACK)
 
 
 class Program:
@@ -130,7 +135,7 @@ class Model:
         assert bool(actions & tcp.A_CLOSE) == bool(newly_closed), \
             f"actions {actions:#x}, CLOSED {'set now' if newly_closed else 'unchanged'}"
         if actions & tcp.A_CLOSE:
-            self.closed = True  # loop._tcp_actions: RST if asked, close, forget the flow
+            self.closed = True  # TcpSockets.execute: RST if asked, close, forget the flow
             return
         if actions & tcp.A_DISCARD:
             assert 0 < conn.discard <= self.queue, \
@@ -146,6 +151,28 @@ class Model:
             self.shut_wr = True
         assert not actions & tcp.A_SYN_ACK or self.origin == "guest"
         assert not actions & tcp.A_SYN or self.origin == "host"
+        for control in CONTROLS:
+            if actions & control:
+                # the window of SYNs and plain ACKs is the socket's room now; duplicate
+                # ACKs, FINs and probes repeat the last one
+                free = self.prog.u16() << 4 if control in WITH_ROOM else None
+                self.check_segment(control, conn.control(control, free))
+
+    def check_segment(self, action: int, seg: tcp_seg.Segment) -> None:
+        """A control segment as TcpConn.control builds it: the numbers the guest gets."""
+        conn = self.conn
+        assert 0 <= seg.window <= 0xFFFF, f"window field {seg.window}"
+        if seg.flags & TCP_ACK:
+            assert seg.ack == conn.rcv_nxt == conn.ack_sent, "an ACK of something else"
+            if self.guest_isn is not None:
+                assert 0 <= seq_diff(seg.ack, self.guest_isn + 1) <= self.written + 1, \
+                    "an ACK of bytes the socket did not take"
+        if seg.flags & TCP_SYN:
+            assert seg.seq == self.our_isn and seg.options[:2] == bytes((2, 4))
+        else:
+            behind = seq_diff(conn.snd_max, seg.seq)
+            assert 0 <= behind <= seq_diff(conn.snd_max, conn.snd_una) + 1, \
+                f"sequence number {seg.seq} outside what we sent"
 
     def check(self) -> None:
         conn = self.conn
