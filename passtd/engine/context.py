@@ -20,12 +20,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from .addrs import GuestSeen, NetConfig
-from .flow import Flow, FlowTable
+from .flow import A_CLOSE, Flow, FlowTable
 from .link import GuestLink
 from .settings import EngineSettings
+from .sockets import HostSockets
 
 log = logging.getLogger("passtd.engine")
 
@@ -99,6 +100,18 @@ class Readiness:
         return [f"readiness registered for fds {sorted(stray)} of no flow"] if stray else []
 
 
+class SocketHalf(Protocol):
+    """What the engine asks of each protocol's socket half (tcp_sock, udp_sock, icmp_sock)
+    about one of its flows."""
+
+    def timer(self, flow: Any, now: float) -> None:
+        """The flow's deadline passed: run its `handle_timer` and act on the result."""
+
+    def release(self, flow: Any) -> bool:
+        """The flow is closing: forget it; whether its socket is the flow's own to close
+        (not a listener it borrowed)."""
+
+
 def _unset(*_args: Any) -> None:
     raise RuntimeError("EngineContext: the engine did not wire this call")
 
@@ -107,9 +120,10 @@ class EngineContext:
     """The shared state and engine services every part of one engine receives."""
 
     def __init__(self, settings: EngineSettings, loop: asyncio.AbstractEventLoop,
-                 link: GuestLink) -> None:
+                 link: GuestLink, sockets: HostSockets) -> None:
         self.settings = settings
-        self.cfg: NetConfig = settings.net
+        self.sockets = sockets
+        self.net: NetConfig = settings.net
         self.loop = loop
         self.link = link
         self.flows = FlowTable(settings.max_flows)
@@ -127,6 +141,14 @@ class EngineContext:
     def guest_mac(self) -> bytes:
         """Where frames for the guest go: the MAC it was seen using, or broadcast."""
         return self.seen.mac or b"\xff" * 6
+
+    def expire_or_reschedule(self, flow: Flow, now: float) -> None:
+        """The timer of a datagram flow (UDP, ping): it ends, or waits for its next
+        deadline."""
+        if flow.handle_timer(now) & A_CLOSE:
+            self.close_flow(flow, False)
+        else:
+            self.schedule(flow)
 
     def flow_limit_reached(self, what: str) -> bool:
         """Whether the flow table is full; logs it (rate-limited) with what is refused."""

@@ -30,6 +30,7 @@ from typing import Any
 from .addrs import NetConfig
 from .flow import Flow
 from .fwd import ForwardRule, format_rule
+from .sockets import HostSockets, family_of
 
 log = logging.getLogger("passtd.engine")
 
@@ -77,13 +78,15 @@ class Forward:
 
 
 class Forwards:
-    def __init__(self, loop: asyncio.AbstractEventLoop, net: NetConfig, max_listeners: int,
+    def __init__(self, loop: asyncio.AbstractEventLoop, net: NetConfig, sockets: HostSockets,
+                 max_listeners: int,
                  on_accept: Callable[[Forward, socket.socket, socket.socket, tuple, float],
                                      None],
                  on_datagrams: Callable[[Forward, socket.socket], None],
                  settle: Callable[[float], None], drop_log: Callable[..., None]) -> None:
         self.loop = loop
         self.net = net
+        self.sockets = sockets
         self.max_listeners = max_listeners
         self._on_accept = on_accept  # (forward, listener, accepted socket, peer, now)
         self._on_datagrams = on_datagrams
@@ -207,12 +210,10 @@ class Forwards:
             log.debug("forward %s: %d ports skipped (%s ...)", format_rule(rule), len(failures),
                       failures[0])
 
-    @staticmethod
-    def _listener(family: int, address: str, port: int, v6only: bool, stream: bool,
+    def _listener(self, family: int, address: str, port: int, v6only: bool, stream: bool,
                   ifname: str | None) -> socket.socket:
-        af = socket.AF_INET if family == 4 else socket.AF_INET6
-        sock = socket.socket(af, (socket.SOCK_STREAM if stream else socket.SOCK_DGRAM)
-                             | socket.SOCK_NONBLOCK)
+        af = family_of(family)
+        sock = self.sockets.stream(af) if stream else self.sockets.datagram(af)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if af == socket.AF_INET6:

@@ -55,9 +55,8 @@ class IcmpSockets:
         if target is None:
             return None
         af = socket.AF_INET if len(target) == 2 else socket.AF_INET6
-        proto = socket.IPPROTO_ICMP if af == socket.AF_INET else socket.IPPROTO_ICMPV6
         try:
-            sock = socket.socket(af, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK, proto)
+            sock = ctx.sockets.ping(af)
         except OSError as e:
             ctx.drop_log(logging.WARNING, "ping-socket",
                          "cannot open a ping socket (%s): is net.ipv4.ping_group_range "
@@ -75,6 +74,12 @@ class IcmpSockets:
         ctx.changed("FlowCount")
         return flow
 
+    def timer(self, flow: icmp.PingFlow, now: float) -> None:
+        self.ctx.expire_or_reschedule(flow, now)
+
+    def release(self, flow: icmp.PingFlow) -> bool:
+        return True
+
     def _readable(self, flow: icmp.PingFlow) -> None:
         ctx = self.ctx
         now = ctx.loop.time()
@@ -86,7 +91,7 @@ class IcmpSockets:
             except OSError as e:
                 ctx.drop_log(logging.DEBUG, "ping-recv", "%r: %s", flow, e)
                 break
-            frame = icmp.echo_reply_frame(flow, data, ctx.cfg.mac, ctx.guest_mac)
+            frame = icmp.echo_reply_frame(flow, data, ctx.net.mac, ctx.guest_mac)
             if frame:
                 ctx.link.send(frame, now)
                 flow.touch(len(data), True, now)

@@ -12,6 +12,7 @@ named after what they own (context.py says how they meet):
     udp_sock.py   UDP host sockets and forwarded datagrams
     icmp_sock.py  ping sockets
     forwards.py   forwards and their listeners
+    sockets.py    where host sockets come from (the seam tests use)
     timers.py     the flow timer heap
     nat.py        address translation
     arp.py, dhcp.py, ndp.py, dhcpv6.py   the responders (pure)
@@ -45,18 +46,18 @@ from collections.abc import Callable
 from typing import Any
 
 from . import arp, dhcp, dhcpv6, ndp, packet, tcp
-from .context import EngineContext, RateLimitedLog
-from .flow import A_CLOSE, Flow, FlowTable
+from .context import EngineContext, RateLimitedLog, SocketHalf
+from .flow import Flow, FlowTable
 from .forwards import Forward, Forwards
 from .fwd import ForwardRule, format_rule
 from .guest import GuestIdentity
 from .icmp_sock import IcmpSockets
 from .link import GuestLink, peer_pid
 from .settings import EngineSettings
+from .sockets import HostSockets, KernelSockets
 from .tcp import TcpConn
 from .tcp_sock import TcpSockets
 from .timers import FlowTimers
-from .udp import UdpFlow
 from .udp_sock import UdpSockets
 
 log = logging.getLogger("passtd.engine")
@@ -72,9 +73,10 @@ class Engine:
     """One instance's translator: a qemu client, flows, forwards and timers."""
 
     def __init__(self, settings: EngineSettings, loop: asyncio.AbstractEventLoop | None = None,
-                 on_change: Callable[[set[str]], None] | None = None) -> None:
+                 on_change: Callable[[set[str]], None] | None = None,
+                 sockets: HostSockets | None = None) -> None:
         self.settings = settings
-        self.cfg = settings.net
+        self.net = settings.net
         self.loop = loop or asyncio.get_event_loop()
         self.on_change = on_change  # property names that changed (D-Bus PropertiesChanged)
         self.on_client: Callable[[socket.socket | None], None] | None = None
@@ -83,7 +85,8 @@ class Engine:
                               on_input=self._process_frames, on_client=self._client_changed,
                               on_room=self._room_towards_qemu, settle=self.settle,
                               buffers_used=self._buffers_used, refused=self._qemu_refused)
-        ctx = self.ctx = EngineContext(settings, self.loop, self.link)
+        ctx = self.ctx = EngineContext(settings, self.loop, self.link,
+                                       sockets or KernelSockets())
         ctx.drop_log = self.drop_log
         ctx.schedule = self._schedule
         ctx.close_flow = self.close_flow
@@ -93,11 +96,14 @@ class Engine:
         self.flows: FlowTable = ctx.flows
         self.tcp = TcpSockets(ctx)
         self.udp = UdpSockets(ctx, lambda port: self.forwards.takes_udp_port(port))
-        self.forwards = Forwards(self.loop, self.cfg, settings.max_listeners,
+        self.forwards = Forwards(self.loop, self.net, ctx.sockets, settings.max_listeners,
                                  on_accept=self.tcp.inbound,
                                  on_datagrams=self.udp.listener_readable,
                                  settle=self.settle, drop_log=self.drop_log)
         self.icmp = IcmpSockets(ctx)
+        self._halves: dict[int, SocketHalf] = {
+            packet.IPPROTO_TCP: self.tcp, packet.IPPROTO_UDP: self.udp,
+            packet.IPPROTO_ICMP: self.icmp, packet.IPPROTO_ICMPV6: self.icmp}
         self.timers = FlowTimers()
         self._timer_handle: asyncio.TimerHandle | None = None
         self._timer_when = math.inf
@@ -105,8 +111,8 @@ class Engine:
         self._buffers_used_at = 0.0  # when the big I/O buffers last held data
         self._trim_handle: asyncio.TimerHandle | None = None
         self._rng = random.Random()
-        self._dhcpv6_duid = dhcpv6.server_duid(self.cfg.mac)
-        self.guest = GuestIdentity(self.cfg, ctx.seen, self.drop_log, self._changed)
+        self._dhcpv6_duid = dhcpv6.server_duid(self.net.mac)
+        self.guest = GuestIdentity(self.net, ctx.seen, self.drop_log, self._changed)
         self.closed = False
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -160,7 +166,7 @@ class Engine:
     def _client_changed(self, sock: socket.socket | None, why: str) -> None:
         if sock is not None:
             log.info("guest connected (qemu pid %s)", peer_pid(sock))
-            if self.cfg.ip6 and self.settings.ndp and self.settings.ra:
+            if self.net.ip6 and self.settings.ndp and self.settings.ra:
                 self._schedule_ra(1.0)
         else:
             log.info("guest disconnected: %s; waiting for the next qemu connection "
@@ -178,7 +184,7 @@ class Engine:
                       "guest's qemu", why)
 
     def _room_towards_qemu(self, flows: list[Flow]) -> None:
-        self.tcp.resume([flow for flow in flows if isinstance(flow, TcpConn)])
+        self.tcp.resume(flows)  # (only TCP flows wait for room: tcp_peek.py)
 
     def settle(self, now: float) -> None:
         """End of a callback: the once-per-flow work of the batch, then flush to qemu.
@@ -279,8 +285,8 @@ class Engine:
             _dst_mac, src_mac, ethertype = packet.parse_eth(frame)
             self.guest.learn_mac(src_mac)
             if ethertype == packet.ETH_P_ARP:
-                if self.cfg.ip4 is not None:
-                    self._reply(arp.reply(self.cfg, frame), now)
+                if self.net.ip4 is not None:
+                    self._reply(arp.reply(self.net, frame), now)
                 return
             if ethertype in (packet.ETH_P_IP, packet.ETH_P_IPV6):
                 self._ip_packet(packet.parse_ip(frame), now)
@@ -304,10 +310,10 @@ class Engine:
             sport, dport, payload = packet.parse_udp(pkt)
             if family == 4 and dport == 67:
                 if self.settings.dhcp:
-                    self._reply(dhcp.reply(self.cfg, pkt, sport, dport, payload), now)
+                    self._reply(dhcp.reply(self.net, pkt, sport, dport, payload), now)
             elif family == 6 and dport == 547 and packet.is_ipv6_multicast(pkt.dst):
                 if self.settings.dhcpv6:
-                    self._reply(dhcpv6.reply(self.cfg, pkt, sport, dport, payload,
+                    self._reply(dhcpv6.reply(self.net, pkt, sport, dport, payload,
                                              self._dhcpv6_duid), now)
             elif self.guest.may_open(pkt):
                 self.udp.guest_datagram(pkt, sport, dport, payload, now)
@@ -323,7 +329,7 @@ class Engine:
                 if target is not None:
                     self.guest.learn_addr(6, target)
                 if self.settings.ndp:
-                    self._reply(ndp.reply(self.cfg, pkt), now)
+                    self._reply(ndp.reply(self.net, pkt), now)
             elif self.guest.may_open(pkt):
                 self.icmp.guest_echo(pkt, now)
         else:
@@ -333,12 +339,9 @@ class Engine:
 
     def close_flow(self, flow: Flow, rst_peer: bool) -> None:
         sock = flow.sock
-        if isinstance(flow, TcpConn):
-            self.tcp.release(flow)
-        elif isinstance(flow, UdpFlow):
-            self.udp.release(flow)
+        owned = self._halves[flow.key[0]].release(flow)
         if sock is not None:
-            if not isinstance(flow, UdpFlow) or self.udp.owns_socket(flow):
+            if owned:
                 self.ctx.readiness.forget(flow)
                 if rst_peer:
                     with contextlib.suppress(OSError):
@@ -373,12 +376,7 @@ class Engine:
             if flow.sock is None:
                 continue  # closed by an earlier flow's timer in this round
             try:
-                if isinstance(flow, TcpConn):
-                    self.tcp.timer(flow, now)
-                elif flow.handle_timer(now) & A_CLOSE:
-                    self.close_flow(flow, rst_peer=False)
-                else:
-                    self._schedule(flow)
+                self._halves[flow.key[0]].timer(flow, now)
             except Exception:
                 log.exception("internal error in a timer of %r", flow)
                 self.close_flow(flow, rst_peer=True)
@@ -416,9 +414,9 @@ class Engine:
 
     def _send_unsolicited_ra(self) -> None:
         self._ra_handle = None
-        if not self.link.connected or self.cfg.ip6 is None:
+        if not self.link.connected or self.net.ip6 is None:
             return
-        self.link.send(ndp.router_advertisement(self.cfg), self.loop.time())
+        self.link.send(ndp.router_advertisement(self.net), self.loop.time())
         self.link.flush()
         self._schedule_ra(ndp.next_unsolicited_ra_delay(self._rng))
 
@@ -467,7 +465,7 @@ class Engine:
 
     @property
     def mtu(self) -> int:
-        return self.cfg.mtu
+        return self.net.mtu
 
     @property
     def flow_count(self) -> int:

@@ -141,7 +141,7 @@ class HostData:
                 return conn.on_host_eof(now)
             if n > TRIM_WORTHY:
                 ctx.buffers_used(now)
-            frames = batch.build(n, mss, ctx.cfg.mac, ctx.guest_mac, conn.peer_addr,
+            frames = batch.build(n, mss, ctx.net.mac, ctx.guest_mac, conn.peer_addr,
                                  conn.guest_addr, conn.peer_port, conn.guest_port, conn.snd_nxt,
                                  conn.rcv_nxt, conn.wnd_to_guest >> conn.our_wscale)
             conn.on_sent(n, now)

@@ -29,10 +29,11 @@ import os
 import socket
 import struct
 from collections.abc import Sequence
+from typing import cast
 
 from . import nat, packet, tcp, tcp_seg
 from .context import EngineContext
-from .flow import addr_text
+from .flow import Flow, addr_text
 from .forwards import Forward
 from .tcp import TcpConn
 from .tcp_hold import HoldBudget
@@ -110,7 +111,7 @@ class TcpSockets:
         sport, dport = struct.unpack_from("!HH", pkt.l4)
         l4 = packet.tcp_segment(pkt.dst, pkt.src, dport, sport, seg.seq, seg.ack, seg.flags,
                                 seg.window, seg.options)
-        self.ctx.link.send(packet.ip_frame(pkt.src_mac, self.ctx.cfg.mac, pkt.dst, pkt.src,
+        self.ctx.link.send(packet.ip_frame(pkt.src_mac, self.ctx.net.mac, pkt.dst, pkt.src,
                                            packet.IPPROTO_TCP, l4), now)
 
     def _guest_syn(self, pkt: packet.Packet, key: tuple, seq: int, window: int,
@@ -130,7 +131,7 @@ class TcpSockets:
             return
         af = socket.AF_INET if len(target) == 2 else socket.AF_INET6
         try:
-            sock = socket.socket(af, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            sock = ctx.sockets.stream(af)
         except OSError as e:  # EMFILE, ENFILE, ENOBUFS: the guest sees a refused port
             ctx.drop_log(logging.WARNING, "socket", "cannot open a TCP socket: %s", e)
             refuse(str(e))
@@ -141,7 +142,7 @@ class TcpSockets:
             refuse(failed)
             return
         conn = TcpConn.from_guest_syn(key, now, self._isn(key, now),
-                                      tcp_seg.our_mss(pkt.family, ctx.cfg.mtu), seq, window,
+                                      tcp_seg.our_mss(pkt.family, ctx.net.mtu), seq, window,
                                       *opts, idle_timeout=ctx.settings.tcp_idle_timeout,
                                       hold_budget=self._hold_budget)
         conn.sock = sock
@@ -278,7 +279,7 @@ class TcpSockets:
         l4 = packet.tcp_segment(conn.peer_addr, conn.guest_addr, conn.peer_port, conn.guest_port,
                                 seg.seq, seg.ack, seg.flags, seg.window, seg.options)
         ctx = self.ctx
-        ctx.link.send(packet.ip_frame(ctx.guest_mac, ctx.cfg.mac, conn.peer_addr,
+        ctx.link.send(packet.ip_frame(ctx.guest_mac, ctx.net.mac, conn.peer_addr,
                                       conn.guest_addr, packet.IPPROTO_TCP, l4), now)
         self._acked(conn)
 
@@ -353,11 +354,11 @@ class TcpSockets:
         if actions:
             self.execute(conn, actions, now)
 
-    def resume(self, conns: list[TcpConn]) -> None:
+    def resume(self, conns: Sequence[Flow]) -> None:
         """Flows that waited for room towards qemu read again when the engine settles."""
         for conn in conns:
             if conn.sock is not None:
-                self._resume[conn] = None
+                self._resume[cast(TcpConn, conn)] = None
 
     def inbound(self, fwd: Forward, lsock: socket.socket, sock: socket.socket, peer: tuple,
                 now: float) -> None:
@@ -377,8 +378,8 @@ class TcpSockets:
             reject("flow limit")
             return
         seen_peer = nat.nat_from_host(ctx.settings, family, peer_bytes) \
-            if (ctx.cfg.ip4 if family == 4 else ctx.cfg.ip6) else None
-        guest = nat.guest_target(ctx.cfg, ctx.seen, family, seen_peer, fwd.rule) \
+            if (ctx.net.ip4 if family == 4 else ctx.net.ip6) else None
+        guest = nat.guest_target(ctx.net, ctx.seen, family, seen_peer, fwd.rule) \
             if seen_peer else None
         if seen_peer is None or guest is None:
             reject(f"IPv{family} is not available towards the guest")
@@ -394,7 +395,7 @@ class TcpSockets:
             reject(failed)
             return
         conn = TcpConn.from_host_accept(key, now, self._isn(key, now),
-                                        tcp_seg.our_mss(family, ctx.cfg.mtu),
+                                        tcp_seg.our_mss(family, ctx.net.mtu),
                                         ctx.settings.tcp_idle_timeout, self._hold_budget)
         conn.sock = sock
         conn.forward_id = fwd.id
@@ -421,11 +422,12 @@ class TcpSockets:
             self._read(conn, now)
         return bool(self._ack_due or self._resume or self._discard_due)
 
-    def release(self, conn: TcpConn) -> None:
+    def release(self, conn: TcpConn) -> bool:
         """The flow is closing: it leaves every pending set, and what it held goes."""
         conn.drop_held()
         for pending in (self._ack_due, self._discard_due, self._acks_delayed, self._resume):
             pending.pop(conn, None)
+        return True
 
     def close(self) -> None:
         if self._ack_timer is not None:

@@ -71,8 +71,8 @@ class UdpSockets:
             quoted = packet.ip_header(pkt.src, pkt.dst, pkt.proto, len(pkt.l4)) \
                 + bytes(pkt.l4[:8])
             ctx.link.send(icmp.unreachable_frame(
-                pkt.family, code4 if pkt.family == 4 else code6, nat.gateway(ctx.cfg, pkt.family),
-                quoted, ctx.cfg.mac, pkt.src_mac, pkt.src), now)
+                pkt.family, code4 if pkt.family == 4 else code6, nat.gateway(ctx.net, pkt.family),
+                quoted, ctx.net.mac, pkt.src_mac, pkt.src), now)
 
         if ctx.flow_limit_reached("new flows"):
             unreachable(icmp.ICMP_ADMIN_PROHIBITED, icmp.ICMPV6_ADMIN_PROHIBITED)
@@ -83,7 +83,7 @@ class UdpSockets:
             return None
         af = socket.AF_INET if len(target) == 2 else socket.AF_INET6
         try:
-            sock = socket.socket(af, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+            sock = ctx.sockets.datagram(af)
         except OSError as e:
             ctx.drop_log(logging.WARNING, "socket", "cannot open a UDP socket: %s", e)
             unreachable(icmp.ICMP_HOST_UNREACH, icmp.ICMPV6_ADDR_UNREACH)
@@ -152,7 +152,7 @@ class UdpSockets:
         ctx = self.ctx
         msg = packet.udp_message(flow.peer_addr, flow.guest_addr, flow.peer_port,
                                  flow.guest_port, data)
-        ctx.link.send(packet.ip_frame(ctx.guest_mac, ctx.cfg.mac, flow.peer_addr,
+        ctx.link.send(packet.ip_frame(ctx.guest_mac, ctx.net.mac, flow.peer_addr,
                                       flow.guest_addr, packet.IPPROTO_UDP, msg), now)
         flow.to_guest(len(data), now)
         ctx.schedule(flow)
@@ -164,7 +164,7 @@ class UdpSockets:
                                 flow.last_length)
         code = icmp.ICMP_PORT_UNREACH if flow.family == 4 else icmp.ICMPV6_PORT_UNREACH
         ctx.link.send(icmp.unreachable_frame(flow.family, code, flow.peer_addr, quoted,
-                                             ctx.cfg.mac, ctx.guest_mac, flow.guest_addr), now)
+                                             ctx.net.mac, ctx.guest_mac, flow.guest_addr), now)
 
     def listener_readable(self, fwd: Forward, lsock: socket.socket) -> None:
         """Datagrams at a forward's listener: each peer becomes a flow towards the guest."""
@@ -180,10 +180,10 @@ class UdpSockets:
                 ctx.drop_log(logging.DEBUG, "udp-listen", "forward %d: %s", fwd.id, e)
                 break
             family, peer_bytes = nat.sockaddr_bytes(peer[0])
-            if (ctx.cfg.ip4 if family == 4 else ctx.cfg.ip6) is None or not ctx.link.connected:
+            if (ctx.net.ip4 if family == 4 else ctx.net.ip6) is None or not ctx.link.connected:
                 continue
             seen_peer = nat.nat_from_host(ctx.settings, family, peer_bytes)
-            guest = nat.guest_target(ctx.cfg, ctx.seen, family, seen_peer, fwd.rule)
+            guest = nat.guest_target(ctx.net, ctx.seen, family, seen_peer, fwd.rule)
             if guest is None:
                 continue
             key = (packet.IPPROTO_UDP, guest, fwd.rule.guest_port(port), seen_peer, peer[1])
@@ -204,14 +204,16 @@ class UdpSockets:
 
     # -- flows that end -----------------------------------------------------------------------
 
-    def owns_socket(self, flow: UdpFlow) -> bool:
-        """Inbound flows borrow their forward's listener: closing them leaves it open."""
-        return flow.origin != HOST
+    def timer(self, flow: UdpFlow, now: float) -> None:
+        self.ctx.expire_or_reschedule(flow, now)
 
-    def release(self, flow: UdpFlow) -> None:
+    def release(self, flow: UdpFlow) -> bool:
+        """A closing flow gives back its hold on a guest port; inbound flows borrow their
+        forward's listener, which stays open."""
         if flow.holds_guest_port:
             flow.holds_guest_port = False
             self._ports_held -= 1
+        return flow.origin != HOST
 
     def flows_in_the_way(self, first: int, last: int) -> list[UdpFlow]:
         """Guest flows holding host ports a new UDP forward needs (they give them up)."""

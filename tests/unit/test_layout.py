@@ -18,7 +18,7 @@ from pathlib import Path
 ENGINE = Path(__file__).resolve().parents[2] / "passtd" / "engine"
 LIMIT, TCP_LIMIT = 500, 650
 HALVES = {"tcp_sock", "tcp_peek", "udp_sock", "icmp_sock"}
-PARTS = {"link", "forwards", "timers", "guest", "context"}
+PARTS = {"link", "forwards", "timers", "guest", "context", "sockets"}
 CORES = {"tcp", "tcp_seg", "tcp_hold", "udp", "icmp", "arp", "dhcp", "dhcpv6", "ndp",
          "packet", "checksum", "tap", "tcp_buf", "flow", "nat", "addrs", "fwd", "settings"}
 ALLOWED_SIDEWAYS = {("tcp_sock", "tcp_peek")}
