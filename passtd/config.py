@@ -49,6 +49,7 @@ from typing import Any, Literal
 
 import yaml
 
+from passtd.engine.addrs import is_unicast_mac, parse_mac
 from passtd.engine.fwd import ForwardRule, SpecError, check_ifname, parse_spec
 from passtd.names import RULE, InvalidName, check_name
 
@@ -65,7 +66,6 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 BUSES = ("system", "session", "none")
 MTU_MIN, MTU_MAX = 68, 65520  # IPv4's minimum; passt's 65520 (65535 minus 802.3, aligned)
 SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) minus the terminating NUL
-_MAC_RE = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}")
 _LABEL_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -265,10 +265,10 @@ def _mtu(value: object) -> int:
 
 def _mac(value: object) -> bytes:
     text = _str(value)
-    if not _MAC_RE.fullmatch(text):
+    mac = parse_mac(text)
+    if mac is None:
         raise _Invalid(f"must be a MAC address like 9a:55:9a:55:9a:55, got {text!r}")
-    mac = bytes.fromhex(text.replace(":", ""))
-    if mac[0] & 1 or mac == bytes(6):
+    if not is_unicast_mac(mac):
         raise _Invalid(f"must be a unicast MAC address, got {text!r}")
     return mac
 

@@ -78,7 +78,8 @@ from typing import Any
 import yaml
 
 from . import config
-from .engine.fwd import SpecError, find_conflict, parse_spec
+from .engine.addrs import is_unicast_mac, parse_mac
+from .engine.fwd import SpecError, find_conflict, parse_spec, unbracket
 from .names import InvalidName, check_name
 
 NAMESPACE = "https://passtd.org/xmlns/libvirt/1"
@@ -105,7 +106,6 @@ _TAG = f"{{{NAMESPACE}}}"
 _QEMU_TAG = f"{{{QEMU_NAMESPACE}}}"
 _PORTS_RE = re.compile(r"[0-9]{1,5}(?:-[0-9]{1,5})?")
 _BOOLS = {"yes": True, "no": False}
-_MAC_RE = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}")
 _QEMU_USER_RE = re.compile(r'^\s*user\s*=\s*"([^"]*)"', re.MULTILINE)
 
 # ElementTree names namespaces ns0, ns1... unless told the prefix: ours and qemu's here,
@@ -190,16 +190,12 @@ def parse_forward(text: str) -> Forward:
     address, slash, ports = rest.rpartition("/")
     host, colon, guest = ports.partition(":")
     forward = Forward(proto, host, guest if colon else None,
-                      _unbracket(address) if slash else None)
+                      unbracket(address) if slash else None)
     try:
         forward.check()
     except MetadataError as e:
         raise MetadataError(f"{text!r}: {e}") from None
     return forward
-
-
-def _unbracket(text: str) -> str:
-    return text[1:-1] if text.startswith("[") and text.endswith("]") else text
 
 
 @dataclass(frozen=True)
@@ -616,8 +612,8 @@ def stable_mac(uuid: str, taken: Iterable[str] = ()) -> str:
 
 def _check_mac(mac: str) -> str:
     """The MAC in lower case; MetadataError unless it is a unicast one."""
-    raw = bytes.fromhex(mac.replace(":", "")) if _MAC_RE.fullmatch(mac) else b""
-    if not raw or raw[0] & 1 or raw == bytes(6):
+    raw = parse_mac(mac)
+    if raw is None or not is_unicast_mac(raw):
         raise MetadataError(f"{mac!r} is not a unicast MAC address like 52:54:00:12:34:56")
     return mac.lower()
 

@@ -46,6 +46,7 @@ from . import config as config_mod
 from .config import ConfigError, InstanceConfig
 from .engine import addrs
 from .engine.addrs import Ip4Config, Ip6Config, NetConfig
+from .engine.flow import addr_text
 from .engine.forwards import ForwardError
 from .engine.fwd import (
     ForwardRule,
@@ -227,17 +228,13 @@ def _guest_dns(nameservers: list[addrs.IPAddress], version: int, gateway: addrs.
 def describe_network(net: NetConfig) -> str:
     parts = []
     if net.ip4:
-        parts.append(f"IPv4 {addrs_text(net.ip4.address)}/{net.ip4.prefix_len} "
-                     f"gw {addrs_text(net.ip4.gateway)}")
+        parts.append(f"IPv4 {addr_text(net.ip4.address)}/{net.ip4.prefix_len} "
+                     f"gw {addr_text(net.ip4.gateway)}")
     if net.ip6:
-        a6 = addrs_text(net.ip6.address) if net.ip6.address else "SLAAC only"
-        parts.append(f"IPv6 {a6} gw {addrs_text(net.ip6.gateway)}")
+        a6 = addr_text(net.ip6.address) if net.ip6.address else "SLAAC only"
+        parts.append(f"IPv6 {a6} gw {addr_text(net.ip6.gateway)}")
     parts.append(f"MTU {net.mtu or 'not advertised'}")
     return ", ".join(parts)
-
-
-def addrs_text(addr: bytes) -> str:
-    return str(ipaddress.ip_address(addr))
 
 
 # -- sockets ---------------------------------------------------------------------------------

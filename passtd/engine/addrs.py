@@ -25,6 +25,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import re
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -113,6 +114,19 @@ class HostAddresses:
     gateway4: ipaddress.IPv4Address | None = None
     addr6: ipaddress.IPv6Interface | None = None
     gateway6: ipaddress.IPv6Address | None = None
+
+
+_MAC_TEXT = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}")
+
+
+def parse_mac(text: str) -> bytes | None:
+    """The MAC written `text` ("52:54:00:12:34:56", either case), or None."""
+    return bytes.fromhex(text.replace(":", "")) if _MAC_TEXT.fullmatch(text) else None
+
+
+def is_unicast_mac(mac: bytes) -> bool:
+    """Whether a guest or we may use `mac`: unicast, and not all zeros."""
+    return not mac[0] & 1 and mac != bytes(6)
 
 
 def _ip_json(*args: str) -> list[dict]:

@@ -239,7 +239,7 @@ class _SpecParser:
         if addr_text in ("", "*"):
             return entries
         try:
-            self.address = str(_parse_address(_unbracket(addr_text), "listen"))
+            self.address = str(_parse_address(unbracket(addr_text), "listen"))
         except SpecError:
             # no listen address after all: "5000:192.0.2.5/6000" is an entry whose
             # target has an address (refused below for want of a listen address)
@@ -293,7 +293,7 @@ class _SpecParser:
         self.includes.append(_Include(first, last, to_first, to_address))
 
     def _target_address(self, text: str) -> str:
-        target = _parse_address(_unbracket(text), "target")
+        target = _parse_address(unbracket(text), "target")
         listen = None if self.address is None else ipaddress.ip_address(self.address)
         _check_target(listen, target)
         return str(target)
@@ -363,7 +363,7 @@ def _format_range(first: int, last: int) -> str:
     return str(first) if first == last else f"{first}-{last}"
 
 
-def _unbracket(text: str) -> str:
+def unbracket(text: str) -> str:
     """passt accepts `[ADDR]` as well as the bare address."""
     if len(text) >= 2 and text[0] == "[" and text[-1] == "]":
         return text[1:-1]
