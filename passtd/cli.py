@@ -75,7 +75,7 @@ def _build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # argparse's REMAINDER drops leading options: bench parses its own
-        from . import bench
+        from .tools import bench
 
         return bench.main(argv[1:])
     parser = _build_parser()
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-name":
         return _check_name(args.name)
     if args.command == "demo":
-        from . import demo
+        from .tools import demo
 
         demo_argv = ["--keep-going"] if args.keep_going else []
         if args.prog:

@@ -1,4 +1,4 @@
-"""Fixtures for the integration tests: the isolated lab (passtd.lab), the program under test,
+"""Fixtures for the integration tests: the isolated lab (passtd.tools.lab), the program under test,
 tap guests and host-side servers.
 
 Integration fixtures need root, network namespaces and some tools; where those are missing
@@ -43,7 +43,7 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
-from passtd import lab
+from passtd.tools import lab
 
 # Property tests give the same verdict on every machine: the same examples (derandomize)
 # and no per-example deadline, which a slow or busy machine would miss.

@@ -2,7 +2,7 @@
 
 Network safety: frames make the engine open host sockets towards the addresses they name.
 This module refuses to run outside a network namespace of its own (`require_lab`): run.py
-builds a passtd.lab.HostNamespace (lo, and eth0 towards a dead end that forwards nothing)
+builds a passtd.tools.lab.HostNamespace (lo, and eth0 towards a dead end that forwards nothing)
 and runs the target inside it. Every address here is a documentation address or loopback
 of that namespace.
 

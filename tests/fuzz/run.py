@@ -10,7 +10,7 @@
 
 The engine target opens host sockets towards whatever the frames name, so it only runs
 inside a lab namespace with a dead-end uplink: run as root, this command builds one
-(passtd.lab.HostNamespace, prefix "pdfuzz" unless --prefix says otherwise) and runs
+(passtd.tools.lab.HostNamespace, prefix "pdfuzz" unless --prefix says otherwise) and runs
 itself inside it; it refuses to run in the machine's own network namespace.
 """
 
@@ -218,7 +218,7 @@ def _dictionary(target, workdir: Path) -> list[Path]:
 def _run_in_lab(args: argparse.Namespace, argv: list[str]) -> int:
     """Build the lab namespace and run this command inside it (the engine target)."""
     from fuzz.isolation import OUTER_NETNS_ENV, netns_id
-    from passtd import lab
+    from passtd.tools import lab
 
     missing = lab.missing_requirements()
     if missing:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from passtd import bench, lab
+from passtd.tools import bench, lab
 
 RESULT_RE = re.compile(r"PASS|FAIL \(.+\)|n/a|-")
 NUMBER_RE = r"\d+(?:\.\d+)?"

@@ -2,7 +2,7 @@
 traffic, the file is created safely, and its size is capped.
 
 Each test starts its own instance in the lab's host namespace. The full filesystem is a
-tiny tmpfs mounted in a mount namespace of the instance's own (tests/mounts.py).
+tiny tmpfs mounted in a mount namespace of the instance's own (tests/support/mounts.py).
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from scapy.utils import rdpcap
 
-from passtd import lab
-from tests.mounts import with_private_mounts
-from tests.qemu_stub import QemuStub
+from passtd.tools import lab
+from tests.support.mounts import with_private_mounts
+from tests.support.qemu_stub import QemuStub
 
-NETPROG = str(Path(__file__).resolve().parents[1] / "netprog.py")
+NETPROG = str(Path(__file__).resolve().parents[1] / "support" / "netprog.py")
 BASE_ARGS = ["--bus", "none", "-D", "none", "-S", "none"]
 MIB = 1 << 20
 NOBODY = 65534

@@ -2,11 +2,11 @@
 
 Setup, once per module:
 - a private system-like dbus-daemon running Debian's own system.conf with the project's
-  REAL policy file in its system.d (tests/dbus_bus.py, PLATFORM.md 2.1), so the policy is
+  REAL policy file in its system.d (tests/support/dbus_bus.py, PLATFORM.md 2.1), so the policy is
   enforced as on a host: root may change forwards, nobody may only read;
 - an open session-like dbus-daemon for an instance run as nobody (the real policy rightly
   refuses nobody a name on the system bus), which also covers `--bus session`;
-- an isolated lab namespace (passtd.lab, prefix "pddbus"; its only uplink is a dead end)
+- an isolated lab namespace (passtd.tools.lab, prefix "pddbus"; its only uplink is a dead end)
   in which every passtd instance runs, `-D none -S none`, with DBUS_*_BUS_ADDRESS set to
   the private buses: path sockets are reachable across network namespaces.
 Clients are busctl, dbus-send (it prints error names), passtctl and a dbus-fast client,
@@ -51,7 +51,7 @@ from passtd.dbus_api import ChangeThrottle, bus_name
 from passtd.engine import packet
 from passtd.engine.forwards import ForwardError
 from passtd.engine.fwd import ForwardRule
-from tests.dbus_bus import PrivateBus
+from tests.support.dbus_bus import PrivateBus
 
 REPO = Path(__file__).resolve().parents[2]
 PATH = dbus_api.OBJECT_PATH

@@ -1,6 +1,6 @@
 """Faults under real systemd with a real guest: restarts under load, reloads of broken configs.
 
-One container per module (tests/libvirt_env.py: systemd, the system bus, libvirtd, this
+One container per module (tests/support/libvirt_env.py: systemd, the system bus, libvirtd, this
 checkout's units, policy and hook) and one TCG guest under libvirt for the whole module,
 its NIC on a passtd@NAME instance started by the hook. The guest (tests/guestvm, serve
 mode) keeps the instance busy the whole time:
@@ -19,7 +19,7 @@ mode) keeps the instance busy the whole time:
 Everything the guest says goes to its console, which a thread here reads and stamps with
 the host's clock; the loopback servers log their events with the same clock
 (CLOCK_MONOTONIC: the container shares the host's kernel). Nothing leaves the container's
-private network namespace (its dead-end veth, see tests/container.py).
+private network namespace (its dead-end veth, see tests/support/container.py).
 
 What the tests show, with timings printed (pytest -s):
 - `systemctl restart`, twice, under that load: qemu is never disconnected (the socket in
@@ -54,8 +54,8 @@ from typing import Any
 import pytest
 
 from passtd import libvirt as passtd_libvirt
-from passtd.lab import wait_for
-from tests.libvirt_env import Lab, libvirt_lab
+from passtd.tools.lab import wait_for
+from tests.support.libvirt_env import Lab, libvirt_lab
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.vm]
 
@@ -556,13 +556,13 @@ def test_restart_under_load_keeps_the_guest_connected(guest: Guest) -> None:
 
 def test_restart_between_the_two_parts_of_a_frame(lab: Lab) -> None:
     """qemu writes a frame in pieces when its socket is full (tap.py's docstring); a
-    restart may come between two pieces. A stand-in for qemu (tests/qemu_stub.py) on an
+    restart may come between two pieces. A stand-in for qemu (tests/support/qemu_stub.py) on an
     instance of its own writes the first 20 bytes of an ARP request, waits until the
     running process read them, has the service restarted, then writes the rest and a
     DHCPDISCOVER: the new process must still answer it."""
     from scapy.layers.l2 import ARP, Ether  # scapy: an independent packet oracle
 
-    from tests.qemu_stub import QemuStub
+    from tests.support.qemu_stub import QemuStub
 
     ct = lab.ct
     name = "lvf-split"

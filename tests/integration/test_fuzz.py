@@ -1,6 +1,6 @@
 """The engine-level fuzz target for a fixed number of executions, in a lab namespace (root).
 
-tests/fuzz/run.py builds the lab (passtd.lab.HostNamespace: a dead-end uplink, nothing
+tests/fuzz/run.py builds the lab (passtd.tools.lab.HostNamespace: a dead-end uplink, nothing
 leaves the machine) and runs the whole Engine on an event loop there, fed by the
 pure-Python coverage-guided driver; every input ends with an ARP request and a DHCP
 DISCOVER that must still be answered. The run is bounded by a count of executions from a
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from passtd import lab
+from passtd.tools import lab
 
 RUN = Path(__file__).resolve().parents[1] / "fuzz" / "run.py"
 RUNS = int(os.environ.get("PASSTD_FUZZ_ENGINE_RUNS", "800"))

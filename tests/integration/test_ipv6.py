@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from passtd import lab
+from passtd.tools import lab
 
-NETPROG = str(Path(__file__).resolve().parents[1] / "netprog.py")
+NETPROG = str(Path(__file__).resolve().parents[1] / "support" / "netprog.py")
 BASE_ARGS = ["--bus", "none", "-S", "example.test"]
 DNS6 = "2001:db8::53"
 

@@ -20,10 +20,10 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
-from passtd import bench, lab
-from tests.qemu_stub import QemuStub
+from passtd.tools import bench, lab
+from tests.support.qemu_stub import QemuStub
 
-NETPROG = str(Path(__file__).resolve().parents[1] / "netprog.py")
+NETPROG = str(Path(__file__).resolve().parents[1] / "support" / "netprog.py")
 BASE_ARGS = ["--bus", "none", "-D", "none", "-S", "none"]
 GUEST_MAC = "52:54:00:12:34:56"
 OUR_MAC = "9a:55:9a:55:9a:55"

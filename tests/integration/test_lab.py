@@ -1,4 +1,4 @@
-"""The lab itself (passtd.lab, passtd.lab_wire): it isolates, it wires guests correctly, and a
+"""The lab itself (passtd.tools.lab, passtd.lab_wire): it isolates, it wires guests correctly, and a
 known-good program gives its guests working IPv4 and IPv6.
 
 Run against the reference passt to prove the lab:
@@ -36,7 +36,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from passtd import lab, lab_wire
+from passtd.tools import lab, lab_wire
 
 TCP_ECHO_PORT = 18080  # host-side socat echo servers, on 127.0.0.1 and ::1
 UDP_ECHO_PORT = 18081

@@ -1,9 +1,9 @@
 """The libvirt integration end to end: hook, passtctl libvirt, a TCG guest, under real libvirtd.
 
-One container per module (tests/container.py, set up by tests/libvirt_env.py) boots the
-host's root file system with systemd, the system bus and libvirtd (not masked here), and
-gets this checkout's units, D-Bus policy and libvirt hook; the checkout's `passtd`
-package is bound over the venv's copy, so the hook, the service and passtctl all run the
+One container per module (tests/support/container.py, set up by
+tests/support/libvirt_env.py) boots the host's root file system with systemd, the system
+bus and libvirtd (not masked here), and gets this checkout's units, D-Bus policy and
+libvirt hook; the checkout's `passtd` package is bound over the venv's copy, so the hook, the service and passtctl all run the
 code under test. libvirtd is restarted after that (it looks for hooks when it starts), with
 `cgroup_controllers = [ ]` (the container's cgroup controllers are read-only).
 
@@ -31,7 +31,7 @@ import yaml
 
 from passtd import libvirt as passtd_libvirt
 from tests.guestvm.vm import parse_net_line
-from tests.libvirt_env import (
+from tests.support.libvirt_env import (
     GUEST_GW4,
     GUEST_IP4,
     HOOK,

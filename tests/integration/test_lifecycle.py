@@ -23,11 +23,11 @@ from scapy.layers.inet6 import ICMPv6EchoRequest, ICMPv6ND_NS, IPv6
 from scapy.layers.l2 import ARP, Ether
 from scapy.utils import rdpcap
 
-from passtd import lab
-from tests.mounts import with_private_mounts
-from tests.qemu_stub import QemuStub, dhcp_option
+from passtd.tools import lab
+from tests.support.mounts import with_private_mounts
+from tests.support.qemu_stub import QemuStub, dhcp_option
 
-NETPROG = str(Path(__file__).resolve().parents[1] / "netprog.py")
+NETPROG = str(Path(__file__).resolve().parents[1] / "support" / "netprog.py")
 BASE_ARGS = ["--bus", "none", "-D", "none", "-S", "none"]
 GUEST_MAC = "52:54:00:12:34:56"
 

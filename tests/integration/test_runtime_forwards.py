@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from passtd import lab
-from tests.dbus_bus import PrivateBus
+from passtd.tools import lab
+from tests.support.dbus_bus import PrivateBus
 
 REPO = Path(__file__).resolve().parents[2]
-NETPROG = str(REPO / "tests" / "netprog.py")
+NETPROG = str(REPO / "tests" / "support" / "netprog.py")
 
 pytestmark = pytest.mark.netns
 

@@ -3,7 +3,7 @@ socket, as passtd@.socket does, on a machine (or CI job) where systemd is not PI
 
 systemd-socket-activate binds the socket and execs passtd only when the first connection
 arrives, with LISTEN_FDS=1 and LISTEN_FDNAMES=listen. passtd runs inside an isolated lab
-namespace (passtd.lab.HostNamespace: 198.51.100.2/24 behind a dead end), so the lease it
+namespace (passtd.tools.lab.HostNamespace: 198.51.100.2/24 behind a dead end), so the lease it
 offers is that address; the qemu stand-in is the test process itself (a UNIX socket needs
 no network). NOTIFY_SOCKET points at a datagram socket of the test, which receives what
 systemd would (READY=1, STATUS=).
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from passtd import lab
-from tests.qemu_stub import QemuStub, dhcp_option
+from passtd.tools import lab
+from tests.support.qemu_stub import QemuStub, dhcp_option
 
 pytestmark = pytest.mark.netns
 

@@ -1,4 +1,4 @@
-"""passtd@.socket and passtd@.service under real systemd 252 (tests/container.py).
+"""passtd@.socket and passtd@.service under real systemd 252 (tests/support/container.py).
 
 One container per module boots the host's root file system copy-on-write, with what
 setup.sh installed on the host (the venv, /usr/local/bin/passtd, the user and group
@@ -6,7 +6,7 @@ passtd) and, installed inside the container only, this checkout's units and D-Bu
 the checkout's `passtd` package is bound over the venv's copy, so the service runs the code
 under test even when setup.sh ran on an older checkout.
 
-A qemu stand-in (tests/qemu_stub.py) connects from the host to the container's
+A qemu stand-in (tests/support/qemu_stub.py) connects from the host to the container's
 /run/passtd/NAME.sock (through /proc/PID1/root) and asks for a DHCP lease: the lease is the
 container's dead-end veth address, 198.51.100.2, router 198.51.100.1. Nothing leaves the
 container's private network namespace.
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import pytest
 
-from passtd import lab
-from tests.container import Container, missing_requirements
-from tests.qemu_stub import QemuStub, dhcp_option
+from passtd.tools import lab
+from tests.support.container import Container, missing_requirements
+from tests.support.qemu_stub import QemuStub, dhcp_option
 
 pytestmark = pytest.mark.systemd
 
@@ -44,7 +44,7 @@ OBJECT = "/org/passtd/Passtd1"
 INTERFACE = "org.passtd.Passtd1.Instance"
 STATE_DIR = "/run/passtd-state"
 EXPOSURE_MAX = 2.0
-GUEST_IP4, GUEST_GW4 = "198.51.100.2", "198.51.100.1"  # tests/container.py's dead end
+GUEST_IP4, GUEST_GW4 = "198.51.100.2", "198.51.100.1"  # tests/support/container.py's dead end
 CAP_NET_BIND_SERVICE = 10
 
 HAVE_DBUS_API = (REPO / "passtd" / "dbus_api.py").exists()

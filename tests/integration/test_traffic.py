@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from passtd import lab
+from passtd.tools import lab
 
-NETPROG = str(Path(__file__).resolve().parents[1] / "netprog.py")
+NETPROG = str(Path(__file__).resolve().parents[1] / "support" / "netprog.py")
 HOST_TCP = 18080  # exchange servers on the host side's 127.0.0.1 and ::1
 HOST_UDP = 18081  # echo servers there
 CLOSED = 18099  # nothing listens there

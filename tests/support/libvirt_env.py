@@ -2,7 +2,7 @@
 that run TCG guests under libvirt (tests/integration/test_libvirt.py,
 test_faults_systemd.py).
 
-`libvirt_lab(prefix, label, lab_logs)` boots one container (tests/container.py) with
+`libvirt_lab(prefix, label, lab_logs)` boots one container (tests/support/container.py) with
 systemd, the system bus and libvirtd (not masked), installs this checkout's units, D-Bus
 policy and libvirt hook, binds the checkout's `passtd` package over the venv's copy (so
 the hook, the service and passtctl all run the code under test), and restarts libvirtd
@@ -37,17 +37,17 @@ from typing import Any
 
 import pytest
 
-from tests.container import UNNEEDED_UNITS, Container, missing_requirements
 from tests.guestvm.vm import QEMU, ensure_image, libvirt_domain_xml
+from tests.support.container import UNNEEDED_UNITS, Container, missing_requirements
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VENV = Path("/opt/passtd/venv")
 UNIT_DIR = "/usr/local/lib/systemd/system/"
 POLICY = REPO / "dbus" / "org.passtd.Passtd1.conf"
 HOOK = REPO / "libvirt-hook" / "passtd"
 HOOK_INSIDE = "/etc/libvirt/hooks/qemu.d/passtd"
 PASSTCTL = "/usr/local/bin/passtctl"
-GUEST_IP4, GUEST_GW4 = "198.51.100.2", "198.51.100.1"  # tests/container.py's dead end
+GUEST_IP4, GUEST_GW4 = "198.51.100.2", "198.51.100.1"  # tests/support/container.py's dead end
 BOOT_TIMEOUT = 120.0
 
 

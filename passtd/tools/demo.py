@@ -1,6 +1,6 @@
 """`passtd demo`: the program end to end, in a throwaway isolated lab.
 
-Builds its own lab (prefix "pddemo", see passtd.lab), starts the program under test in the
+Builds its own lab (prefix "pddemo", see passtd.tools.lab), starts the program under test in the
 lab's host namespace (by default `passtd run demo -t 8080:80`), a small web server on that
 namespace's 127.0.0.1, and a guest behind qemu's hub (a namespace whose kernel is the
 guest's stack). Then it shows, step by step with timings: the DHCP lease the guest got,

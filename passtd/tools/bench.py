@@ -6,7 +6,7 @@
 
 Design
 ------
-Each program gets a lab of its own (passtd.lab: an isolated host namespace behind a dead
+Each program gets a lab of its own (passtd.tools.lab: an isolated host namespace behind a dead
 end, one tap guest behind the same wire, `whole` by default) and the same forward, host
 15201 -> guest 5201. Both stay up for the whole run, their servers too: `iperf3 -s` on
 the host namespace (reached from the guest through the gateway address, which both map to
@@ -51,7 +51,7 @@ Not done: the TCG VM flavour (emulation caps it near 1 Gbit/s, tests/guestvm), U
 throughput, parallel streams, statistics beyond median and range. Targets are judged here
 only, never by timed tests.
 
-Traffic helpers: `python -m passtd.bench {rr,crr,rr-server,crr-server} ...` are the small
+Traffic helpers: `python -m passtd.tools.bench {rr,crr,rr-server,crr-server} ...` are the small
 stdlib programs the bench runs inside the lab's namespaces (one JSON line out).
 """
 
@@ -76,7 +76,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from passtd import __version__
+
 from .lab import (
     NETNS_DIR,
     HostNamespace,
@@ -409,7 +410,7 @@ class ProgramRig:
 
 
 def _helper_argv(helper: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "passtd.bench", helper, *args]
+    return [sys.executable, "-m", "passtd.tools.bench", helper, *args]
 
 
 # --- runs ------------------------------------------------------------------------------
@@ -1147,7 +1148,7 @@ def crr_client(host: str, port: int, seconds: float) -> dict[str, Any]:
 
 
 def helper_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m passtd.bench")
+    parser = argparse.ArgumentParser(prog="python -m passtd.tools.bench")
     sub = parser.add_subparsers(dest="helper", required=True)
     for name in ("rr-server", "crr-server"):
         sub.add_parser(name).add_argument("--port", type=int, required=True)

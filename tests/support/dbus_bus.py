@@ -18,7 +18,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 POLICY_FILE = REPO / "dbus" / "org.passtd.Passtd1.conf"
 SYSTEM_CONF = Path("/usr/share/dbus-1/system.conf")
 

@@ -19,7 +19,7 @@ Design
 guest's stack: a persistent `tap0` is joined to the program's UNIX socket by a wire, either
 qemu itself (`qemu-system-x86_64 -M none`, a hub joining `-netdev tap` and `-netdev stream`,
 no guest CPU; qemu pads short frames to 60 bytes and splits frames under load) or
-`passtd.lab_wire` in one of its modes (whole, stream, pad, stream-pad). busybox udhcpc
+`passtd.tools.lab_wire` in one of its modes (whole, stream, pad, stream-pad). busybox udhcpc
 configures IPv4 with an event script the lab writes itself; IPv6 comes from SLAAC.
 tap0 is created persistent, so `disconnect()` / `connect()` (end the wire, start a new one)
 keep the guest's addresses, as a VM keeps them when its qemu reconnects.
@@ -541,7 +541,7 @@ class DhcpLease:
 # busybox udhcpc event script. Applies address, default route and MTU, records the lease
 # for the lab; never touches DNS (resolv.conf), since the lab must not resolve names.
 UDHCPC_SCRIPT = r"""#!/bin/sh
-# written by passtd.lab: udhcpc event script (address, route, MTU; never DNS)
+# written by passtd.tools.lab: udhcpc event script (address, route, MTU; never DNS)
 case "$1" in
 deconfig)
 	ip -4 addr flush dev "$interface"

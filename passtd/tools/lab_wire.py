@@ -1,6 +1,6 @@
 """The lab's wire: join a tap device to a passt-style UNIX stream socket.
 
-    python -m passtd.lab_wire --tap tap0 --socket SOCK [--mode MODE] [--pidfile F]
+    python -m passtd.tools.lab_wire --tap tap0 --socket SOCK [--mode MODE] [--pidfile F]
                               [--chunk N] [--sndbuf BYTES]
 
 On the socket every frame is prefixed by its length as a 4-byte big-endian integer
@@ -279,7 +279,7 @@ class Wire:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m passtd.lab_wire",
+    ap = argparse.ArgumentParser(prog="python -m passtd.tools.lab_wire",
                                  description="Join a tap device to a passt-style UNIX socket.")
     ap.add_argument("--tap", default="tap0", help="tap device (created if absent)")
     ap.add_argument("--socket", required=True, help="UNIX stream socket to connect to")

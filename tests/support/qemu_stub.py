@@ -18,7 +18,7 @@ from scapy.layers.inet import ICMP, IP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet
 
-from passtd.lab_wire import FrameReader, encode
+from passtd.tools.lab_wire import FrameReader, encode
 
 DEFAULT_MAC = "52:54:00:12:34:56"
 OUR_MAC = "9a:55:9a:55:9a:55"  # passtd's side of the link (config `mac`)
