@@ -1,11 +1,12 @@
 """The libvirt integration end to end: hook, passtctl libvirt, a TCG guest, under real libvirtd.
 
 One container per module (tests/support/container.py, set up by
-tests/support/libvirt_env.py) boots the host's root file system with systemd, the system
-bus and libvirtd (not masked here), and gets this checkout's units, D-Bus policy and
-libvirt hook; the checkout's `passtd` package is bound over the venv's copy, so the hook, the service and passtctl all run the
-code under test. libvirtd is restarted after that (it looks for hooks when it starts), with
-`cgroup_controllers = [ ]` (the container's cgroup controllers are read-only).
+tests/support/libvirt_env.py) boots the host's root file system with systemd, the system bus
+and libvirtd (not masked here), and gets this checkout's units, D-Bus policy and libvirt
+hook; the checkout's `passtd` package is bound over the venv's copy, so the hook, the
+service and passtctl all run the code under test. libvirtd is restarted after that (it looks
+for hooks when it starts), with `cgroup_controllers = [ ]` (the container's cgroup
+controllers are read-only).
 
 The guest (tests/guestvm, TCG) boots in serve mode with a script; its console, where
 everything it says goes, is a file in a host directory bound into the container. Its
