@@ -1,7 +1,7 @@
 #!/bin/bash
 # run-tests.sh: install what the tests need (./setup.sh --no-demo), then run them all.
 #
-#   ./run-tests.sh                 lint + unit + integration tests (root: namespaces, VMs,
+#   ./run-tests.sh                 lint, types + unit + integration tests (root: namespaces, VMs,
 #                                  a private dbus-daemon, systemd and libvirtd in containers)
 #   ./run-tests.sh tests/unit -k tcp    any pytest arguments instead of the whole suite
 #
@@ -10,8 +10,10 @@ set -euo pipefail
 cd "$(dirname "$0")"
 ./setup.sh --no-demo
 PY=${PASSTD_PREFIX:-/opt/passtd}/venv/bin/python
-echo "run-tests: ruff check"
+echo "run-tests: ruff check (style, and the import contract: the daemon never imports passtd.tools)"
 "$PY" -m ruff check .
+echo "run-tests: mypy (strict, the whole package)"
+"$PY" -m mypy
 echo "run-tests: pytest"
 if [ $# -eq 0 ]; then
 	set -- tests

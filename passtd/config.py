@@ -202,16 +202,18 @@ def _int(value: object) -> int:
 
 
 def _positive_int(value: object) -> int:
-    if _int(value) <= 0:
+    number = _int(value)
+    if number <= 0:
         raise _Invalid(f"must be a positive integer, got {value}")
-    return value  # type: ignore[return-value]
+    return number
 
 
 def _int_between(low: int, high: int) -> _Check:
     def check(value: object) -> int:
-        if not low <= _int(value) <= high:
+        number = _int(value)
+        if not low <= number <= high:
             raise _Invalid(f"must be between {low} and {high}, got {value}")
-        return value  # type: ignore[return-value]
+        return number
 
     return check
 
@@ -228,7 +230,7 @@ def _choice(choices: tuple[str, ...]) -> _Check:
     def check(value: object) -> str:
         if value not in choices:
             raise _Invalid(f"must be one of {', '.join(choices)}; got {_show(value)}")
-        return value  # type: ignore[return-value]
+        return str(value)
 
     return check
 
@@ -448,7 +450,7 @@ def _ip_section(version: int) -> _Check:
     check_keys = _section(keys)
 
     def check(value: object) -> dict[str, Any]:
-        out = check_keys(value)
+        out: dict[str, Any] = check_keys(value)
         if "netmask" in out:
             out["prefix_len"] = out.pop("netmask")
         if "address" in out:
@@ -504,7 +506,7 @@ _check_instance = _section(_INSTANCE_SCHEMA)
 class _Loader(yaml.SafeLoader):
     """SafeLoader without base-60 numbers and leading-zero octals, refusing duplicate keys."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[str] = set()
         for key_node, _value in node.value:
             if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
@@ -621,7 +623,8 @@ class _Layers:
         self.count += 1
         self._merge(self.merged, layer, (), describe)
 
-    def _merge(self, into: dict, layer: dict, path: tuple[str, ...], describe: Callable) -> None:
+    def _merge(self, into: dict[str, Any], layer: dict[str, Any], path: tuple[str, ...],
+               describe: Callable[..., str]) -> None:
         for key, value in layer.items():
             if isinstance(value, dict):
                 self._merge(into.setdefault(key, {}), value, (*path, key), describe)
@@ -808,7 +811,7 @@ def _cli_pairs(items: list[str], option: str, unit: str) -> dict[str, object]:
     return pairs
 
 
-def _cli_per_family(items: list[str], option: str, key: str, raw: dict) -> None:
+def _cli_per_family(items: list[str], option: str, key: str, raw: dict[str, Any]) -> None:
     """-a/-g: one value per address family, sorted into ipv4:/ipv6: by its form."""
     for item in items:
         try:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Annotated, Any, Protocol, TypeVar
 
 from dbus_fast import BusType, DBusError, NameFlag, RequestNameReply
@@ -233,6 +233,12 @@ def _entries(items: Iterable[dict[str, Any]], fields: dict[str, str]) -> list[di
     return [{key: Variant(sig, item[key]) for key, sig in fields.items()} for item in items]
 
 
+def _disconnection(bus: MessageBus) -> Awaitable[None]:
+    """The end of the bus connection (dbus-fast leaves wait_for_disconnect untyped)."""
+    waiter: Awaitable[None] = bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
+    return waiter
+
+
 class EngineView(Protocol):
     """What the API reads of a running engine (engine/loop.py's facade); nothing else of
     the engine is reachable from here."""
@@ -262,7 +268,8 @@ class InstanceInterface(ServiceInterface):
         engine = self.instance.engine
         if engine is None:  # export() runs after the engine started; close() before it ends
             raise DBusError(ERROR_FAILED, "the instance is not running")
-        return engine
+        view: EngineView = engine
+        return view
 
     # methods: the names are the API's (D-Bus members are CamelCase)
 
@@ -339,7 +346,7 @@ class BusExport:
         self._announced = {n: interface.current(n) for n in PROPERTIES}
         self._timer: asyncio.TimerHandle | None = None
         self._closing = False
-        self._watch = asyncio.ensure_future(bus.wait_for_disconnect())
+        self._watch = asyncio.ensure_future(_disconnection(bus))
         self._watch.add_done_callback(self._disconnected)
 
     def properties_changed(self, names: set[str]) -> None:
@@ -398,7 +405,7 @@ class BusExport:
         if self.bus.connected:
             self.bus.disconnect()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.bus.wait_for_disconnect(), 2.0)
+                await asyncio.wait_for(_disconnection(self.bus), 2.0)
         self._watch.cancel()
 
 

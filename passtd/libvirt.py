@@ -408,7 +408,7 @@ def _parse_domain(domain_xml: str | bytes) -> ET.Element:
                 ET.register_namespace(prefix, uri)
     except ET.ParseError as e:
         raise MetadataError(f"the domain XML does not parse: {e}") from None
-    root = events.root  # type: ignore[attr-defined]
+    root: ET.Element = events.root  # type: ignore[attr-defined]
     if root.tag != "domain":
         raise MetadataError(f"expected a <domain> document, got <{root.tag}>")
     return root
@@ -816,7 +816,7 @@ def qemu_user(conf_path: str = QEMU_CONF) -> str | None:
     except OSError:
         found = []
     if found:
-        return found[-1]
+        return str(found[-1])
     for user in QEMU_DEFAULT_USERS:
         with contextlib.suppress(KeyError):
             return pwd.getpwnam(user).pw_name

@@ -31,7 +31,7 @@ import ipaddress
 import json
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from dbus_fast import BusType, Message, MessageType
@@ -472,7 +472,7 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2))
 
 
-def _print_table(headers: list[str], rows: list[list[str]], *, right: set[int] = frozenset(),
+def _print_table(headers: list[str], rows: list[list[str]], *, right: Collection[int] = (),
                  empty: str = "") -> None:
     if not rows:
         if empty:

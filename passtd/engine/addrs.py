@@ -29,6 +29,7 @@ import re
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 OUR_MAC = bytes.fromhex("9a559a559a55")  # passt's default since 2024: not the host's MAC
 DEFAULT_MTU = 65520  # 802.3 maximum (65535) minus the Ethernet header, 32-bit aligned
@@ -129,12 +130,13 @@ def is_unicast_mac(mac: bytes) -> bool:
     return not mac[0] & 1 and mac != bytes(6)
 
 
-def _ip_json(*args: str) -> list[dict]:
+def _ip_json(*args: str) -> list[dict[str, Any]]:
     out = subprocess.run(["ip", "-j", *args], check=True, capture_output=True, text=True).stdout
-    return json.loads(out or "[]")
+    parsed: list[dict[str, Any]] = json.loads(out or "[]")
+    return parsed
 
 
-def _default_route(family: str, ifname: str | None) -> dict | None:
+def _default_route(family: str, ifname: str | None) -> dict[str, Any] | None:
     routes = [r for r in _ip_json(family, "route", "show", "default") if "dev" in r]
     if ifname:
         routes = [r for r in routes if r.get("dev") == ifname]

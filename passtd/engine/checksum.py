@@ -106,7 +106,8 @@ def sum_rows(buf: bytearray | memoryview | mmap.mmap, offset: int, stride: int, 
     le = (le & 0xFFFF) + (le >> 16)
     le = (le & 0xFFFF) + (le >> 16)
     swapped = ((le & 0xFF) << 8) | (le >> 8)
-    return swapped.tolist()
+    sums: list[int] = swapped.tolist()
+    return sums
 
 
 def finish(total: int) -> int:

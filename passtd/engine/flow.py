@@ -72,9 +72,9 @@ class Flow:
         self.bytes_to_guest = 0
         self.deadline: float | None = None  # when handle_timer() wants to run
         self.sock: Any = None
-        self.sockaddr: tuple | None = None
+        self.sockaddr: tuple[Any, ...] | None = None
         self.rcvlowat = 1
-        self.timer_entry: list | None = None  # [deadline, seq, flow] in the timer heap
+        self.timer_entry: list[Any] | None = None  # [deadline, seq, flow] in the timer heap
         self.forward_id: int | None = None
 
     @property

@@ -34,6 +34,7 @@ from .sockets import HostSockets, family_of
 
 log = logging.getLogger("passtd.engine")
 
+PeerAddress = tuple[Any, ...]  # what accept() returns: (host, port[, flowinfo, scope])
 LISTEN_BACKLOG = 1024
 UDP_BUFFER = 4 << 20  # a burst of datagrams must not overflow a listener's receive queue
 ACCEPT_BATCH = 64  # connections accepted per wakeup of a listener
@@ -80,8 +81,8 @@ class Forward:
 class Forwards:
     def __init__(self, loop: asyncio.AbstractEventLoop, net: NetConfig, sockets: HostSockets,
                  max_listeners: int,
-                 on_accept: Callable[[Forward, socket.socket, socket.socket, tuple, float],
-                                     None],
+                 on_accept: Callable[[Forward, socket.socket, socket.socket, PeerAddress,
+                                      float], None],
                  on_datagrams: Callable[[Forward, socket.socket], None],
                  settle: Callable[[float], None], drop_log: Callable[..., None]) -> None:
         self.loop = loop

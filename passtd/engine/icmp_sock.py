@@ -17,6 +17,7 @@ import socket
 
 from . import icmp, nat, packet
 from .context import EngineContext
+from .flow import FlowKey
 
 UDP_BATCH = 64  # replies read from one socket per wakeup
 
@@ -46,7 +47,7 @@ class IcmpSockets:
         flow.touch(len(pkt.l4), False, now)
         ctx.schedule(flow)
 
-    def _open(self, pkt: packet.Packet, key: tuple, ident: int,
+    def _open(self, pkt: packet.Packet, key: FlowKey, ident: int,
               now: float) -> icmp.PingFlow | None:
         ctx = self.ctx
         if ctx.flow_limit_reached("new ping flows"):

@@ -243,7 +243,7 @@ class Engine:
                 self._other_frame(mem[off : off + length], now)
                 continue
             conn: Any = by_key.get((6, src, sport, dst, dport))
-            if conn is None or flags & tcp.TCP_SYN:
+            if conn is None or flags & packet.TCP_SYN:
                 if run is not None:
                     tcp_half.end_run(run, views, now)
                     run, views = None, []

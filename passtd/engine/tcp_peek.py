@@ -25,11 +25,11 @@ import socket
 import struct
 from collections.abc import Callable
 
-from . import tcp
 from .context import EngineContext
 from .link import TAP_SLACK, TRIM_WORTHY
 from .tcp import TcpConn
 from .tcp_buf import TcpFrameBatch
+from .tcp_seg import seq_diff
 
 log = logging.getLogger("passtd.engine")
 
@@ -69,7 +69,8 @@ def free_space(sock: socket.socket) -> int:
         info = _MEMINFO.unpack(sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, _MEMINFO.size))
     except OSError:
         return 0
-    return max(0, info[SK_MEMINFO_SNDBUF] - info[SK_MEMINFO_WMEM_QUEUED])
+    room: int = info[SK_MEMINFO_SNDBUF] - info[SK_MEMINFO_WMEM_QUEUED]
+    return max(0, room)
 
 
 class HostData:
@@ -126,7 +127,7 @@ class HostData:
                 want = budget
             in_flight = 0
             if not self.peek_off:
-                in_flight = tcp.seq_diff(conn.snd_nxt, conn.snd_una)
+                in_flight = seq_diff(conn.snd_nxt, conn.snd_una)
                 bufs = [self.scratch[:in_flight], *bufs]
             try:
                 n = sock.recvmsg_into(bufs, 0, socket.MSG_PEEK)[0] - in_flight
@@ -159,7 +160,7 @@ class HostData:
 
     def await_data(self, conn: TcpConn) -> None:
         """Be woken for host data the guest does not have yet, and only for that."""
-        lowat = tcp.seq_diff(conn.snd_nxt, conn.snd_una) + 1
+        lowat = seq_diff(conn.snd_nxt, conn.snd_una) + 1
         if lowat > self.rcvlowat_max:
             self.ctx.readiness.stop_reading(conn)
             return

@@ -33,8 +33,8 @@ from typing import cast
 
 from . import nat, packet, tcp, tcp_seg
 from .context import EngineContext
-from .flow import Flow, addr_text
-from .forwards import Forward
+from .flow import Flow, FlowKey, addr_text
+from .forwards import Forward, PeerAddress
 from .tcp import TcpConn
 from .tcp_hold import HoldBudget
 from .tcp_peek import HostData, free_space
@@ -114,7 +114,7 @@ class TcpSockets:
         self.ctx.link.send(packet.ip_frame(pkt.src_mac, self.ctx.net.mac, pkt.dst, pkt.src,
                                            packet.IPPROTO_TCP, l4), now)
 
-    def _guest_syn(self, pkt: packet.Packet, key: tuple, seq: int, window: int,
+    def _guest_syn(self, pkt: packet.Packet, key: FlowKey, seq: int, window: int,
                    opts: tcp_seg.SynOptions, now: float) -> None:
         ctx = self.ctx
 
@@ -159,7 +159,7 @@ class TcpSockets:
             log.debug("%r: connect: %s", conn, os.strerror(rc))
             self.execute(conn, conn.host_refused(), now)
 
-    def _isn(self, key: tuple, now: float) -> int:
+    def _isn(self, key: FlowKey, now: float) -> int:
         return tcp_seg.initial_sequence(self._isn_secret, key, now)
 
     def _prepare(self, sock: socket.socket) -> str | None:
@@ -360,7 +360,7 @@ class TcpSockets:
             if conn.sock is not None:
                 self._resume[cast(TcpConn, conn)] = None
 
-    def inbound(self, fwd: Forward, lsock: socket.socket, sock: socket.socket, peer: tuple,
+    def inbound(self, fwd: Forward, lsock: socket.socket, sock: socket.socket, peer: PeerAddress,
                 now: float) -> None:
         """A connection accepted by a forward's listener: our SYN to the guest."""
         ctx = self.ctx

@@ -24,6 +24,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+from typing import Any
 
 from .flow import Flow
 
@@ -32,7 +33,7 @@ STALE_TIMERS_MAX = 4096  # stale heap entries tolerated before a rebuild
 
 class FlowTimers:
     def __init__(self) -> None:
-        self._heap: list[list] = []  # [deadline, seq, flow or None when stale]
+        self._heap: list[list[Any]] = []  # [deadline, seq, flow or None when stale]
         self._stale = 0
         self._seq = itertools.count()
 
@@ -95,7 +96,7 @@ class FlowTimers:
             out.append(f"the timer waits for {armed_at}, a deadline is at {min(live.values())}")
         return out
 
-    def _drop(self, entry: list) -> None:
+    def _drop(self, entry: list[Any]) -> None:
         entry[2] = None
         self._stale += 1
         if self._stale > STALE_TIMERS_MAX and self._stale * 2 > len(self._heap):

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from . import icmp, nat, packet
 from .context import EngineContext
-from .flow import GUEST, HOST, addr_text
+from .flow import GUEST, HOST, FlowKey, addr_text
 from .forwards import Forward
 from .udp import UdpFlow
 
@@ -63,7 +63,7 @@ class UdpSockets:
         flow.from_guest(len(payload), now)
         self.ctx.schedule(flow)
 
-    def _open(self, pkt: packet.Packet, key: tuple, sport: int, dport: int,
+    def _open(self, pkt: packet.Packet, key: FlowKey, sport: int, dport: int,
               now: float) -> UdpFlow | None:
         ctx = self.ctx
 

@@ -622,6 +622,7 @@ class Row:
 def judge(test: Test, value_ratio: float | None, cpu_ratio: float | None,
           compared: bool, targets: Targets = TARGETS) -> tuple[str, str]:
     """(target text, verdict) of one row: PASS, FAIL (what), n/a (no comparison)."""
+    checks: dict[str, tuple[float | None, Callable[[float], bool]]]
     if test.bulk:
         low = targets.bulk_min(test.mtu)
         text = f"ratio >= {low:g}, CPU/Gbit ratio <= {targets.cpu_per_gbit_ratio_max:g}"
@@ -687,6 +688,11 @@ def _fmt(x: float | None, digits: int = 2) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def _fmt_retr(s: Spread | None) -> str:
+    """The guest's TCP retransmissions (median), or - where they were not read."""
+    return "-" if s is None else f"{s.median:.0f}"
+
+
 def _fmt_spread(s: Spread | None, digits: int, unit: str = "") -> str:
     if s is None:
         return "error"
@@ -731,8 +737,7 @@ def render(meta: dict[str, Any], rows: Sequence[Row], idle: Sequence[IdleSample]
             cells += [_fmt(r.ratio)] if compared else []
             cells += [_pct(r.cpu[p]) for p in programs]
             cells += [_fmt(r.cpu_ratio)] if compared else []
-            cells += ["-" if r.guest_retr[p] is None else f"{r.guest_retr[p].median:.0f}"
-                      for p in programs]
+            cells += [_fmt_retr(r.guest_retr[p]) for p in programs]
             cells += [_fmt(r.other_cpu_max, 0) + ("%" if r.other_cpu_max is not None else ""),
                       r.target, r.verdict]
             lines.append(cells)
@@ -787,8 +792,9 @@ def load_summary(runs: Sequence[Run]) -> list[str]:
         return []
     lines = [f"Machine load during the {other.n} runs: other CPU (processes outside the "
              f"bench, one core = 100%) median {other.median:.0f}%, max {other.high:.0f}%; "
-             f"machine busy (all cores = 100%) median {_fmt(busy and busy.median, 0)}%; "
-             f"steal max {_fmt(steal and steal.high, 0)}%."]
+             f"machine busy (all cores = 100%) median "
+             f"{_fmt(busy.median if busy else None, 0)}%; "
+             f"steal max {_fmt(steal.high if steal else None, 0)}%."]
     perturbed = [r for r in runs if r.other_cpu is not None and r.other_cpu > PERTURBED_OTHER_CPU]
     if perturbed:
         lines.append(f"{len(perturbed)} of {other.n} runs were perturbed (other CPU > "

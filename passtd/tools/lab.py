@@ -104,7 +104,8 @@ class LabError(RuntimeError):
 # --- small helpers ---------------------------------------------------------------------
 
 
-def wait_for(predicate: Callable[[], T], timeout: float, what: str, *, interval: float = 0.05) -> T:
+def wait_for(predicate: Callable[[], T | None], timeout: float, what: str, *,
+             interval: float = 0.05) -> T:
     """Poll `predicate` until it returns something true and return that.
 
     Raises TimeoutError naming `what` after `timeout` seconds; an exception raised by the
@@ -772,7 +773,7 @@ class TapGuest(Netns):
                 for a in link.get("addr_info", []):
                     # filtered-out addresses still show up, as empty objects
                     if "local" in a and not a.get("tentative") and not a.get("dadfailed"):
-                        return a["local"], int(a["prefixlen"])
+                        return str(a["local"]), int(a["prefixlen"])
             return None
 
         try:

@@ -128,7 +128,8 @@ class WholeSender:
 
     def _unsent_in_kernel(self) -> int:
         buf = fcntl.ioctl(self._sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
-        return struct.unpack("i", buf)[0]
+        unsent: int = struct.unpack("i", buf)[0]
+        return unsent
 
     def flush(self) -> None:
         free: int | None = None  # estimated room in the send buffer
