@@ -30,7 +30,7 @@ Deliberately not done:
 - upstream's "`all` combined with includes": passt silently drops the `all` there; we
   refuse the spec, since one of the two entries cannot mean what its author wanted.
 - ports above the *end* of the ephemeral range: newest passt forwards them with `all`,
-  the passt this project follows (and REFERENCE.md) stops below the range's start,
+  the passt this project follows (Debian 12's, 2023) stops below the range's start,
   which keeps `all` one band that does not depend on a second sysctl value.
 - deciding whether a port can actually be bound: that is the event loop's business.
 """

@@ -5,7 +5,7 @@ front of every Ethernet frame. Input is read into one large preallocated buffer;
 walks the complete frames in place (offsets, no copies) and whatever follows the last
 complete frame, a cut length word or a cut frame, is moved to the front before the next
 read. qemu under load writes frames in arbitrary pieces, and any split must survive: the
-reference passt (2023) loses its framing there (shared/rig/RESULTS.md), we must not.
+reference passt (2023) was seen to lose its framing there under qemu, we must not.
 
 A length below 14 (an Ethernet header) or above 65535 means the stream is not what we
 think it is: `FramingError`, and the loop drops that client (never the process).

@@ -2,7 +2,7 @@
 
 Setup, once per module:
 - a private system-like dbus-daemon running Debian's own system.conf with the project's
-  REAL policy file in its system.d (tests/support/dbus_bus.py, PLATFORM.md 2.1), so the policy is
+  REAL policy file in its system.d (tests/support/dbus_bus.py), so the policy is
   enforced as on a host: root may change forwards, nobody may only read;
 - an open session-like dbus-daemon for an instance run as nobody (the real policy rightly
   refuses nobody a name on the system bus), which also covers `--bus session`;

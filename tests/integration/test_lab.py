@@ -8,7 +8,7 @@ Run against the reference passt to prove the lab:
 
 The protocol checks (lease, ping, TCP/UDP to host loopback, inbound forwards) run the
 program under test (see tests/conftest.py) behind the `whole` and `qemu` wires. Checks the
-reference passt is known to fail (shared/rig/RESULTS.md) are xfail when the program is the
+reference passt (Debian 12's) is known to fail are xfail when the program is the
 reference, and only then. The lab-mechanics tests (reconnect, several guests) use the
 reference passt directly, without port forwards, and skip if it is not installed; the wire
 tests and the isolation tests need no program at all. The first tests (FrameReader,
@@ -46,7 +46,7 @@ EXPECTED_MTU = 65520
 REFERENCE_ARGV = ["passt", "-f", "-q", "-s", "{SOCK}", "--no-dhcp-dns", "--no-dhcp-search"]
 
 PADDING_BUG = ("reference passt drops IPv4 frames zero-padded to 60 bytes, which qemu sends "
-               "(shared/rig/RESULTS.md, behaviour 1)")
+               "(seen with Debian 12's passt and qemu 7.2)")
 
 # A one-shot client run inside a namespace: sends a line (TCP) or a datagram (UDP), prints
 # the answer. Addresses are numeric only (AI_NUMERICHOST): nothing is ever resolved.

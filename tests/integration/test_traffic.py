@@ -7,7 +7,7 @@ splitting frames anywhere and padding them. Everything runs in the lab's namespa
 qemu 7.2's hub has a bug of its own under guest->host load: when its write to our socket
 is short, it later flushes the tap's queued frames before the rest of the cut frame and
 dies on `iov_copy: Assertion offset == 0` (net_hub_flush runs before the stream's own
-queue; the reference passt's runs end the same way, shared/rig/RESULTS.md). So over the
+queue; the reference passt's runs end the same way). So over the
 qemu wire the guest sends modest volumes (what a short write never occurs for), while
 the lab's `stream-pad` wire splits and pads every frame under full load.
 """

@@ -1,6 +1,6 @@
 """Real systemd for tests: the host's own root file system booted in systemd-nspawn.
 
-Design (shared/PLATFORM.md section 3): in a private mount namespace, `/` is bind-mounted
+Design: in a private mount namespace, `/` is bind-mounted
 (non-recursively) onto a work directory and `systemd-nspawn --boot --volatile=overlay`
 boots it: the host tree is the read-only lower layer, a tmpfs the upper one. Everything a
 test writes inside (/etc, /run, unit files, policies) vanishes at power-off and the host is

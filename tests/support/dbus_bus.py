@@ -1,4 +1,4 @@
-"""Private D-Bus daemons for the tests (PLATFORM.md 2.1): nothing touches the host's bus.
+"""Private D-Bus daemons for the tests: nothing touches the host's bus.
 
 `PrivateBus.system_like(dir)` runs dbus-daemon with Debian's own system.conf, edited only
 where it must be (no fork, no syslog, no setuid helper, no user switch, its socket and pid
@@ -39,7 +39,9 @@ OPEN_CONF = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configu
 
 
 def system_like_config(system_conf: str, directory: Path) -> str:
-    """Debian's system.conf pointed at `directory` (the PLATFORM.md 2.1 sed, in Python)."""
+    """Debian's system.conf made private: run as the caller, in the foreground, listening
+    in `directory` with its pid file and service directory there, and without the host's
+    policy directories (the tests add the project's policy)."""
     socket = directory / "system_bus_socket"
     edits = [
         ("<user>messagebus</user>", ""),

@@ -20,7 +20,7 @@ def rules(spec: str, proto: str = "tcp", ephemeral_start: int = EPH) -> list[tup
     ]
 
 
-# every example of passt(1) -t (REFERENCE.md 1.2), with the rules it must give
+# every example of passt(1) -t (its man page, OPTIONS, -t), with the rules it must give
 MAN_PAGE_EXAMPLES = {
     "22": [(None, None, 22, 22, 22, None, False)],
     "22:23": [(None, None, 22, 22, 23, None, False)],
