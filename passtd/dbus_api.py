@@ -6,14 +6,17 @@ Design: every instance is its own process, so every instance owns its own bus na
 
   AddForward(s protocol, s address, q host_port, q guest_port) -> u id
   RemoveForward(u id)
-  ListForwards() -> aa{sv}          ListFlows() -> aa{sv}
+  ListForwards() -> aa{sv}
+  ListFlows() -> aa{sv}             (at most 512 flows, else Error.TooManyFlows)
+  ListFlowsPage(u after_id, u count) -> (aa{sv} flows, u next_id)   (dbus_listing.py)
   properties (read-only, PropertiesChanged): Name s, GuestConnected b, GuestMac s,
   GuestAddresses as, Mtu u, FlowCount u
 
 Access control is the bus's job: the policy file dbus/org.passtd.Passtd1.conf lets root
-change forwards and everyone read. Errors are `org.passtd.Passtd1.Error.{InvalidArgument,
-AddressInUse,NotFound,AccessDenied}` with a message for the admin; an unexpected exception
-in a handler is logged with its traceback here and answered with the standard
+change forwards and everyone read (flow listings are rate limited per user). Errors are
+`org.passtd.Passtd1.Error.{InvalidArgument,AddressInUse,NotFound,AccessDenied,
+TooManyFlows,LimitExceeded}` with a message for the admin; an unexpected exception in a
+handler is logged with its traceback here and answered with the standard
 `org.freedesktop.DBus.Error.Failed`; nothing a handler raises reaches the event loop or
 ends the connection. Calls with the wrong signature never get here: dbus-fast answers
 them with UnknownMethod.
@@ -24,10 +27,11 @@ The first change of a quiet property is sent at once; later ones within the seco
 folded into one signal at the end of it, carrying the value current *then*, so the last
 signal always tells the final value.
 
-Not done here: polkit (the policy file decides; no interactive authorisation), an
-ObjectManager (each instance is its own bus name; `passtctl list` enumerates names), and
-reconnecting when the bus daemon restarts (the loss is logged; the data path does not
-care, and the API comes back with the next restart of the instance).
+A bus daemon that restarts, or is not there yet when the instance starts, is reconnected
+to in the background (`BusExport`): the object is exported and the name owned again.
+
+Not done here: polkit (the policy file decides; no interactive authorisation), and an
+ObjectManager (each instance is its own bus name; `passtctl list` enumerates names).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
 from dbus_fast.signature import Variant
 
+from .dbus_listing import FlowListing
 from .engine.forwards import ForwardError
 from .engine.fwd import ForwardRule, SpecError
 from .names import check_name, is_valid_name
@@ -66,6 +71,8 @@ ERROR_FAILED = "org.freedesktop.DBus.Error.Failed"  # the standard name for "a b
 DBUS_ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
 
 CONNECT_TIMEOUT = 10.0  # seconds for connect + RequestName: READY=1 waits for them
+RECONNECT_FIRST = 0.5  # seconds after losing the bus before the first reconnection
+RECONNECT_MAX = 30.0  # ... doubling up to this
 SIGNAL_INTERVAL = 1.0  # at most one PropertiesChanged per property per second
 
 # ListForwards / ListFlows entries: key -> D-Bus type. The engine's dicts may carry more
@@ -99,6 +106,7 @@ PROPERTIES = frozenset({"Name", "GuestConnected", "GuestMac", "GuestAddresses", 
                         "FlowCount"})
 
 DictList = Annotated[list[dict[str, Variant]], DBusSignature("aa{sv}")]
+FlowPage = Annotated[list[Any], DBusSignature("aa{sv}u")]
 StrList = Annotated[list[str], DBusSignature("as")]
 
 
@@ -252,7 +260,7 @@ class EngineView(Protocol):
     @property
     def flow_count(self) -> int: ...
     def guest_addresses(self) -> list[str]: ...
-    def list_flows(self) -> list[dict[str, Any]]: ...
+    def flow_page(self, after_id: int, count: int) -> list[dict[str, Any]]: ...
     def list_forwards(self) -> list[dict[str, Any]]: ...
 
 
@@ -264,7 +272,7 @@ class InstanceInterface(ServiceInterface):
         self.instance = instance
 
     @property
-    def _engine(self) -> EngineView:
+    def engine(self) -> EngineView:
         engine = self.instance.engine
         if engine is None:  # export() runs after the engine started; close() before it ends
             raise DBusError(ERROR_FAILED, "the instance is not running")
@@ -293,11 +301,19 @@ class InstanceInterface(ServiceInterface):
     @dbus_method()
     def ListForwards(self) -> DictList:
         return _guarded("ListForwards",
-                        lambda: _entries(self._engine.list_forwards(), FORWARD_FIELDS))
+                        lambda: _entries(self.engine.list_forwards(), FORWARD_FIELDS))
+
+    # ListFlows and ListFlowsPage are answered by dbus_listing.FlowListing, a message
+    # handler ahead of this dispatch (it needs the caller, and answers after its slices):
+    # declared here for introspection and the signature checks, never reached.
 
     @dbus_method()
     def ListFlows(self) -> DictList:
-        return _guarded("ListFlows", lambda: _entries(self._engine.list_flows(), FLOW_FIELDS))
+        raise DBusError(ERROR_FAILED, "ListFlows is served by the listing handler")
+
+    @dbus_method()
+    def ListFlowsPage(self, after_id: DBusUInt32, count: DBusUInt32) -> FlowPage:
+        raise DBusError(ERROR_FAILED, "ListFlowsPage is served by the listing handler")
 
     # properties (read-only; dbus-fast refuses Set on them)
 
@@ -307,23 +323,23 @@ class InstanceInterface(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def GuestConnected(self) -> DBusBool:
-        return bool(self._engine.guest_connected)
+        return bool(self.engine.guest_connected)
 
     @dbus_property(access=PropertyAccess.READ)
     def GuestMac(self) -> DBusStr:
-        return self._engine.guest_mac
+        return self.engine.guest_mac
 
     @dbus_property(access=PropertyAccess.READ)
     def GuestAddresses(self) -> StrList:
-        return list(self._engine.guest_addresses())
+        return list(self.engine.guest_addresses())
 
     @dbus_property(access=PropertyAccess.READ)
     def Mtu(self) -> DBusUInt32:
-        return int(self._engine.mtu)
+        return int(self.engine.mtu)
 
     @dbus_property(access=PropertyAccess.READ)
     def FlowCount(self) -> DBusUInt32:
-        return self._engine.flow_count
+        return self.engine.flow_count
 
     def current(self, name: str) -> Any:
         """A property's value now (what PropertiesChanged carries)."""
@@ -334,20 +350,69 @@ class InstanceInterface(ServiceInterface):
 
 
 class BusExport:
-    """The instance's connection to the bus; the service calls these two methods."""
+    """The instance's connection to the bus, kept up: the service calls `export` and
+    `close`, and the engine `properties_changed`.
 
-    def __init__(self, bus: MessageBus, interface: InstanceInterface, name: str,
+    When the bus daemon goes away (a restart of dbus, a crash), the export reconnects by
+    itself, RECONNECT_FIRST seconds after the loss and then doubling up to RECONNECT_MAX,
+    exports the object and owns the name again; one log line when the bus is lost, one
+    when it is back. The guest's traffic never waits for any of it. A refusal that
+    retrying cannot fix (the policy refuses the name, another process owns it) ends the
+    attempts with an error line.
+    """
+
+    def __init__(self, instance: Any, bus_type: BusType,
                  loop: asyncio.AbstractEventLoop) -> None:
-        self.bus = bus
-        self.interface = interface
-        self.name = name
+        self.interface = InstanceInterface(instance)
+        self.name = bus_name(instance.cfg.name)
+        self.bus_type = bus_type
         self.loop = loop
+        self.bus: MessageBus | None = None
+        self.listing: FlowListing | None = None
         self.throttle = ChangeThrottle()
-        self._announced = {n: interface.current(n) for n in PROPERTIES}
+        self._announced: dict[str, Any] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._closing = False
+        self._watch: asyncio.Future[Any] | None = None
+        self._reconnecting: asyncio.Task[None] | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self.bus is not None and self.bus.connected
+
+    async def connect(self) -> None:
+        """Connect, export the object, own the name (within CONNECT_TIMEOUT). Raises
+        ConnectionError or TimeoutError (worth retrying), NameTakenError or
+        PermissionError (not)."""
+        bus = MessageBus(bus_type=self.bus_type)
+        try:
+            await asyncio.wait_for(_connect_and_own(bus, self.name, self.interface),
+                                   CONNECT_TIMEOUT)
+        except BaseException as e:
+            with contextlib.suppress(Exception):  # also a socket left half-way through
+                bus.disconnect()
+            if isinstance(e, TimeoutError):
+                raise TimeoutError(f"no answer from the bus within {CONNECT_TIMEOUT:g} s") \
+                    from None
+            raise
+        self.listing = FlowListing(bus, OBJECT_PATH, INTERFACE, ERROR_PREFIX,
+                                   lambda: self.interface.engine,
+                                   lambda rows: _entries(rows, FLOW_FIELDS), self.loop)
+        bus.add_message_handler(self.listing.handle)
+        self.bus = bus
+        self._announced = {n: self.interface.current(n) for n in PROPERTIES}
         self._watch = asyncio.ensure_future(_disconnection(bus))
         self._watch.add_done_callback(self._disconnected)
+
+    def keep_trying(self, why: str) -> None:
+        """The bus is not there (yet): connect as soon as it is."""
+        log.warning("D-Bus API not available on the %s bus yet (%s); retrying in the "
+                    "background; the guest's networking is not affected", self._bus_text, why)
+        self._start_reconnecting()
+
+    @property
+    def _bus_text(self) -> str:
+        return "system" if self.bus_type == BusType.SYSTEM else "session"
 
     def properties_changed(self, names: set[str]) -> None:
         """Engine properties changed: announce them (rate limited). Never raises: it runs
@@ -380,33 +445,65 @@ class BusExport:
             log.exception("cannot announce changed properties")
 
     def _announce(self, names: set[str]) -> None:
+        if not self.connected:
+            return  # (a reconnection reads every value afresh)
         changed = {}
         for name in names:
             value = self.interface.current(name)
             if value != self._announced.get(name):  # changed and changed back: nothing new
                 changed[name] = value
-        if changed and self.bus.connected:
+        if changed:
             self.interface.emit_properties_changed(changed)
             self._announced.update(changed)
 
     def _disconnected(self, fut: asyncio.Future[Any]) -> None:
         if fut.cancelled():
             return
-        why = fut.exception() or "the bus closed the connection"  # always retrieved
+        error = fut.exception()  # always retrieved
+        why = (str(error) or type(error).__name__) if error else "the bus closed the connection"
         if self._closing:
             return
-        log.warning("lost the D-Bus connection (%s): %s is gone until the instance restarts; "
-                    "the guest's networking is not affected", why, self.name)
+        if self.listing is not None:
+            self.listing.close()
+        log.warning("lost the D-Bus connection (%s): reconnecting in the background; the "
+                    "guest's networking is not affected", why)
+        self._start_reconnecting()
+
+    def _start_reconnecting(self) -> None:
+        if self._reconnecting is None or self._reconnecting.done():
+            self._reconnecting = self.loop.create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        delay = RECONNECT_FIRST
+        while not self._closing:
+            await asyncio.sleep(delay)
+            try:
+                await self.connect()
+            except (NameTakenError, PermissionError) as e:
+                log.error("D-Bus API not available: %s; not retrying", e)
+                return
+            except Exception as e:
+                log.debug("D-Bus reconnection failed (%s); next try in %g s", e, delay)
+                delay = min(delay * 2, RECONNECT_MAX)
+                continue
+            log.info("D-Bus API back on the %s bus as %s", self._bus_text, self.name)
+            return
 
     async def close(self) -> None:
         self._closing = True
         if self._timer is not None:
             self._timer.cancel()
-        if self.bus.connected:
-            self.bus.disconnect()
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
+        if self.listing is not None:
+            self.listing.close()
+        bus = self.bus
+        if bus is not None and bus.connected:
+            bus.disconnect()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(_disconnection(self.bus), 2.0)
-        self._watch.cancel()
+                await asyncio.wait_for(_disconnection(bus), 2.0)
+        if self._watch is not None:
+            self._watch.cancel()
 
 
 class NameTakenError(Exception):
@@ -416,25 +513,21 @@ class NameTakenError(Exception):
 async def export(instance: Any) -> BusExport:
     """Connect to the instance's bus (cfg.bus), export the object and own the name.
 
-    Raises (with a message for the admin) when the bus cannot be reached in time, the
-    policy refuses the name, or another process already owns it.
+    A bus that is not reachable (yet) is retried in the background. Raises, with a
+    message for the admin, when the policy refuses the name or another process owns it.
     """
     cfg = instance.cfg
-    name = bus_name(cfg.name)
     bus_type = BusType.SYSTEM if cfg.bus == "system" else BusType.SESSION
-    loop = asyncio.get_running_loop()
-    bus = MessageBus(bus_type=bus_type)
-    interface = InstanceInterface(instance)
+    exported = BusExport(instance, bus_type, asyncio.get_running_loop())
     try:
-        await asyncio.wait_for(_connect_and_own(bus, name, interface), CONNECT_TIMEOUT)
-    except BaseException as e:
-        with contextlib.suppress(Exception):  # also a socket left half-way through connect
-            bus.disconnect()
-        if isinstance(e, TimeoutError):
-            raise TimeoutError(f"no answer from the bus within {CONNECT_TIMEOUT:g} s") from None
+        await exported.connect()
+    except (NameTakenError, PermissionError):
         raise
-    log.info("D-Bus API on the %s bus as %s, object %s", cfg.bus, name, OBJECT_PATH)
-    return BusExport(bus, interface, name, loop)
+    except Exception as e:
+        exported.keep_trying(str(e) or type(e).__name__)
+        return exported
+    log.info("D-Bus API on the %s bus as %s, object %s", cfg.bus, exported.name, OBJECT_PATH)
+    return exported
 
 
 async def _connect_and_own(bus: MessageBus, name: str, interface: InstanceInterface) -> None:

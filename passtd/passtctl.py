@@ -54,8 +54,12 @@ EXIT_NOT_RUNNING = 3  # no such instance on the bus, or no bus at all
 EXIT_ACCESS_DENIED = 4  # the bus policy refused the call to this user
 
 CALL_TIMEOUT = 10.0  # seconds for one call to answer
+FLOWS_PAGE = 512  # flows per ListFlowsPage call (the most an instance returns)
+RETRY_MAX = 30.0  # seconds: the longest wait an instance's "try again in" gets
+_RETRY_RE = re.compile(r"try again in ([0-9.]+) s")
 DBUS = "org.freedesktop.DBus"
 NOT_RUNNING_ERRORS = (f"{DBUS}.Error.ServiceUnknown", f"{DBUS}.Error.NameHasNoOwner")
+UNKNOWN_METHOD_ERROR = f"{DBUS}.Error.UnknownMethod"
 ACCESS_DENIED_ERROR = f"{DBUS}.Error.AccessDenied"
 
 DESCRIPTION = """\
@@ -88,9 +92,10 @@ exit status:
 class Failure(Exception):
     """What to print and the exit status to return."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, error: str = "") -> None:
         super().__init__(message)
         self.status = status
+        self.error = error  # the D-Bus error name, if the instance answered with one
 
 
 # -- the bus ----------------------------------------------------------------------------------
@@ -148,7 +153,30 @@ class Client:
                            f"{who}: access denied by the bus policy (changing forwards needs "
                            f"root): {text}")
         kind = error.removeprefix(ERROR_PREFIX)
-        return Failure(EXIT_INSTANCE_ERROR, f"{who}: {kind}: {text}" if text else f"{who}: {kind}")
+        return Failure(EXIT_INSTANCE_ERROR, f"{who}: {kind}: {text}" if text else f"{who}: {kind}",
+                       error)
+
+    async def flows(self, destination: str) -> list[dict[str, Any]]:
+        """Every flow, a page at a time (ListFlowsPage); an instance whose listing budget
+        for this user is spent says when to come back, and we do. An instance older than
+        ListFlowsPage gets ListFlows."""
+        out: list[dict[str, Any]] = []
+        after = 0
+        while True:
+            try:
+                entries, after = await self.call(destination, "ListFlowsPage", "uu",
+                                                 [after, FLOWS_PAGE])
+            except Failure as e:
+                if e.error == UNKNOWN_METHOD_ERROR and not out:
+                    return await self.listing(destination, "ListFlows")
+                wait = _retry_after(e)
+                if wait is None:
+                    raise
+                await asyncio.sleep(wait)
+                continue
+            out += [_plain(entry) for entry in entries]
+            if not after:
+                return out
 
     async def properties(self, destination: str) -> dict[str, Any]:
         (props,) = await self.call(destination, "GetAll", "s", [INTERFACE],
@@ -164,6 +192,14 @@ class Client:
         name is somebody else's, and not listed)."""
         (names,) = await self.call(DBUS, "ListNames", interface=DBUS, path="/org/freedesktop/DBus")
         return sorted(n for n in names if instance_name(n) is not None)
+
+
+def _retry_after(failure: Failure) -> float | None:
+    """Seconds an instance asks us to wait (Error.LimitExceeded), or None."""
+    match = _RETRY_RE.search(str(failure))
+    if failure.error != ERROR_PREFIX + "LimitExceeded" or match is None:
+        return None
+    return min(float(match.group(1)), RETRY_MAX)
 
 
 def _who(destination: str) -> str:
@@ -273,7 +309,7 @@ async def _forwards(client: Client, args: argparse.Namespace) -> int:
 
 
 async def _flows(client: Client, args: argparse.Namespace) -> int:
-    flows = await client.listing(bus_name(args.name), "ListFlows")
+    flows = await client.flows(bus_name(args.name))
     if args.json:
         _print_json(flows)
         return EXIT_OK

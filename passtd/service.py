@@ -352,11 +352,11 @@ class Instance:
         except Exception as e:  # pragma: no cover - a broken dbus-fast must not stop the guest
             log.warning("D-Bus API unavailable (%s); running without it", e)
             return
-        try:
+        try:  # a bus that is not there yet is retried in the background
             self.bus = await dbus_api.export(self)
         except Exception as e:  # the data path must not depend on the bus
-            log.warning("D-Bus API not available on the %s bus: %s; running without it",
-                        self.cfg.bus, e)
+            log.error("D-Bus API not available on the %s bus: %s; running without it",
+                      self.cfg.bus, e)
 
     async def _close(self) -> None:
         if self.bus is not None:

@@ -16,6 +16,7 @@ with SipHash and grows as needed), and flow migration.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 from collections.abc import Iterator
 from typing import Any
@@ -145,6 +146,16 @@ class FlowTable:
         """The key index itself, for the frame loop's one lookup per segment: read it,
         never change it (`add` and `remove` keep both indexes in step)."""
         return self._by_key
+
+    def page(self, after_id: int, count: int) -> list[Flow]:
+        """Up to `count` flows with ids above `after_id`, in id order: one page of a
+        listing that must not hold the loop for long. The table's order is id order (ids
+        grow as flows are added; after 2^32 flows they wrap, and a listing that spans the
+        wrap may miss the flows opened during it). Costs a copy of the ids, at C speed."""
+        ids = list(self._by_id)
+        start = bisect.bisect_right(ids, after_id)
+        by_id = self._by_id
+        return [by_id[i] for i in ids[start : start + count]]
 
     def problems(self) -> list[str]:
         """Where the two indexes disagree (the fuzz targets check after every step)."""

@@ -444,9 +444,11 @@ class Engine:
         """The forwards of one origin ("config" or "runtime")."""
         return [fwd for fwd in self.forwards if fwd.origin == origin]
 
-    def list_flows(self) -> list[dict[str, Any]]:
+    def flow_page(self, after_id: int, count: int) -> list[dict[str, Any]]:
+        """Up to `count` flows with ids above `after_id`, as ListFlows shows them; the
+        D-Bus API builds long listings a slice at a time (dbus_listing.py)."""
         now = self.loop.time()
-        return [flow.describe(now) for flow in self.flows]
+        return [flow.describe(now) for flow in self.flows.page(after_id, count)]
 
     def list_forwards(self) -> list[dict[str, Any]]:
         return self.forwards.describe(self.flows)

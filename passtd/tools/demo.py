@@ -11,8 +11,10 @@ and on failure; the exit status is 0 only if every step worked.
 
 `--keep-going` keeps the lab up until Ctrl-C and prints how to enter its namespaces.
 
-Not done: no names are resolved anywhere (the guest is given no DNS to use, and every
-fetch goes to an address), and nothing is sent outside the lab's namespaces. HTTP is
+Not done: no names are resolved anywhere (the guest is offered no DNS server, since the
+lab has none it could reach; every fetch goes to an address; the lab's namespaces have a
+resolv.conf of their own that answers nothing), and nothing is sent outside the lab's
+namespaces. HTTP is
 spoken by socat with a hand-written request: busybox wget crashes in this setting.
 """
 
@@ -49,8 +51,9 @@ STEP_ERRORS = (LabError, TimeoutError, OSError, subprocess.SubprocessError, Valu
 
 
 def default_prog() -> list[str]:
+    # -D none -S none: the lab has no name server the guest could reach; offer none
     return [sys.executable, "-m", "passtd", "run", "demo", "--socket", "{SOCK}",
-            "-t", f"{FORWARDED_PORT}:{GUEST_HTTP_PORT}"]
+            "-D", "none", "-S", "none", "-t", f"{FORWARDED_PORT}:{GUEST_HTTP_PORT}"]
 
 
 class StepFailed(Exception):
@@ -152,8 +155,8 @@ def write_page(directory: Path, text: str) -> Path:
 
 
 def web_server(ns: Netns, bind: str, port: int, directory: Path) -> None:
-    ns.spawn([sys.executable, "-m", "http.server", "--bind", bind, "--directory",
-              str(directory), str(port)], log=ns.workdir / f"http-{port}.log")
+    ns.spawn([sys.executable, "-m", "passtd.tools.lab_http", "--bind", bind, "--port",
+              str(port), "--directory", str(directory)], log=ns.workdir / f"http-{port}.log")
     ns.wait_listening(port)
 
 

@@ -47,9 +47,10 @@ What it does not do
 -------------------
 No VM (tests/guestvm has a TCG guest), no DHCPv6 (busybox has no udhcpc6: IPv6 is SLAAC
 only), no DNS: the udhcpc script records the offered servers but never writes
-resolv.conf, and the lab never resolves names. It is not a sandbox for the program under
-test either: that runs as root with the machine's filesystem, only its network is
-confined. Measuring CPU is left to the benchmark.
+resolv.conf, and the lab never resolves names: each namespace gets a resolv.conf and hosts
+of its own (`_isolate_names`) that answer nothing, at once. It is not a sandbox for the
+program under test either: that runs as root with the machine's filesystem, only its
+network is confined. Measuring CPU is left to the benchmark.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ WIRES = ("qemu", "whole", "stream", "pad", "stream-pad")
 
 LAB_ROOT = Path("/run/passtd-lab")  # work directories (logs, sockets); tmpfs, root's own
 NETNS_DIR = Path("/run/netns")
+NETNS_ETC = Path("/etc/netns")  # per-namespace files `ip netns exec` binds over /etc's
 LAB_WIRE = Path(__file__).with_name("lab_wire.py")
 BASE_TOOLS = ("ip", "sysctl", "busybox")
 
@@ -281,6 +283,25 @@ def _delete_netns(name: str) -> None:
     _kill_netns_processes(name)
     if netns_exists(name):
         _ip("netns", "del", name)
+    shutil.rmtree(NETNS_ETC / name, ignore_errors=True)
+
+
+def _isolate_names(name: str) -> None:
+    """The namespace's own /etc/resolv.conf and /etc/hosts (`ip netns exec` binds the files
+    of /etc/netns/NAME over /etc's): names resolve nowhere, and fast.
+
+    A lookup behind the lab's dead end would wait for the host's DNS server for seconds
+    (python's http.server asks getfqdn() before it listens); here it asks the namespace's
+    own loopback, where nothing listens on port 53 (a test may put a recorder there), and
+    /etc/hosts knows only localhost. Nothing in the lab depends on the host's resolv.conf
+    or /etc/hosts.
+    """
+    etc = NETNS_ETC / name
+    etc.mkdir(parents=True, exist_ok=True)
+    (etc / "resolv.conf").write_text(
+        "# passtd lab: no name server (lookups fail at once on the namespace's loopback)\n"
+        "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+    (etc / "hosts").write_text("127.0.0.1 localhost\n::1 localhost\n")
 
 
 class Netns:
@@ -354,6 +375,7 @@ class Netns:
 
     def _create(self) -> None:
         _ip("netns", "add", self.name)
+        _isolate_names(self.name)
         _ip("-n", self.name, "link", "set", "lo", "up")
 
     def _reap(self) -> None:

@@ -46,11 +46,13 @@ import pytest
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from passtd import dbus_api, lab
+from passtd import dbus_api
+from passtd import dbus_listing as listing
 from passtd.dbus_api import ChangeThrottle, bus_name
 from passtd.engine import packet
 from passtd.engine.forwards import ForwardError
 from passtd.engine.fwd import ForwardRule
+from passtd.tools import lab
 from tests.support.dbus_bus import PrivateBus
 
 REPO = Path(__file__).resolve().parents[2]
@@ -591,14 +593,25 @@ def test_user_passtd_may_own_a_name(instances: Instances, system_bus: PrivateBus
 
 
 @pytest.mark.netns
-def test_no_bus_at_all_the_instance_runs_on(instances: Instances, host: lab.HostNamespace,
-                                            scratch: Path) -> None:
+def test_no_bus_yet_the_instance_runs_on_and_joins_the_bus_when_it_comes(
+        instances: Instances, host: lab.HostNamespace, scratch: Path) -> None:
+    late = scratch / "late-bus"
     prog = instances.start("nobus", "--bus", "system", "-t", "18098", label="nobus", bus_env={
-        "DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={scratch}/no/such/socket"})
-    lab.wait_for(lambda: "running without it" in prog.log_text() or _died(prog), 15,
-                 "the instance to give up on the bus")
+        "DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={late}/system_bus_socket"})
+    lab.wait_for(lambda: "retrying in the background" in prog.log_text() or _died(prog), 15,
+                 "the instance to say the bus is not there")
     assert "cannot connect" in prog.log_text()
-    assert listening(host, 18098) == ["*:18098"]
+    assert listening(host, 18098) == ["*:18098"]  # the guest's side does not wait
+    assert prog.alive()
+    for round_ in (1, 2):  # the bus comes up: the instance joins it; and after a restart
+        bus = PrivateBus.system_like(late).start()
+        try:
+            lab.wait_for(lambda bus=bus: owner_pid(bus, bus_name("nobus")) == prog.pid, 30,
+                         f"the instance to own its name on the bus ({round_})")
+            assert prog.log_text().count("D-Bus API back on the system bus") == round_
+        finally:
+            bus.stop()
+    lab.wait_for(lambda: "lost the D-Bus connection" in prog.log_text(), 10, "the loss logged")
     assert prog.alive()
 
 
@@ -919,8 +932,8 @@ class FakeEngine:
     def flow_count(self) -> int:
         return len(self.flows)
 
-    def list_flows(self) -> list[dict[str, Any]]:
-        return self.flows
+    def flow_page(self, after_id: int, count: int) -> list[dict[str, Any]]:
+        return [flow for flow in self.flows if flow["id"] > after_id][:count]
 
     def list_forwards(self) -> list[dict[str, Any]]:
         return []
@@ -1074,8 +1087,102 @@ def test_close_releases_the_name(on_open_bus: PrivateBus) -> None:
     asyncio.run(main())
 
 
-def test_no_bus_raises_a_clear_error(monkeypatch: pytest.MonkeyPatch, scratch: Path) -> None:
+def test_no_bus_is_said_clearly_and_retried(monkeypatch: pytest.MonkeyPatch, scratch: Path,
+                                            caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", f"unix:path={scratch}/nothing/here")
-    with pytest.raises(ConnectionError, match="cannot connect to it"):
-        asyncio.run(dbus_api.export(FakeInstance("fake-5")))
 
+    async def run() -> None:
+        exported = await dbus_api.export(FakeInstance("fake-5"))
+        assert not exported.connected
+        await asyncio.sleep(2 * dbus_api.RECONNECT_FIRST)  # a retry or two, quietly
+        await exported.close()
+
+    with caplog.at_level(logging.INFO, logger="passtd.dbus"):
+        asyncio.run(run())
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO] == [
+        "D-Bus API not available on the session bus yet (cannot connect to it: [Errno 2] No "
+        "such file or directory); retrying in the background; the guest's networking is not "
+        "affected"]
+
+
+
+# --- flow listings: pages, the cap, limits per user ---------------------------------------
+
+
+def test_flow_listings_come_in_pages_and_listflows_is_capped(on_open_bus: PrivateBus) -> None:
+    dest = bus_name("fake-6")
+
+    async def check(instance: FakeInstance, _: dbus_api.BusExport, client: MessageBus) -> None:
+        instance.engine.flows = [flow_row(i) for i in range(1, 1301)]
+        reply = await call(client, dest, "ListFlows")
+        assert reply.error_name == ERR + "TooManyFlows", reply.body
+        assert "ListFlowsPage" in reply.body[0]
+        seen: list[int] = []
+        after = 0
+        while True:
+            reply = await call(client, dest, "ListFlowsPage", "uu", [after, 100000])
+            assert reply.signature == "aa{sv}u", reply.body
+            rows, after = reply.body
+            assert len(rows) <= listing.LIST_MAX  # the count asked for is capped
+            seen += [row["id"].value for row in rows]
+            if not after:
+                break
+        assert seen == list(range(1, 1301))  # every flow once, in id order
+        reply = await call(client, dest, "ListFlowsPage", "uu", [1299, 10])
+        assert [r["id"].value for r in reply.body[0]] == [1300] and reply.body[1] == 0
+        instance.engine.flows = [flow_row(i) for i in range(1, 11)]
+        reply = await call(client, dest, "ListFlows")
+        assert len(reply.body[0]) == 10  # few flows: ListFlows as ever
+
+    in_process(check, on_open_bus.address, name="fake-6")
+
+
+LIMITED_CALLER = """
+import asyncio, sys
+from dbus_fast import Message
+from dbus_fast.aio import MessageBus
+
+async def main():
+    bus = await MessageBus(bus_address=sys.argv[1]).connect()
+    for n in range(1, 40):
+        reply = await bus.call(Message(destination=sys.argv[2], path="/org/passtd/Passtd1",
+            interface="org.passtd.Passtd1.Instance", member="ListFlowsPage", signature="uu",
+            body=[0, 512]))
+        if reply.error_name:
+            print(n, reply.error_name, reply.body[0])
+            return
+    print("never limited")
+
+asyncio.run(main())
+"""
+
+
+def test_a_user_other_than_root_gets_a_limited_number_of_flow_rows(
+        on_open_bus: PrivateBus) -> None:
+    dest = bus_name("fake-7")
+
+    async def check(instance: FakeInstance, _: dbus_api.BusExport, client: MessageBus) -> None:
+        instance.engine.flows = [flow_row(i) for i in range(1, 2001)]
+        proc = await asyncio.create_subprocess_exec(
+            "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+            "-c", LIMITED_CALLER, on_open_bus.address, dest,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await proc.communicate()
+        calls, error, text = out.decode().strip().split(" ", 2)
+        # 512 rows a call from a budget of BURST rows (refilling as the calls go on): at
+        # least BURST // 512 calls pass, and then the budget runs out
+        assert int(calls) > listing.BURST // 512, (out, err)
+        assert error == ERR + "LimitExceeded" and "try again in" in text, text
+        # root is not limited
+        for _ in range(listing.BURST // 512 + 4):
+            reply = await call(client, dest, "ListFlowsPage", "uu", [0, 512])
+            assert reply.signature == "aa{sv}u", reply.body
+
+    in_process(check, on_open_bus.address, name="fake-7")
+
+
+def test_the_row_budget_refills_at_its_rate() -> None:
+    budget = listing.RowBudget(now=0.0)
+    assert budget.take(listing.BURST, 0.0) == 0.0
+    assert budget.take(1024, 0.0) == pytest.approx(1024 / listing.ROWS_PER_SECOND)
+    assert budget.take(1024, 1024 / listing.ROWS_PER_SECOND) == 0.0
