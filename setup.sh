@@ -96,14 +96,8 @@ if [ -d libvirt-hook ] && [ -e libvirt-hook/passtd ]; then
 	fi
 fi
 # Guest pings use unprivileged ping sockets: the service's group (nogroup) must be within
-# net.ipv4.ping_group_range, which Debian 12 leaves closed ("1 0"). Open it for that group
-# only, and only when the admin has not opened it already.
-PING_CONF=/etc/sysctl.d/60-passtd-ping.conf
-read -r lo hi </proc/sys/net/ipv4/ping_group_range
-if [ ! -e "$PING_CONF" ] && { [ "$lo" -gt 65534 ] || [ "$hi" -lt 65534 ]; }; then
-	echo "net.ipv4.ping_group_range = 65534 65534" >"$PING_CONF"
-	sysctl -q -p "$PING_CONF" || true
-fi
+# net.ipv4.ping_group_range; opened for it only where nobody set the range (the script).
+scripts/ping-group-range.sh "$(getent group nogroup | cut -d: -f3)"
 if [ -d /run/systemd/system ]; then
 	systemctl daemon-reload
 	systemctl try-reload-or-restart dbus.service >/dev/null 2>&1 || true
