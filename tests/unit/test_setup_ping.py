@@ -44,7 +44,7 @@ def test_a_range_that_covers_the_group_is_left_alone_quietly(tmp_path: Path,
 
 
 def test_an_admin_s_range_without_the_group_is_kept_and_explained(tmp_path: Path) -> None:
-    conf, out, err = run(tmp_path, "100\t200")
+    conf, _, err = run(tmp_path, "100\t200")
     assert conf == "" and not (tmp_path / "applied").exists()
     assert '"100 200", set by this machine\'s admin: left as it is' in err
     assert "widen the range to cover 65534" in err
