@@ -37,7 +37,6 @@ from typing import Any
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from . import libvirt as libvirt_mod
 from .dbus_api import (
     ERROR_PREFIX,
     INTERFACE,
@@ -45,7 +44,7 @@ from .dbus_api import (
     bus_name,
     instance_name,
 )
-from .names import RULE, InvalidName, check_name
+from .names import InvalidName, check_name
 
 EXIT_OK = 0
 EXIT_INSTANCE_ERROR = 1  # the instance (or the bus, for another reason) refused: message shown
@@ -216,8 +215,7 @@ def _plain(variants: dict[str, Any]) -> dict[str, Any]:
 
 async def _list(client: Client, args: argparse.Namespace) -> int:
     async def describe(name: str) -> dict[str, Any]:
-        props, forwards = await asyncio.gather(client.properties(name),
-                                               client.listing(name, "ListForwards"))
+        props, forwards = await _properties_and_forwards(client, name)
         return {"name": props["Name"], "bus_name": name,
                 "guest_connected": props["GuestConnected"], "flow_count": props["FlowCount"],
                 "forward_count": len(forwards)}
@@ -232,14 +230,14 @@ async def _list(client: Client, args: argparse.Namespace) -> int:
                 raise result
             if result.status == EXIT_NOT_RUNNING:
                 continue  # it stopped since ListNames: not an error, and not listed
-            _error(str(result))
+            print_error(str(result))
             status = EXIT_INSTANCE_ERROR
             rows.append({"name": instance_name(name) or name, "bus_name": name,
                          "error": str(result)})
         else:
             rows.append(result)
     if args.json:
-        _print_json(rows)
+        print_json(rows)
     elif rows:
         _print_table(["NAME", "GUEST", "FLOWS", "FORWARDS"], [
             [row["name"], _guest_text(row.get("guest_connected")),
@@ -256,10 +254,24 @@ def _guest_text(connected: bool | None) -> str:
     return "connected" if connected else "waiting"
 
 
+async def _properties_and_forwards(client: Client, name: str
+                                   ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Both calls at once. Both may fail (an instance that is not running): every
+    exception is retrieved, and the first one raised, so nothing is left for asyncio to
+    complain about at shutdown."""
+    props, forwards = await asyncio.gather(client.properties(name),
+                                           client.listing(name, "ListForwards"),
+                                           return_exceptions=True)
+    for result in (props, forwards):
+        if isinstance(result, BaseException):
+            raise result
+    assert isinstance(props, dict) and isinstance(forwards, list)
+    return props, forwards
+
+
 async def _status(client: Client, args: argparse.Namespace) -> int:
     name = bus_name(args.name)
-    props, forwards = await asyncio.gather(client.properties(name),
-                                           client.listing(name, "ListForwards"))
+    props, forwards = await _properties_and_forwards(client, name)
     status = {
         "name": props["Name"],
         "bus_name": name,
@@ -271,7 +283,7 @@ async def _status(client: Client, args: argparse.Namespace) -> int:
         "forward_count": len(forwards),
     }
     if args.json:
-        _print_json(status)
+        print_json(status)
         return EXIT_OK
     guest = "connected" if status["guest_connected"] else "waiting for qemu"
     if status["guest_mac"]:
@@ -294,7 +306,7 @@ async def _status(client: Client, args: argparse.Namespace) -> int:
 async def _forwards(client: Client, args: argparse.Namespace) -> int:
     forwards = await client.listing(bus_name(args.name), "ListForwards")
     if args.json:
-        _print_json(forwards)
+        print_json(forwards)
         return EXIT_OK
     rows = []
     for fwd in forwards:
@@ -311,7 +323,7 @@ async def _forwards(client: Client, args: argparse.Namespace) -> int:
 async def _flows(client: Client, args: argparse.Namespace) -> int:
     flows = await client.flows(bus_name(args.name))
     if args.json:
-        _print_json(flows)
+        print_json(flows)
         return EXIT_OK
     rows = [[str(f["id"]), f["protocol"], f["state"], f["origin"],
              _endpoint(f["guest_address"], f["guest_port"]),
@@ -328,7 +340,11 @@ async def _forward_add(client: Client, args: argparse.Namespace) -> int:
     destination = bus_name(args.name)
     # --persist: everything that could refuse it is checked before the forward is added,
     # and it is written only after AddForward succeeded: a refused forward is never recorded
-    persister = _persister(args, host_port, guest_port) if args.persist else None
+    persister = None
+    if args.persist:  # libvirt only when asked for: it costs passtctl's start a third
+        from .passtctl_libvirt import persister_for
+
+        persister = persister_for(args, host_port, guest_port)
     try:
         (forward_id,) = await client.call(destination, "AddForward", "ssqq",
                                           [args.protocol, args.address, host_port,
@@ -336,7 +352,7 @@ async def _forward_add(client: Client, args: argparse.Namespace) -> int:
         if persister is not None:
             try:
                 persister.write()
-            except libvirt_mod.DomainError as e:
+            except Exception as e:  # DomainError: libvirt refused the edit
                 raise Failure(EXIT_INSTANCE_ERROR,
                               f"forward {forward_id} added, but not persisted: {e}") from None
     finally:
@@ -346,7 +362,7 @@ async def _forward_add(client: Client, args: argparse.Namespace) -> int:
         result: dict[str, Any] = {"id": forward_id}
         if persister is not None:
             result["persisted"] = {"domain": args.name, "changed": persister.changed}
-        _print_json(result)
+        print_json(result)
     else:
         where = args.address or "*"
         print(f"forward {forward_id} added: {args.protocol} {where} port {host_port} -> "
@@ -358,144 +374,10 @@ async def _forward_add(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _persister(args: argparse.Namespace, host_port: int,
-               guest_port: int) -> libvirt_mod.ForwardPersister:
-    forward = libvirt_mod.Forward(
-        args.protocol, str(host_port),
-        str(guest_port) if guest_port not in (0, host_port) else None, args.address or None)
-    try:
-        forward.check()
-        return libvirt_mod.ForwardPersister(args.name, forward, uri=args.connect)
-    except libvirt_mod.MetadataError as e:
-        raise Failure(EXIT_USAGE, f"forward add --persist: {e}") from None
-    except libvirt_mod.DomainError as e:
-        raise _domain_failure(e) from None
-
-
-def _domain_failure(error: libvirt_mod.DomainError) -> Failure:
-    status = EXIT_NOT_RUNNING if error.kind == libvirt_mod.DomainError.NOT_FOUND \
-        else EXIT_INSTANCE_ERROR
-    return Failure(status, str(error))
-
-
-# -- libvirt ----------------------------------------------------------------------------------
-
-
-def _libvirt_attach(args: argparse.Namespace) -> int:
-    change = libvirt_mod.SettingsChange(
-        forwards=tuple(args.forward or ()), mtu=args.mtu, ipv4_address=args.ipv4,
-        ipv4_gateway=args.gateway4, ipv6_address=args.ipv6, ipv6_gateway=args.gateway6,
-        dns=tuple(args.dns or ()), mac=args.mac)
-    edit = libvirt_mod.attach(args.domain, change, uri=args.connect)
-    settings = edit.settings or libvirt_mod.NetworkSettings()
-    if args.json:
-        _print_json({"domain": args.domain, "changed": edit.changed,
-                     "socket": libvirt_mod.socket_path(args.domain),
-                     "unit": libvirt_mod.socket_unit(args.domain), "mac": edit.mac,
-                     "settings": libvirt_mod.runtime_config(settings),
-                     "notes": list(edit.notes)})
-        return EXIT_OK
-    if edit.changed:
-        print(f"domain {args.domain}: attached to passtd (takes effect at its next start)")
-    else:
-        print(f"domain {args.domain}: already attached to passtd as asked; nothing changed")
-    forwards = ", ".join(f.describe() for f in settings.forwards) or "none"
-    lines = [("socket", f"{libvirt_mod.socket_path(args.domain)} "
-                        f"({libvirt_mod.socket_unit(args.domain)}, started by the hook)"),
-             ("NIC", f"{libvirt_mod.NIC_MODEL}, MAC {edit.mac}"),
-             ("forwards", forwards)]
-    for key, value in lines:
-        print(f"  {key:<9} {value}")
-    for note in edit.notes:
-        print(f"  note: {note}")
-    return EXIT_OK
-
-
-def _libvirt_detach(args: argparse.Namespace) -> int:
-    edit = libvirt_mod.detach(args.domain, uri=args.connect)
-    if args.json:
-        _print_json({"domain": args.domain, "changed": edit.changed, "notes": list(edit.notes)})
-        return EXIT_OK
-    if edit.changed:
-        print(f"domain {args.domain}: detached from passtd (takes effect at its next start)")
-    else:
-        print(f"domain {args.domain}: not attached to passtd; nothing changed")
-    for note in edit.notes:
-        print(f"  note: {note}")
-    return EXIT_OK
-
-
-def _forward_arg(text: str) -> libvirt_mod.Forward:
-    try:
-        return libvirt_mod.parse_forward(text)
-    except libvirt_mod.MetadataError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _mtu_arg(text: str) -> int:
-    if not text.isascii() or not text.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a number")
-    return int(text)
-
-
-def _build_libvirt_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-c", "--connect", metavar="URI", default=libvirt_mod.DEFAULT_URI,
-                        help=f"libvirt URI (default: {libvirt_mod.DEFAULT_URI})")
-    common.add_argument("--json", action="store_true", help="print JSON")
-    parser = argparse.ArgumentParser(
-        prog="passtctl libvirt",
-        description="Wire libvirt domains to passtd: their persistent definition gets passtd "
-                    "metadata (the settings the libvirt hook gives the instance) and a qemu "
-                    "stream netdev with a virtio-net NIC. Edits only domains that are shut "
-                    "off; takes effect at the next start.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    attach = sub.add_parser(
-        "attach", parents=[common], help="wire a domain to passtd (idempotent)",
-        description="Add passtd metadata, netdev and NIC to DOMAIN's definition, or update "
-                    "them: forwards are added to those there, other options replace what "
-                    "they set, what is not given stays.")
-    attach.add_argument("domain", metavar="DOMAIN", type=_name_arg,
-                        help="the domain; its name is the instance's, so it must be one "
-                             f"({RULE})")
-    attach.add_argument("--forward", action="append", type=_forward_arg,
-                        metavar="PROTO:[ADDR/]HOST[:GUEST]",
-                        help="forward host port(s) to the guest, e.g. tcp:2222:22, "
-                             "udp:127.0.0.1/5353 (repeatable)")
-    attach.add_argument("--mtu", type=_mtu_arg, help="MTU told to the guest (0: none)")
-    attach.add_argument("--ipv4", metavar="ADDR[/LEN]", help="guest IPv4 address")
-    attach.add_argument("--gateway4", metavar="ADDR", help="guest IPv4 gateway")
-    attach.add_argument("--ipv6", metavar="ADDR[/LEN]", help="guest IPv6 address")
-    attach.add_argument("--gateway6", metavar="ADDR", help="guest IPv6 gateway")
-    attach.add_argument("--dns", action="append", metavar="ADDR",
-                        help="nameserver told to the guest (repeatable; replaces the list)")
-    attach.add_argument("--mac", help="the guest NIC's MAC (default: kept, or one derived "
-                                      "from the domain's UUID)")
-    detach = sub.add_parser("detach", parents=[common], help="unwire a domain from passtd",
-                            description="Remove passtd's metadata, netdev and NIC from "
-                                        "DOMAIN's definition (nothing else).")
-    # any name: a domain wired before the name rule tightened can still be unwired
-    detach.add_argument("domain", metavar="DOMAIN")
-    return parser
-
-
-def _libvirt_main(argv: list[str]) -> int:
-    args = _build_libvirt_parser().parse_args(argv)
-    handler = _libvirt_attach if args.command == "attach" else _libvirt_detach
-    try:
-        return handler(args)
-    except libvirt_mod.DomainError as e:
-        _error(str(e))
-        return _domain_failure(e).status
-    except libvirt_mod.MetadataError as e:
-        _error(f"domain {args.domain}: {e}")
-        return EXIT_USAGE
-
-
 async def _forward_remove(client: Client, args: argparse.Namespace) -> int:
     await client.call(bus_name(args.name), "RemoveForward", "u", [args.id])
     if args.json:
-        _print_json({"id": args.id})
+        print_json({"id": args.id})
     else:
         print(f"forward {args.id} removed")
     return EXIT_OK
@@ -504,7 +386,7 @@ async def _forward_remove(client: Client, args: argparse.Namespace) -> int:
 # -- output -----------------------------------------------------------------------------------
 
 
-def _print_json(value: Any) -> None:
+def print_json(value: Any) -> None:
     print(json.dumps(value, indent=2))
 
 
@@ -521,7 +403,7 @@ def _print_table(headers: list[str], rows: list[list[str]], *, right: Collection
         print("  ".join(cells).rstrip())
 
 
-def _error(message: str) -> None:
+def print_error(message: str) -> None:
     print(f"passtctl: {message}", file=sys.stderr)
 
 
@@ -575,7 +457,7 @@ def _ports(text: str) -> tuple[int, int]:
     return ports[0], ports[1] if len(ports) > 1 else 0
 
 
-def _name_arg(text: str) -> str:
+def name_arg(text: str) -> str:
     """NAME and DOMAIN: an instance name (passtd.names), refused before anything is asked."""
     try:
         return check_name(text)
@@ -584,7 +466,7 @@ def _name_arg(text: str) -> str:
 
 
 def _name_or_list_arg(text: str) -> str:
-    return text if text == "list" else _name_arg(text)
+    return text if text == "list" else name_arg(text)
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -632,8 +514,9 @@ def _build_parser() -> argparse.ArgumentParser:
     add.add_argument("--persist", action="store_true",
                      help="also record it in the persistent metadata of the libvirt domain "
                           "NAME (from its next start on)")
-    add.add_argument("-c", "--connect", metavar="URI", default=libvirt_mod.DEFAULT_URI,
-                     help=f"libvirt URI for --persist (default: {libvirt_mod.DEFAULT_URI})")
+    add.add_argument("-c", "--connect", metavar="URI", default=None,
+                     help="libvirt URI for --persist (default: the local system libvirtd, "
+                          "as for `passtctl libvirt`)")
     remove = forward_sub.add_parser(
         "remove", parents=[common], help="close a port forward",
         description="Close forward ID (see `forwards`); connections made through it live on.")
@@ -664,7 +547,9 @@ async def _run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["libvirt"]:
-        return _libvirt_main(argv[1:])
+        from .passtctl_libvirt import libvirt_main
+
+        return libvirt_main(argv[1:])
     parser = _build_parser()
     args = parser.parse_args(argv)
     args.json = getattr(args, "json", False)
@@ -676,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return asyncio.run(_run(args))
     except Failure as e:
-        _error(str(e))
+        print_error(str(e))
         return e.status
     except KeyboardInterrupt:
         return 130
