@@ -568,4 +568,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run as passtd.passtctl, not as __main__: passtctl_libvirt imports this module by name,
+    # and its Failure must be the one main() catches
+    from passtd import passtctl
+
+    sys.exit(passtctl.main())
