@@ -79,7 +79,7 @@ import yaml
 
 from . import config
 from .engine.addrs import is_unicast_mac, parse_mac
-from .engine.fwd import SpecError, find_conflict, parse_spec, unbracket
+from .engine.fwd import SpecError, find_conflict, parse_range, parse_spec, unbracket
 from .names import InvalidName, check_name
 
 NAMESPACE = "https://passtd.org/xmlns/libvirt/1"
@@ -104,7 +104,6 @@ DEFAULT_PARTITION = "/machine"  # libvirt's resource partition when the domain s
 
 _TAG = f"{{{NAMESPACE}}}"
 _QEMU_TAG = f"{{{QEMU_NAMESPACE}}}"
-_PORTS_RE = re.compile(r"[0-9]{1,5}(?:-[0-9]{1,5})?")
 _BOOLS = {"yes": True, "no": False}
 _QEMU_USER_RE = re.compile(r'^\s*user\s*=\s*"([^"]*)"', re.MULTILINE)
 
@@ -160,8 +159,12 @@ class Forward:
         if self.proto not in ("tcp", "udp"):
             raise MetadataError(f"proto must be tcp or udp, got {self.proto!r}")
         for what, ports in (("host", self.host), ("guest", self.guest)):
-            if ports is not None and not _PORTS_RE.fullmatch(ports):
-                raise MetadataError(f"{what} must be a port or a range FIRST-LAST, got {ports!r}")
+            try:
+                if ports is not None:
+                    parse_range(ports)
+            except SpecError as e:
+                raise MetadataError(f"{what} must be a port or a range FIRST-LAST, got "
+                                    f"{ports!r} ({e})") from None
         if self.address is not None:
             try:  # an address only: not the spec grammar's "*", "%IFNAME" or a prefix
                 ipaddress.ip_address(self.address)

@@ -44,6 +44,7 @@ from .dbus_api import (
     bus_name,
     instance_name,
 )
+from .engine.fwd import SpecError, parse_port
 from .names import InvalidName, check_name
 
 EXIT_OK = 0
@@ -444,17 +445,15 @@ def _age(seconds: float) -> str:
 # -- the command line -------------------------------------------------------------------------
 
 
-_PORTS_RE = re.compile(r"([0-9]{1,5})(?::([0-9]{1,5}))?")
-
-
 def _ports(text: str) -> tuple[int, int]:
-    """`HOST[:GUEST]` -> (host port, guest port; 0 = the same)."""
-    match = _PORTS_RE.fullmatch(text)
-    ports = [int(p) for p in match.groups() if p is not None] if match else []
-    if not ports or not all(1 <= p <= 65535 for p in ports):
+    """`HOST[:GUEST]` -> (host port, guest port; 0 = the same), in the spec grammar's
+    port syntax (engine/fwd.py)."""
+    host, colon, guest = text.partition(":")
+    try:
+        return parse_port(host), parse_port(guest) if colon else 0
+    except SpecError as e:
         raise argparse.ArgumentTypeError(
-            f"{text!r}: expected HOST_PORT[:GUEST_PORT], ports 1-65535 (one port, no range)")
-    return ports[0], ports[1] if len(ports) > 1 else 0
+            f"{text!r}: expected HOST_PORT[:GUEST_PORT], one port each ({e})") from None
 
 
 def name_arg(text: str) -> str:

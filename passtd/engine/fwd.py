@@ -193,7 +193,7 @@ def read_reserved_ports(path: str = RESERVED_PORTS_SYSCTL) -> tuple[tuple[int, i
     try:
         with open(path, encoding="ascii") as f:
             text = f.read().strip()
-        return tuple(_parse_range(item.strip()) for item in text.split(",") if item.strip())
+        return tuple(parse_range(item.strip()) for item in text.split(",") if item.strip())
     except (OSError, ValueError):  # SpecError is a ValueError
         return ()
 
@@ -265,13 +265,13 @@ class _SpecParser:
         elif entry.startswith("~"):
             if ":" in entry:
                 raise SpecError(f"exclude '{entry}' cannot have a target")
-            self.excludes.append(_parse_range(entry[1:]))
+            self.excludes.append(parse_range(entry[1:]))
         else:
             self._include(entry)
 
     def _include(self, entry: str) -> None:
         ports, colon, target = entry.partition(":")
-        first, last = _parse_range(ports)
+        first, last = parse_range(ports)
         to_address = None
         to_first, to_last = first, last
         if colon:
@@ -280,9 +280,9 @@ class _SpecParser:
                 raise SpecError(f"missing target after '{ports}:'")
             if slash:
                 to_address = self._target_address(addr_text)
-                to_first, to_last = _parse_range(to_ports)
+                to_first, to_last = parse_range(to_ports)
             elif target[0].isdigit() and "." not in target and ":" not in target:
-                to_first, to_last = _parse_range(target)
+                to_first, to_last = parse_range(target)
             else:
                 to_address = self._target_address(target)
         if to_last - to_first != last - first:
@@ -338,7 +338,8 @@ def _check_port_number(port: int) -> None:
         raise SpecError(f"port {port!r} out of range 1-{MAX_PORT}")
 
 
-def _parse_port(text: str) -> int:
+def parse_port(text: str) -> int:
+    """One port number written in decimal, 1-65535; SpecError otherwise."""
     if not _DIGITS.fullmatch(text):
         raise SpecError(f"bad port '{text}'")
     significant = text.lstrip("0")
@@ -348,12 +349,13 @@ def _parse_port(text: str) -> int:
     return int(significant)
 
 
-def _parse_range(text: str) -> tuple[int, int]:
+def parse_range(text: str) -> tuple[int, int]:
+    """PORT or FIRST-LAST; SpecError otherwise."""
     first_text, dash, last_text = text.partition("-")
     if dash and not last_text:
         raise SpecError(f"bad port range '{text}'")
-    first = _parse_port(first_text)
-    last = _parse_port(last_text) if dash else first
+    first = parse_port(first_text)
+    last = parse_port(last_text) if dash else first
     if first > last:
         raise SpecError(f"bad port range '{text}': first port above last")
     return first, last
