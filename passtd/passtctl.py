@@ -453,7 +453,8 @@ def _ports(text: str) -> tuple[int, int]:
         return parse_port(host), parse_port(guest) if colon else 0
     except SpecError as e:
         raise argparse.ArgumentTypeError(
-            f"{text!r}: expected HOST_PORT[:GUEST_PORT], one port each ({e})") from None
+            f"{text!r}: expected HOST_PORT[:GUEST_PORT], ports 1-65535 (one port, no range): "
+            f"{e}") from None
 
 
 def name_arg(text: str) -> str:
