@@ -10,7 +10,6 @@ machine, whatever address the frames name.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import socket
 import struct
@@ -19,11 +18,11 @@ import pytest
 
 from passtd.engine import packet, tcp
 from passtd.engine.addrs import Ip4Config, NetConfig
-from passtd.engine.loop import Engine
 from passtd.engine.packet import TCP_ACK
 from passtd.engine.settings import EngineSettings
 from passtd.engine.sockets import KernelSockets
 from passtd.engine.tcp import TcpConn
+from tests.support.engine_harness import engine_harness
 
 KEY = (6, bytes([198, 51, 100, 2]), 40000, bytes([198, 51, 100, 1]), 80)
 GUEST_ISN = 1000
@@ -122,8 +121,7 @@ class RefusingSockets(KernelSockets):
 
 
 def _guest_frame(l4: bytes, proto: int) -> bytes:
-    frame = packet.ip_frame(OUR_MAC, GUEST_MAC, GUEST4, FAR4, proto, l4)
-    return struct.pack("!I", len(frame)) + frame
+    return packet.ip_frame(OUR_MAC, GUEST_MAC, GUEST4, FAR4, proto, l4)
 
 
 @pytest.mark.parametrize("what", ["ping", "udp"])
@@ -134,22 +132,12 @@ def test_flow_whose_first_send_fails_still_expires(what: str) -> None:
     323c919."""
     settings = EngineSettings(net=NetConfig(ip4=Ip4Config(GUEST4, 24, GATEWAY4)),
                               icmp_timeout=0.05, udp_timeout=0.05)
-    loop = asyncio.new_event_loop()
-    engine = Engine(settings, loop=loop, sockets=RefusingSockets())
-    ours, theirs = socket.socketpair()
-    try:
-        engine.adopt_client(theirs)
+    with engine_harness(settings, RefusingSockets()) as harness:
         if what == "ping":
             message = packet.icmp4_message(8, 0, struct.pack("!HH", 0x4242, 1) + b"ping")
-            ours.send(_guest_frame(message, packet.IPPROTO_ICMP))
+            harness.send(_guest_frame(message, packet.IPPROTO_ICMP))
         else:
-            ours.send(_guest_frame(packet.udp_message(GUEST4, FAR4, 40000, 9, b"x"),
-                                   packet.IPPROTO_UDP))
-        loop.run_until_complete(asyncio.sleep(0.35))  # six timeouts
-        assert [flow.describe(0)["protocol"] for flow in engine.flows] == [], \
-            "the flow outlived its timeout"
-    finally:
-        engine.close()
-        for flow_sock in (ours, theirs):
-            flow_sock.close()
-        loop.close()
+            harness.send(_guest_frame(packet.udp_message(GUEST4, FAR4, 40000, 9, b"x"),
+                                      packet.IPPROTO_UDP))
+        harness.run(0.35)  # six timeouts
+        assert harness.engine.flow_count == 0, "the flow outlived its timeout"
