@@ -1,5 +1,5 @@
 #!/bin/bash
-# setup.sh: install passtd on a Debian 12 machine (as root), then run the demo.
+# setup.sh: install passtd on a Debian 12 or 13 machine (as root), then run the demo.
 #
 #   ./setup.sh             install everything, then `passtd demo`
 #   ./setup.sh --no-demo   install only (what ./run-tests.sh and CI use)
@@ -35,7 +35,7 @@ APT_PACKAGES=(
 	python3 python3-venv python3-dev gcc pkg-config libsystemd-dev libvirt-dev
 	iproute2 procps kmod qemu-system-x86 busybox-static socat iperf3 passt
 	dbus systemd-container libvirt-daemon-system libvirt-clients
-	ca-certificates curl tshark
+	ca-certificates curl tshark xz-utils
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -142,9 +142,12 @@ trap 'rm -rf "$WORK"' EXIT
 
 log "extracting $(basename "$KDEB")"
 dpkg-deb -x "$KDEB" "$WORK/kernel"
-KVER=$(find "$WORK/kernel/lib/modules" -mindepth 1 -maxdepth 1 -printf '%f\n' | head -n1)
-[ -n "$KVER" ] || die "$KDEB has no /lib/modules"
-MODDIR=$WORK/kernel/lib/modules/$KVER
+# Debian 12's kernel packages ship /lib/modules; Debian 13's, merged-/usr, /usr/lib/modules
+MODROOT=$WORK/kernel/lib/modules
+[ -d "$MODROOT" ] || MODROOT=$WORK/kernel/usr/lib/modules
+KVER=$(find "$MODROOT" -mindepth 1 -maxdepth 1 -printf '%f\n' 2>/dev/null | head -n1)
+[ -n "$KVER" ] || die "$KDEB has no /lib/modules nor /usr/lib/modules"
+MODDIR=$MODROOT/$KVER
 [ -f "$WORK/kernel/boot/vmlinuz-$KVER" ] || die "$KDEB has no /boot/vmlinuz-$KVER"
 
 ROOT=$WORK/root
