@@ -81,6 +81,7 @@ from . import config
 from .engine.addrs import is_unicast_mac, parse_mac
 from .engine.fwd import SpecError, find_conflict, parse_range, parse_spec, unbracket
 from .names import InvalidName, check_name
+from .qemu_peer import CGROUP_ROOTS
 
 NAMESPACE = "https://passtd.org/xmlns/libvirt/1"
 PREFIX = "passtd"
@@ -948,6 +949,32 @@ def prepare(name: str, domain_xml: str | bytes, *, systemctl: Systemctl = _syste
     return True
 
 
+def started(name: str, *, systemctl: Systemctl = _systemctl,
+            cgroup_roots: Sequence[str] = CGROUP_ROOTS) -> bool:
+    """"started begin" (qemu runs): if the scope `prepare` named for qemu does not exist,
+    libvirt runs qemu without one on this host (no machined scopes: libvirt 11 in a
+    container, or `cgroup_controllers = [ ]`); the instance would refuse its qemu for
+    ever. Drop `qemu_cgroup` from the runtime file and reload the instance, which then
+    adopts the connection it holds. True if it did so."""
+    runtime_file = os.path.join(_runtime_dir(), f"{name}.yaml")
+    try:
+        with open(runtime_file, encoding="utf-8") as f:
+            runtime = yaml.safe_load(f)
+    except FileNotFoundError:
+        return False  # not a passtd domain
+    scope = runtime.get("qemu_cgroup") if isinstance(runtime, dict) else None
+    if not scope or any(os.path.isdir(root + scope) for root in cgroup_roots):
+        return False
+    del runtime["qemu_cgroup"]
+    _write_runtime_file(runtime_file, runtime)
+    res = systemctl("reload", service_unit(name))
+    print(f"passtd: domain {name}: qemu runs in no scope {scope} (libvirt uses no machined "
+          f"scopes here); its instance adopts qemu by the socket's permissions alone"
+          + ("" if res.returncode == 0 else f"; reloading it failed: {_failed(res)}"),
+          file=sys.stderr)
+    return True
+
+
 def release(name: str, domain_xml: str | bytes, *, systemctl: Systemctl = _systemctl) -> bool:
     """"release end": stop the instance and remove its runtime file; False if the domain
     does not use passtd. HookError if stopping failed (libvirt only logs it)."""
@@ -977,6 +1004,8 @@ def hook_main(argv: Sequence[str], domain_xml: bytes) -> int:
     try:
         if (operation, sub) == ("prepare", "begin"):
             prepare(name, domain_xml, user=qemu_user(), machined=machined_available())
+        elif (operation, sub) == ("started", "begin"):
+            started(name)
         elif (operation, sub) == ("release", "end"):
             release(name, domain_xml)
     except HookError as e:

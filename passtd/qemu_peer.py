@@ -18,8 +18,13 @@ tree) and /sys/fs/cgroup/systemd (name=systemd) as well. The first of these root
 PATH answers.
 
 It fails closed: a peer that is gone by the time it is looked up (its pid is in no
-cgroup.procs), a pid that cannot be read, a PATH that does not exist (yet), no cgroup file
-system at all (`ip netns exec` mounts a sysfs of its own over /sys) are refusals.
+cgroup.procs), a pid that cannot be read, no cgroup file system at all (`ip netns exec`
+mounts a sysfs of its own over /sys) are refusals. A PATH that does not exist is
+`Undecided`: the engine holds such a connection and asks again (link.py); where the scope
+never appears (libvirt does not use machined scopes on every host: in containers, or with
+`cgroup_controllers = [ ]` in qemu.conf, libvirt 11 runs qemu in libvirtd's own cgroup),
+it adopts the connection in the end and says in the log that nothing but the socket's
+permissions chose it.
 
 Not done here: pid reuse between connect() and the look-up (SO_PEERPIDFD would rule it
 out; Debian 12's kernel lacks it), and other identities (user, SELinux or AppArmor label).
@@ -34,6 +39,8 @@ import os
 import socket
 import struct
 from collections.abc import Sequence
+
+from .engine.link import Undecided
 
 CGROUP_ROOTS = ("/sys/fs/cgroup", "/sys/fs/cgroup/unified", "/sys/fs/cgroup/systemd")
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -94,4 +101,4 @@ class CgroupPeerCheck:
                 if pid in pids_below(top):
                     return None
                 return f"pid {pid} is not in cgroup {self.path} (another process, or gone)"
-        return f"pid {pid}: cgroup {self.path} does not exist (not started yet, or gone)"
+        return Undecided(f"pid {pid}: cgroup {self.path} does not exist (yet)")

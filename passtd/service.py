@@ -469,9 +469,16 @@ class Instance:
         self._apply_forwards(new)
         if new.log_level != self.cfg.log_level:
             logging.getLogger("passtd").setLevel(new.log_level.upper())
+        if new.qemu_cgroup != self.cfg.qemu_cgroup and self.engine is not None:
+            # the libvirt hook drops it where libvirt runs qemu in no scope of its own
+            log.info("reload: qemu_cgroup is now %s", new.qemu_cgroup or "none (anyone "
+                     "who may open the socket is the guest's qemu)")
+            self.engine.accept_peer = CgroupPeerCheck(new.qemu_cgroup) \
+                if new.qemu_cgroup else None
         changed = [f.name for f in _fields_differing(self.cfg, new)
                    if f.name not in ("tcp_forwards", "udp_forwards", "tcp_forward_specs",
-                                     "udp_forward_specs", "log_level", "sources")]
+                                     "udp_forward_specs", "log_level", "sources",
+                                     "qemu_cgroup")]
         if changed:
             log.warning("reload: %s changed; these take effect on the next restart",
                         ", ".join(changed))

@@ -9,7 +9,10 @@ floor: `room` skips the ioctl while the floor covers what a flow wants to send. 
 find no room park with `wait` and are handed back (`on_room`) once qemu has drained.
 
 One guest per instance: a second qemu is refused while one is connected, and `accept_peer`
-(the service's check of who the peer is, qemu_peer.py) may refuse any. A connection can
+(the service's check of who the peer is, qemu_peer.py) may refuse any. It may also answer
+`Undecided` (it cannot tell yet): such a connection is held, unread, and asked about again
+every PEER_RECHECK seconds and whenever the check changes (`recheck_held`); the first one
+accepted is adopted and the others held are closed. A connection can
 outlive the process (systemd's FD store): `finish_output` completes a half-sent frame and
 `partial_input` hands over a half-read one, so qemu's stream stays aligned.
 
@@ -41,8 +44,13 @@ TAP_SLACK = 64 << 10  # skb overhead the qemu socket's buffer accounting adds to
 TAP_SEND_OVERHEAD = 2048  # what one sendmsg may add to that accounting beyond its bytes
 HANDOVER_TIMEOUT = 1.0  # seconds to finish a frame half sent to qemu when stopping
 TRIM_WORTHY = 256 << 10  # a read this size dirties enough buffer pages to give back later
+PEER_RECHECK = 0.25  # seconds between two questions about a held connection
 _OUTQ = struct.Struct("i")
 _OUTQ_ARG = bytes(_OUTQ.size)
+
+
+class Undecided(str):
+    """`accept_peer`'s answer when it cannot tell yet: why (for the log)."""
 
 
 def peer_pid(sock: socket.socket) -> str:
@@ -59,7 +67,8 @@ class GuestLink:
                  pcap_size: int, on_input: Callable[[float], None],
                  on_client: Callable[[socket.socket | None, str], None],
                  on_room: Callable[[list[Flow]], None], settle: Callable[[float], None],
-                 buffers_used: Callable[[float], None], refused: Callable[[str], None]) -> None:
+                 buffers_used: Callable[[float], None],
+                 refused: Callable[[str], None]) -> None:
         self.loop = loop
         self.reader = FrameReader()
         self.out = TapOutput()
@@ -75,6 +84,8 @@ class GuestLink:
         self._settle = settle
         self._buffers_used = buffers_used
         self._refused = refused  # a rate-limited warning about a refused connection
+        self._held: list[tuple[socket.socket, str]] = []  # (sock, why undecided)
+        self._recheck: asyncio.TimerHandle | None = None
         self._sndbuf = 0
         self._room_floor = 0  # the last TIOCOUTQ reading's room, less what we sent since
         self._watching = False  # add_writer on the qemu socket is on
@@ -105,12 +116,49 @@ class GuestLink:
                         peer_pid(sock))
             sock.close()
             return
-        refusal = self.accept_peer(sock) if self.accept_peer is not None else None
-        if refusal is not None:
-            self._refused(refusal)
+        verdict = self.accept_peer(sock) if self.accept_peer is not None else None
+        if isinstance(verdict, Undecided):
+            log.info("holding a connection on the qemu socket: %s", verdict)
+            self._held.append((sock, verdict))
+            self._arm_recheck()
+        elif verdict is not None:
+            self._refused(verdict)
             sock.close()
-            return
+        else:
+            self._adopt_among_held(sock)
+
+    def _arm_recheck(self) -> None:
+        if self._recheck is None and self._held:
+            self._recheck = self.loop.call_later(PEER_RECHECK, self.recheck_held)
+
+    def recheck_held(self) -> None:
+        """Ask again about held connections (also at once, when `accept_peer` changed):
+        adopt the first one accepted, close the refused ones, keep the undecided."""
+        if self._recheck is not None:
+            self._recheck.cancel()
+            self._recheck = None
+        still: list[tuple[socket.socket, str]] = []
+        for sock, why in self._held:
+            verdict = self.accept_peer(sock) if self.accept_peer is not None else None
+            if verdict is None:
+                self._held = [h for h in self._held if h[0] is not sock]
+                self._adopt_among_held(sock)
+                return
+            if isinstance(verdict, Undecided):
+                still.append((sock, why))
+            else:
+                self._refused(verdict)
+                sock.close()
+        self._held = still
+        self._arm_recheck()
+
+    def _adopt_among_held(self, sock: socket.socket) -> None:
+        """Adopt `sock`; connections still held lose: one guest per instance."""
+        others, self._held = self._held, []
         self.adopt(sock)
+        for other, why in others:
+            self._refused(f"{why}; another connection is the guest's qemu")
+            other.close()
 
     def adopt(self, sock: socket.socket, partial: bytes = b"") -> None:
         """Serve the guest behind `sock` (freshly accepted, or kept across a restart);
@@ -151,6 +199,11 @@ class GuestLink:
 
     def close(self) -> None:
         """Stop serving; the service keeps (or closes) the qemu socket itself."""
+        if self._recheck is not None:
+            self._recheck.cancel()
+        for sock, _why in self._held:
+            sock.close()
+        self._held = []
         if self.client is not None:
             self.loop.remove_reader(self.client.fileno())
             self.loop.remove_writer(self.client.fileno())

@@ -150,14 +150,14 @@ class Engine:
 
     @property
     def accept_peer(self) -> Callable[[socket.socket], str | None] | None:
-        """Asked before a qemu connection is adopted: None to accept it, else why not (the
-        service sets it from `qemu_cgroup`, passtd/qemu_peer.py); unset: anyone who may
-        open the socket is the guest's qemu."""
+        """Asked before a qemu connection is adopted (link.py; the service sets it from
+        `qemu_cgroup`); unset: anyone who may open the socket is the guest's qemu."""
         return self.link.accept_peer
 
     @accept_peer.setter
     def accept_peer(self, check: Callable[[socket.socket], str | None] | None) -> None:
         self.link.accept_peer = check
+        self.link.recheck_held()  # connections waiting for a verdict get the new one
 
     def _changed(self, *names: str) -> None:
         if self.on_change is not None:
@@ -179,9 +179,9 @@ class Engine:
         self._changed("GuestConnected")
 
     def _qemu_refused(self, why: str) -> None:
+        waiting = "" if self.link.connected else "; still waiting for the guest's qemu"
         self.drop_log(logging.WARNING, "refused qemu connections",
-                      "refusing a connection on the qemu socket: %s; still waiting for the "
-                      "guest's qemu", why)
+                      "refusing a connection on the qemu socket: %s%s", why, waiting)
 
     def _room_towards_qemu(self, flows: list[Flow]) -> None:
         self.tcp.resume(flows)  # (only TCP flows wait for room: tcp_peek.py)

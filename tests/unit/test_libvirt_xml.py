@@ -125,9 +125,9 @@ def test_hook_is_executable_and_ignores_other_domains_at_once() -> None:
     assert time.monotonic() - started < 5  # a python start; the test asserts no hang
 
 
-def test_hook_ignores_operations_other_than_prepare_and_release() -> None:
+def test_hook_ignores_operations_other_than_prepare_started_and_release() -> None:
     # `-I` and no PYTHONPATH: importing passtd would fail, so it is not imported
-    for operation in (["start", "begin"], ["started", "begin"], ["stopped", "end"],
+    for operation in (["start", "begin"], ["stopped", "end"],
                       ["reconnect", "begin"], ["migrate", "begin"], ["restore", "begin"]):
         res = subprocess.run([sys.executable, "-I", str(HOOK), "vm1", *operation, "-"],
                              input=with_metadata(FULL_METADATA).encode(), capture_output=True,
@@ -829,3 +829,21 @@ def test_readme_example_is_valid() -> None:
     settings = parse(textwrap.dedent(example[1]))
     lv.check_settings("vm1", settings)
     assert settings.forwards
+
+
+def test_started_drops_a_scope_libvirt_did_not_make_and_reloads(runtime_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    """libvirt without machined scopes (libvirt 11 in a container, or cgroup_controllers =
+    [ ]) runs qemu in its own cgroup: the instance must not wait for a scope for ever."""
+    fs = tmp_path / "cgroupfs"
+    (fs / "machine.slice" / "machine-qemu\\x2d1\\x2dvm1.scope").mkdir(parents=True)
+    scope = "/machine.slice/machine-qemu\\x2d1\\x2dvm1.scope"
+    runtime_dir.mkdir(parents=True, exist_ok=True)
+    (runtime_dir / "vm1.yaml").write_text(f"mtu: 1500\nqemu_cgroup: '{scope}'\n")
+    systemctl = FakeSystemctl()
+    assert not lv.started("vm1", systemctl=systemctl, cgroup_roots=[str(fs)])  # it is there
+    assert systemctl.calls == [] and "qemu_cgroup" in (runtime_dir / "vm1.yaml").read_text()
+    assert lv.started("vm1", systemctl=systemctl, cgroup_roots=[str(tmp_path / "nothing")])
+    assert systemctl.calls == [("reload", "passtd@vm1.service")]
+    assert yaml.safe_load((runtime_dir / "vm1.yaml").read_text()) == {"mtu": 1500}
+    assert not lv.started("vm2", systemctl=systemctl)  # no runtime file: not ours

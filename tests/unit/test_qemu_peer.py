@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from passtd.engine import link
 from passtd.engine.addrs import Ip4Config, NetConfig
+from passtd.engine.link import Undecided
 from passtd.engine.loop import Engine
 from passtd.engine.settings import EngineSettings
 from passtd.qemu_peer import CGROUP_ROOTS, CgroupPeerCheck, peer_pid, pids_below
@@ -90,10 +92,12 @@ def test_the_domain_s_qemu_and_nobody_else(layout: str, request: pytest.FixtureR
     assert CgroupPeerCheck("/", roots(fs)).refusal(QEMU) is None  # the root: everyone
 
 
-def test_a_scope_that_is_not_there_refuses(v2: Path) -> None:
+def test_a_scope_that_is_not_there_is_undecided(v2: Path) -> None:
     check = CgroupPeerCheck("/machine.slice/machine-qemu\\x2d9\\x2dvm9.scope", roots(v2))
-    assert check.refusal(QEMU) == (f"pid {QEMU}: cgroup /machine.slice/machine-qemu\\x2d9"
-                                   "\\x2dvm9.scope does not exist (not started yet, or gone)")
+    verdict = check.refusal(QEMU)
+    assert isinstance(verdict, Undecided)
+    assert verdict == (f"pid {QEMU}: cgroup /machine.slice/machine-qemu\\x2d9"
+                       "\\x2dvm9.scope does not exist (yet)")
 
 
 def test_no_cgroup_file_system_refuses(tmp_path: Path) -> None:
@@ -192,3 +196,47 @@ def test_refusals_are_logged_at_a_bounded_rate(
         sock.close()
     refused = [r for r in caplog.records if "refusing a connection" in r.getMessage()]
     assert len(refused) == 10 and not eng.guest_connected
+
+
+def test_a_connection_is_held_until_its_scope_appears_then_adopted(
+        engine: tuple[Engine, asyncio.AbstractEventLoop, str], tmp_path: Path) -> None:
+    """The scope may not exist yet when a connection comes: held, unread, asked again."""
+    eng, loop, path = engine
+    cgroup(tmp_path / "fs", "/", [])
+    eng.accept_peer = CgroupPeerCheck(SCOPE, (str(tmp_path / "fs"),))
+    qemu = connect(path)
+    loop.run_until_complete(asyncio.sleep(0.05))
+    assert not eng.guest_connected
+    cgroup(tmp_path / "fs", SCOPE, [os.getpid()])  # libvirt made the scope, qemu is in it
+    loop.run_until_complete(asyncio.sleep(2 * link.PEER_RECHECK))
+    assert eng.guest_connected
+    qemu.close()
+
+
+def test_an_impostor_held_first_is_refused_once_the_scope_shows_it_is_not_qemu(
+        engine: tuple[Engine, asyncio.AbstractEventLoop, str], tmp_path: Path) -> None:
+    eng, loop, path = engine
+    cgroup(tmp_path / "fs", "/", [])
+    eng.accept_peer = CgroupPeerCheck(SCOPE, (str(tmp_path / "fs"),))
+    impostor = connect(path)  # before the scope exists
+    loop.run_until_complete(asyncio.sleep(0.05))
+    cgroup(tmp_path / "fs", SCOPE, [1])  # the scope appears, with another process in it
+    loop.run_until_complete(asyncio.sleep(2 * link.PEER_RECHECK))
+    assert impostor.recv(1) == b"" and not eng.guest_connected
+    impostor.close()
+
+
+def test_a_held_connection_is_adopted_once_the_check_is_dropped(
+        engine: tuple[Engine, asyncio.AbstractEventLoop, str], tmp_path: Path) -> None:
+    """Where libvirt runs qemu in no machined scope, the hook's "started" step drops
+    qemu_cgroup and reloads the instance (libvirt.started): the connection it held is the
+    guest's qemu from then on."""
+    eng, loop, path = engine
+    cgroup(tmp_path / "fs", "/", [])
+    eng.accept_peer = CgroupPeerCheck(SCOPE, (str(tmp_path / "fs"),))
+    qemu = connect(path)
+    loop.run_until_complete(asyncio.sleep(4 * link.PEER_RECHECK))
+    assert not eng.guest_connected  # held: the scope may still come
+    eng.accept_peer = None  # the reload
+    assert eng.guest_connected
+    qemu.close()
