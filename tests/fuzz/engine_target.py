@@ -56,6 +56,7 @@ from passtd.engine.addrs import Ip4Config, Ip6Config, NetConfig
 from passtd.engine.fwd import ForwardRule
 from passtd.engine.loop import Engine
 from passtd.engine.settings import EngineSettings
+from tests.support.engine_harness import EngineHarness as InProcessEngine
 
 from . import frames, oracle
 from .driver import Target
@@ -242,7 +243,6 @@ class EngineHarness:
             self.echo.append(udp)
         self.templates = frames.all_guest_frames()
         self.baseline_fds = -1
-        self.engine_ends: list[socket.socket] = []  # qemu sockets handed to the engine
 
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
@@ -286,25 +286,14 @@ class EngineHarness:
             host_addr4=G4, host_addr6=G6,
             dns_redirect={GW4: "127.0.0.1", GW6: "::1"},
         )
-        engine = Engine(settings, loop=self.loop)
-        engine.start(None)
-        run = Run(engine, self._connect(engine))
+        self.harness = InProcessEngine(settings, loop=self.loop)
+        self.harness.engine.start(None)
+        run = Run(self.harness.engine, self.harness.qemu)
         self.pump(run)
         return run
 
-    def _connect(self, engine: Engine) -> socket.socket:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        ours.setblocking(False)
-        engine.adopt_client(theirs)
-        self.engine_ends.append(theirs)  # the service's to close, not the engine's
-        return ours
-
     def _stop(self, run: Run) -> None:
-        run.engine.close()
-        for sock in self.engine_ends:
-            sock.close()
-        self.engine_ends.clear()
-        run.qemu.close()
+        self.harness.close()
         for host in run.hosts:
             host.sock.close()
         for srv in self.servers:  # connections the engine made and we never accepted
@@ -755,7 +744,7 @@ def reconnect(h: EngineHarness, run: Run, prog: Program | None) -> None:
     engine = run.engine
     _hang_up(h, run)  # the engine sees EOF and drops the client
     run.qemu.close()
-    run.qemu = h._connect(engine)
+    run.qemu = h.harness.reconnect()
     run.rx.clear()
     run.aligned = True
     h.pump(run)

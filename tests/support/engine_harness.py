@@ -5,7 +5,9 @@ The engine runs on an event loop of its own, with a socketpair standing in for q
 loop work for a while, `receive` returns the frames the engine sent the guest. Host
 sockets come from `sockets` (engine/sockets.py), the kernel's by default: a test that lets
 the engine open real ones aims them at loopback only. Unit tests use it to drive the
-engine's dispatch, the socket halves and the TCP core together, without a namespace.
+engine's dispatch, the socket halves and the TCP core together, without a namespace; the
+engine fuzz target (tests/fuzz/engine_target.py) builds its engines with it too, on a loop
+it shares across inputs (`loop`), writing and reading `qemu` itself.
 """
 
 from __future__ import annotations
@@ -22,13 +24,22 @@ from passtd.engine.sockets import HostSockets
 
 
 class EngineHarness:
-    def __init__(self, settings: EngineSettings, sockets: HostSockets | None = None) -> None:
-        self.loop = asyncio.new_event_loop()
+    def __init__(self, settings: EngineSettings, sockets: HostSockets | None = None, *,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._own_loop = loop is None
+        self.loop = loop or asyncio.new_event_loop()
         self.engine = Engine(settings, loop=self.loop, sockets=sockets)
-        self.qemu, self._engine_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.qemu.setblocking(False)
-        self.engine.adopt_client(self._engine_end)
+        self._engine_ends: list[socket.socket] = []  # the service's to close, not the engine's
+        self.qemu = self.reconnect()
         self._rx = bytearray()
+
+    def reconnect(self) -> socket.socket:
+        """A new qemu connection (after the old one hung up or was dropped): our end."""
+        self.qemu, engine_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.qemu.setblocking(False)
+        self.engine.adopt_client(engine_end)
+        self._engine_ends.append(engine_end)
+        return self.qemu
 
     def send(self, *frames: bytes) -> None:
         self.qemu.sendall(b"".join(struct.pack("!I", len(f)) + f for f in frames))
@@ -62,9 +73,10 @@ class EngineHarness:
 
     def close(self) -> None:
         self.engine.close()
-        for sock in (self.qemu, self._engine_end):
+        for sock in (self.qemu, *self._engine_ends):
             sock.close()
-        self.loop.close()
+        if self._own_loop:
+            self.loop.close()
 
 
 @contextmanager
