@@ -20,11 +20,10 @@ PATH answers.
 It fails closed: a peer that is gone by the time it is looked up (its pid is in no
 cgroup.procs), a pid that cannot be read, no cgroup file system at all (`ip netns exec`
 mounts a sysfs of its own over /sys) are refusals. A PATH that does not exist is
-`Undecided`: the engine holds such a connection and asks again (link.py); where the scope
-never appears (libvirt does not use machined scopes on every host: in containers, or with
-`cgroup_controllers = [ ]` in qemu.conf, libvirt 11 runs qemu in libvirtd's own cgroup),
-it adopts the connection in the end and says in the log that nothing but the socket's
-permissions chose it.
+`Undecided`: the engine holds such a connection and asks again (link.py) until the scope
+shows who qemu is. Where libvirt runs qemu in no machined scope at all (seen with libvirt
+11 in a container), the hook's "started" step drops `qemu_cgroup` and reloads the
+instance (libvirt.started), which then adopts the connection it holds.
 
 Not done here: pid reuse between connect() and the look-up (SO_PEERPIDFD would rule it
 out; Debian 12's kernel lacks it), and other identities (user, SELinux or AppArmor label).

@@ -45,6 +45,7 @@ TAP_SEND_OVERHEAD = 2048  # what one sendmsg may add to that accounting beyond i
 HANDOVER_TIMEOUT = 1.0  # seconds to finish a frame half sent to qemu when stopping
 TRIM_WORTHY = 256 << 10  # a read this size dirties enough buffer pages to give back later
 PEER_RECHECK = 0.25  # seconds between two questions about a held connection
+PEER_HELD_MAX = 8  # connections held at once; more are refused (each costs a descriptor)
 _OUTQ = struct.Struct("i")
 _OUTQ_ARG = bytes(_OUTQ.size)
 
@@ -117,7 +118,10 @@ class GuestLink:
             sock.close()
             return
         verdict = self.accept_peer(sock) if self.accept_peer is not None else None
-        if isinstance(verdict, Undecided):
+        if isinstance(verdict, Undecided) and len(self._held) >= PEER_HELD_MAX:
+            self._refused(f"{verdict}; {PEER_HELD_MAX} connections wait for a verdict already")
+            sock.close()
+        elif isinstance(verdict, Undecided):
             log.info("holding a connection on the qemu socket: %s", verdict)
             self._held.append((sock, verdict))
             self._arm_recheck()

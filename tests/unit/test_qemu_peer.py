@@ -10,6 +10,7 @@ tests/integration/test_libvirt.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -240,3 +241,21 @@ def test_a_held_connection_is_adopted_once_the_check_is_dropped(
     eng.accept_peer = None  # the reload
     assert eng.guest_connected
     qemu.close()
+
+
+def test_no_more_than_a_few_connections_are_held(
+        engine: tuple[Engine, asyncio.AbstractEventLoop, str], tmp_path: Path) -> None:
+    eng, loop, path = engine
+    cgroup(tmp_path / "fs", "/", [])
+    eng.accept_peer = CgroupPeerCheck(SCOPE, (str(tmp_path / "fs"),))
+    socks = []
+    for _ in range(link.PEER_HELD_MAX + 3):
+        socks.append(connect(path))
+        loop.run_until_complete(asyncio.sleep(0.01))
+    refused = 0
+    for sock in socks:
+        sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            refused += sock.recv(1) == b""
+        sock.close()
+    assert refused == 3 and not eng.guest_connected
