@@ -131,6 +131,15 @@ def instances(ct: Container) -> Iterator[Instances]:
     made.close()
 
 
+def wait_ready(ct: Container, name: str) -> None:
+    """Until the instance said READY=1 (its unit is active): that comes after its D-Bus
+    export, while the guest may be served before it (the data path never waits for the
+    bus)."""
+    unit = f"passtd@{name}.service"
+    lab.wait_for(lambda: props(ct, unit, "ActiveState")["ActiveState"] == "active", 15,
+                 f"{unit} to be ready")
+
+
 def props(ct: Container, unit: str, *names: str) -> dict[str, str]:
     return ct.unit_properties(unit, *names)
 
@@ -275,6 +284,7 @@ def test_restart_keeps_the_guest_and_runtime_forwards(ct: Container,
     unit = f"passtd@{inst}.service"
     client = instances.connect("rst1")
     assert_offer(client)
+    wait_ready(ct, inst)
     (forward_id,) = busctl_json(ct, "call", bus_name("rst1"), OBJECT, INTERFACE,
                                 "AddForward", "ssqq", "tcp", "", "2222", "22")
     assert forward_id >= 1
@@ -321,6 +331,7 @@ def test_stop_forgets_the_guest_and_runtime_forwards(ct: Container,
     unit = f"passtd@{inst}.service"
     client = instances.connect("stop1")
     assert_offer(client)
+    wait_ready(ct, inst)
     busctl_json(ct, "call", bus_name("stop1"), OBJECT, INTERFACE,
                 "AddForward", "ssqq", "tcp", "", "2232", "22")
     assert ct.host_path(f"{STATE_DIR}/stop1/stop1.forwards.json").exists()
@@ -455,6 +466,7 @@ def test_units_refuse_names_that_are_no_instance_names(ct: Container,
     inst = instances.socket("keep1")
     client = instances.connect("keep1")
     assert_offer(client)
+    wait_ready(ct, inst)
     busctl_json(ct, "call", bus_name("keep1"), OBJECT, INTERFACE, "AddForward", "ssqq", "tcp",
                 "", "2242", "22")
     state = ct.host_path(f"{STATE_DIR}/keep1/keep1.forwards.json")
