@@ -15,7 +15,8 @@
 #     in /etc/libvirt/hooks/qemu.d/ (run by the venv's python; libvirtd finds a new hook
 #     only when it starts), and the `passtd` group that may connect to the sockets
 #   - the system user `passtd` the instances run as (not a member of that group)
-#   - the manual pages: man passtd, passtctl, passtd.yaml, passtd-libvirt
+#   - the manual pages (man passtd, passtctl, passtd.yaml, passtd-libvirt), passtctl's bash
+#     completion
 set -euo pipefail
 cd "$(dirname "$0")"
 SRC=$(pwd)
@@ -25,7 +26,7 @@ DEMO=1
 for arg in "$@"; do
 	case $arg in
 	--no-demo) DEMO=0 ;;
-	-h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+	-h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 	*) echo "setup.sh: unknown option $arg (try --help)" >&2; exit 2 ;;
 	esac
 done
@@ -36,7 +37,7 @@ APT_PACKAGES=(
 	python3 python3-venv python3-dev gcc pkg-config libsystemd-dev libvirt-dev
 	iproute2 procps kmod qemu-system-x86 busybox-static socat iperf3 passt
 	dbus systemd-container libvirt-daemon-system libvirt-clients
-	ca-certificates curl tshark xz-utils man-db
+	ca-certificates curl tshark xz-utils man-db bash-completion
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -80,6 +81,7 @@ for page in man/*.[1-8]; do  # man passtd, passtctl, passtd.yaml, passtd-libvirt
 	install -D -m 0644 "$page" "/usr/local/share/man/man${page##*.}/$(basename "$page")"
 done
 mandb -q 2>/dev/null || true
+install -D -m 0644 completion/passtctl.bash /usr/share/bash-completion/completions/passtctl
 install -d -m 0755 /etc/passtd.d
 if [ -d libvirt-hook ] && [ -e libvirt-hook/passtd ]; then
 	# the hook runs under this venv's python (its first line says which)
