@@ -15,6 +15,12 @@ ready, and waits for a signal:
 - SIGTERM/SIGINT end the instance cleanly; SIGHUP reloads the configuration: forwards
   added or removed in the files are applied, a config that does not load is refused with
   a log line and the running one stays.
+- Live flows survive a restart: under systemd, an instance that stops hands its flows'
+  sockets, its forwards' listeners and their state to the FD store (fd_handover.py,
+  engine/handover.py) and the next process takes them over; systemd cannot tell us
+  whether a stop is a restart, so every stop under systemd hands over, and on a real
+  stop systemd closes what it kept. Without systemd, SIGUSR2 does the same by
+  re-executing the `passtd` executable in place (an upgrade of a foreground instance).
 - Runtime forwards (added over D-Bus) are kept in STATE_DIR/NAME.forwards.json so they
   survive a restart of the service (not a reboot: /run is volatile, on purpose). STATE_DIR
   is $PASSTD_STATE_DIR, else the runtime directory ($PASSTD_RUNTIME_DIR, /run/passtd);
@@ -43,6 +49,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import config as config_mod
+from . import fd_handover
 from .config import ConfigError, InstanceConfig
 from .engine import addrs
 from .engine.addrs import Ip4Config, Ip6Config, NetConfig
@@ -56,6 +63,7 @@ from .engine.fwd import (
     read_ephemeral_range,
     read_reserved_ports,
 )
+from .engine.handover import close_all as close_sockets
 from .engine.loop import Engine
 from .engine.settings import EngineSettings
 from .engine.udp import SourcePortRule
@@ -65,8 +73,14 @@ log = logging.getLogger("passtd")
 
 SD_LISTEN_FDS_START = 3
 FD_NAME_LISTEN = "listen"
+FD_NAME_LISTEN_OWN = "listen-own"  # a re-exec's: the socket it bound itself (unlinked at exit)
 FD_NAME_QEMU = "qemu"
 FD_NAME_PARTIAL = "qemu-partial"  # the start of a frame qemu was writing when we stopped
+# The FD store keeps (passtd@.service's FileDescriptorStoreMax): qemu, qemu-partial, state,
+# and the bundles of flow sockets and listeners: at most MAX_BUNDLES of them, enough for
+# limits.max_flows + limits.max_listeners at their largest defaults (65536 + 65536 =
+# 131072 descriptors = 9 bundles of 16192, fd_handover.BUNDLE_FDS).
+MAX_BUNDLES = 9
 
 
 class StartError(Exception):
@@ -282,6 +296,7 @@ class Instance:
         self.listener: socket.socket | None = None
         self.own_socket_path: str | None = None
         self.stored_client: socket.socket | None = None  # the qemu socket in the FD store
+        self.reexec = False  # SIGUSR2: the instance goes on in a new executable
         self.stopping = asyncio.Event()
         self.runtime_dir = os.environ.get(config_mod.RUNTIME_DIR_ENV) \
             or config_mod.DEFAULT_RUNTIME_DIR
@@ -296,13 +311,21 @@ class Instance:
         settings = engine_settings(self.cfg)
         log.info("instance %s: %s", self.cfg.name, describe_network(settings.net))
         fds = listen_fds()
-        kept = fds.get(FD_NAME_QEMU, [])
-        partial = _read_and_forget(fds.get(FD_NAME_PARTIAL, []))
-        listening = [fd for name, group in fds.items()
-                     if name not in (FD_NAME_QEMU, FD_NAME_PARTIAL) for fd in group]
+        handed = [name for name in fds if name == fd_handover.FD_NAME_STATE
+                  or name.startswith(fd_handover.FD_NAME_BUNDLE)]
+        state, inherited = fd_handover.take(fds)
+        for name in handed:  # taken: the store must not hand them over a second time
+            sd_notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
+        kept = fds.pop(FD_NAME_QEMU, [])
+        partial = _read_and_forget(fds.pop(FD_NAME_PARTIAL, []))
+        own = fds.pop(FD_NAME_LISTEN_OWN, [])
+        listening = own + [fd for group in fds.values() for fd in group]
         if listening:
             self.listener = socket.socket(fileno=listening[0])
-            log.info("using the socket passed by systemd (%s)", _sock_name(self.listener))
+            if own:
+                self.own_socket_path = self.cfg.socket
+            log.info("using the socket passed by %s (%s)", "the previous process" if own
+                     else "systemd", _sock_name(self.listener))
             for extra in listening[1:]:
                 os.close(extra)
         else:
@@ -311,6 +334,10 @@ class Instance:
             log.info("listening for qemu on %s", self.cfg.socket)
         engine = Engine(settings, loop, on_change=self._on_change)
         self.engine = engine
+        if state is not None:
+            engine.inherit(state, inherited)
+        else:
+            close_sockets(inherited, reset=True)
         engine.on_client = self._client_changed
         if self.cfg.qemu_cgroup is not None:
             engine.accept_peer = CgroupPeerCheck(self.cfg.qemu_cgroup)
@@ -332,12 +359,14 @@ class Instance:
                 sd_notify(f"FDSTOREREMOVE=1\nFDNAME={FD_NAME_QEMU}")
         for fd in kept[1:]:
             os.close(fd)
+        engine.resume_inherited()
 
         if self.cfg.bus != "none":
             await self._export_bus()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
+        loop.add_signal_handler(signal.SIGUSR2, self._reexec_requested)
         sd_notify(f"READY=1\nSTATUS={engine.summary()}")
         log.info("instance %s ready", self.cfg.name)
         await self.stopping.wait()
@@ -362,7 +391,11 @@ class Instance:
         if self.bus is not None:
             with contextlib.suppress(Exception):
                 await self.bus.close()
-        if self.engine is not None:
+        if self.reexec:
+            self._reexec()  # returns only if the new executable could not be run
+        if self.engine is not None and not self.engine.closed:
+            if os.environ.get("NOTIFY_SOCKET"):
+                self._hand_over_to_systemd(self.engine)
             if self.stored_client is not None:
                 self._store_partial_frame(self.engine.partial_input())
             self.engine.close()
@@ -371,6 +404,71 @@ class Instance:
         if self.own_socket_path:
             with contextlib.suppress(OSError):
                 os.unlink(self.own_socket_path)
+
+    # -- handing live flows to the next process ------------------------------------------------
+
+    def _hand_over_to_systemd(self, engine: Engine) -> None:
+        """Flows, listeners and their state into the FD store, for the next process
+        (the module docstring says why every stop does it)."""
+        def carry(socks: list[socket.socket]) -> int:
+            bundles, sent = fd_handover.pack(socks, MAX_BUNDLES)
+            for i, (name, bundle) in enumerate(zip(fd_handover.bundle_names(len(bundles)),
+                                                  bundles, strict=True)):
+                if not sd_notify(f"FDSTORE=1\nFDNAME={name}", [bundle.fileno()]):
+                    sent = min(sent, i * fd_handover.BUNDLE_FDS)
+                    break
+            for bundle in bundles:
+                bundle.close()
+            return sent
+
+        flows = engine.flow_count
+        try:
+            fd = fd_handover.write_memfd("passtd-state", engine.hand_over(carry))
+        except OSError as e:
+            log.error("cannot hand the flows over to the next process: %s", e)
+            return
+        try:
+            if sd_notify(f"FDSTORE=1\nFDNAME={fd_handover.FD_NAME_STATE}", [fd]):
+                log.info("handing %d flows and %d forwards over to the next process",
+                         flows, len(engine.forwards))
+        finally:
+            os.close(fd)
+
+    def _reexec_requested(self) -> None:
+        log.info("SIGUSR2: handing the instance over to a new passtd process")
+        self.reexec = True
+        self.stopping.set()
+
+    def _reexec(self) -> None:
+        """Run the `passtd` executable as it is on disk now in this process, handing it
+        the qemu socket, the listening socket, the flows and their state (fd_handover.py)."""
+        engine = self.engine
+        assert engine is not None and self.listener is not None
+        bundles: list[socket.socket] = []
+
+        def carry(socks: list[socket.socket]) -> int:
+            made, sent = fd_handover.pack(socks, MAX_BUNDLES)
+            bundles.extend(made)
+            return sent
+
+        named = [(FD_NAME_LISTEN_OWN if self.own_socket_path else FD_NAME_LISTEN,
+                  self.listener.fileno())]
+        try:
+            if self.stored_client is not None:
+                named.append((FD_NAME_QEMU, self.stored_client.fileno()))
+                partial = engine.partial_input()
+                if partial:
+                    named.append((FD_NAME_PARTIAL,
+                                  fd_handover.write_memfd("passtd-partial-frame", partial)))
+            named.append((fd_handover.FD_NAME_STATE,
+                          fd_handover.write_memfd("passtd-state", engine.hand_over(carry))))
+            named += zip(fd_handover.bundle_names(len(bundles)),
+                         [bundle.fileno() for bundle in bundles], strict=True)
+            engine.close()
+            log.info("re-executing %s", " ".join(sys.orig_argv))
+            fd_handover.reexec(named, sys.orig_argv)
+        except OSError as e:
+            log.error("cannot re-execute passtd (%s): the instance stops", e)
 
     # -- engine callbacks ----------------------------------------------------------------------
 

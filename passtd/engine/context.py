@@ -55,6 +55,39 @@ class RateLimitedLog:
             state[2] += 1
 
 
+class BufferTrim:
+    """Megabytes of frame buffers stay resident after a burst of traffic: once the
+    instance has been quiet for DELAY seconds, `trim` hands them back to the kernel
+    (MADV_DONTNEED: the next use gets zero pages). One wakeup after traffic, none while
+    idle."""
+
+    DELAY = 10.0
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, trim: Callable[[], object]) -> None:
+        self.loop = loop
+        self._trim = trim
+        self._used_at = 0.0  # when the big I/O buffers last held data
+        self._handle: asyncio.TimerHandle | None = None
+
+    def used(self, now: float) -> None:
+        """Note traffic through the big buffers; give their pages back once it stops."""
+        self._used_at = now
+        if self._handle is None:
+            self._handle = self.loop.call_at(now + self.DELAY, self._expired)
+
+    def _expired(self) -> None:
+        self._handle = None
+        if self.loop.time() - self._used_at < self.DELAY:
+            self._handle = self.loop.call_at(self._used_at + self.DELAY, self._expired)
+            return
+        self._trim()
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
 class Readiness:
     """Reader and writer callbacks on flow sockets, registered once per descriptor."""
 
@@ -110,6 +143,14 @@ class SocketHalf(Protocol):
     def release(self, flow: Any) -> bool:
         """The flow is closing: forget it; whether its socket is the flow's own to close
         (not a listener it borrowed)."""
+
+    def adopt(self, flow: Any, now: float) -> None:
+        """A flow the previous process handed over (handover.py), with its socket set:
+        watch it and carry on."""
+
+    def reset(self, flow: Any, now: float) -> None:
+        """End a flow a restart cannot carry, telling both sides where the protocol can;
+        `flow.sock` is None where its socket did not arrive."""
 
 
 def _unset(*_args: Any) -> None:

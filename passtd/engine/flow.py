@@ -10,8 +10,12 @@ monotonically (wrapping at 2^32), so a listing never shows a recycled id for a n
 The table enforces the configured cap on flows: `full` tells the event loop to refuse a new
 flow (RST, ICMP unreachable) rather than grow without bound.
 
+A restart carries flows to the next process (handover.py): each flow class names in
+`HANDOVER_FIELDS` the attributes that make it up, and `FlowTable.adopt` files a flow
+under the id it already had.
+
 Not done here: passt's fixed 2^17 static array and siphash (Python's dict already hashes
-with SipHash and grows as needed), and flow migration.
+with SipHash and grows as needed), and flow migration to another host.
 """
 
 from __future__ import annotations
@@ -63,6 +67,10 @@ class Flow:
     )
 
     proto_name = "?"
+    # what a restart carries to the next process (handover.py), beside the key, the
+    # socket and `sockaddr`; every value is an int, a float, a bool, a str or None
+    HANDOVER_FIELDS: tuple[str, ...] = ("id", "created", "bytes_from_guest", "bytes_to_guest",
+                                        "deadline", "forward_id")
 
     def __init__(self, key: FlowKey, origin: str, now: float) -> None:
         self.id = 0
@@ -175,6 +183,24 @@ class FlowTable:
 
     def by_id(self, flow_id: int) -> Flow | None:
         return self._by_id.get(flow_id)
+
+    @property
+    def next_id(self) -> int:
+        """The id the next flow gets (a restart carries it over, so ids never repeat)."""
+        return self._next_id
+
+    @next_id.setter
+    def next_id(self, value: int) -> None:
+        self._next_id = value & 0xFFFFFFFF
+
+    def adopt(self, flow: Flow) -> bool:
+        """File a flow under the id it already has (a restart's); False if that id or key
+        is taken, or the id is 0."""
+        if not flow.id or flow.id in self._by_id or flow.key in self._by_key:
+            return False
+        self._by_id[flow.id] = flow
+        self._by_key[flow.key] = flow
+        return True
 
     def add(self, flow: Flow) -> None:
         while self._next_id in self._by_id or self._next_id == 0:

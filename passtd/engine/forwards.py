@@ -13,6 +13,12 @@ UDP flows answer through the listener, so the engine ends those). Counters: conn
 accepted, and bytes of the flows through it that have ended (`flow_closed`); live flows
 add theirs when listed (`describe`).
 
+A restart hands the listeners to the next process (handover.py): `inherit` gives it the
+previous process's forwards, and `add` of a rule among them takes that forward back, id,
+counters and listening sockets (which never stopped listening: connections that came
+meanwhile wait in their backlog) instead of opening new ones; `drop_unclaimed` closes
+those of rules the new configuration no longer has.
+
 Not done here: flows (the socket halves), the spec grammar (fwd.py), who may add forwards
 (the D-Bus API).
 """
@@ -96,6 +102,7 @@ class Forwards:
         self._by_id: dict[int, Forward] = {}
         self._next_id = 1
         self._listener_count = 0
+        self._inherited: dict[ForwardRule, Forward] = {}  # from the previous process
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -114,6 +121,16 @@ class Forwards:
                 raise ForwardError("AddressInUse",
                                    f"{rule.proto} {format_rule(rule)} overlaps forward {fwd.id} "
                                    f"({format_rule(fwd.rule)})")
+        inherited = self._inherited.pop(rule, None)
+        if inherited is not None:
+            inherited.origin = origin
+            self._by_id[inherited.id] = inherited
+            for sock in inherited.listeners:
+                self._watch(inherited, sock)
+            log.info("forward %d: %s %s -> guest (%s, %d listening sockets kept across the "
+                     "restart)", inherited.id, rule.proto, format_rule(rule), origin,
+                     len(inherited.listeners))
+            return inherited
         fwd = Forward(self._next_id, rule, origin)
         try:
             self._open_listeners(fwd)
@@ -140,8 +157,31 @@ class Forwards:
         return fwd
 
     def close(self) -> None:
+        self.drop_unclaimed()
         for fwd in self._by_id.values():
             self._close_listeners(fwd)
+
+    # -- across a restart (handover.py) -------------------------------------------------------
+
+    @property
+    def next_id(self) -> int:
+        return self._next_id
+
+    def inherit(self, forwards: list[Forward], next_id: int) -> None:
+        """The previous process's forwards, with their listening sockets: `add` takes
+        them back by rule. Ids of new forwards start after all of theirs."""
+        self._next_id = max(self._next_id, next_id, *(fwd.id + 1 for fwd in forwards))
+        for fwd in forwards:
+            self._inherited[fwd.rule] = fwd
+
+    def drop_unclaimed(self) -> None:
+        """Close the inherited listeners that no forward took back."""
+        for fwd in self._inherited.values():
+            log.info("forward %d (%s %s) is not in the configuration any more: its listening "
+                     "sockets close", fwd.id, fwd.rule.proto, format_rule(fwd.rule))
+            for sock in fwd.listeners:
+                sock.close()
+        self._inherited.clear()
 
     def takes_udp_port(self, port: int) -> bool:
         """Whether a UDP forward listens on `port` (a guest flow must not hold it)."""
@@ -201,9 +241,7 @@ class Forwards:
                     raise ForwardError(kind, f"cannot listen on {rule.proto} {address} port "
                                              f"{port}: {e.strerror}{hint}") from e
                 fwd.listeners.append(sock)
-                self._listener_count += 1
-                self.loop.add_reader(sock.fileno(), self._accept if stream
-                                     else self._on_datagrams, fwd, sock)
+                self._watch(fwd, sock)
         if rule.weak and not fwd.listeners:
             raise ForwardError("AddressInUse",
                                f"{rule.proto} {format_rule(rule)}: no port could be bound")
@@ -230,6 +268,11 @@ class Forwards:
             sock.close()
             raise
         return sock
+
+    def _watch(self, fwd: Forward, sock: socket.socket) -> None:
+        self._listener_count += 1
+        self.loop.add_reader(sock.fileno(), self._accept if fwd.rule.proto == "tcp"
+                             else self._on_datagrams, fwd, sock)
 
     def _close_listeners(self, fwd: Forward) -> None:
         for sock in fwd.listeners:

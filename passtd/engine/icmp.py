@@ -42,6 +42,7 @@ _ECHO = struct.Struct("!BBHHH")
 
 class PingFlow(Flow):
     __slots__ = ("last_activity", "timeout")
+    HANDOVER_FIELDS = (*Flow.HANDOVER_FIELDS, "last_activity", "timeout")
 
     def __init__(self, key: FlowKey, now: float, timeout: float = DEFAULT_TIMEOUT) -> None:
         super().__init__(key, "guest", now)

@@ -81,6 +81,16 @@ class IcmpSockets:
     def release(self, flow: icmp.PingFlow) -> bool:
         return True
 
+    def adopt(self, flow: icmp.PingFlow, now: float) -> None:
+        """A flow the previous process handed over (handover.py), with its socket."""
+        self.ctx.readiness.read(flow, self._readable)
+        self.ctx.schedule(flow)
+
+    def reset(self, flow: icmp.PingFlow, now: float) -> None:
+        """A flow a restart cannot carry just ends."""
+        if flow.sock is not None:
+            self.ctx.close_flow(flow, False)
+
     def _readable(self, flow: icmp.PingFlow) -> None:
         ctx = self.ctx
         now = ctx.loop.time()

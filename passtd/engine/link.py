@@ -91,6 +91,7 @@ class GuestLink:
         self._room_floor = 0  # the last TIOCOUTQ reading's room, less what we sent since
         self._watching = False  # add_writer on the qemu socket is on
         self._waiters: dict[Flow, None] = {}
+        self.input_watch: Callable[[float], None] | None = None  # called once, at the next read
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -250,6 +251,9 @@ class GuestLink:
             return
         self.reader.commit(n)
         now = self.loop.time()
+        if self.input_watch is not None:
+            watch, self.input_watch = self.input_watch, None
+            watch(now)
         if n > TRIM_WORTHY:
             self._buffers_used(now)
         try:

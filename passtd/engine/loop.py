@@ -4,18 +4,9 @@ Design: everything runs on one asyncio loop (the D-Bus API shares it). Data sock
 raw non-blocking sockets registered with `loop.add_reader/add_writer` (epoll underneath);
 asyncio transports are not used on the data path because they cannot scatter a read into
 frame slots or gather a batch into one sendmsg. The engine is a short dispatch over parts
-named after what they own (context.py says how they meet):
-
-    link.py       the qemu socket: frames in, frames out, pcap
-    guest.py      the guest's MAC and addresses, and which packets may enter
-    tcp_sock.py   TCP host sockets (tcp.py decides, tcp_peek.py reads host data)
-    udp_sock.py   UDP host sockets and forwarded datagrams
-    icmp_sock.py  ping sockets
-    forwards.py   forwards and their listeners
-    sockets.py    where host sockets come from (the seam tests use)
-    timers.py     the flow timer heap
-    nat.py        address translation
-    arp.py, dhcp.py, ndp.py, dhcpv6.py   the responders (pure)
+named after what they own (context.py says how they meet; docs/ARCHITECTURE.md lists
+them): the qemu link, the guest's identity, a socket half per protocol, forwards, the
+timer heap, the handover of flows across a restart, and the pure responders.
 
 Guest frames are processed a whole read at a time. Here, the fast path walks the read for
 IPv4/IPv6 TCP segments of known flows (one unpack per frame) and gathers the payloads of
@@ -46,11 +37,12 @@ from collections.abc import Callable
 from typing import Any
 
 from . import arp, dhcp, dhcpv6, ndp, packet, tcp
-from .context import EngineContext, RateLimitedLog, SocketHalf
+from .context import BufferTrim, EngineContext, RateLimitedLog, SocketHalf
 from .flow import Flow, FlowTable
 from .forwards import Forward, Forwards
 from .fwd import ForwardRule, format_rule
 from .guest import GuestIdentity
+from .handover import Handover
 from .icmp_sock import IcmpSockets
 from .link import GuestLink, peer_pid
 from .settings import EngineSettings
@@ -61,8 +53,6 @@ from .timers import FlowTimers
 from .udp_sock import UdpSockets
 
 log = logging.getLogger("passtd.engine")
-
-BUFFER_TRIM_DELAY = 10.0  # seconds without traffic before frame buffers are given back
 
 # Ethernet + IPv4 (no options) + TCP, and Ethernet + IPv6 + TCP, read in one unpack
 _FAST4 = struct.Struct("!BBHHHBBH4s4sHHIIBBH")
@@ -81,10 +71,11 @@ class Engine:
         self.on_change = on_change  # property names that changed (D-Bus PropertiesChanged)
         self.on_client: Callable[[socket.socket | None], None] | None = None
         self.drop_log = RateLimitedLog()
+        self.trim = BufferTrim(self.loop, self._trim_buffers)
         self.link = GuestLink(self.loop, settings.pcap, settings.pcap_size,
                               on_input=self._process_frames, on_client=self._client_changed,
                               on_room=self._room_towards_qemu, settle=self.settle,
-                              buffers_used=self._buffers_used, refused=self._qemu_refused)
+                              buffers_used=self.trim.used, refused=self._qemu_refused)
         ctx = self.ctx = EngineContext(settings, self.loop, self.link,
                                        sockets or KernelSockets())
         ctx.drop_log = self.drop_log
@@ -92,7 +83,7 @@ class Engine:
         ctx.close_flow = self.close_flow
         ctx.settle = self.settle
         ctx.changed = self._changed
-        ctx.buffers_used = self._buffers_used
+        ctx.buffers_used = self.trim.used
         self.flows: FlowTable = ctx.flows
         self.tcp = TcpSockets(ctx)
         self.udp = UdpSockets(ctx, lambda port: self.forwards.takes_udp_port(port))
@@ -105,11 +96,10 @@ class Engine:
             packet.IPPROTO_TCP: self.tcp, packet.IPPROTO_UDP: self.udp,
             packet.IPPROTO_ICMP: self.icmp, packet.IPPROTO_ICMPV6: self.icmp}
         self.timers = FlowTimers()
+        self.handover = Handover(ctx, self.forwards, self._halves)
         self._timer_handle: asyncio.TimerHandle | None = None
         self._timer_when = math.inf
         self._ra_handle: asyncio.TimerHandle | None = None
-        self._buffers_used_at = 0.0  # when the big I/O buffers last held data
-        self._trim_handle: asyncio.TimerHandle | None = None
         self._rng = random.Random()
         self._dhcpv6_duid = dhcpv6.server_duid(self.net.mac)
         self.guest = GuestIdentity(self.net, ctx.seen, self.drop_log, self._changed)
@@ -130,9 +120,10 @@ class Engine:
         if self.closed:
             return
         self.closed = True
-        for handle in (self._timer_handle, self._ra_handle, self._trim_handle):
+        for handle in (self._timer_handle, self._ra_handle):
             if handle is not None:
                 handle.cancel()
+        self.trim.cancel()
         self.tcp.close()
         for flow in list(self.flows):
             self.close_flow(flow, rst_peer=False)
@@ -147,6 +138,23 @@ class Engine:
     def partial_input(self) -> bytes:
         """The start of a frame qemu has not finished writing (for the next process)."""
         return self.link.partial_input()
+
+    def hand_over(self, carry: Callable[[list[socket.socket]], int]) -> bytes:
+        """The state document for the next process (handover.py); `carry` takes the
+        sockets it numbers. Then `close` (the carried sockets live on in the carrier)."""
+        now = self.loop.time()
+        self.settle(now)
+        return self.handover.write(now, carry)
+
+    def inherit(self, state: bytes, socks: list[socket.socket | None]) -> bool:
+        """The previous process's state and sockets, before `start`; `resume_inherited`
+        once the forwards and qemu are back. False (flows reset, logged) if unreadable."""
+        return self.handover.read(state, socks)
+
+    def resume_inherited(self) -> None:
+        now = self.loop.time()
+        self.handover.resume(now)
+        self.settle(now)
 
     @property
     def accept_peer(self) -> Callable[[socket.socket], str | None] | None:
@@ -385,25 +393,9 @@ class Engine:
             self._arm_timer(at)
         self.settle(now)
 
-    # -- memory and router advertisements -------------------------------------------------------
-
-    def _buffers_used(self, now: float) -> None:
-        """Note traffic through the big buffers; give their pages back once it stops."""
-        self._buffers_used_at = now
-        if self._trim_handle is None:
-            self._trim_handle = self.loop.call_at(now + BUFFER_TRIM_DELAY, self._trim_buffers)
+    # -- router advertisements ------------------------------------------------------------------
 
     def _trim_buffers(self) -> None:
-        """Megabytes of frame buffers stay resident after a burst of traffic: once the
-        instance has been quiet for BUFFER_TRIM_DELAY, hand them back to the kernel
-        (MADV_DONTNEED: the next use gets zero pages). One wakeup after traffic, none while
-        idle."""
-        self._trim_handle = None
-        now = self.loop.time()
-        if now - self._buffers_used_at < BUFFER_TRIM_DELAY:
-            self._trim_handle = self.loop.call_at(self._buffers_used_at + BUFFER_TRIM_DELAY,
-                                                  self._trim_buffers)
-            return
         self.link.trim()
         self.tcp.trim()
 

@@ -149,6 +149,13 @@ class TcpConn(Flow):
     )
 
     proto_name = "tcp"
+    # not carried: what one batch leaves (written and settled before a handover) and
+    # held out-of-order data (the guest sends it again)
+    HANDOVER_FIELDS = (*Flow.HANDOVER_FIELDS, "events", "our_isn", "our_mss", "snd_una",
+                       "snd_nxt", "snd_max", "guest_wnd", "guest_wscale", "our_wscale",
+                       "guest_mss", "zero_window", "dupacks", "recover", "discard", "fin_seq",
+                       "rcv_nxt", "ack_sent", "sack_ok", "wnd_to_guest", "timer_kind",
+                       "retries", "rto", "rto_base", "last_activity", "idle_timeout")
 
     def __init__(self, key: FlowKey, origin: str, now: float, our_isn: int, our_mss: int,
                  idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
@@ -235,6 +242,24 @@ class TcpConn(Flow):
         self.rto_base = now
         self._arm(now)
         return A_SYN_ACK
+
+    def after_handover(self, now: float) -> int:
+        """The flow came from the previous process (handover.py) with its socket. What it
+        sent the guest and the guest has not acknowledged is still in the socket: send it
+        again from the last acknowledged byte, and tell the guest our window, since it may
+        have waited for one while no process read qemu."""
+        if not self.events & ESTABLISHED or self.events & CLOSED:
+            return 0  # a handshake in progress: its timer resends what it must
+        actions = A_ACK | self._rewind()
+        if self.discard:
+            actions |= A_DISCARD
+        self._arm(now)
+        return actions
+
+    def abort(self) -> int:
+        """End the flow now, with a reset both ways (a restart could not carry it)."""
+        self.events |= CLOSED
+        return A_ABORT
 
     def host_refused(self) -> int:
         """connect() failed: the guest sees a RST, as from a closed port."""

@@ -36,7 +36,7 @@ from .context import EngineContext
 from .flow import Flow, FlowKey, addr_text
 from .forwards import Forward, PeerAddress
 from .tcp import TcpConn
-from .tcp_hold import HoldBudget
+from .tcp_hold import HoldBudget, Reassembly
 from .tcp_peek import HostData, free_space
 
 log = logging.getLogger("passtd.engine")
@@ -404,6 +404,26 @@ class TcpSockets:
         ctx.changed("FlowCount")
         log.debug("%r: accepted through forward %d", conn, fwd.id)
         self.execute(conn, tcp.A_SYN, now)
+
+    # -- flows from the previous process (handover.py) ----------------------------------------
+
+    def adopt(self, conn: TcpConn, now: float) -> None:
+        """A flow the previous process handed over, with its socket: carry on (tcp.py's
+        `after_handover` says how). A connect() still in progress is watched again."""
+        conn.reassembly = Reassembly(self._hold_budget)
+        conn.rcvlowat = 0  # unknown: set again before the next wait for data
+        if conn.events & tcp.TAP_SYN_RCVD and not conn.events & tcp.TAP_SYN_ACK_SENT:
+            self.ctx.readiness.write(conn, self._connect_done)
+        self.execute(conn, conn.after_handover(now), now)
+        self.ctx.schedule(conn)
+
+    def reset(self, conn: TcpConn, now: float) -> None:
+        """End a flow a restart cannot carry: a reset to the guest and, where the flow
+        still has its socket, to the host peer."""
+        if conn.sock is None:
+            self._control(conn, tcp.A_RST_GUEST, now)
+        else:
+            self.execute(conn, conn.abort(), now)
 
     # -- the end of a batch, and flows that end -----------------------------------------------
 

@@ -69,6 +69,9 @@ class UdpFlow(Flow):
                  "last_activity", "last_length", "stream_timeout", "timeout")
 
     proto_name = "udp"
+    HANDOVER_FIELDS = (*Flow.HANDOVER_FIELDS, "datagrams_from_guest", "datagrams_to_guest",
+                       "holds_guest_port", "last_activity", "last_length", "stream_timeout",
+                       "timeout")
 
     def __init__(self, key: FlowKey, origin: str, now: float, timeout: float = DEFAULT_TIMEOUT,
                  stream_timeout: float = DEFAULT_STREAM_TIMEOUT) -> None:

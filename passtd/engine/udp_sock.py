@@ -202,7 +202,22 @@ class UdpSockets:
             self._to_guest(flow, data, now)  # type: ignore[arg-type]
         ctx.settle(now)
 
-    # -- flows that end -----------------------------------------------------------------------
+    # -- flows from the previous process, and flows that end ----------------------------------
+
+    def adopt(self, flow: UdpFlow, now: float) -> None:
+        """A flow the previous process handed over (handover.py), with its socket or, for
+        an inbound flow, its forward's listener."""
+        if flow.holds_guest_port:
+            self._ports_held += 1
+        if flow.origin != HOST:
+            self.ctx.readiness.read(flow, self._host_readable)
+        self.ctx.schedule(flow)
+
+    def reset(self, flow: UdpFlow, now: float) -> None:
+        """A flow a restart cannot carry just ends (UDP has nothing to tell either side)."""
+        if flow.sock is not None:
+            self.ctx.close_flow(flow, False)
+
 
     def timer(self, flow: UdpFlow, now: float) -> None:
         self.ctx.expire_or_reschedule(flow, now)
