@@ -9,7 +9,7 @@ digest of what it sent and the reply it regenerates from the seed.
     netprog.py tcp-server --bind ADDR --port P [--slow-start SEC]
     netprog.py tcp-client --host ADDR --port P --send N --reply N [--connections C]
                           [--read-delay SEC] [--read-chunk N --read-pause SEC]
-                          [--pause-file PATH]
+                          [--pause-file PATH] [--send-pause SEC]
     netprog.py udp-burst --host ADDR --port P --count N --size N [--burst N]
     netprog.py whoami-server --bind ADDR --port P   (answers "<peer address> <peer port>")
     netprog.py udp-echo --bind ADDR --port P
@@ -99,7 +99,7 @@ def one_exchange(args: argparse.Namespace, index: int, results: list) -> None:
     with socket.create_connection((args.host, args.port), timeout=args.timeout) as sock:
         sock.sendall(f"{args.reply} {seed}\n".encode())
         view = memoryview(payload)
-        half = len(view) // 2 if args.pause_file else len(view)
+        half = len(view) // 2 if args.pause_file else 0 if args.send_pause else len(view)
         sock.sendall(view[:half])
         if args.pause_file:
             print("PAUSED", flush=True)  # the connection is up, half the data is through
@@ -107,6 +107,8 @@ def one_exchange(args: argparse.Namespace, index: int, results: list) -> None:
                 time.sleep(0.05)
         for i in range(half, len(view), CHUNK):
             sock.sendall(view[i : i + CHUNK])
+            if args.send_pause:
+                time.sleep(args.send_pause)  # a transfer that lasts
         sock.shutdown(socket.SHUT_WR)
         if args.read_delay:
             time.sleep(args.read_delay)  # our receive window fills up and closes
@@ -193,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--read-delay", type=float, default=0.0)
     p.add_argument("--read-chunk", type=int, default=0)
     p.add_argument("--read-pause", type=float, default=0.0)
+    p.add_argument("--send-pause", type=float, default=0.0)
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--pause-file", help="after half the payload, wait until this file exists")
     p = sub.add_parser("udp-burst")
