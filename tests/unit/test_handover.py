@@ -1,0 +1,246 @@
+"""Flows across a restart (engine/handover.py, fd_handover.py), with real engines and sockets.
+
+One engine (tests/support/engine_harness.py) serves a guest connection to a server on this
+machine's loopback, then hands over: its state document and its sockets go to a second
+engine, as they would to the next process, and the connection carries on there. Also: a
+document this version cannot read, a socket that did not arrive, the format-1 document
+kept as a fixture (an older version's state must keep reading), and the descriptor
+bundles themselves. Frames are built and read with scapy.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import Ether
+from scapy.packet import Raw
+
+from passtd import fd_handover
+from passtd.engine.addrs import Ip4Config, NetConfig
+from passtd.engine.fwd import ForwardRule
+from passtd.engine.settings import EngineSettings
+from tests.support.engine_harness import EngineHarness, engine_harness
+
+GUEST_MAC, OUR_MAC = "52:54:00:12:34:56", "9a:55:9a:55:9a:55"
+GUEST, GATEWAY = "198.51.100.2", "198.51.100.1"
+NET = NetConfig(ip4=Ip4Config(socket.inet_aton(GUEST), 24, socket.inet_aton(GATEWAY),
+                              map_host_loopback=socket.inet_aton(GATEWAY)))
+SETTINGS = EngineSettings(net=NET)
+FIXTURE = Path(__file__).parent / "data" / "handover-format1.json"
+SPORT = 40000
+
+
+def segment(dport: int, flags: str, seq: int, ack: int = 0, data: bytes = b"") -> bytes:
+    return bytes(Ether(src=GUEST_MAC, dst=OUR_MAC) / IP(src=GUEST, dst=GATEWAY)
+                 / TCP(sport=SPORT, dport=dport, flags=flags, seq=seq, ack=ack, window=502,
+                       options=[("MSS", 1460), ("WScale", 7)] if flags == "S" else [])
+                 / data)
+
+
+def tcp_of(frames: list[bytes]) -> list[TCP]:
+    return [Ether(f)[TCP] for f in frames if Ether(f).haslayer(TCP)]
+
+
+def payload(seg: TCP) -> bytes:
+    return bytes(seg[Raw].load) if seg.haslayer(Raw) else b""
+
+
+@pytest.fixture
+def server() -> Iterator[socket.socket]:
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(4)
+        yield srv
+
+
+def established(h: EngineHarness, server: socket.socket) -> tuple[socket.socket, int]:
+    """A guest connection to `server` through the engine: (host peer, our next seq)."""
+    port = server.getsockname()[1]
+    (syn_ack,) = tcp_of(h.roundtrip(segment(port, "S", 1000), seconds=0.05))
+    peer, _ = server.accept()
+    ours = syn_ack.seq + 1
+    h.roundtrip(segment(port, "A", 1001, ours), seconds=0.02)
+    return peer, ours
+
+
+def hand_over(old: EngineHarness) -> tuple[bytes, list[socket.socket | None]]:
+    """What the next process gets: the document and (copies of) the sockets, as the FD
+    store would keep them; then the old engine closes, as the old process does."""
+    carried: list[socket.socket | None] = []
+
+    def carry(socks: list[socket.socket]) -> int:
+        carried.extend(sock.dup() for sock in socks)
+        return len(socks)
+
+    state = old.engine.hand_over(carry)
+    old.engine.close()
+    return state, carried
+
+
+def take_over(new: EngineHarness, state: bytes, socks: list[socket.socket | None]) -> bool:
+    ok = new.engine.inherit(state, socks)
+    new.engine.start(None)
+    new.engine.resume_inherited()
+    return ok
+
+
+def test_a_connection_carries_on_in_the_next_engine_without_loss(
+        server: socket.socket) -> None:
+    port = server.getsockname()[1]
+    with engine_harness(SETTINGS) as old, engine_harness(SETTINGS) as new:
+        peer, ours = established(old, server)
+        peer.sendall(b"sent before the restart")
+        (data,) = [t for t in tcp_of(old.roundtrip(seconds=0.05)) if payload(t)]
+        assert data.seq == ours  # the guest got it, but does not acknowledge it (yet)
+        flow_id = old.engine.flow_page(0, 10)[0]["id"]
+        state, socks = hand_over(old)
+
+        assert take_over(new, state, socks)
+        (flow,) = new.engine.flow_page(0, 10)
+        assert flow["id"] == flow_id and flow["state"] == "ESTABLISHED"
+        frames = tcp_of(new.roundtrip(seconds=0.05))
+        # a window update, and the unacknowledged data again from the same sequence number
+        assert any(not payload(t) and t.ack == 1001 for t in frames), frames
+        (again,) = [t for t in frames if payload(t)]
+        assert (again.seq, payload(again)) == (ours, b"sent before the restart")
+        end = ours + len(b"sent before the restart")
+        new.roundtrip(segment(port, "PA", 1001, end, b"and after it"), seconds=0.05)
+        peer.settimeout(2)
+        assert peer.recv(100) == b"and after it"
+        peer.sendall(b"more")
+        (more,) = [t for t in tcp_of(new.roundtrip(seconds=0.05)) if payload(t)]
+        assert (more.seq, payload(more)) == (end, b"more")  # nothing sent twice
+        assert new.engine.problems() == []
+        peer.close()
+
+
+def test_listeners_are_kept_and_new_ids_follow_the_old_ones(server: socket.socket) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    rule = ForwardRule("tcp", "127.0.0.1", None, free, free, 22)
+    settings = EngineSettings(net=NET, tcp_forwards=(rule,))
+    with engine_harness(settings) as old, engine_harness(settings) as new:
+        old.engine.start(None)
+        established(old, server)[0].close()
+        state, socks = hand_over(old)
+        # a connection while no process listens: the kept listener queues it
+        waiting = socket.create_connection(("127.0.0.1", free), timeout=2)
+        assert take_over(new, state, socks)
+        (fwd,) = new.engine.list_forwards()
+        assert fwd["id"] == 1 and fwd["listeners"] == 1
+        new.run(0.05)
+        assert any(f["origin"] == "host" for f in new.engine.flow_page(0, 10))
+        waiting.close()
+        doc = json.loads(state)
+        assert new.engine.flows.next_id >= doc["next_flow_id"]
+
+
+@pytest.mark.parametrize("state", [b"not json", b'{"format": 99}', b"[]",
+                                   b'{"format": 1, "flows": 3}'])
+def test_a_state_that_does_not_read_resets_the_flows_only(server: socket.socket,
+                                                         state: bytes) -> None:
+    port = server.getsockname()[1]
+    with engine_harness(SETTINGS) as old, engine_harness(SETTINGS) as new:
+        peer, ours = established(old, server)
+        _, socks = hand_over(old)
+        assert not take_over(new, state, socks)
+        assert new.engine.flow_count == 0
+        peer.settimeout(2)
+        with pytest.raises(ConnectionResetError):  # not an end of stream: a reset
+            peer.recv(100)
+        # the guest's next segment of it meets a reset; the instance goes on
+        (rst,) = tcp_of(new.roundtrip(segment(port, "PA", 1001, ours, b"x"), seconds=0.05))
+        assert "R" in str(rst.flags)
+        peer2, _ = established(new, server)
+        peer2.close()
+        peer.close()
+
+
+def test_a_flow_whose_socket_did_not_arrive_is_reset_towards_the_guest(
+        server: socket.socket) -> None:
+    with engine_harness(SETTINGS) as old, engine_harness(SETTINGS) as new:
+        peer, _ours = established(old, server)
+        state, socks = hand_over(old)
+        for sock in socks:
+            assert sock is not None
+            sock.close()
+        assert take_over(new, state, [None] * len(socks))
+        assert new.engine.flow_count == 0
+        (rst,) = tcp_of(new.receive())
+        assert "R" in str(rst.flags) and rst.sport == server.getsockname()[1]
+        peer.close()
+
+
+def test_the_format_1_document_still_reads() -> None:
+    """tests/unit/data/handover-format1.json, as this version's first format writes it:
+    a forward and its listener, a TCP flow, a guest UDP flow and an inbound one through
+    the forward's... (UDP forwards answer through their listener), and a ping flow."""
+    doc = json.loads(FIXTURE.read_text())
+    assert doc["format"] == 1
+    socks: list[socket.socket | None] = []
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        tcp = socket.create_connection(srv.getsockname())
+        udp_listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp_listener.bind(("127.0.0.1", 0))
+        socks = [udp_listener, tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM),
+                 socket.socket(socket.AF_INET, socket.SOCK_DGRAM)]
+        rule = ForwardRule(**doc["forwards"][0]["rule"])
+        settings = EngineSettings(net=NET, udp_forwards=(rule,))
+        with engine_harness(settings) as new:
+            assert take_over(new, json.dumps(doc).encode(), socks)
+            flows = {f["id"]: f for f in new.engine.flow_page(0, 10)}
+            assert sorted(flows) == [3, 4, 5, 6]
+            assert flows[3]["protocol"] == "tcp" and flows[3]["state"] == "ESTABLISHED"
+            assert flows[3]["bytes_from_guest"] == 1200 and flows[3]["bytes_to_guest"] == 3400
+            assert flows[4]["protocol"] == "udp" and flows[4]["origin"] == "guest"
+            assert flows[5]["origin"] == "host"  # answering through the forward's listener
+            assert flows[6]["protocol"] == "icmp"
+            (fwd,) = new.engine.list_forwards()
+            assert (fwd["id"], fwd["connections"]) == (2, 7)
+            assert new.engine.flows.next_id == 7
+            assert new.engine.guest_mac == GUEST_MAC
+            assert new.engine.problems() == []
+
+
+def test_bundles_carry_many_sockets_in_order() -> None:
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(600)]
+    try:
+        for i, sock in enumerate(socks[:50]):
+            sock.bind(("127.0.0.1", 0))
+            sock.connect(("127.0.0.1", 9 + i))
+        bundles, sent = fd_handover.pack(socks, max_bundles=9)
+        assert sent == 600 and len(bundles) == 1
+        names = [s.getpeername() for s in socks[:50]]
+        for sock in socks:
+            sock.close()
+        got = fd_handover.unpack([b.detach() for b in bundles])
+        assert len(got) == 600
+        assert [s.getpeername() for s in got[:50]] == names
+        for sock in got:
+            sock.close()
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_bundles_stop_where_the_limit_is() -> None:
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(300)]
+    try:
+        bundles, sent = fd_handover.pack(socks, max_bundles=0)
+        assert (bundles, sent) == ([], 0)
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_a_state_memfd_round_trips() -> None:
+    fd = fd_handover.write_memfd("test", b"x" * 300_000)
+    assert fd_handover.read_memfd(fd) == b"x" * 300_000
