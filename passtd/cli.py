@@ -40,7 +40,8 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     run = sub.add_parser(
-        "run", help="run one instance in the foreground (SIGTERM ends it, SIGHUP reloads)",
+        "run", help="run one instance in the foreground (SIGTERM ends it, SIGHUP reloads, "
+             "SIGUSR2 re-executes it keeping its connections)",
         description="Run instance NAME in the foreground. Options override the "
                     "configuration files (see `passtd config show NAME`).",
         formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -144,7 +144,9 @@ class Engine:
         sockets it numbers. Then `close` (the carried sockets live on in the carrier)."""
         now = self.loop.time()
         self.settle(now)
-        return self.handover.write(now, carry)
+        state = self.handover.write(now, carry)
+        self.settle(now)  # the resets of flows that could not be carried
+        return state
 
     def inherit(self, state: bytes, socks: list[socket.socket | None]) -> bool:
         """The previous process's state and sockets, before `start`; `resume_inherited`

@@ -244,3 +244,20 @@ def test_bundles_stop_where_the_limit_is() -> None:
 def test_a_state_memfd_round_trips() -> None:
     fd = fd_handover.write_memfd("test", b"x" * 300_000)
     assert fd_handover.read_memfd(fd) == b"x" * 300_000
+
+
+def test_flows_whose_sockets_find_no_room_are_reset_both_ways(server: socket.socket,
+                                                              caplog) -> None:
+    """The FD store (or the kernel's limit on descriptors in flight) took none of the
+    sockets: the old process resets those flows itself, and leaves them out."""
+    with engine_harness(SETTINGS) as old:
+        peer, _ = established(old, server)
+        state = old.engine.hand_over(lambda socks: 0)
+        assert json.loads(state)["flows"] == []
+        (rst,) = tcp_of(old.receive())
+        assert "R" in str(rst.flags)
+        peer.settimeout(2)
+        with pytest.raises(ConnectionResetError):
+            peer.recv(100)
+        assert "cannot carry 1 of 1 flows" in caplog.text
+        peer.close()
