@@ -24,9 +24,10 @@ private network namespace (its dead-end veth, see tests/support/container.py).
 What the tests show, with timings printed (pytest -s):
 - `systemctl restart`, twice, under that load: qemu is never disconnected (the socket in
   systemd's FD store is the one the new process serves; qemu's netdev still shows its
-  peer, its log stays silent), connections in flight die, new ones succeed at once, the
-  DHCP renewal is answered, and a runtime forward (D-Bus AddForward) carries a new
-  host->guest connection;
+  peer, its log stays silent), connections in flight carry on (the new process takes
+  them over: the download and a held host->guest connection keep going, no request
+  fails), new ones succeed at once, the DHCP renewal is answered, and a runtime forward
+  (D-Bus AddForward) carries a new host->guest connection;
 - `systemctl reload` with a broken /etc/passtd.yaml (a bad port, a YAML syntax error) and a
   broken /run/passtd/NAME.yaml: refused with file, key and reason in the journal, the old
   configuration keeps serving and the guest never sees a failure; then a fixed config
@@ -70,13 +71,13 @@ GREETING = "hello-from-guest"
 QEMU_LOG = f"/var/log/libvirt/qemu/{NAME}.log"
 LABEL = "[faults-sd]"
 
+# How long after a restart the download and the held connection in flight at it must
+# still be alive (they keep going: the new process took them over).
+CARRY_ON_S = 3.0
 # A new guest connection must succeed this soon after `systemctl restart` returned (the
 # request loop's pace under TCG is about one a second, plus a SYN retransmission when the
 # first SYN went to the old process).
 NEW_CONNECTION_MAX_S = 2.0
-# Guest lines of connections that failed because of a restart come at most this long
-# after `systemctl restart` returned (a request's own timeout is 2 s).
-FAILURE_WINDOW_S = 4.0
 # The longest pause between two requests answered during the reloads: the loop's pace is
 # about a second; a lost connection would cost a 2 s timeout plus the next request.
 RELOAD_REQUEST_GAP_MAX_S = 3.0
@@ -463,9 +464,9 @@ def _timeline(t0: float, **moments: float | None) -> str:
 
 
 def _restart_under_load(guest: Guest, generation: int, pid: str,
-                        connection: QemuConnection) -> tuple[float, float, str]:
+                        connection: QemuConnection) -> str:
     """`systemctl restart` with a download and a host->guest connection in flight; checks
-    and prints what followed. Returns when it was issued, when it returned, the new pid."""
+    and prints what followed. Returns the new pid."""
     ct = guest.ct
     stream = guest.wait_loaded()
     held = guest.hold(RUNTIME_PORT, f"held-{generation}")
@@ -486,34 +487,28 @@ def _restart_under_load(guest: Guest, generation: int, pid: str,
         (connection.passtd_inode, connection.qemu_inode), (connection, served)
     assert f'("passtd",pid={pid},' in served.passtd_side, served
 
-    ended = wait_for(lambda: guest.events.stream_end(stream), WAIT_S,
-                     "the end of the download in flight at the restart")
-    # the old process closes all its sockets at once, that download's among them: what
-    # arrives after that came through the new process
-    first_answer = guest.events.wait_answered(ended["t"])
-    # (the guest reports a download when it ends: the first since the restart is that one)
-    guest_saw_end = guest.console.wait("FSD stream ", issued)[0]
-    next_stream = wait_for(lambda: guest.events.stream_opened(issued), WAIT_S, "a new download")
-    (held_end,) = wait_for(lambda: held.all("ended"), WAIT_S,
-                           "the end of the host->guest connection in flight at the restart")
+    # the new process took the flows over: what arrives now came through it
+    first_answer = guest.events.wait_answered(ready)
     renewed, renewal = guest.console.wait(f"FSD renew gen={generation} ", issued)
     assert renewal.endswith(" ok"), renewal
     runtime_greeted = guest.greeted(RUNTIME_PORT)
     config_greeted = guest.greeted(CONFIG_PORT)
+    # the download and the host->guest connection in flight at the restart carry on
+    time.sleep(max(0.0, ready + CARRY_ON_S - time.monotonic()))
+    assert guest.events.stream_end(stream) is None, guest.events.stream_end(stream)
+    assert not held.all("ended"), held.all("ended")
+    assert guest.events.streaming() == stream
     print(f"{LABEL} restart {generation}: systemctl restart {ready - issued:.2f} s (pid "
           f"{pid}, NFileDescriptorStore=1, same qemu connection); from the restart: "
-          + _timeline(issued, returned=ready, download_in_flight_ended=ended["t"],
-                      guest_saw_it_end=guest_saw_end, first_new_request_answered=first_answer,
-                      next_download=next_stream,
-                      held_host_to_guest_connection_ended=held_end["t"],
+          + _timeline(issued, returned=ready, first_request_answered=first_answer,
                       dhcp_renewal_answered=renewed)
-          + f"; the download ended ({ended['how']}) after {ended['bytes'] >> 20} MiB, the "
-          f"held connection too ({held_end['how']}); new "
-          f"host->guest connections greeted in {runtime_greeted:.2f} s (runtime forward "
-          f"{RUNTIME_PORT}) and {config_greeted:.2f} s (config forward {CONFIG_PORT})")
+          + f"; the download in flight and the held host->guest connection still live "
+          f"{CARRY_ON_S:.0f} s after it; new host->guest connections greeted in "
+          f"{runtime_greeted:.2f} s (runtime forward {RUNTIME_PORT}) and "
+          f"{config_greeted:.2f} s (config forward {CONFIG_PORT})")
     assert first_answer - ready <= NEW_CONNECTION_MAX_S, \
         f"first new request answered {first_answer - ready:.2f} s after the restart"
-    return issued, ready, pid
+    return pid
 
 
 def test_restart_under_load_keeps_the_guest_connected(guest: Guest) -> None:
@@ -530,24 +525,20 @@ def test_restart_under_load_keeps_the_guest_connected(guest: Guest) -> None:
           f"passtd pid {pid} serves qemu's connection (socket inodes "
           f"{connection.passtd_inode} <-> {connection.qemu_inode})")
 
-    restarts = []
     for generation in (1, 2):
-        issued, ready, pid = _restart_under_load(guest, generation, pid, connection)
-        restarts.append((issued, ready))
+        pid = _restart_under_load(guest, generation, pid, connection)
 
-    # the guest's side: the NIC never went, only connections around a restart failed
+    # the guest's side: the NIC never went, no connection failed, no download ended
     assert not guest.console.matching("FSD carrier", started)
     assert not guest.console.matching("PASSTD_NET_DOWN", started)
     assert len(guest.console.matching("PASSTD_NET ")) == 1
-    failures = [(t, line) for t, line in guest.console.matching("FSD req", started)
+    failures = [line for _, line in guest.console.matching("FSD req", started)
                 if " fail" in line]
-    for t, line in failures:
-        assert any(issued <= t <= ready + FAILURE_WINDOW_S for issued, ready in restarts), \
-            f"{line!r} at +{t - started:.1f} s, restarts at " \
-            f"{[f'+{issued - started:.1f} s' for issued, _ in restarts]}"
+    assert not failures, failures
+    assert not guest.console.matching("FSD stream ", started)
     answered = len(guest.events.answered(started))
-    print(f"{LABEL} during the restarts: {answered} guest requests answered, "
-          f"{len(failures)} failed around a restart {[line for _, line in failures]}")
+    print(f"{LABEL} during the restarts: {answered} guest requests answered, none failed, "
+          f"the download in flight since before them still running")
     # qemu's side: still connected to the same peer, nothing logged since
     assert guest.netdev_info() == netdev
     assert guest.qemu_log() == qemu_log

@@ -4,8 +4,9 @@ The guest is a real kernel (a tap namespace on the lab wire) and the transfers a
 netprog.py's exchanges, checked byte for byte (sha256) both ways: a client in the guest
 sends a lot to a host server, another receives a lot from one, a host client exchanges
 both ways with a server in the guest through a forward, a UDP flow and a ping run, and
-the instance re-executes itself three times meanwhile. A reset anywhere fails the
-exchange that saw it. (tests/integration/test_systemd.py does the same through
+the instance re-executes itself three times meanwhile, while a host client keeps opening
+new connections to the forward. A reset or a refusal anywhere fails the exchange that saw
+it. (tests/integration/test_systemd.py does the same through
 `systemctl restart`.)
 """
 
@@ -81,12 +82,16 @@ def test_reexec_keeps_tcp_udp_and_ping_flows(program_factory, guest_factory, hos
     udp = guest.spawn([sys.executable, NETPROG, "udp-burst", "--host", gw, "--port", "18053",
                        "--count", "3000", "--size", "200", "--burst", "10"],
                       log=work / "udp.log")
+    probe = lab_host.spawn([sys.executable, NETPROG, "tcp-probe", "--host", "127.0.0.1",
+                            "--port", "18022", "--count", "60", "--interval", "0.03"],
+                           log=lab_host.workdir / "probe.log")
     time.sleep(0.5)
     for n in range(3):
         reexec(prog, n)
         time.sleep(0.3)
     for proc, log in ((upload, work / "up.log"), (download, work / "down.log"),
-                      (inbound, lab_host.workdir / "in.log")):
+                      (inbound, lab_host.workdir / "in.log"),
+                      (probe, lab_host.workdir / "probe.log")):
         verdict(proc, log)
     ping.wait(30)
     udp.wait(60)

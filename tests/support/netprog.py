@@ -11,6 +11,8 @@ digest of what it sent and the reply it regenerates from the seed.
                           [--read-delay SEC] [--read-chunk N --read-pause SEC]
                           [--pause-file PATH] [--send-pause SEC]
     netprog.py udp-burst --host ADDR --port P --count N --size N [--burst N]
+    netprog.py tcp-probe --host ADDR --port P --count N --interval SEC
+                          (N small exchanges one after the other: does every one succeed?)
     netprog.py whoami-server --bind ADDR --port P   (answers "<peer address> <peer port>")
     netprog.py udp-echo --bind ADDR --port P
 
@@ -151,6 +153,24 @@ def tcp_client(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def tcp_probe(args: argparse.Namespace) -> int:
+    """Small exchanges, one after the other (each a fresh connection): across a restart of
+    the instance behind the port, none may be refused or reset."""
+    failures: list[str] = []
+    args.send = args.reply = 100
+    for i in range(args.count):
+        results: list = [None]
+        try:
+            one_exchange(args, i, results)
+            if not (results[0]["sent_ok"] and results[0]["reply_ok"]):
+                failures.append(f"exchange {i}: corrupt")
+        except OSError as e:
+            failures.append(f"exchange {i}: {e!r}")
+        time.sleep(args.interval)
+    print(json.dumps({"ok": not failures, "attempts": args.count, "failures": failures[:5]}))
+    return 0 if not failures else 1
+
+
 def udp_burst(args: argparse.Namespace) -> int:
     family, kind, proto, _, addr = socket.getaddrinfo(args.host, args.port,
                                                       type=socket.SOCK_DGRAM)[0]
@@ -198,6 +218,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--send-pause", type=float, default=0.0)
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--pause-file", help="after half the payload, wait until this file exists")
+    p = sub.add_parser("tcp-probe")
+    p.add_argument("--host", required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--count", type=int, default=100)
+    p.add_argument("--interval", type=float, default=0.02)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--pause-file", default=None)
+    p.add_argument("--send-pause", type=float, default=0.0)
+    p.add_argument("--read-delay", type=float, default=0.0)
+    p.add_argument("--read-chunk", type=int, default=0)
+    p.add_argument("--read-pause", type=float, default=0.0)
     p = sub.add_parser("udp-burst")
     p.add_argument("--host", required=True)
     p.add_argument("--port", type=int, required=True)
@@ -211,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         return udp_echo(args)
     if args.command == "tcp-client":
         return tcp_client(args)
+    if args.command == "tcp-probe":
+        return tcp_probe(args)
     return udp_burst(args)
 
 
