@@ -160,8 +160,9 @@ def tcp_probe(args: argparse.Namespace) -> int:
     args.send = args.reply = 100
     for i in range(args.count):
         results: list = [None]
+        args.seed = i
         try:
-            one_exchange(args, i, results)
+            one_exchange(args, 0, results)
             if not (results[0]["sent_ok"] and results[0]["reply_ok"]):
                 failures.append(f"exchange {i}: corrupt")
         except OSError as e:
