@@ -49,9 +49,9 @@ from collections.abc import Callable
 from typing import Any
 
 from . import config as config_mod
-from . import fd_handover
+from . import fd_handover, journal
 from .config import ConfigError, InstanceConfig
-from .engine import addrs
+from .engine import addrs, events
 from .engine.addrs import Ip4Config, Ip6Config, NetConfig
 from .engine.flow import addr_text
 from .engine.forwards import ForwardError
@@ -438,7 +438,8 @@ class Instance:
         try:
             if sd_notify(f"FDSTORE=1\nFDNAME={fd_handover.FD_NAME_STATE}", [fd]):
                 log.info("handing %d flows and %d forwards over to the next process",
-                         flows, len(engine.forwards))
+                         flows, len(engine.forwards),
+                         extra=events.fields(events.FLOWS_HANDED_OVER))
         finally:
             os.close(fd)
 
@@ -641,13 +642,17 @@ def _is_connected(sock: socket.socket) -> bool:
     return True
 
 
-def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+def setup_logging(level: str, instance: str) -> None:
+    """stderr, or the journal with fields (journal.py) where stderr is the journal."""
+    handler: logging.Handler = logging.StreamHandler(sys.stderr)
     if os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"):
         fmt = "%(levelname)s: %(message)s"  # journald adds time and unit
     else:
         fmt = "%(asctime)s passtd[%(process)d] %(levelname)s: %(message)s"
     handler.setFormatter(logging.Formatter(fmt))
+    if journal.stderr_is_journal():
+        handler = journal.JournalHandler(instance, fallback=handler)
+        handler.setFormatter(logging.Formatter("%(message)s"))  # PRIORITY says the level
     root = logging.getLogger("passtd")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -665,7 +670,7 @@ def raise_nofile_limit() -> None:
 
 
 def run(cfg: InstanceConfig, reload_config: Callable[[], InstanceConfig]) -> int:
-    setup_logging(cfg.log_level)
+    setup_logging(cfg.log_level, cfg.name)
     raise_nofile_limit()
     instance = Instance(cfg, reload_config)
     try:

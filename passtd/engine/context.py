@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from . import events
 from .addrs import GuestSeen, NetConfig
 from .flow import A_CLOSE, Flow, FlowTable
 from .link import GuestLink
@@ -39,7 +40,8 @@ class RateLimitedLog:
         self.period = period
         self._state: dict[str, list[float | int]] = {}
 
-    def __call__(self, level: int, category: str, msg: str, *args: Any) -> None:
+    def __call__(self, level: int, category: str, msg: str, *args: Any,
+                 extra: dict[str, Any] | None = None) -> None:
         if not log.isEnabledFor(level):
             return
         now = time.monotonic()
@@ -50,7 +52,7 @@ class RateLimitedLog:
             state[:] = [now, 0, 0]
         if state[1] < self.burst:
             state[1] += 1
-            log.log(level, msg, *args)
+            log.log(level, msg, *args, extra=extra)
         else:
             state[2] += 1
 
@@ -196,5 +198,5 @@ class EngineContext:
         if not self.flows.full:
             return False
         self.drop_log(logging.WARNING, "flow-limit", "flow limit (%d) reached: refusing %s",
-                      self.flows.max_flows, what)
+                      self.flows.max_flows, what, extra=events.fields(events.LIMIT_REACHED))
         return True

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import events
 from .addrs import NetConfig
 from .flow import Flow
 from .fwd import ForwardRule, format_rule
@@ -129,7 +130,8 @@ class Forwards:
                 self._watch(inherited, sock)
             log.info("forward %d: %s %s -> guest (%s, %d listening sockets kept across the "
                      "restart)", inherited.id, rule.proto, format_rule(rule), origin,
-                     len(inherited.listeners))
+                     len(inherited.listeners),
+                     extra=events.fields(events.FORWARD_ADDED, forward_id=inherited.id))
             return inherited
         fwd = Forward(self._next_id, rule, origin)
         try:
@@ -144,7 +146,8 @@ class Forwards:
         self._next_id += 1
         self._by_id[fwd.id] = fwd
         log.info("forward %d: %s %s -> guest (%s, %d listening sockets)", fwd.id, rule.proto,
-                 format_rule(rule), origin, len(fwd.listeners))
+                 format_rule(rule), origin, len(fwd.listeners),
+                 extra=events.fields(events.FORWARD_ADDED, forward_id=fwd.id))
         return fwd
 
     def remove(self, forward_id: int) -> Forward:
@@ -153,7 +156,8 @@ class Forwards:
         if fwd is None:
             raise ForwardError("NotFound", f"no forward with id {forward_id}")
         self._close_listeners(fwd)
-        log.info("forward %d removed: %s %s", fwd.id, fwd.rule.proto, format_rule(fwd.rule))
+        log.info("forward %d removed: %s %s", fwd.id, fwd.rule.proto, format_rule(fwd.rule),
+                 extra=events.fields(events.FORWARD_REMOVED, forward_id=fwd.id))
         return fwd
 
     def close(self) -> None:

@@ -54,7 +54,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from . import packet
+from . import events, packet
 from .context import EngineContext, SocketHalf
 from .flow import HOST, Flow, FlowKey
 from .forwards import Forward, Forwards
@@ -274,7 +274,8 @@ class Handover:
         written_at = self.written_at
         log.info("took over %d flows and %d forwards from the previous process%s (state "
                  "written %.0f ms ago)", resumed, len(self.forwards), f", {reset} reset"
-                 if reset else "", (now - written_at) * 1000)
+                 if reset else "", (now - written_at) * 1000,
+                 extra=events.fields(events.FLOWS_TAKEN_OVER))
         if self.ctx.link.connected:  # the restart's gap, as the guest sees it
             self.ctx.link.input_watch = lambda at: log.info(
                 "first guest frame %.0f ms after the previous process's last",

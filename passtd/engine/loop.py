@@ -36,7 +36,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from . import arp, dhcp, dhcpv6, ndp, packet, tcp
+from . import arp, dhcp, dhcpv6, events, ndp, packet, tcp
 from .context import BufferTrim, EngineContext, RateLimitedLog, SocketHalf
 from .flow import Flow, FlowTable
 from .forwards import Forward, Forwards
@@ -175,12 +175,14 @@ class Engine:
 
     def _client_changed(self, sock: socket.socket | None, why: str) -> None:
         if sock is not None:
-            log.info("guest connected (qemu pid %s)", peer_pid(sock))
+            log.info("guest connected (qemu pid %s)", peer_pid(sock),
+                     extra=events.fields(events.GUEST_CONNECTED))
             if self.net.ip6 and self.settings.ndp and self.settings.ra:
                 self._schedule_ra(1.0)
         else:
             log.info("guest disconnected: %s; waiting for the next qemu connection "
-                     "(%d flows and %d forwards kept)", why, len(self.flows), len(self.forwards))
+                     "(%d flows and %d forwards kept)", why, len(self.flows), len(self.forwards),
+                     extra=events.fields(events.GUEST_DISCONNECTED))
             if self._ra_handle:
                 self._ra_handle.cancel()
                 self._ra_handle = None
@@ -191,7 +193,8 @@ class Engine:
     def _qemu_refused(self, why: str) -> None:
         waiting = "" if self.link.connected else "; still waiting for the guest's qemu"
         self.drop_log(logging.WARNING, "refused qemu connections",
-                      "refusing a connection on the qemu socket: %s%s", why, waiting)
+                      "refusing a connection on the qemu socket: %s%s", why, waiting,
+                      extra=events.fields(events.QEMU_REFUSED))
 
     def _room_towards_qemu(self, flows: list[Flow]) -> None:
         self.tcp.resume(flows)  # (only TCP flows wait for room: tcp_peek.py)
@@ -364,7 +367,9 @@ class Engine:
         self.flows.remove(flow)
         flow.deadline = None
         self.timers.cancel(flow)
-        log.debug("%r: closed", flow)
+        if log.isEnabledFor(logging.DEBUG):  # (fields cost more than the call)
+            log.debug("%r: closed", flow, extra=events.fields(
+                flow_id=flow.id, forward_id=flow.forward_id, guest=flow.guest_addr))
         self._changed("FlowCount")
 
     def _schedule(self, flow: Flow) -> None:

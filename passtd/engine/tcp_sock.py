@@ -31,7 +31,7 @@ import struct
 from collections.abc import Sequence
 from typing import cast
 
-from . import nat, packet, tcp, tcp_seg
+from . import events, nat, packet, tcp, tcp_seg
 from .context import EngineContext
 from .flow import Flow, FlowKey, addr_text
 from .forwards import Forward, PeerAddress
@@ -148,7 +148,9 @@ class TcpSockets:
         conn.sock = sock
         ctx.flows.add(conn)
         ctx.changed("FlowCount")
-        log.debug("%r: connecting to %s", conn, target)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%r: connecting to %s", conn, target, extra=events.fields(
+                flow_id=conn.id, guest=conn.guest_addr))
         rc = sock.connect_ex(target)
         if rc == 0:
             self.execute(conn, conn.host_connected(now), now)
@@ -402,7 +404,9 @@ class TcpSockets:
         ctx.flows.add(conn)
         fwd.connections += 1
         ctx.changed("FlowCount")
-        log.debug("%r: accepted through forward %d", conn, fwd.id)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%r: accepted through forward %d", conn, fwd.id, extra=events.fields(
+                flow_id=conn.id, forward_id=fwd.id, guest=conn.guest_addr))
         self.execute(conn, tcp.A_SYN, now)
 
     # -- flows from the previous process (handover.py) ----------------------------------------

@@ -255,6 +255,44 @@ def test_instance_is_on_the_bus(ct: Container, instances: Instances) -> None:
                        "GuestConnected") is True
 
 
+@needs_dbus_api
+def test_the_journal_has_fields_to_filter_on(ct: Container, instances: Instances) -> None:
+    """Records go to the journal with fields (passtd/journal.py): `journalctl -u UNIT
+    FORWARD_ID=N` and `journalctl MESSAGE_ID=...` find the events an admin looks for."""
+    from passtd.engine import events
+
+    inst = instances.socket("jrnl1")
+    unit = f"passtd@{inst}.service"
+    assert_offer(instances.connect("jrnl1"))
+    wait_ready(ct, inst)
+    (forward_id,) = busctl_json(ct, "call", bus_name("jrnl1"), OBJECT, INTERFACE,
+                                "AddForward", "ssqq", "tcp", "", "2323", "23")
+    ct.busctl("call", bus_name("jrnl1"), OBJECT, INTERFACE, "RemoveForward", "u",
+              str(forward_id))
+
+    def entries(*matches: str) -> list[dict[str, str]]:
+        out = ct.run(["journalctl", "--no-pager", "-o", "json", "-u", unit, *matches]).stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def present() -> bool:
+        return len(entries(f"FORWARD_ID={forward_id}")) >= 2
+
+    wait(present, "the forward's records in the journal")
+    added, removed = entries(f"FORWARD_ID={forward_id}")[:2]
+    assert added["MESSAGE_ID"] == events.FORWARD_ADDED, added
+    assert removed["MESSAGE_ID"] == events.FORWARD_REMOVED, removed
+    assert added["MESSAGE"].startswith(f"forward {forward_id}: tcp 2323:23"), added
+    assert (added["PASSTD_INSTANCE"], added["PRIORITY"], added["SYSLOG_IDENTIFIER"]) == \
+        ("jrnl1", "6", "passtd")
+    (connected,) = entries(f"MESSAGE_ID={events.GUEST_CONNECTED}")
+    assert connected["MESSAGE"].startswith("guest connected"), connected
+    # every record of the instance carries its name, and says its level by PRIORITY
+    records = entries()
+    mine = [r for r in records if r.get("SYSLOG_IDENTIFIER") == "passtd"]
+    assert mine and all(r["PASSTD_INSTANCE"] == "jrnl1" for r in mine)
+    assert not any(r["MESSAGE"].startswith("INFO:") for r in mine)
+
+
 def test_guest_ping_needs_ping_group_range(ct: Container, instances: Instances) -> None:
     """Ping sockets need the service's group (user passtd's, nogroup) in
     net.ipv4.ping_group_range, which Debian leaves closed ("1 0"; the unit's comment says

@@ -66,3 +66,11 @@ def test_passtd_yaml_5_documents_every_setting() -> None:
     assert len(settings) > 30
     missing = sorted(s for s in settings if not re.search(rf"\b{s}\b", text))
     assert not missing, missing
+
+
+def test_passtd_8_lists_every_journal_message_id() -> None:
+    from passtd.engine import events
+
+    text = (REPO / "man" / "passtd.8").read_text()
+    for name, message_id in events.MESSAGE_IDS.items():
+        assert f".B {name}\n{message_id}\n" in text, name
