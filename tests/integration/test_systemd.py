@@ -16,10 +16,8 @@ Every test uses its own instance names, and stops its units at the end.
 
 from __future__ import annotations
 
-import grp
 import json
 import os
-import pwd
 import re
 import stat
 import subprocess
@@ -31,13 +29,14 @@ from pathlib import Path
 import pytest
 
 from passtd.tools import lab
+from tests.support.container import ROOT as container_root_path
 from tests.support.container import Container, missing_requirements
 from tests.support.qemu_stub import QemuStub, dhcp_option
 
 pytestmark = pytest.mark.systemd
 
 REPO = Path(__file__).resolve().parents[2]
-VENV = Path("/opt/passtd/venv")
+VENV = container_root_path / "opt/passtd/venv"  # in the tree the containers boot
 UNIT_DIR = "/usr/local/lib/systemd/system"
 UNITS = ("passtd@.socket", "passtd@.service")
 POLICY = REPO / "dbus" / "org.passtd.Passtd1.conf"
@@ -54,6 +53,28 @@ HAVE_DBUS_API = (REPO / "passtd" / "dbus_api.py").exists()
 needs_dbus_api = pytest.mark.skipif(not HAVE_DBUS_API, reason="passtd/dbus_api.py not there yet")
 
 
+def account(db: str, name: str) -> list[str]:
+    """The entry of `name` in the containers' /etc/passwd or /etc/group (their tree may be
+    another one than the host's: tests/support/container.py's ROOT)."""
+    for line in (container_root_path / "etc" / db).read_text().splitlines():
+        fields = line.split(":")
+        if fields[0] == name:
+            return fields
+    raise KeyError(f"no {name} in {db}")
+
+
+def passtd_uid() -> int:
+    return int(account("passwd", "passtd")[2])
+
+
+def passtd_user_gid() -> int:
+    return int(account("passwd", "passtd")[3])
+
+
+def passtd_group_gid() -> int:
+    return int(account("group", "passtd")[2])
+
+
 def _installed_package() -> Path | None:
     found = sorted(VENV.glob("lib/python3*/site-packages/passtd"))
     return found[-1] if found else None
@@ -64,11 +85,11 @@ def require_installation() -> None:
     if missing:
         pytest.skip("systemd container: " + "; ".join(missing))
     problems = []
-    if _installed_package() is None or not Path("/usr/local/bin/passtd").exists():
+    if _installed_package() is None or not (container_root_path / "usr/local/bin/passtd").exists():
         problems.append("no /opt/passtd/venv or /usr/local/bin/passtd")
-    for what, lookup in (("group", grp.getgrnam), ("user", pwd.getpwnam)):
+    for what, db in (("group", "group"), ("user", "passwd")):
         try:
-            lookup("passtd")
+            account(db, "passtd")
         except KeyError:
             problems.append(f"no {what} passtd")
     if problems:
@@ -81,7 +102,8 @@ def ct(lab_logs: object) -> Iterator[Container]:
     Container.remove_stale("passtd-sd")
     package = _installed_package()
     assert package is not None
-    with Container("passtd-sd", bind_ro=[(str(REPO / "passtd"), str(package))]) as box:
+    inside = "/" + str(package.relative_to(container_root_path))
+    with Container("passtd-sd", bind_ro=[(str(REPO / "passtd"), inside)]) as box:
         for unit in UNITS:
             box.install_file(REPO / "units" / unit, f"{UNIT_DIR}/")
         if POLICY.exists():
@@ -204,7 +226,7 @@ def test_socket_listens_and_service_waits(ct: Container, instances: Instances) -
     st = os.stat(ct.host_path("/run/passtd/sock1.sock"))
     assert stat.S_ISSOCK(st.st_mode)
     assert stat.S_IMODE(st.st_mode) == 0o660
-    assert (st.st_uid, st.st_gid) == (0, grp.getgrnam("passtd").gr_gid)
+    assert (st.st_uid, st.st_gid) == (0, passtd_group_gid())
     assert props(ct, f"passtd@{inst}.socket", "ActiveState")["ActiveState"] == "active"
     assert props(ct, f"passtd@{inst}.service", "ActiveState")["ActiveState"] == "inactive"
 
@@ -223,7 +245,7 @@ def test_first_connection_starts_the_service(ct: Container, instances: Instances
     status_file = ct.host_path(f"/proc/{info['MainPID']}/status")  # the container's pid
     status = dict(line.split(":\t", 1) for line in status_file.read_text().splitlines()
                   if ":\t" in line)
-    assert status["Uid"].split()[0] == str(pwd.getpwnam("passtd").pw_uid)
+    assert status["Uid"].split()[0] == str(passtd_uid())
     assert int(status["CapEff"], 16) == 0
     assert int(status["CapBnd"], 16) == 1 << CAP_NET_BIND_SERVICE
     assert (status["NoNewPrivs"], status["Seccomp"]) == ("1", "2")
@@ -302,7 +324,7 @@ def test_guest_ping_needs_ping_group_range(ct: Container, instances: Instances) 
     assert_offer(client)
     sysctl = "net.ipv4.ping_group_range"
     before = ct.run(["sysctl", "-n", sysctl]).stdout.split()
-    gid = pwd.getpwnam("passtd").pw_gid
+    gid = passtd_user_gid()
     try:
         ct.run(["sysctl", "-qw", f"{sysctl}=1 0"])  # Debian's default
         # the gateway address leads to the container's loopback
@@ -378,7 +400,7 @@ def test_restart_keeps_live_connections(ct: Container, instances: Instances, gue
     unit = f"passtd@{inst}.service"
     guest = guest_factory(ct.host_path("/run/passtd/live1.sock"), wire="whole")
     wait_ready(ct, inst)
-    gid = pwd.getpwnam("passtd").pw_gid
+    gid = passtd_user_gid()
     ct.run(["sysctl", "-qw", f"net.ipv4.ping_group_range={gid} {gid}"])
     busctl_json(ct, "call", bus_name("live1"), OBJECT, INTERFACE, "AddForward", "ssqq", "tcp",
                 "", "18022", "22")
@@ -542,7 +564,7 @@ def test_the_shipped_capture_place_works_in_the_sandbox(ct: Container,
         assert_offer(instances.connect("cap1"))
         capture = ct.host_path("/var/log/passtd/cap1/capture.pcap")
         wait(lambda: capture.exists() and capture.stat().st_size > 24, "the capture")
-        uid = pwd.getpwnam("passtd").pw_uid
+        uid = passtd_uid()
         st, directory = capture.stat(), capture.parent.stat()
         assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o600, uid)
         assert (stat.S_IMODE(directory.st_mode), directory.st_uid) == (0o700, uid)

@@ -66,6 +66,10 @@ from typing import Any
 LOG = logging.getLogger(__name__)
 
 WORK_ROOT = Path(tempfile.gettempdir()) / "passtd-ct"
+# The tree containers boot: the host's own root, or PASSTD_CT_ROOT (e.g. a Debian 13 tree
+# made with debootstrap, passtd installed in it by its setup.sh), to check another release's
+# systemd from this host.
+ROOT = Path(os.environ.get("PASSTD_CT_ROOT") or "/")
 NSPAWN_RUN = Path("/run/systemd/nspawn")  # what nspawn leaves on the host, per machine
 REQUIRED_TOOLS = ("systemd-nspawn", "unshare", "nsenter", "mount", "ip", "busctl")
 
@@ -253,7 +257,8 @@ class Container:
         # the bind mount of / exists only in this private mount namespace, and vanishes
         # with it when nspawn exits
         argv = ["unshare", "--mount", "--propagation", "private", "--",
-                "sh", "-c", 'mount --bind / "$0" && exec "$@"', str(root), *nspawn]
+                "sh", "-c", 'mount --bind "$1" "$0" && shift && exec "$@"', str(root), str(ROOT),
+                *nspawn]
         env = dict(os.environ)
         if self.unified_cgroup:
             env["SYSTEMD_NSPAWN_UNIFIED_HIERARCHY"] = "1"
