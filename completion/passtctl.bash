@@ -41,12 +41,12 @@ _passtctl() {
 	fi
 	case ${#words[@]} in
 	0)
-		mapfile -t COMPREPLY < <(compgen -W "list libvirt $(_passtctl_instances)" -- "$cur") ;;
+		mapfile -t COMPREPLY < <(compgen -W "list metrics libvirt $(_passtctl_instances)" -- "$cur") ;;
 	1)
 		case ${words[0]} in
-		list) ;;
+		list|metrics) ;;
 		libvirt) mapfile -t COMPREPLY < <(compgen -W "attach detach" -- "$cur") ;;
-		*) mapfile -t COMPREPLY < <(compgen -W "status forwards flows forward" -- "$cur") ;;
+		*) mapfile -t COMPREPLY < <(compgen -W "status forwards flows stats monitor forward" -- "$cur") ;;
 		esac ;;
 	2)
 		case ${words[0]}:${words[1]} in

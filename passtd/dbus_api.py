@@ -9,8 +9,11 @@ Design: every instance is its own process, so every instance owns its own bus na
   ListForwards() -> aa{sv}
   ListFlows() -> aa{sv}             (at most 512 flows, else Error.TooManyFlows)
   ListFlowsPage(u after_id, u count) -> (aa{sv} flows, u next_id)   (dbus_listing.py)
+  GetStatistics() -> a{sv}          (counters since the process started, STATISTICS)
   properties (read-only, PropertiesChanged): Name s, GuestConnected b, GuestMac s,
   GuestAddresses as, Mtu u, FlowCount u
+  signals: ForwardAdded(a{sv} forward), ForwardRemoved(a{sv} forward),
+  FlowOpened(aa{sv} flows, u omitted), FlowClosed(aa{sv} flows, u omitted)
 
 Access control is the bus's job: the policy file dbus/org.passtd.Passtd1.conf lets root
 change forwards and everyone read (flow listings are rate limited per user). Errors are
@@ -26,6 +29,14 @@ every flow open and close, which must not turn into a signal storm on the system
 The first change of a quiet property is sent at once; later ones within the second are
 folded into one signal at the end of it, carrying the value current *then*, so the last
 signal always tells the final value.
+
+Flow signals are batched the same way (`FlowBatch`), since a busy guest opens and closes
+thousands of flows a second: the first opening (closing) after a quiet second is
+signalled at once, later ones within the second are gathered into one FlowOpened
+(FlowClosed) at its end. A signal describes at most FLOW_SIGNAL_MAX flows, as ListFlows
+does (a closed flow with its final counters); `omitted` counts the others. So a guest
+costs the bus at most two flow signals a second, whatever it does. Forward signals are
+sent as they happen (only root and the configuration change forwards).
 
 A bus daemon that restarts, or is not there yet when the instance starts, is reconnected
 to in the background (`BusExport`): the object is exported and the name owned again.
@@ -52,7 +63,7 @@ from dbus_fast.annotations import (
     DBusUInt32,
 )
 from dbus_fast.constants import PropertyAccess
-from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
+from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
 from dbus_fast.signature import Variant
 
 from .dbus_listing import FlowListing
@@ -74,6 +85,7 @@ CONNECT_TIMEOUT = 10.0  # seconds for connect + RequestName: READY=1 waits for t
 RECONNECT_FIRST = 0.5  # seconds after losing the bus before the first reconnection
 RECONNECT_MAX = 30.0  # ... doubling up to this
 SIGNAL_INTERVAL = 1.0  # at most one PropertiesChanged per property per second
+FLOW_SIGNAL_MAX = 64  # flows described in one FlowOpened or FlowClosed
 
 # ListForwards / ListFlows entries: key -> D-Bus type. The engine's dicts may carry more
 # (e.g. a forward's listener count); only these keys are the API.
@@ -87,7 +99,21 @@ FORWARD_FIELDS = {
     "origin": "s",
     "spec": "s",
     "connections": "t",
+    "refused": "t",
     "bytes": "t",
+    "bytes_from_guest": "t",
+    "bytes_to_guest": "t",
+}
+# GetStatistics: the engine's counters (engine/loop.py's `statistics`), and `drops`, a{st}
+# by reason (the categories of the engine's rate-limited log)
+STATISTICS = {
+    "frames_from_guest": "t",
+    "bytes_from_guest": "t",
+    "frames_to_guest": "t",
+    "bytes_to_guest": "t",
+    "frames_dropped_to_guest": "t",
+    "flows": "u",
+    "flows_opened": "t",
 }
 FLOW_FIELDS = {
     "id": "u",
@@ -106,6 +132,8 @@ PROPERTIES = frozenset({"Name", "GuestConnected", "GuestMac", "GuestAddresses", 
                         "FlowCount"})
 
 DictList = Annotated[list[dict[str, Variant]], DBusSignature("aa{sv}")]
+Dict = Annotated[dict[str, Variant], DBusSignature("a{sv}")]
+FlowBatchSignal = Annotated[list[Any], DBusSignature("aa{sv}u")]
 FlowPage = Annotated[list[Any], DBusSignature("aa{sv}u")]
 StrList = Annotated[list[str], DBusSignature("as")]
 
@@ -208,6 +236,34 @@ class ChangeThrottle:
         return ready
 
 
+class FlowBatch:
+    """Flow openings (or closings) gathered for one signal (see the module docstring):
+    at most `limit` described, the rest counted. Sans-IO: the caller passes the time."""
+
+    def __init__(self, interval: float = SIGNAL_INTERVAL, limit: int = FLOW_SIGNAL_MAX) -> None:
+        self.interval = interval
+        self.limit = limit
+        self.flows: list[dict[str, Any]] = []
+        self.omitted = 0
+        self._last = -interval  # when the last signal went
+
+    def add(self, describe: Callable[[], dict[str, Any]], now: float) -> bool:
+        """One more flow; True when the batch may be signalled at once."""
+        if len(self.flows) < self.limit:
+            self.flows.append(describe())
+        else:
+            self.omitted += 1
+        return now - self._last >= self.interval
+
+    def wakeup(self) -> float | None:
+        return self._last + self.interval if self.flows or self.omitted else None
+
+    def take(self, now: float) -> tuple[list[dict[str, Any]], int]:
+        out = (self.flows, self.omitted)
+        self.flows, self.omitted, self._last = [], 0, now
+        return out
+
+
 # -- the interface ----------------------------------------------------------------------------
 
 
@@ -262,6 +318,7 @@ class EngineView(Protocol):
     def guest_addresses(self) -> list[str]: ...
     def flow_page(self, after_id: int, count: int) -> list[dict[str, Any]]: ...
     def list_forwards(self) -> list[dict[str, Any]]: ...
+    def statistics(self) -> dict[str, Any]: ...
 
 
 class InstanceInterface(ServiceInterface):
@@ -302,6 +359,16 @@ class InstanceInterface(ServiceInterface):
     def ListForwards(self) -> DictList:
         return _guarded("ListForwards",
                         lambda: _entries(self.engine.list_forwards(), FORWARD_FIELDS))
+
+    @dbus_method()
+    def GetStatistics(self) -> Dict:
+        def stats() -> dict[str, Variant]:
+            counters = self.engine.statistics()
+            out = {key: Variant(sig, counters[key]) for key, sig in STATISTICS.items()}
+            out["drops"] = Variant("a{st}", dict(counters["drops"]))
+            return out
+
+        return _guarded("GetStatistics", stats)
 
     # ListFlows and ListFlowsPage are answered by dbus_listing.FlowListing, a message
     # handler ahead of this dispatch (it needs the caller, and answers after its slices):
@@ -345,6 +412,24 @@ class InstanceInterface(ServiceInterface):
         """A property's value now (what PropertiesChanged carries)."""
         return getattr(self, name)
 
+    # signals: calling one emits it with what it returns
+
+    @dbus_signal()
+    def ForwardAdded(self, forward: dict[str, Any]) -> Dict:
+        return _entries([forward], FORWARD_FIELDS)[0]
+
+    @dbus_signal()
+    def ForwardRemoved(self, forward: dict[str, Any]) -> Dict:
+        return _entries([forward], FORWARD_FIELDS)[0]
+
+    @dbus_signal()
+    def FlowOpened(self, flows: list[dict[str, Any]], omitted: int) -> FlowBatchSignal:
+        return [_entries(flows, FLOW_FIELDS), omitted]
+
+    @dbus_signal()
+    def FlowClosed(self, flows: list[dict[str, Any]], omitted: int) -> FlowBatchSignal:
+        return [_entries(flows, FLOW_FIELDS), omitted]
+
 
 # -- the export -------------------------------------------------------------------------------
 
@@ -370,6 +455,8 @@ class BusExport:
         self.bus: MessageBus | None = None
         self.listing: FlowListing | None = None
         self.throttle = ChangeThrottle()
+        self.flow_batches = {"flow-opened": FlowBatch(), "flow-closed": FlowBatch()}
+        self._flow_timer: asyncio.TimerHandle | None = None
         self._announced: dict[str, Any] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._closing = False
@@ -425,6 +512,48 @@ class BusExport:
             self._arm()
         except Exception:
             log.exception("cannot announce changed properties %s", sorted(names))
+
+    def engine_event(self, kind: str, describe: Callable[[], dict[str, Any]]) -> None:
+        """A flow or forward came or went (engine/loop.py's on_event): signal it, flows
+        batched. Never raises: it runs inside the data path's callbacks."""
+        if self._closing or not self.connected:
+            return
+        try:
+            if kind == "forward-added":
+                self.interface.ForwardAdded(describe())
+            elif kind == "forward-removed":
+                self.interface.ForwardRemoved(describe())
+            elif kind in self.flow_batches:
+                now = self.loop.time()
+                if self.flow_batches[kind].add(describe, now):
+                    self._signal_flows(kind, now)
+                self._arm_flows()
+        except Exception:
+            log.exception("cannot signal %s", kind)
+
+    def _signal_flows(self, kind: str, now: float) -> None:
+        flows, omitted = self.flow_batches[kind].take(now)
+        signal = self.interface.FlowOpened if kind == "flow-opened" \
+            else self.interface.FlowClosed
+        signal(flows, omitted)
+
+    def _arm_flows(self) -> None:
+        when = min((at for batch in self.flow_batches.values()
+                    if (at := batch.wakeup()) is not None), default=None)
+        if when is None or self._flow_timer is not None:
+            return
+        self._flow_timer = self.loop.call_at(when, self._flush_flows)
+
+    def _flush_flows(self) -> None:
+        self._flow_timer = None
+        if self._closing or not self.connected:
+            return
+        now = self.loop.time()
+        for kind, batch in self.flow_batches.items():
+            at = batch.wakeup()
+            if at is not None and at <= now + 0.001:  # (timers may fire a hair early)
+                self._signal_flows(kind, now)
+        self._arm_flows()
 
     def _arm(self) -> None:
         when = self.throttle.wakeup()
@@ -491,8 +620,9 @@ class BusExport:
 
     async def close(self) -> None:
         self._closing = True
-        if self._timer is not None:
-            self._timer.cancel()
+        for timer in (self._timer, self._flow_timer):
+            if timer is not None:
+                timer.cancel()
         if self._reconnecting is not None:
             self._reconnecting.cancel()
         if self.listing is not None:

@@ -73,6 +73,9 @@ commands:
   passtctl NAME status                             one instance's guest, flows and forwards
   passtctl NAME forwards                           its port forwards
   passtctl NAME flows                              its live flows (connections)
+  passtctl NAME monitor                            its events, live (flows, forwards, restarts)
+  passtctl NAME stats                              its counters (traffic, drops, per forward)
+  passtctl metrics                                 every instance's counters, Prometheus format
   passtctl NAME forward add tcp 8080:80            forward host TCP 8080 to guest port 80
   passtctl NAME forward add udp 5353 --address ::1 one address only (default: all)
   passtctl NAME forward add tcp 2222:22 --persist  ...and record it in libvirt domain NAME
@@ -466,7 +469,7 @@ def name_arg(text: str) -> str:
 
 
 def _name_or_list_arg(text: str) -> str:
-    return text if text == "list" else name_arg(text)
+    return text if text in ("list", "metrics") else name_arg(text)
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -489,16 +492,27 @@ def _build_parser() -> argparse.ArgumentParser:
     common = _common_options()
     parser = argparse.ArgumentParser(
         prog="passtctl", parents=[common], description=DESCRIPTION, epilog=EPILOG,
-        usage="passtctl [options] list\n       passtctl [options] NAME COMMAND ...\n"
+        usage="passtctl [options] list|metrics\n       passtctl [options] NAME COMMAND ...\n"
               "       passtctl libvirt {attach,detach} DOMAIN ...",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("name", metavar="NAME|list", type=_name_or_list_arg,
-                        help="an instance name (the VM's name), or `list` for all instances")
+    parser.add_argument("name", metavar="NAME|list|metrics", type=_name_or_list_arg,
+                        help="an instance name (the VM's name), `list` for all instances, "
+                             "or `metrics` for all their counters in the Prometheus text "
+                             "format")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", prog="passtctl NAME")
     for command, help_text in (("status", "show the instance's state"),
                                ("forwards", "list its port forwards"),
-                               ("flows", "list its live flows")):
+                               ("flows", "list its live flows"),
+                               ("stats", "show its counters: traffic, flows, drops, forwards")):
         sub.add_parser(command, parents=[common], help=help_text, description=help_text)
+    monitor = sub.add_parser(
+        "monitor", parents=[common], help="print its events live (forwards, flows, properties)",
+        description="Print the instance's signals as they come: forwards added and removed, "
+                    "flows opened and closed (batched by the instance: at most two signals "
+                    "a second, each describing up to 64 flows), property changes, and its "
+                    "restarts. Runs until interrupted (or --count events).")
+    monitor.add_argument("--count", type=int, default=None, metavar="N",
+                         help="stop after N events")
     forward = sub.add_parser("forward", parents=[common], help="add or remove a port forward")
     forward_sub = forward.add_subparsers(dest="action", metavar="ACTION", required=True,
                                          prog="passtctl NAME forward")
@@ -534,11 +548,23 @@ COMMANDS = {
 async def _run(args: argparse.Namespace) -> int:
     client = Client(await _connect(args), _describe_bus(args))
     try:
+        if args.command is None and args.name == "metrics":
+            from .passtctl_stats import metrics
+
+            return await metrics(client, args)
         if args.command is None:
             return await _list(client, args)
+        if args.command == "stats":
+            from .passtctl_stats import stats
+
+            return await stats(client, args)
         if args.command == "forward":
             handler = _forward_add if args.action == "add" else _forward_remove
             return await handler(client, args)
+        if args.command == "monitor":
+            from .passtctl_monitor import monitor
+
+            return await monitor(client, args)
         return await COMMANDS[args.command](client, args)
     finally:
         client.bus.disconnect()
@@ -553,9 +579,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     args.json = getattr(args, "json", False)
-    if args.command is None and args.name != "list":
+    if args.command is None and args.name not in ("list", "metrics"):
         parser.error(f"what about instance {args.name!r}? give a command: "
-                     "status, forwards, flows or forward (or `passtctl list`)")
+                     "status, forwards, flows, stats, monitor or forward (or `passtctl "
+                     "list`)")
     if args.command == "forward" and args.action == "remove" and not 0 <= args.id < 2**32:
         parser.error(f"forward id {args.id} out of range")
     try:

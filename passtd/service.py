@@ -340,6 +340,7 @@ class Instance:
         else:
             close_sockets(inherited, reset=True)
         engine.on_client = self._client_changed
+        engine.on_event = self._on_event
         if self.cfg.qemu_cgroup is not None:
             engine.accept_peer = CgroupPeerCheck(self.cfg.qemu_cgroup)
             log.info("adopting qemu only from cgroup %s", self.cfg.qemu_cgroup)
@@ -490,6 +491,10 @@ class Instance:
             self.stored_client = sock
             sd_notify(f"FDSTORE=1\nFDNAME={FD_NAME_QEMU}", [sock.fileno()])
         self._status()
+
+    def _on_event(self, kind: str, describe: Callable[[], dict[str, Any]]) -> None:
+        if self.bus is not None:
+            self.bus.engine_event(kind, describe)
 
     def _on_change(self, names: set[str]) -> None:
         if self.bus is not None:

@@ -33,15 +33,19 @@ log = logging.getLogger("passtd.engine")
 
 
 class RateLimitedLog:
-    """At most `burst` log lines per `period` seconds per category, then a summary."""
+    """At most `burst` log lines per `period` seconds per category, then a summary; and
+    how many times each category happened (`counts`: what was dropped or refused, by
+    reason, for the statistics), logged or not."""
 
     def __init__(self, burst: int = 10, period: float = 10.0) -> None:
         self.burst = burst
         self.period = period
         self._state: dict[str, list[float | int]] = {}
+        self.counts: dict[str, int] = {}
 
     def __call__(self, level: int, category: str, msg: str, *args: Any,
                  extra: dict[str, Any] | None = None) -> None:
+        self.counts[category] = self.counts.get(category, 0) + 1
         if not log.isEnabledFor(level):
             return
         now = time.monotonic()
@@ -129,10 +133,14 @@ class Readiness:
         self.stop_reading(flow)
         self.stop_writing(flow)
 
-    def problems(self, live_fds: set[int]) -> list[str]:
-        """Registrations for descriptors of no flow (the fuzz targets check)."""
-        stray = (self._reading | self._writing) - live_fds
-        return [f"readiness registered for fds {sorted(stray)} of no flow"] if stray else []
+    def problems(self, flows: list[Flow]) -> list[str]:
+        """Flows without a socket, registrations for descriptors of no flow (the fuzz
+        targets check)."""
+        out = [f"{flow!r} in the table without a socket" for flow in flows if flow.sock is None]
+        stray = (self._reading | self._writing) - {flow.sock.fileno() for flow in flows
+                                                   if flow.sock is not None}
+        return out + ([f"readiness registered for fds {sorted(stray)} of no flow"]
+                      if stray else [])
 
 
 class SocketHalf(Protocol):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import bisect
 import ipaddress
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 GUEST = "guest"  # the guest opened the flow
@@ -142,6 +142,8 @@ class FlowTable:
         self._by_key: dict[FlowKey, Flow] = {}
         self._by_id: dict[int, Flow] = {}
         self._next_id = 1
+        self.on_add: Callable[[Flow], None] | None = None  # a new flow (not an adopted one)
+        self.opened = 0  # flows added since the start (a counter: statistics)
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -209,6 +211,9 @@ class FlowTable:
         self._next_id = (self._next_id + 1) & 0xFFFFFFFF
         self._by_id[flow.id] = flow
         self._by_key[flow.key] = flow
+        self.opened += 1
+        if self.on_add is not None:
+            self.on_add(flow)
 
     def remove(self, flow: Flow) -> None:
         if self._by_id.pop(flow.id, None) is flow and self._by_key.get(flow.key) is flow:

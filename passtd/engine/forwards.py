@@ -65,11 +65,15 @@ class Forward:
     origin: str  # "config" | "runtime"
     listeners: list[socket.socket] = field(default_factory=list)
     connections: int = 0
-    bytes_closed: int = 0  # bytes of flows through it that have ended
+    refused: int = 0  # connections (datagrams, for UDP) it could not take to the guest
+    from_guest_closed: int = 0  # bytes of flows through it that have ended, each way
+    to_guest_closed: int = 0
 
-    def describe(self, live_bytes: int) -> dict[str, Any]:
-        """The forward as ListForwards shows it."""
+    def describe(self, live: tuple[int, int] = (0, 0)) -> dict[str, Any]:
+        """The forward as ListForwards shows it; `live`: bytes from and to the guest of
+        its flows that have not ended."""
         rule = self.rule
+        from_guest, to_guest = self.from_guest_closed + live[0], self.to_guest_closed + live[1]
         return {
             "id": self.id,
             "protocol": rule.proto,
@@ -81,7 +85,10 @@ class Forward:
             "spec": format_rule(rule),
             "listeners": len(self.listeners),
             "connections": self.connections,
-            "bytes": self.bytes_closed + live_bytes,
+            "refused": self.refused,
+            "bytes": from_guest + to_guest,
+            "bytes_from_guest": from_guest,
+            "bytes_to_guest": to_guest,
         }
 
 
@@ -195,15 +202,17 @@ class Forwards:
     def flow_closed(self, flow: Flow) -> None:
         fwd = self._by_id.get(flow.forward_id) if flow.forward_id is not None else None
         if fwd is not None:
-            fwd.bytes_closed += flow.bytes_from_guest + flow.bytes_to_guest
+            fwd.from_guest_closed += flow.bytes_from_guest
+            fwd.to_guest_closed += flow.bytes_to_guest
 
     def describe(self, flows: Iterable[Flow]) -> list[dict[str, Any]]:
-        live: dict[int, int] = {}
+        live: dict[int, tuple[int, int]] = {}
         for flow in flows:
             if flow.forward_id is not None:
-                live[flow.forward_id] = live.get(flow.forward_id, 0) + \
-                    flow.bytes_from_guest + flow.bytes_to_guest
-        return [fwd.describe(live.get(fwd.id, 0)) for fwd in self._by_id.values()]
+                before = live.get(flow.forward_id, (0, 0))
+                live[flow.forward_id] = (before[0] + flow.bytes_from_guest,
+                                         before[1] + flow.bytes_to_guest)
+        return [fwd.describe(live.get(fwd.id, (0, 0))) for fwd in self._by_id.values()]
 
     # -- listening sockets --------------------------------------------------------------------
 

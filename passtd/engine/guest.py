@@ -13,18 +13,26 @@ are keyed by the guest's source and a guest posing as the gateway would collide 
 host peers seen as the gateway. A packet that passes is where the guest's address is
 learnt.
 
+`RouterAdvertiser` sends the unsolicited router advertisements of RFC 4861 6.2.4 while a
+guest is connected (the first a second after it connects, then at random intervals
+ndp.py chooses), so that a guest that missed the answer to its solicitation still
+configures IPv6.
+
 Not done here: the responders (DHCP, NDP) that tell the guest its addresses.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 from collections.abc import Callable
 
-from . import nat, packet
+from . import nat, ndp, packet
 from .addrs import GuestSeen, NetConfig
 from .context import RateLimitedLog
 from .flow import addr_text
+from .link import GuestLink
 
 
 class GuestIdentity:
@@ -85,3 +93,34 @@ class GuestIdentity:
     def mac_text(self) -> str:
         """The MAC the guest was seen using, as text ("" before its first frame)."""
         return self.seen.mac.hex(":") if self.seen.mac else ""
+
+
+class RouterAdvertiser:
+    """Unsolicited router advertisements while a guest is connected (the module docstring)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, net: NetConfig, link: GuestLink) -> None:
+        self.loop = loop
+        self.net = net
+        self.link = link
+        self._rng = random.Random()
+        self._handle: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        self._schedule(1.0)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _schedule(self, delay: float) -> None:
+        self.stop()
+        self._handle = self.loop.call_later(delay, self._send)
+
+    def _send(self) -> None:
+        self._handle = None
+        if not self.link.connected or self.net.ip6 is None:
+            return
+        self.link.send(ndp.router_advertisement(self.net), self.loop.time())
+        self.link.flush()
+        self._schedule(ndp.next_unsolicited_ra_delay(self._rng))

@@ -23,7 +23,9 @@ The document is JSON:
     {"format": 1, "written_at": <monotonic seconds>, "next_flow_id": <n>,
      "next_forward_id": <n>, "guest": {"mac": <hex>, "addr4": <hex>, ...},
      "forwards": [{"id", "origin", "rule": {ForwardRule's fields}, "connections",
-                   "bytes_closed", "listeners": [<socket index>...]}],
+                   "refused", "from_guest_closed", "to_guest_closed", "bytes_closed"
+                   (their sum, as the first writers had only it), "listeners": [<socket
+                   index>...]}],
      "flows": [{"proto", "origin", "key": [<guest addr hex>, <guest port>, <peer addr hex>,
                 <peer port>], "socket": <index> | null, "listener": [<forward id>, <index
                 among its listeners>] | null, "sockaddr": [...] | null,
@@ -161,7 +163,10 @@ class Handover:
     @staticmethod
     def _forward_entry(fwd: Forward, listeners: list[int]) -> dict[str, Any]:
         return {"id": fwd.id, "origin": fwd.origin, "rule": dataclasses.asdict(fwd.rule),
-                "connections": fwd.connections, "bytes_closed": fwd.bytes_closed,
+                "connections": fwd.connections, "refused": fwd.refused,
+                "from_guest_closed": fwd.from_guest_closed,
+                "to_guest_closed": fwd.to_guest_closed,
+                "bytes_closed": fwd.from_guest_closed + fwd.to_guest_closed,
                 "listeners": listeners}
 
     def _flow_entry(self, flow: Flow, sock_index: int | None) -> dict[str, Any]:
@@ -233,7 +238,12 @@ class Handover:
         fwd = Forward(int(entry["id"]), rule, str(entry["origin"]),
                       [sock for sock in listeners if sock is not None])
         fwd.connections = int(entry.get("connections", 0))
-        fwd.bytes_closed = int(entry.get("bytes_closed", 0))
+        fwd.refused = int(entry.get("refused", 0))
+        if "from_guest_closed" in entry:
+            fwd.from_guest_closed = int(entry["from_guest_closed"])
+            fwd.to_guest_closed = int(entry.get("to_guest_closed", 0))
+        else:  # a writer without the split: its total counts as from the guest
+            fwd.from_guest_closed = int(entry.get("bytes_closed", 0))
         return fwd
 
     def _take(self, index: Any) -> socket.socket | None:

@@ -92,6 +92,7 @@ class GuestLink:
         self._watching = False  # add_writer on the qemu socket is on
         self._waiters: dict[Flow, None] = {}
         self.input_watch: Callable[[float], None] | None = None  # called once, at the next read
+        self.bytes_read = self.bytes_sent = 0  # on the qemu stream, length prefixes included
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -250,6 +251,7 @@ class GuestLink:
             self.drop_client("qemu closed the connection")
             return
         self.reader.commit(n)
+        self.bytes_read += n
         now = self.loop.time()
         if self.input_watch is not None:
             watch, self.input_watch = self.input_watch, None
@@ -273,12 +275,12 @@ class GuestLink:
             self.pcap.write(frame, now)
         self.out.frame(frame)
 
-    def send_framed(self, frames: memoryview, now: float) -> None:
-        """Queue frames that already carry their length prefixes (tcp_buf.py's slots),
-        and flush: the slots are reused by the next read."""
+    def send_framed(self, frames: memoryview, count: int, now: float) -> None:
+        """Queue `count` frames that already carry their length prefixes (tcp_buf.py's
+        slots), and flush: the slots are reused by the next read."""
         if self.pcap:
             self.pcap.write_framed(frames, now)
-        self.out.framed(frames)
+        self.out.framed(frames, count)
         self.flush()
 
     @property
@@ -311,6 +313,7 @@ class GuestLink:
                 self.drop_client(str(e))
                 return
             self._room_floor -= n + TAP_SEND_OVERHEAD
+            self.bytes_sent += n
             if not out.sent(batch, n):
                 self._watch(True)
                 break

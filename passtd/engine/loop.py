@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import random
 import socket
 import struct
 from collections.abc import Callable
@@ -41,7 +40,7 @@ from .context import BufferTrim, EngineContext, RateLimitedLog, SocketHalf
 from .flow import Flow, FlowTable
 from .forwards import Forward, Forwards
 from .fwd import ForwardRule, format_rule
-from .guest import GuestIdentity
+from .guest import GuestIdentity, RouterAdvertiser
 from .handover import Handover
 from .icmp_sock import IcmpSockets
 from .link import GuestLink, peer_pid
@@ -70,6 +69,9 @@ class Engine:
         self.loop = loop or asyncio.get_event_loop()
         self.on_change = on_change  # property names that changed (D-Bus PropertiesChanged)
         self.on_client: Callable[[socket.socket | None], None] | None = None
+        # "flow-opened", "flow-closed", "forward-added", "forward-removed", with a call
+        # that describes the flow or forward as the API lists it (only if wanted: it costs)
+        self.on_event: Callable[[str, Callable[[], dict[str, Any]]], None] | None = None
         self.drop_log = RateLimitedLog()
         self.trim = BufferTrim(self.loop, self._trim_buffers)
         self.link = GuestLink(self.loop, settings.pcap, settings.pcap_size,
@@ -85,6 +87,7 @@ class Engine:
         ctx.changed = self._changed
         ctx.buffers_used = self.trim.used
         self.flows: FlowTable = ctx.flows
+        self.flows.on_add = lambda flow: self._event("flow-opened", flow)
         self.tcp = TcpSockets(ctx)
         self.udp = UdpSockets(ctx, lambda port: self.forwards.takes_udp_port(port))
         self.forwards = Forwards(self.loop, self.net, ctx.sockets, settings.max_listeners,
@@ -99,10 +102,9 @@ class Engine:
         self.handover = Handover(ctx, self.forwards, self._halves)
         self._timer_handle: asyncio.TimerHandle | None = None
         self._timer_when = math.inf
-        self._ra_handle: asyncio.TimerHandle | None = None
-        self._rng = random.Random()
         self._dhcpv6_duid = dhcpv6.server_duid(self.net.mac)
         self.guest = GuestIdentity(self.net, ctx.seen, self.drop_log, self._changed)
+        self.adverts = RouterAdvertiser(self.loop, self.net, self.link)
         self.closed = False
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -120,10 +122,10 @@ class Engine:
         if self.closed:
             return
         self.closed = True
-        for handle in (self._timer_handle, self._ra_handle):
-            if handle is not None:
-                handle.cancel()
+        if self._timer_handle is not None:
+            self._timer_handle.cancel()
         self.trim.cancel()
+        self.adverts.stop()
         self.tcp.close()
         for flow in list(self.flows):
             self.close_flow(flow, rst_peer=False)
@@ -173,19 +175,24 @@ class Engine:
         if self.on_change is not None:
             self.on_change(set(names))
 
+    def _event(self, kind: str, item: Flow | Forward) -> None:
+        if self.on_event is not None:
+            if isinstance(item, Forward):
+                self.on_event(kind, item.describe)
+            else:
+                self.on_event(kind, lambda: item.describe(self.loop.time()))
+
     def _client_changed(self, sock: socket.socket | None, why: str) -> None:
         if sock is not None:
             log.info("guest connected (qemu pid %s)", peer_pid(sock),
                      extra=events.fields(events.GUEST_CONNECTED))
             if self.net.ip6 and self.settings.ndp and self.settings.ra:
-                self._schedule_ra(1.0)
+                self.adverts.start()
         else:
             log.info("guest disconnected: %s; waiting for the next qemu connection "
                      "(%d flows and %d forwards kept)", why, len(self.flows), len(self.forwards),
                      extra=events.fields(events.GUEST_DISCONNECTED))
-            if self._ra_handle:
-                self._ra_handle.cancel()
-                self._ra_handle = None
+            self.adverts.stop()
         if self.on_client:
             self.on_client(sock)
         self._changed("GuestConnected")
@@ -364,6 +371,7 @@ class Engine:
             flow.sock = None
         self.link.forget(flow)
         self.forwards.flow_closed(flow)
+        self._event("flow-closed", flow)
         self.flows.remove(flow)
         flow.deadline = None
         self.timers.cancel(flow)
@@ -406,19 +414,6 @@ class Engine:
         self.link.trim()
         self.tcp.trim()
 
-    def _schedule_ra(self, delay: float) -> None:
-        if self._ra_handle:
-            self._ra_handle.cancel()
-        self._ra_handle = self.loop.call_later(delay, self._send_unsolicited_ra)
-
-    def _send_unsolicited_ra(self) -> None:
-        self._ra_handle = None
-        if not self.link.connected or self.net.ip6 is None:
-            return
-        self.link.send(ndp.router_advertisement(self.net), self.loop.time())
-        self.link.flush()
-        self._schedule_ra(ndp.next_unsolicited_ra_delay(self._rng))
-
     # -- forwards -------------------------------------------------------------------------------
 
     def add_forward(self, rule: ForwardRule, origin: str = "runtime") -> Forward:
@@ -427,7 +422,9 @@ class Engine:
             for flow in self.udp.flows_in_the_way(rule.first, rule.last):
                 log.debug("%r: gives its host port to forward %s", flow, format_rule(rule))
                 self.close_flow(flow, rst_peer=False)
-        return self.forwards.add(rule, origin)
+        fwd = self.forwards.add(rule, origin)
+        self._event("forward-added", fwd)
+        return fwd
 
     def remove_forward(self, forward_id: int) -> Forward:
         """Close a forward's listeners; connections made through it live on (inbound UDP
@@ -435,12 +432,12 @@ class Engine:
         fwd = self.forwards.remove(forward_id)
         for flow in self.udp.flows_of_forward(fwd.id):
             self.close_flow(flow, rst_peer=False)
+        self._event("forward-removed", fwd)
         return fwd
 
     # -- what the service and D-Bus API read ----------------------------------------------------
 
-    def forwards_from(self, origin: str) -> list[Forward]:
-        """The forwards of one origin ("config" or "runtime")."""
+    def forwards_from(self, origin: str) -> list[Forward]:  # "config" or "runtime"
         return [fwd for fwd in self.forwards if fwd.origin == origin]
 
     def flow_page(self, after_id: int, count: int) -> list[dict[str, Any]]:
@@ -452,13 +449,21 @@ class Engine:
     def list_forwards(self) -> list[dict[str, Any]]:
         return self.forwards.describe(self.flows)
 
+    def statistics(self) -> dict[str, Any]:
+        """Counters since the process started: the qemu stream both ways, flows, drops by
+        reason (the rate-limited log's categories, context.py)."""
+        link = self.link
+        return {"frames_from_guest": link.reader.frames_read, "bytes_from_guest": link.bytes_read,
+                "frames_to_guest": link.out.frames_queued, "bytes_to_guest": link.bytes_sent,
+                "frames_dropped_to_guest": link.out.dropped, "flows": len(self.flows),
+                "flows_opened": self.flows.opened, "drops": dict(self.drop_log.counts)}
+
     @property
     def guest_connected(self) -> bool:
         return self.link.connected
 
     @property
-    def guest_mac(self) -> str:
-        """The MAC the guest was seen using, as text ("" before its first frame)."""
+    def guest_mac(self) -> str:  # as text ("" before the guest's first frame)
         return self.guest.mac_text
 
     def guest_addresses(self) -> list[str]:
@@ -482,18 +487,6 @@ class Engine:
         targets check after every step)."""
         flows = list(self.flows)
         armed_at = self._timer_when if self._timer_handle is not None else math.inf
-        out = self.flows.problems() + self.timers.problems(flows, armed_at)
-        live_fds = set()
-        for flow in flows:
-            if flow.sock is None:
-                out.append(f"{flow!r} in the table without a socket")
-                continue
-            live_fds.add(flow.sock.fileno())
-            if isinstance(flow, TcpConn):
-                if flow.events & tcp.CLOSED:
-                    out.append(f"{flow!r} closed but still in the table")
-                if flow.deadline is None:
-                    out.append(f"{flow!r} has no timer: it never ends")
-        out += self.ctx.readiness.problems(live_fds)
-        out += self.tcp.problems({flow.id: flow for flow in flows})
-        return out
+        return (self.flows.problems() + self.timers.problems(flows, armed_at)
+                + self.ctx.readiness.problems(flows)
+                + self.tcp.problems({flow.id: flow for flow in flows}))

@@ -42,6 +42,7 @@ class FrameReader:
     def __init__(self, size: int = 8 << 20) -> None:
         if size < MAX_FRAME + 4:
             raise ValueError("buffer smaller than one frame")
+        self.frames_read = 0  # since the start (a counter: statistics)
         # anonymous memory: pages become resident only as far as reads ever reach
         self.buf = mmap.mmap(-1, size)
         self.mem = memoryview(self.buf)
@@ -75,6 +76,7 @@ class FrameReader:
                 break
             pos += 4 + length
             self.start = pos
+            self.frames_read += 1
             yield pos - length, length
         self.start = pos
 
@@ -89,7 +91,8 @@ class TapOutput:
         self.iov: list[bytes | bytearray | memoryview] = []
         self.backlog = bytearray()
         self.backlog_limit = backlog_limit
-        self.dropped = 0
+        self.dropped = 0  # frames refused while the backlog was full
+        self.frames_queued = 0
 
     @property
     def congested(self) -> bool:
@@ -103,10 +106,13 @@ class TapOutput:
         if len(self.backlog) > self.backlog_limit:
             self.dropped += 1
             return
+        self.frames_queued += 1
         self.iov.append(_LEN.pack(len(frame)) + frame)
 
-    def framed(self, data: memoryview) -> None:
-        """Queue frames that already carry their length prefixes (a tcp_buf batch)."""
+    def framed(self, data: memoryview, count: int) -> None:
+        """Queue `count` frames that already carry their length prefixes (a tcp_buf
+        batch)."""
+        self.frames_queued += count
         self.iov.append(data)
 
     def take(self) -> list[bytes | bytearray | memoryview]:

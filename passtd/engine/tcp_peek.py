@@ -146,7 +146,7 @@ class HostData:
                                  conn.guest_addr, conn.peer_port, conn.guest_port, conn.snd_nxt,
                                  conn.rcv_nxt, conn.wnd_to_guest >> conn.our_wscale)
             conn.on_sent(n, now)
-            link.send_framed(frames, now)
+            link.send_framed(frames, -(-n // mss), now)
             if n < want or link.congested:
                 break
         self.await_data(conn)

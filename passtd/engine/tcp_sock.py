@@ -369,6 +369,7 @@ class TcpSockets:
 
         def reject(why: str) -> None:
             log.debug("forward %d: rejecting %s: %s", fwd.id, peer, why)
+            fwd.refused += 1
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             sock.close()
 
@@ -460,9 +461,14 @@ class TcpSockets:
     def trim(self) -> None:
         self.host.trim()
 
-    def problems(self, flows: dict[int, object]) -> list[str]:
-        """Pending work for flows that are gone (the fuzz targets check)."""
-        return [f"{conn!r} pending but not in the table"
-                for pending in (self._ack_due, self._resume, self._discard_due,
-                                self._acks_delayed)
-                for conn in pending if flows.get(conn.id) is not conn]
+    def problems(self, flows: dict[int, Flow]) -> list[str]:
+        """TCP flows closed but kept, or without a timer; pending work for flows that are
+        gone (the fuzz targets check)."""
+        out = [f"{conn!r} closed but still in the table" for conn in flows.values()
+               if isinstance(conn, TcpConn) and conn.events & tcp.CLOSED]
+        out += [f"{conn!r} has no timer: it never ends" for conn in flows.values()
+                if isinstance(conn, TcpConn) and conn.deadline is None]
+        return out + [f"{conn!r} pending but not in the table"
+                      for pending in (self._ack_due, self._resume, self._discard_due,
+                                      self._acks_delayed)
+                      for conn in pending if flows.get(conn.id) is not conn]

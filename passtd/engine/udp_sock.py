@@ -181,15 +181,18 @@ class UdpSockets:
                 break
             family, peer_bytes = nat.sockaddr_bytes(peer[0])
             if (ctx.net.ip4 if family == 4 else ctx.net.ip6) is None or not ctx.link.connected:
+                fwd.refused += 1
                 continue
             seen_peer = nat.nat_from_host(ctx.settings, family, peer_bytes)
             guest = nat.guest_target(ctx.net, ctx.seen, family, seen_peer, fwd.rule)
             if guest is None:
+                fwd.refused += 1
                 continue
             key = (packet.IPPROTO_UDP, guest, fwd.rule.guest_port(port), seen_peer, peer[1])
             flow = ctx.flows.get(key)
             if flow is None:
                 if ctx.flow_limit_reached("inbound UDP"):
+                    fwd.refused += 1
                     continue
                 flow = UdpFlow(key, HOST, now, ctx.settings.udp_timeout,
                                ctx.settings.udp_stream_timeout)

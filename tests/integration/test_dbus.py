@@ -746,6 +746,134 @@ def test_flows_and_properties_changed(vm: lab.Program, system_bus: PrivateBus) -
     assert len({v["id"][1] for v in flows}) == FLOWS
 
 
+@pytest.mark.netns
+def test_signals_for_forwards_and_batched_flows_and_passtctl_monitor(
+        vm: lab.Program, system_bus: PrivateBus, scratch: Path) -> None:
+    """ForwardAdded/ForwardRemoved as they happen; FlowOpened/FlowClosed batched (at most
+    one of each a second, every flow described once); `passtctl NAME monitor --json`, as
+    nobody (reading is for everyone), prints them all."""
+    out = scratch / "monitor.jsonl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DBUS_")}
+    env.update(DBUS_SYSTEM_BUS_ADDRESS=system_bus.address, PYTHONPATH=str(REPO))
+    with open(out, "w") as sink:
+        monitor = subprocess.Popen([*NOBODY, sys.executable, "-m", "passtd.passtctl", VM,
+                                    "monitor", "--json"], stdout=sink,
+                                   stderr=subprocess.STDOUT, env=env)
+    signals: list[tuple[float, str, list[Any]]] = []
+
+    async def scenario() -> None:
+        bus = await MessageBus(bus_address=system_bus.address).connect()
+        await bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                               interface="org.freedesktop.DBus", member="AddMatch",
+                               signature="s", body=[f"type='signal',sender='{VM_BUS}',"
+                                                    f"interface='{IFACE}'"]))
+
+        def on_message(msg: Message) -> None:
+            if msg.message_type == MessageType.SIGNAL and msg.interface == IFACE:
+                signals.append((time.monotonic(), msg.member, msg.body))
+
+        bus.add_message_handler(on_message)
+        await asyncio.sleep(1.0)  # the monitor has subscribed by now
+        forward_id = returned_id(await asyncio.to_thread(
+            add_forward, system_bus, VM_BUS, "tcp", "", 10099, 99))
+        qemu = FakeQemu(vm.socket)
+        for i in range(FLOWS):
+            qemu.udp(41000 + i)
+            await asyncio.sleep(0.02)
+        await asyncio.to_thread(dbus_send, system_bus, VM_BUS, "RemoveForward",
+                                f"uint32:{forward_id}")
+        deadline = time.monotonic() + UDP_TIMEOUT + 10
+        while sum(len(b[0]) + b[1] for _, m, b in signals if m == "FlowClosed") < FLOWS:
+            assert time.monotonic() < deadline, signals
+            await asyncio.sleep(0.1)
+        qemu.close()
+        await asyncio.sleep(0.5)
+        bus.disconnect()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        monitor.terminate()
+        monitor.wait(5)
+    members = [m for _, m, _ in signals]
+    assert members.count("ForwardAdded") == 1 and members.count("ForwardRemoved") == 1
+    (added,) = [b[0] for _, m, b in signals if m == "ForwardAdded"]
+    assert (added["host_port"].value, added["guest_port"].value, added["origin"].value) == \
+        (10099, 99, "runtime")
+    for member in ("FlowOpened", "FlowClosed"):
+        batches = [(t, b) for t, m, b in signals if m == member]
+        described = [entry["guest_port"].value for _, b in batches for entry in b[0]]
+        assert sorted(described) == list(range(41000, 41000 + FLOWS)), member
+        assert all(b[1] == 0 for _, b in batches)  # 30 flows: none left undescribed
+        assert len(batches) < FLOWS // 3, (member, len(batches))  # batched, not one each
+        gaps = [b[0] - a[0] for a, b in itertools.pairwise(batches)]
+        assert all(gap > 0.9 for gap in gaps), (member, gaps)
+    closed = [entry for t, m, b in signals if m == "FlowClosed" for entry in b[0]]
+    assert all(entry["bytes_from_guest"].value == 4 for entry in closed)
+    lines = [json.loads(line) for line in out.read_text().splitlines() if line.startswith("{")]
+    events = [line["event"] for line in lines]
+    assert events.count("ForwardAdded") == 1 and events.count("ForwardRemoved") == 1, lines
+    assert events.count("FlowOpened") == FLOWS and events.count("FlowClosed") == FLOWS, events
+    assert {"GuestConnected", "FlowCount"} <= {line.get("property") for line in lines}
+
+
+@pytest.mark.netns
+def test_statistics_stats_and_metrics(vm: lab.Program, system_bus: PrivateBus,
+                                      host: lab.HostNamespace) -> None:
+    """GetStatistics and the forward counters move with what happens; `passtctl NAME
+    stats --json` shows them and `passtctl metrics` (as nobody) prints them in the
+    Prometheus text format."""
+    def statistics() -> dict[str, Any]:
+        (data,) = busctl_data(system_bus, VM_BUS, "GetStatistics")
+        return {key: value["data"] for key, value in data.items()}
+
+    def config_forward() -> dict[str, Any]:
+        return next(f for f in forwards(system_bus) if f["host_port"] == CONFIG_TCP[0][0])
+
+    before, refused_before = statistics(), config_forward()["refused"]
+    # no guest: a connection through a forward is refused (reset), and counted
+    host.run([sys.executable, "-c", "import socket\ntry:\n s = socket.create_connection("
+              f"('127.0.0.1', {CONFIG_TCP[0][0]}), 2); s.recv(1)\nexcept OSError: pass"])
+    lab.wait_for(lambda: config_forward()["refused"] > refused_before, 5, "a refusal counted")
+    qemu = FakeQemu(vm.socket)
+    try:
+        for i in range(5):
+            qemu.udp(42000 + i)
+        qemu.sock.sendall(struct.pack("!I", 20) + bytes(20))  # too short for any header
+        lab.wait_for(lambda: statistics()["flows_opened"] >= before["flows_opened"] + 5, 5,
+                     "the flows counted")
+        after = statistics()
+        assert after["frames_from_guest"] >= before["frames_from_guest"] + 6
+        assert after["bytes_from_guest"] >= before["bytes_from_guest"] + 6 * 4 + 20
+        assert after["frames_to_guest"] >= before["frames_to_guest"]
+        drops = after["drops"]
+        assert sum(drops.values()) > sum(before["drops"].values()), drops
+        on_system = {"DBUS_SYSTEM_BUS_ADDRESS": system_bus.address}
+        stats = json.loads(passtctl("--json", VM, "stats", env=on_system).stdout)
+        assert stats["instance"] == VM and stats["flows_opened"] >= after["flows_opened"]
+        assert {f["spec"] for f in stats["forwards"]} >= {"10022:22"}
+        text = passtctl("metrics", user=NOBODY, env=on_system).stdout
+    finally:
+        qemu.close()
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            assert re.fullmatch(r"# (HELP|TYPE) passtd_\w+ .+", line), line
+            continue
+        match = re.fullmatch(r'(passtd_\w+)\{(.*)\} (\d+)', line)
+        assert match, line
+        samples[(match.group(1), match.group(2))] = int(match.group(3))
+    label = f'instance="{VM}"'
+    assert samples[("passtd_up", label)] == 1
+    assert samples[("passtd_guest_frames_total", f'{label},direction="from_guest"')] >= \
+        after["frames_from_guest"]
+    assert samples[("passtd_flows_opened_total", label)] >= after["flows_opened"]
+    refused = [v for (name, labels), v in samples.items()
+               if name == "passtd_forward_refused_total" and 'spec="10022:22"' in labels]
+    assert refused and refused[0] > refused_before
+    assert "# TYPE passtd_guest_frames_total counter" in text
+
+
 # --- passtctl ----------------------------------------------------------------------------
 
 

@@ -40,12 +40,13 @@ printf '%s\\n' "${{COMPREPLY[@]}}"
 
 
 def test_first_word_is_list_libvirt_or_an_instance(tmp_path: Path) -> None:
-    assert complete("passtctl ", tmp_path) == ["build-box", "libvirt", "list", "vm1"]
+    assert complete("passtctl ", tmp_path) == ["build-box", "libvirt", "list", "metrics", "vm1"]
     assert complete("passtctl --json v", tmp_path) == ["vm1"]
 
 
 def test_commands_of_an_instance(tmp_path: Path) -> None:
-    assert complete("passtctl vm1 ", tmp_path) == ["flows", "forward", "forwards", "status"]
+    assert complete("passtctl vm1 ", tmp_path) == ["flows", "forward", "forwards", "monitor",
+                                                   "stats", "status"]
     assert complete("passtctl vm1 forward ", tmp_path) == ["add", "remove"]
     assert complete("passtctl vm1 forward add ", tmp_path) == ["tcp", "udp"]
 

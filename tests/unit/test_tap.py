@@ -61,7 +61,7 @@ def test_bad_length_is_a_framing_error(length: int) -> None:
 def test_output_keeps_the_unsent_rest_in_order() -> None:
     out = TapOutput()
     out.frame(b"a" * 20)
-    out.framed(memoryview(struct.pack("!I", 30) + b"b" * 30))
+    out.framed(memoryview(struct.pack("!I", 30) + b"b" * 30), 1)
     out.frame(b"c" * 40)
     batch = out.take()
     expected = b"".join(bytes(b) for b in batch)
