@@ -355,7 +355,8 @@ def test_list_forwards_keys_and_types(vm: lab.Program, system_bus: PrivateBus) -
     for entry in entries:
         assert {k: t for k, (t, _) in entry.items()} == {
             "id": "u", "protocol": "s", "address": "s", "host_port": "q", "guest_port": "q",
-            "origin": "s", "connections": "t", "bytes": "t", "host_port_last": "q", "spec": "s"}
+            "origin": "s", "connections": "t", "bytes": "t", "host_port_last": "q", "spec": "s",
+            "refused": "t", "bytes_from_guest": "t", "bytes_to_guest": "t"}
         assert entry["origin"] == ("s", "config")
         assert entry["address"] == ("s", "")
     values = [{k: v for k, (_, v) in e.items()} for e in entries]
@@ -382,7 +383,8 @@ def test_add_forward_listens_at_once_and_remove_closes(
     entry = next(f for f in forwards(system_bus) if f["id"] == forward_id)
     assert entry == {"id": forward_id, "protocol": proto, "address": address,
                      "host_port": 18080, "host_port_last": 18080, "guest_port": 80,
-                     "origin": "runtime", "connections": 0, "bytes": 0,
+                     "origin": "runtime", "connections": 0, "bytes": 0, "refused": 0,
+                     "bytes_from_guest": 0, "bytes_to_guest": 0,
                      "spec": f"{address}/18080:80" if address else "18080:80"}
     assert dbus_send(system_bus, VM_BUS, "RemoveForward", f"uint32:{forward_id}").ok
     assert listening(host, 18080, udp=udp) == []
@@ -853,6 +855,8 @@ def test_statistics_stats_and_metrics(vm: lab.Program, system_bus: PrivateBus,
         assert stats["instance"] == VM and stats["flows_opened"] >= after["flows_opened"]
         assert {f["spec"] for f in stats["forwards"]} >= {"10022:22"}
         text = passtctl("metrics", user=NOBODY, env=on_system).stdout
+        # the next tests want no flows: these time out
+        lab.wait_for(lambda: statistics()["flows"] == 0, UDP_TIMEOUT + 10, "the flows' end")
     finally:
         qemu.close()
     samples = {}
