@@ -37,7 +37,7 @@ APT_PACKAGES=(
 	python3 python3-venv python3-dev gcc pkg-config libsystemd-dev libvirt-dev
 	iproute2 procps kmod qemu-system-x86 busybox-static socat iperf3 passt
 	dbus systemd-container libvirt-daemon-system libvirt-clients
-	ca-certificates curl tshark xz-utils man-db bash-completion
+	ca-certificates curl tshark xz-utils man-db bash-completion polkitd
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -76,6 +76,10 @@ UNITDIR=/usr/local/lib/systemd/system
 install -d "$UNITDIR"
 install -m 0644 units/passtd@.socket units/passtd@.service "$UNITDIR/"
 install -D -m 0644 dbus/org.passtd.Passtd1.conf /usr/share/dbus-1/system.d/org.passtd.Passtd1.conf
+# who may change forwards besides root: polkit decides (passtd/dbus_auth.py); the rules
+# example (a group that may, without a password) goes with the documentation
+install -D -m 0644 polkit/org.passtd.Passtd1.policy /usr/share/polkit-1/actions/org.passtd.Passtd1.policy
+install -D -m 0644 polkit/50-passtd.rules.example /usr/local/share/doc/passtd/50-passtd.rules.example
 [ -e /etc/passtd.yaml ] || install -m 0644 etc/passtd.yaml /etc/passtd.yaml
 for page in man/*.[1-8]; do  # man passtd, passtctl, passtd.yaml, passtd-libvirt
 	install -D -m 0644 "$page" "/usr/local/share/man/man${page##*.}/$(basename "$page")"

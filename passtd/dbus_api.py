@@ -15,8 +15,9 @@ Design: every instance is its own process, so every instance owns its own bus na
   signals: ForwardAdded(a{sv} forward), ForwardRemoved(a{sv} forward),
   FlowOpened(aa{sv} flows, u omitted), FlowClosed(aa{sv} flows, u omitted)
 
-Access control is the bus's job: the policy file dbus/org.passtd.Passtd1.conf lets root
-change forwards and everyone read (flow listings are rate limited per user). Errors are
+Access control: everyone may read (the bus policy, dbus/org.passtd.Passtd1.conf; flow
+listings are rate limited per user); AddForward and RemoveForward reach us from anyone,
+and root or whom polkit authorizes may change forwards (dbus_auth.py). Errors are
 `org.passtd.Passtd1.Error.{InvalidArgument,AddressInUse,NotFound,AccessDenied,
 TooManyFlows,LimitExceeded}` with a message for the admin; an unexpected exception in a
 handler is logged with its traceback here and answered with the standard
@@ -41,8 +42,8 @@ sent as they happen (only root and the configuration change forwards).
 A bus daemon that restarts, or is not there yet when the instance starts, is reconnected
 to in the background (`BusExport`): the object is exported and the name owned again.
 
-Not done here: polkit (the policy file decides; no interactive authorisation), and an
-ObjectManager (each instance is its own bus name; `passtctl list` enumerates names).
+Not done here: an ObjectManager (each instance is its own bus name; `passtctl list`
+enumerates names).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Annotated, Any, Protocol, TypeVar
 
@@ -66,6 +68,7 @@ from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
 from dbus_fast.signature import Variant
 
+from .dbus_auth import Authorizer, ForwardGuard
 from .dbus_listing import FlowListing
 from .engine.forwards import ForwardError
 from .engine.fwd import ForwardRule, SpecError
@@ -454,6 +457,7 @@ class BusExport:
         self.loop = loop
         self.bus: MessageBus | None = None
         self.listing: FlowListing | None = None
+        self.guard: ForwardGuard | None = None
         self.throttle = ChangeThrottle()
         self.flow_batches = {"flow-opened": FlowBatch(), "flow-closed": FlowBatch()}
         self._flow_timer: asyncio.TimerHandle | None = None
@@ -486,6 +490,13 @@ class BusExport:
                                    lambda: self.interface.engine,
                                    lambda rows: _entries(rows, FLOW_FIELDS), self.loop)
         bus.add_message_handler(self.listing.handle)
+        owner = os.getuid() if self.bus_type == BusType.SESSION else None
+        self.guard = ForwardGuard(bus, OBJECT_PATH, INTERFACE,
+                                  {"AddForward": self.interface.AddForward,
+                                   "RemoveForward": self.interface.RemoveForward},
+                                  Authorizer(bus, self.interface.instance.cfg.name, owner),
+                                  self.loop)
+        bus.add_message_handler(self.guard.handle)
         self.bus = bus
         self._announced = {n: self.interface.current(n) for n in PROPERTIES}
         self._watch = asyncio.ensure_future(_disconnection(bus))
@@ -627,6 +638,8 @@ class BusExport:
             self._reconnecting.cancel()
         if self.listing is not None:
             self.listing.close()
+        if self.guard is not None:
+            self.guard.close()
         bus = self.bus
         if bus is not None and bus.connected:
             bus.disconnect()

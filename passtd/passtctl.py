@@ -6,8 +6,10 @@ plain method call (no introspection round trip); an instance is found by its bus
 Tables are for people; `--json` gives every listing as JSON for scripts, with the API's
 own keys. The exit status tells scripts what happened without parsing messages (EXIT_*).
 
-Who may do what is the bus policy's decision (dbus/org.passtd.Passtd1.conf): everyone
-may list, only root may add or remove forwards. passtctl only reports the refusal.
+Who may do what: everyone may list (the bus policy, dbus/org.passtd.Passtd1.conf); root
+and whom polkit authorizes may add or remove forwards (passtd/dbus_auth.py). Forward
+changes allow interactive authorization, so that an agent (pkttyagent, a desktop's) may
+ask for a password; passtctl only reports a refusal.
 
 libvirt (passtd/libvirt.py does the work; libvirt-python is imported only for these):
 `passtctl libvirt attach|detach DOMAIN` edit a domain's persistent definition (passtd
@@ -34,7 +36,7 @@ import sys
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from dbus_fast import BusType, Message, MessageType
+from dbus_fast import BusType, Message, MessageFlag, MessageType
 from dbus_fast.aio import MessageBus
 
 from .dbus_api import (
@@ -61,10 +63,13 @@ DBUS = "org.freedesktop.DBus"
 NOT_RUNNING_ERRORS = (f"{DBUS}.Error.ServiceUnknown", f"{DBUS}.Error.NameHasNoOwner")
 UNKNOWN_METHOD_ERROR = f"{DBUS}.Error.UnknownMethod"
 ACCESS_DENIED_ERROR = f"{DBUS}.Error.AccessDenied"
+INTERACTIVE_REQUIRED_ERROR = f"{DBUS}.Error.InteractiveAuthorizationRequired"
+CHANGE_TIMEOUT = 300.0  # seconds for a forward change: polkit may ask for a password
 
 DESCRIPTION = """\
 Show and change running passtd instances (one per VM) over D-Bus, without restarting them.
-Everyone may list; adding and removing forwards needs root (the bus policy decides).
+Everyone may list; adding and removing forwards needs root or polkit's authorization
+(org.passtd.Passtd1.manage-forwards).
 """
 
 EPILOG = """\
@@ -88,7 +93,7 @@ exit status:
   1  the instance refused or failed (its message is printed), e.g. a port already in use
   2  usage error (bad command line)
   3  instance not found: not running, or no such bus
-  4  access denied by the bus policy (changing forwards needs root)
+  4  access denied: changing forwards needs root or polkit's authorization
 """
 
 
@@ -133,14 +138,19 @@ class Client:
 
     async def call(self, destination: str, member: str, signature: str = "",
                    body: Sequence[Any] = (), *, interface: str = INTERFACE,
-                   path: str = OBJECT_PATH) -> list[Any]:
+                   path: str = OBJECT_PATH, interactive: bool = False) -> list[Any]:
+        """One call; `interactive`: polkit may ask the user (an agent, e.g. pkttyagent,
+        answers), which may take a while."""
         msg = Message(destination=destination, path=path, interface=interface, member=member,
-                      signature=signature, body=list(body))
+                      signature=signature, body=list(body),
+                      flags=MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION if interactive
+                      else MessageFlag.NONE)
+        timeout = CHANGE_TIMEOUT if interactive else CALL_TIMEOUT
         try:
-            reply = await asyncio.wait_for(self.bus.call(msg), CALL_TIMEOUT)
+            reply = await asyncio.wait_for(self.bus.call(msg), timeout)
         except TimeoutError:
             raise Failure(EXIT_INSTANCE_ERROR, f"{_who(destination)}: no answer to {member} "
-                                               f"within {CALL_TIMEOUT:g} s") from None
+                                               f"within {timeout:g} s") from None
         if reply.message_type == MessageType.ERROR:
             text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
             raise self._failure(destination, reply.error_name or "", text)
@@ -151,10 +161,8 @@ class Client:
         if error in NOT_RUNNING_ERRORS:
             return Failure(EXIT_NOT_RUNNING,
                            f"{who} is not running (no {destination} on the {self.where})")
-        if error == ACCESS_DENIED_ERROR:
-            return Failure(EXIT_ACCESS_DENIED,
-                           f"{who}: access denied by the bus policy (changing forwards needs "
-                           f"root): {text}")
+        if error in (ACCESS_DENIED_ERROR, INTERACTIVE_REQUIRED_ERROR):
+            return Failure(EXIT_ACCESS_DENIED, f"{who}: access denied: {text}")
         kind = error.removeprefix(ERROR_PREFIX)
         return Failure(EXIT_INSTANCE_ERROR, f"{who}: {kind}: {text}" if text else f"{who}: {kind}",
                        error)
@@ -217,6 +225,60 @@ def _plain(variants: dict[str, Any]) -> dict[str, Any]:
 # -- commands ---------------------------------------------------------------------------------
 
 
+SYSTEMD = "org.freedesktop.systemd1"
+UNIT_PATTERNS = ["passtd@*.socket", "passtd@*.service"]
+
+
+def unescape_unit(text: str) -> str:
+    """systemd-escape's inverse for an instance: \\xNN is the byte NN, "-" a "/" (which no
+    instance name has)."""
+    raw = bytearray()
+    i = 0
+    while i < len(text):
+        if text.startswith("\\x", i) and len(text) >= i + 4:
+            raw.append(int(text[i + 2 : i + 4], 16))
+            i += 4
+        else:
+            raw += b"/" if text[i] == "-" else text[i].encode()
+            i += 1
+    return raw.decode(errors="replace")
+
+
+async def _units(client: Client) -> dict[str, dict[str, str]]:
+    """Instance name -> {"socket": state, "service": state} from systemd (ActiveState of
+    passtd@NAME.socket and .service), asked over the same bus; {} where there is no
+    systemd to ask (a session bus, a test bus)."""
+    try:
+        (units,) = await client.call(SYSTEMD, "ListUnitsByPatterns", "asas",
+                                     [[], UNIT_PATTERNS], interface=f"{SYSTEMD}.Manager",
+                                     path="/org/freedesktop/systemd1")
+    except Failure:
+        return {}
+    out: dict[str, dict[str, str]] = {}
+    for unit in units:
+        name, active = unit[0], unit[3]
+        prefix, _, rest = name.partition("@")
+        instance, _, kind = rest.rpartition(".")
+        if prefix == "passtd" and kind in ("socket", "service") and instance:
+            out.setdefault(unescape_unit(instance), {})[kind] = active
+    return out
+
+
+def _state(units: dict[str, str] | None, on_bus: bool) -> str:
+    """One word for an instance: running, listening (socket-activated, not started yet),
+    failed, starting, stopping, or inactive."""
+    if units is None:
+        return "running" if on_bus else "?"  # not managed by systemd
+    service, sock = units.get("service", "inactive"), units.get("socket", "inactive")
+    if service in ("activating", "deactivating", "reloading"):
+        return {"activating": "starting", "deactivating": "stopping"}.get(service, service)
+    if service == "active" or on_bus:
+        return "running"
+    if service == "failed" or sock == "failed":
+        return "failed"
+    return "listening" if sock == "active" else "inactive"
+
+
 async def _list(client: Client, args: argparse.Namespace) -> int:
     async def describe(name: str) -> dict[str, Any]:
         props, forwards = await _properties_and_forwards(client, name)
@@ -224,11 +286,12 @@ async def _list(client: Client, args: argparse.Namespace) -> int:
                 "guest_connected": props["GuestConnected"], "flow_count": props["FlowCount"],
                 "forward_count": len(forwards)}
 
-    names = await client.instance_names()
+    names, units = await asyncio.gather(client.instance_names(), _units(client))
     results = await asyncio.gather(*(describe(n) for n in names), return_exceptions=True)
-    rows: list[dict[str, Any]] = []
+    rows: dict[str, dict[str, Any]] = {}
     status = EXIT_OK
     for name, result in zip(names, results, strict=True):
+        instance = instance_name(name) or name
         if isinstance(result, BaseException):
             if not isinstance(result, Failure):
                 raise result
@@ -236,17 +299,25 @@ async def _list(client: Client, args: argparse.Namespace) -> int:
                 continue  # it stopped since ListNames: not an error, and not listed
             print_error(str(result))
             status = EXIT_INSTANCE_ERROR
-            rows.append({"name": instance_name(name) or name, "bus_name": name,
-                         "error": str(result)})
+            rows[instance] = {"name": instance, "bus_name": name, "error": str(result)}
         else:
-            rows.append(result)
+            rows[instance] = result
+    for instance in units:  # instances systemd knows that are not on the bus (yet)
+        if instance not in rows and any(v != "inactive" for v in units[instance].values()):
+            rows[instance] = {"name": instance}
+    for instance, row in rows.items():
+        row["state"] = _state(units.get(instance), "bus_name" in row)
+        if instance in units:
+            row["units"] = units[instance]
+    listed = [rows[key] for key in sorted(rows)]
     if args.json:
-        print_json(rows)
-    elif rows:
-        _print_table(["NAME", "GUEST", "FLOWS", "FORWARDS"], [
-            [row["name"], _guest_text(row.get("guest_connected")),
-             str(row.get("flow_count", "?")), str(row.get("forward_count", "?"))]
-            for row in rows], right={2, 3})
+        print_json(listed)
+    elif listed:
+        _print_table(["NAME", "STATE", "GUEST", "FLOWS", "FORWARDS"], [
+            [row["name"], row["state"],
+             _guest_text(row.get("guest_connected")) if "bus_name" in row else "-",
+             str(row.get("flow_count", "-")), str(row.get("forward_count", "-"))]
+            for row in listed], right={3, 4})
     else:
         print(f"no passtd instance on the {client.where}")
     return status
@@ -352,7 +423,7 @@ async def _forward_add(client: Client, args: argparse.Namespace) -> int:
     try:
         (forward_id,) = await client.call(destination, "AddForward", "ssqq",
                                           [args.protocol, args.address, host_port,
-                                           guest_port])
+                                           guest_port], interactive=True)
         if persister is not None:
             try:
                 persister.write()
@@ -379,7 +450,7 @@ async def _forward_add(client: Client, args: argparse.Namespace) -> int:
 
 
 async def _forward_remove(client: Client, args: argparse.Namespace) -> int:
-    await client.call(bus_name(args.name), "RemoveForward", "u", [args.id])
+    await client.call(bus_name(args.name), "RemoveForward", "u", [args.id], interactive=True)
     if args.json:
         print_json({"id": args.id})
     else:

@@ -315,6 +315,82 @@ def test_the_journal_has_fields_to_filter_on(ct: Container, instances: Instances
     assert not any(r["MESSAGE"].startswith("INFO:") for r in mine)
 
 
+POLKIT_ACTIONS = "/usr/share/polkit-1/actions/"
+POLKIT_RULE = """polkit.addRule(function(action, subject) {
+    if (action.id == "org.passtd.Passtd1.manage-forwards" && subject.isInGroup("vmadmins")) {
+        return polkit.Result.YES;
+    }
+});
+"""
+
+
+@needs_dbus_api
+def test_polkit_decides_who_changes_forwards(ct: Container, instances: Instances) -> None:
+    """A real polkitd on the container's system bus: root may (without polkit), a user
+    of the group a rules file names may, another user may not; reading stays open."""
+    ct.install_file(REPO / "polkit" / "org.passtd.Passtd1.policy", POLKIT_ACTIONS)
+    ct.write_file("/etc/polkit-1/rules.d/50-passtd-test.rules", POLKIT_RULE)
+    ct.run(["groupadd", "-f", "vmadmins"])
+    for user, groups in (("alice", ["-G", "vmadmins"]), ("bob", [])):
+        ct.run(["sh", "-c", f"id {user} >/dev/null 2>&1 || useradd -M {' '.join(groups)} {user}"])
+    inst = instances.socket("pk1")
+    assert_offer(instances.connect("pk1"))
+    wait_ready(ct, inst)
+    dest = bus_name("pk1")
+
+    def add(user: str, port: int) -> subprocess.CompletedProcess[str]:
+        argv = ["busctl", "--json=short", "call", dest, OBJECT, INTERFACE, "AddForward", "ssqq",
+                "tcp", "", str(port), "22"]
+        if user != "root":
+            argv = ["runuser", "-u", user, "--", *argv]
+        return ct.run(argv, check=False)
+
+    assert add("root", 2501).returncode == 0
+    alice = add("alice", 2502)
+    assert alice.returncode == 0, alice.stderr
+    bob = add("bob", 2503)
+    assert bob.returncode != 0, bob
+    assert "not authorized" in bob.stderr or "authenticate" in bob.stderr, bob.stderr
+    specs = {f["spec"] for f in list_forwards(ct, "pk1")}
+    assert {"2501:22", "2502:22"} <= specs and "2503:22" not in specs
+    # passtctl says so, with its exit status for a refusal
+    res = ct.run(["runuser", "-u", "bob", "--", "/usr/local/bin/passtctl", "pk1", "forward",
+                  "add", "tcp", "2504:22"], check=False)
+    assert res.returncode == 4 and "access denied" in res.stderr, res
+    # bob reads as everyone does
+    assert ct.run(["runuser", "-u", "bob", "--", "/usr/local/bin/passtctl", "pk1",
+                   "forwards"]).returncode == 0
+    journal = ct.journal("-u", f"passtd@{inst}.service")
+    assert "refused AddForward" in journal and "polkit is not available" not in journal
+
+
+@needs_dbus_api
+def test_passtctl_list_shows_what_systemd_knows(ct: Container, instances: Instances) -> None:
+    """An instance whose socket listens but whose service has not started (no qemu yet)
+    is listed too, and one whose service failed, with their states."""
+    instances.socket("lst1")  # listening: nothing connected yet
+    instances.socket("lst2")
+    assert_offer(instances.connect("lst2"))
+    wait_ready(ct, "lst2")
+    ct.write_file("/run/passtd/lst3.yaml", "mtu: nonsense\n")  # the service cannot start
+    instances.socket("lst3")
+    failing = instances.connect("lst3")
+    wait(lambda: props(ct, "passtd@lst3.service", "ActiveState")["ActiveState"] == "failed",
+         "passtd@lst3.service to fail")
+    failing.close()
+    listed = {row["name"]: row for row in json.loads(
+        ct.run(["/usr/local/bin/passtctl", "--json", "list"]).stdout)}
+    assert listed["lst1"]["state"] == "listening" and "guest_connected" not in listed["lst1"]
+    assert listed["lst2"]["state"] == "running" and listed["lst2"]["guest_connected"] is True
+    assert listed["lst3"]["state"] == "failed"
+    table = ct.run(["/usr/local/bin/passtctl", "list"]).stdout.splitlines()
+    assert table[0].split() == ["NAME", "STATE", "GUEST", "FLOWS", "FORWARDS"]
+    rows = {line.split()[0]: line.split()[1:] for line in table[1:]}
+    assert rows["lst1"] == ["listening", "-", "-", "-"]
+    assert rows["lst2"][:2] == ["running", "connected"]
+    assert rows["lst3"][0] == "failed"
+
+
 def test_guest_ping_needs_ping_group_range(ct: Container, instances: Instances) -> None:
     """Ping sockets need the service's group (user passtd's, nogroup) in
     net.ipv4.ping_group_range, which Debian leaves closed ("1 0"; the unit's comment says
