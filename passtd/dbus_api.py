@@ -108,7 +108,7 @@ FORWARD_FIELDS = {
     "bytes_to_guest": "t",
 }
 # GetStatistics: the engine's counters (engine/loop.py's `statistics`), and `drops`, a{st}
-# by reason (the categories of the engine's rate-limited log)
+# by kind (engine/context.py's DROP_KINDS: malformed, policy, backlog, limits, host_errors)
 STATISTICS = {
     "frames_from_guest": "t",
     "bytes_from_guest": "t",

@@ -347,6 +347,13 @@ async def _properties_and_forwards(client: Client, name: str
 async def _status(client: Client, args: argparse.Namespace) -> int:
     name = bus_name(args.name)
     props, forwards = await _properties_and_forwards(client, name)
+    try:
+        (counters,) = await client.call(name, "GetStatistics")
+        stats: dict[str, Any] | None = _plain(counters)
+    except Failure as e:
+        if e.error != UNKNOWN_METHOD_ERROR:  # (an instance older than the counters)
+            raise
+        stats = None
     status = {
         "name": props["Name"],
         "bus_name": name,
@@ -357,6 +364,9 @@ async def _status(client: Client, args: argparse.Namespace) -> int:
         "flow_count": props["FlowCount"],
         "forward_count": len(forwards),
     }
+    if stats is not None:
+        stats["drops"] = dict(stats.get("drops", {}))
+        status["statistics"] = stats
     if args.json:
         print_json(status)
         return EXIT_OK
@@ -372,6 +382,14 @@ async def _status(client: Client, args: argparse.Namespace) -> int:
         ("Flows", str(status["flow_count"])),
         ("Forwards", str(status["forward_count"])),
     ]
+    if stats is not None:
+        lines += [
+            ("Traffic", f"{stats['frames_from_guest']} frames "
+                        f"({_bytes(stats['bytes_from_guest'])}) from the guest, "
+                        f"{stats['frames_to_guest']} ({_bytes(stats['bytes_to_guest'])}) to it"),
+            ("Drops", ", ".join(f"{reason} {count}" for reason, count
+                                in sorted(stats["drops"].items())) or "none"),
+        ]
     width = max(len(key) for key, _ in lines) + 1
     for key, value in lines:
         print(f"{key + ':':<{width}} {value}")

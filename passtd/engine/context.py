@@ -32,6 +32,24 @@ from .sockets import HostSockets
 log = logging.getLogger("passtd.engine")
 
 
+# What the drop log's categories count as, for the statistics: a guest frame that does not
+# parse; something the guest may not do (or that passtd does not carry); a queue that was
+# full; a limit (flows, descriptors, ping_group_range); an error of a host socket.
+# Categories not listed (notes, not drops) are not counted as drops.
+DROP_REASONS = {
+    "malformed": "malformed", "malformed-tcp": "malformed", "bad-tcp4": "malformed",
+    "bad-tcp6": "malformed",
+    "spoofed": "policy", "martian": "policy", "udp-dst": "policy", "proto": "policy",
+    "ethertype": "policy", "icmp-type": "policy", "refused qemu connections": "policy",
+    "udp-full": "backlog",
+    "flow-limit": "limits", "socket": "limits", "accept": "limits", "ping-socket": "limits",
+    "sockopt": "limits",
+    "udp-send": "host_errors", "udp-recv": "host_errors", "udp-listen": "host_errors",
+    "udp-connect": "host_errors", "ping-send": "host_errors", "ping-recv": "host_errors",
+}
+DROP_KINDS = ("malformed", "policy", "backlog", "limits", "host_errors")
+
+
 class RateLimitedLog:
     """At most `burst` log lines per `period` seconds per category, then a summary; and
     how many times each category happened (`counts`: what was dropped or refused, by
@@ -42,6 +60,15 @@ class RateLimitedLog:
         self.period = period
         self._state: dict[str, list[float | int]] = {}
         self.counts: dict[str, int] = {}
+
+    def drops(self) -> dict[str, int]:
+        """The counts by DROP_REASONS' kinds (every kind, zero or not)."""
+        out = dict.fromkeys(DROP_KINDS, 0)
+        for category, count in self.counts.items():
+            kind = DROP_REASONS.get(category)
+            if kind is not None:
+                out[kind] += count
+        return out
 
     def __call__(self, level: int, category: str, msg: str, *args: Any,
                  extra: dict[str, Any] | None = None) -> None:

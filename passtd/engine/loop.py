@@ -451,12 +451,12 @@ class Engine:
 
     def statistics(self) -> dict[str, Any]:
         """Counters since the process started: the qemu stream both ways, flows, drops by
-        reason (the rate-limited log's categories, context.py)."""
+        kind (context.py's DROP_REASONS)."""
         link = self.link
         return {"frames_from_guest": link.reader.frames_read, "bytes_from_guest": link.bytes_read,
                 "frames_to_guest": link.out.frames_queued, "bytes_to_guest": link.bytes_sent,
                 "frames_dropped_to_guest": link.out.dropped, "flows": len(self.flows),
-                "flows_opened": self.flows.opened, "drops": dict(self.drop_log.counts)}
+                "flows_opened": self.flows.opened, "drops": self.drop_log.drops()}
 
     @property
     def guest_connected(self) -> bool:

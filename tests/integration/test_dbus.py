@@ -914,6 +914,10 @@ def test_passtctl_list_and_status(vm: lab.Program, system_bus: PrivateBus,
     assert f"MTU:             {VM_MTU}" in res.stdout.splitlines()
     status = json.loads(passtctl(VM, "status", "--json", user=NOBODY, env=on_system).stdout)
     seen = {key: status.pop(key) for key in ("guest_mac", "guest_addresses")}  # any fake qemu's
+    counters = status.pop("statistics")
+    assert set(counters) == {"frames_from_guest", "bytes_from_guest", "frames_to_guest",
+                             "bytes_to_guest", "frames_dropped_to_guest", "flows",
+                             "flows_opened", "drops"}
     assert status == {"name": VM, "bus_name": VM_BUS, "guest_connected": False, "mtu": VM_MTU,
                       "flow_count": 0, "forward_count": 3}
     props = busctl(system_bus, "--json=short", "get-property", VM_BUS, PATH, IFACE, "GuestMac",
