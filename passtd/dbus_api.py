@@ -341,9 +341,10 @@ class InstanceInterface(ServiceInterface):
 
     # methods: the names are the API's (D-Bus members are CamelCase)
 
-    @dbus_method()
-    def AddForward(self, protocol: DBusStr, address: DBusStr,
-                   host_port: DBusUInt16, guest_port: DBusUInt16) -> DBusUInt32:
+    # AddForward and RemoveForward are answered by dbus_auth.ForwardGuard once the caller
+    # is authorized (it needs the caller): these declarations serve introspection.
+
+    def add_forward(self, protocol: str, address: str, host_port: int, guest_port: int) -> int:
         def add() -> int:
             if host_port == 0:
                 raise SpecError("host_port 0 is not a port (1-65535)")
@@ -353,10 +354,18 @@ class InstanceInterface(ServiceInterface):
 
         return _guarded("AddForward", add)
 
+    def remove_forward(self, forward_id: int) -> None:
+        _guarded("RemoveForward", lambda: self.instance.remove_forward(forward_id))
+
+    @dbus_method()
+    def AddForward(self, protocol: DBusStr, address: DBusStr,
+                   host_port: DBusUInt16, guest_port: DBusUInt16) -> DBusUInt32:
+        return self.add_forward(protocol, address, host_port, guest_port)
+
     @dbus_method()
     def RemoveForward(self, forward_id: DBusUInt32):  # type: ignore[no-untyped-def]
         # no "-> None": dbus-fast reads return annotations as D-Bus signatures
-        _guarded("RemoveForward", lambda: self.instance.remove_forward(forward_id))
+        self.remove_forward(forward_id)
 
     @dbus_method()
     def ListForwards(self) -> DictList:
@@ -492,8 +501,8 @@ class BusExport:
         bus.add_message_handler(self.listing.handle)
         owner = os.getuid() if self.bus_type == BusType.SESSION else None
         self.guard = ForwardGuard(bus, OBJECT_PATH, INTERFACE,
-                                  {"AddForward": self.interface.AddForward,
-                                   "RemoveForward": self.interface.RemoveForward},
+                                  {"AddForward": self.interface.add_forward,
+                                   "RemoveForward": self.interface.remove_forward},
                                   Authorizer(bus, self.interface.instance.cfg.name, owner),
                                   self.loop)
         bus.add_message_handler(self.guard.handle)
