@@ -58,7 +58,7 @@ from typing import Any
 
 from . import events, packet
 from .context import EngineContext, SocketHalf
-from .flow import HOST, Flow, FlowKey
+from .flow import GUEST, HOST, Flow, FlowKey
 from .forwards import Forward, Forwards
 from .fwd import ForwardRule, SpecError
 from .icmp import PingFlow
@@ -189,6 +189,7 @@ class Handover:
         opened). False, with the sockets closed and one log line, when it cannot be
         read."""
         self._socks = socks
+        forwards: list[Forward | None] = []
         try:
             doc = json.loads(data)
             if not isinstance(doc, dict):
@@ -196,36 +197,46 @@ class Handover:
             if doc.get("format") not in FORMATS:
                 raise HandoverError(f"format {doc.get('format')!r}, this version reads "
                                     f"{sorted(FORMATS)}")
-            self._take_guest(doc.get("guest") or {})
-            forwards = [self._forward(entry) for entry in doc.get("forwards") or []]
-            next_flow_id = doc.get("next_flow_id", 1)
-            written_at = doc.get("written_at")
-            flows = doc.get("flows") or []
-            if not isinstance(next_flow_id, int) or not isinstance(flows, list) \
-                    or not isinstance(written_at, (int, float)):
-                raise HandoverError("bad next_flow_id, written_at or flows")
-        except (ValueError, TypeError, KeyError, AttributeError, SpecError,
+            next_flow_id, next_forward_id = doc.get("next_flow_id"), doc.get("next_forward_id")
+            written_at, flows = doc.get("written_at"), doc.get("flows")
+            guest, entries = doc.get("guest"), doc.get("forwards")
+            if not (isinstance(next_flow_id, int) and isinstance(next_forward_id, int)
+                    and isinstance(written_at, (int, float)) and isinstance(flows, list)
+                    and isinstance(guest, dict) and isinstance(entries, list)):
+                raise HandoverError("bad next_flow_id, next_forward_id, written_at, guest, "
+                                    "forwards or flows")
+            for entry in entries:
+                forwards.append(self._forward(entry))
+            kept = [fwd for fwd in forwards if fwd is not None]
+            if len({fwd.id for fwd in kept}) < len(kept) \
+                    or len({fwd.rule for fwd in kept}) < len(kept):
+                raise HandoverError("two forwards with one id or one rule")
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError, SpecError,
                 HandoverError) as e:
             log.warning("the previous process's state cannot be read (%s): its %d flows are "
                         "reset", e, sum(1 for sock in socks if sock is not None))
             close_all(socks, reset=True)
+            for fwd in forwards:
+                close_all(list(fwd.listeners) if fwd is not None else [], reset=False)
             return False
-        self.forwards.inherit([fwd for fwd in forwards if fwd is not None],
-                              doc.get("next_forward_id", 1))
-        self.ctx.flows.next_id = max(self.ctx.flows.next_id, next_flow_id)
-        self.written_at = written_at
+        self._take_guest(guest)
+        self.forwards.inherit(kept, next_forward_id)
+        self.ctx.flows.next_id = max(self.ctx.flows.next_id, next_flow_id & 0xFFFFFFFF)
+        self.written_at = float(written_at)
         self._flows = flows
         return True
 
     def _take_guest(self, guest: dict[str, Any]) -> None:
+        """What the guest was seen using (what does not read is learnt again from its
+        next frames)."""
         seen = self.ctx.seen
-        mac = guest.get("mac")
-        if isinstance(mac, str) and len(mac) == 12:
-            seen.mac = bytes.fromhex(mac)
-        for name, size in (("addr4", 4), ("addr6", 16), ("addr6_ll", 16)):
+        for name, size in (("mac", 6), ("addr4", 4), ("addr6", 16), ("addr6_ll", 16)):
             text = guest.get(name)
             if isinstance(text, str) and len(text) == 2 * size:
-                setattr(seen, name, bytes.fromhex(text))
+                try:
+                    setattr(seen, name, bytes.fromhex(text))
+                except ValueError:
+                    continue
 
     def _forward(self, entry: dict[str, Any]) -> Forward | None:
         """An inherited forward, or None where a listener did not arrive (the new process
@@ -264,7 +275,8 @@ class Handover:
         for entry in self._flows:
             try:
                 flow = self._flow(entry)
-            except (ValueError, TypeError, KeyError, IndexError, HandoverError) as e:
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError,
+                    HandoverError) as e:
                 log.debug("a flow of the previous process cannot be taken back: %s", e)
                 reset += 1
                 continue
@@ -301,13 +313,23 @@ class Handover:
         if len(key[1]) != len(key[3]):
             raise HandoverError("guest and peer addresses of different families")
         fields = entry["fields"]
-        flow = _blank(proto, key, str(entry["origin"]), float(fields["created"]))
+        if entry["origin"] not in (GUEST, HOST):
+            raise HandoverError(f"bad origin {entry['origin']!r}")
+        flow = _blank(proto, key, entry["origin"], float(fields["created"]))
         for name in type(flow).HANDOVER_FIELDS:
             if name in fields:
                 setattr(flow, name, _checked(name, fields[name], getattr(flow, name)))
-        if entry.get("sockaddr") is not None:
-            flow.sockaddr = tuple(entry["sockaddr"])
+        sockaddr = entry.get("sockaddr")
+        if sockaddr is not None:
+            if not (isinstance(sockaddr, list) and len(sockaddr) in (2, 4)
+                    and isinstance(sockaddr[0], str)
+                    and all(isinstance(n, int) and not isinstance(n, bool) for n in sockaddr[1:])):
+                raise HandoverError(f"bad sockaddr {sockaddr!r}")
+            _port(sockaddr[1])
+            flow.sockaddr = tuple(sockaddr)
         listener = entry.get("listener")
+        if (listener is not None) != self._borrows_listener(flow):
+            raise HandoverError("only inbound UDP flows answer through a forward's listener")
         if listener is not None:
             fwd = self.forwards.get(int(listener[0]))
             flow.sock = fwd.listeners[int(listener[1])] if fwd is not None else None

@@ -14,8 +14,11 @@ import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
@@ -261,3 +264,82 @@ def test_flows_whose_sockets_find_no_room_are_reset_both_ways(server: socket.soc
             peer.recv(100)
         assert "cannot carry 1 of 1 flows" in caplog.text
         peer.close()
+
+
+# -- a state document that is corrupt in any way costs flows, never the instance ------------
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
+                     st.floats(allow_nan=True), st.text(max_size=8))
+_json = st.recursive(_scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=12), inner, max_size=5)),
+    max_leaves=20)
+
+
+def _mutations(doc: Any) -> st.SearchStrategy[Any]:
+    """The fixture document with one value somewhere replaced by anything."""
+    paths: list[tuple[Any, ...]] = []
+
+    def walk(node: Any, path: tuple[Any, ...]) -> None:
+        paths.append(path)
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, (*path, key))
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, (*path, i))
+
+    walk(doc, ())
+
+    def replaced(path: tuple[Any, ...], value: Any) -> Any:
+        if not path:
+            return value
+        copy = json.loads(json.dumps(doc))
+        node = copy
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+        return copy
+
+    return st.builds(replaced, st.sampled_from(paths), _json)
+
+
+@settings(max_examples=300)
+@given(data=st.data())
+def test_any_corruption_of_the_document_costs_flows_only(data: st.DataObject) -> None:
+    doc = json.loads(FIXTURE.read_text())
+    mutated = data.draw(_mutations(doc))
+    state = json.dumps(mutated, allow_nan=True).encode()
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        tcp = socket.create_connection(srv.getsockname())
+        udp_listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp_listener.bind(("127.0.0.1", 0))
+        socks: list[socket.socket | None] = [
+            udp_listener, tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM),
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM)]
+        rule = ForwardRule(**doc["forwards"][0]["rule"])
+        with engine_harness(EngineSettings(net=NET, udp_forwards=(rule,))) as new:
+            take_over(new, state, socks)  # True or False: never an exception
+            new.run(0.01)
+            assert new.engine.problems() == []
+            assert new.engine.flow_count <= 4
+
+
+@pytest.mark.parametrize("path, value", [
+    (("next_forward_id",), None),  # found by the test above: a TypeError after reading
+    (("guest", "mac"), "zz" * 6),  # not hex: learnt again from the guest's frames
+    (("flows", 2, "origin"), "None"),  # a "guest" flow closing its forward's listener
+])
+def test_corruptions_found_so_far(path: tuple[Any, ...], value: Any) -> None:
+    doc = json.loads(FIXTURE.read_text())
+    node = doc
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    socks: list[socket.socket | None] = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                                         for _ in range(4)]
+    rule = ForwardRule(**doc["forwards"][0]["rule"])
+    with engine_harness(EngineSettings(net=NET, udp_forwards=(rule,))) as new:
+        take_over(new, json.dumps(doc).encode(), socks)
+        assert new.engine.problems() == []
