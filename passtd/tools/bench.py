@@ -884,6 +884,10 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
                              f"{IDLE_BUSY_PCT:g}%% busy")
     parser.add_argument("--idle-time", type=float, default=10.0, metavar="SEC",
                         help="length of each idle window (default 10)")
+    parser.add_argument("--density", type=int, default=0, metavar="N",
+                        help="instead of the matrix: N instances of each program, qemu "
+                             "connected and idle: memory (PSS), time to the first answer, "
+                             "idle wakeups (passtd/tools/density.py)")
     parser.add_argument("--wire", default="whole", choices=("whole", "qemu", "pad"),
                         help="lab wire between the guest's tap and the program (default "
                              "whole; qemu 7.2's hub crashes under guest->host bulk load)")
@@ -898,13 +902,43 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     unknown = set(args.programs) - set(PROGRAMS)
     if unknown or not args.programs or len(set(args.programs)) != len(args.programs):
         parser.error(f"--programs: a list of {', '.join(PROGRAMS)}")
+    if args.density < 0:
+        parser.error("--density: a number of instances")
     if args.time < 1 or args.rounds < 1 or args.idle_time <= 0:
         parser.error("--time, --rounds and --idle-time must be positive")
     return args
 
 
+def density_argv(program: str) -> list[str]:
+    """One of many instances ({NAME}, {SOCK}): no forward (they would share its port)."""
+    if program == OURS:
+        return [sys.executable, "-m", "passtd", "run", "{NAME}", "--config", "/dev/null",
+                "--socket", "{SOCK}", "--bus", "none", "-D", "none", "-S", "none"]
+    return ["passt", "-f", "-q", "-s", "{SOCK}", "--no-dhcp-dns", "--no-dhcp-search"]
+
+
+def run_density_mode(args: argparse.Namespace) -> int:
+    from .density import render as render_density
+    from .density import run_density
+
+    began = time.monotonic()
+    results = []
+    for program in args.programs:
+        given = getattr(args, f"prog_{program}")
+        argv = shlex.split(given) if given else density_argv(program)
+        progress(began, f"density: starting {args.density} instances of {program}")
+        results.append(run_density(program, argv, args.density, args.idle_time,
+                                   lambda text: progress(began, text)))
+    print("\n".join(render_density(results, args.density)))
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.summary() for r in results], indent=1) + "\n")
+    return 0 if all(not r.failures for r in results) else 1
+
+
 def main(argv: Sequence[str]) -> int:
     args = _parse_args(argv)
+    if args.density:
+        return run_density_mode(args)
     commands = {p: shlex.split(getattr(args, f"prog_{p}")) if getattr(args, f"prog_{p}")
                 else default_argv(p) for p in args.programs}
     tools = ["iperf3", *(cmd[0] for cmd in commands.values() if cmd)]

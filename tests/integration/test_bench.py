@@ -188,3 +188,25 @@ def test_snmp_counters() -> None:
             "TcpExt: SyncookiesSent TCPOFOQueue\nTcpExt: 0 5\n")
     assert bench.parse_snmp(text, bench.GUEST_COUNTERS) == {
         "retr": 17, "ooo": 5, "csum_errors": 2}
+
+
+@pytest.mark.netns
+def test_density_mode_measures_many_instances(tmp_path: Path) -> None:
+    """`passtd bench --density N` (a few here: the figures come from N=200 by hand)."""
+    missing = lab.missing_requirements(["passt"])
+    if missing:
+        pytest.skip("; ".join(missing))
+    report = tmp_path / "density.json"
+    res = subprocess.run([sys.executable, "-m", "passtd", "bench", "--density", "4",
+                          "--idle-time", "2", "--json", str(report)],
+                         capture_output=True, text=True, timeout=300, env=lab.passtd_env())
+    assert res.returncode == 0, f"status {res.returncode}\n{res.stdout}\n{res.stderr}"
+    rows = table(parse_tables(res.stdout), "Density")
+    assert [r["program"] for r in rows] == list(bench.PROGRAMS)
+    for row in rows:
+        assert row["answered"] == "4/4", row
+        assert float(row["PSS total MiB"]) > 0, row
+    summaries = {s["program"]: s for s in json.loads(report.read_text())}
+    ours = summaries["passtd"]
+    assert ours["answered"] == 4 and ours["first_answer_ms_max"] < 20_000
+    assert ours["idle_wakeups_per_s"] == 0, ours  # idle instances do not wake the host
