@@ -343,3 +343,44 @@ def test_corruptions_found_so_far(path: tuple[Any, ...], value: Any) -> None:
     with engine_harness(EngineSettings(net=NET, udp_forwards=(rule,))) as new:
         take_over(new, json.dumps(doc).encode(), socks)
         assert new.engine.problems() == []
+
+
+def test_several_bundles_come_back_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past BUNDLE_FDS sockets go in more bundles (flows-0, flows-1...; systemd may hand
+    them back in any order, their names number them)."""
+    monkeypatch.setattr(fd_handover, "BUNDLE_MESSAGES", 1)  # 253 sockets a bundle
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(600)]
+    try:
+        for i, sock in enumerate(socks):
+            sock.bind(("127.0.0.1", 0))
+            sock.connect(("127.0.0.1", 1000 + i))
+        bundles, sent = fd_handover.pack(socks, max_bundles=9)
+        assert (len(bundles), sent) == (3, 600)
+        names = fd_handover.bundle_names(len(bundles))
+        pairs = list(zip(names, bundles, strict=True))
+        handed = {name: [bundle.detach()] for name, bundle in reversed(pairs)}
+        state, got = fd_handover.take({"state": [fd_handover.write_memfd("s", b"{}")],
+                                       **handed})
+        assert state == b"{}" and len(got) == 600
+        assert [s.getpeername()[1] for s in got if s is not None] == \
+            [1000 + i for i in range(600)]
+        for sock in got:
+            if sock is not None:
+                sock.close()
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_the_bundles_stop_at_their_limit_and_say_how_many_went(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fd_handover, "BUNDLE_MESSAGES", 1)
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(600)]
+    try:
+        bundles, sent = fd_handover.pack(socks, max_bundles=1)
+        assert (len(bundles), sent) == (1, fd_handover.SCM_MAX_FD)  # the engine resets the rest
+        for bundle in bundles:
+            bundle.close()
+    finally:
+        for sock in socks:
+            sock.close()
