@@ -184,7 +184,9 @@ class GuestLink:
         self.out.drop_all()
         self.loop.add_reader(sock.fileno(), self._readable)
         self._on_client(sock, "")
-        self._wake_waiters()
+        if self._waiters:  # flows that waited for qemu send now, not at the next event
+            self._wake_waiters()
+            self._settle(self.loop.time())
 
     def drop_client(self, why: str) -> None:
         sock = self.client

@@ -384,3 +384,45 @@ def test_the_bundles_stop_at_their_limit_and_say_how_many_went(
     finally:
         for sock in socks:
             sock.close()
+
+
+def test_a_forward_gone_from_the_configuration_closes_its_listener_not_its_flows(
+        server: socket.socket) -> None:
+    """The admin removed a forward from the configuration, then restarted: its listener
+    closes, what is connected through it carries on (as `RemoveForward` does)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    rule = ForwardRule("tcp", "127.0.0.1", None, free, free, 22)
+    with engine_harness(EngineSettings(net=NET, tcp_forwards=(rule,))) as old, \
+            engine_harness(SETTINGS) as new:
+        old.engine.start(None)
+        peer, _ = established(old, server)  # a guest flow, which lives on
+        inbound = socket.create_connection(("127.0.0.1", free), timeout=2)
+        old.run(0.05)  # accepted: a flow through the forward, SYN sent to the guest
+        assert old.engine.flow_count == 2
+        state, socks = hand_over(old)
+        assert take_over(new, state, socks)
+        assert new.engine.list_forwards() == []
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", free), timeout=2).close()
+        assert new.engine.flow_count == 2 and new.engine.problems() == []
+        inbound.close()
+        peer.close()
+
+
+def test_flows_taken_over_while_qemu_is_away_resume_when_it_is_back(
+        server: socket.socket) -> None:
+    with engine_harness(SETTINGS) as old, engine_harness(SETTINGS) as new:
+        peer, ours = established(old, server)
+        state, socks = hand_over(old)
+        new.engine.link.drop_client("qemu restarted")  # no guest while the flows come
+        assert take_over(new, state, socks)
+        peer.sendall(b"while qemu was away")
+        new.run(0.05)
+        new.reconnect()
+        frames = tcp_of(new.roundtrip(seconds=0.1))
+        (data,) = [t for t in frames if payload(t)]
+        assert (data.seq, payload(data)) == (ours, b"while qemu was away")
+        assert new.engine.problems() == []
+        peer.close()
