@@ -158,6 +158,23 @@ class Lab:
         return json.loads(res.stdout)
 
 
+def install_passtd(ct: Container) -> None:
+    """This checkout's units, D-Bus policy and libvirt hook in a booted container, as
+    setup.sh installs them (libvirtd must be restarted after: it looks for hooks when it
+    starts); libvirt's qemu without cgroup controllers (the container's are read-only)."""
+    for unit in ("passtd@.socket", "passtd@.service"):
+        ct.install_file(REPO / "units" / unit, UNIT_DIR)
+    ct.install_file(POLICY, "/usr/share/dbus-1/system.d/")
+    hook = HOOK.read_text().split("\n", 1)[1]  # run by the venv's python, as setup.sh does
+    ct.write_file(HOOK_INSIDE, f"#!{VENV}/bin/python3 -I\n{hook}", 0o755)
+    ct.sh("echo 'cgroup_controllers = [ ]' >> /etc/libvirt/qemu.conf")
+    ct.systemctl("daemon-reload")
+    ct.systemctl("reload", "dbus.service")
+    groups = ct.run(["id", "-nG", "libvirt-qemu"]).stdout.split()
+    assert "passtd" in groups, f"libvirt-qemu is not in group passtd ({groups}): " \
+        "setup.sh adds it"
+
+
 @contextmanager
 def libvirt_lab(prefix: str, label: str, lab_logs: Any) -> Iterator[Lab]:
     """The booted container with libvirtd and this checkout's passtd (module docstring).
@@ -175,19 +192,8 @@ def libvirt_lab(prefix: str, label: str, lab_logs: Any) -> Iterator[Lab]:
         with Container(prefix, mask=UNNEEDED_UNITS, bind=[str(shared)],
                        bind_ro=[(str(REPO / "passtd"), str(package))]) as ct:
             started = time.monotonic()
-            for unit in ("passtd@.socket", "passtd@.service"):
-                ct.install_file(REPO / "units" / unit, UNIT_DIR)
-            ct.install_file(POLICY, "/usr/share/dbus-1/system.d/")
-            # as setup.sh installs it: run by the venv's python
-            hook = HOOK.read_text().split("\n", 1)[1]
-            ct.write_file(HOOK_INSIDE, f"#!{VENV}/bin/python3 -I\n{hook}", 0o755)
-            ct.sh("echo 'cgroup_controllers = [ ]' >> /etc/libvirt/qemu.conf")
-            ct.systemctl("daemon-reload")
-            ct.systemctl("reload", "dbus.service")
+            install_passtd(ct)
             ct.systemctl("restart", "libvirtd.service")
-            groups = ct.run(["id", "-nG", "libvirt-qemu"]).stdout.split()
-            assert "passtd" in groups, f"libvirt-qemu is not in group passtd ({groups}): " \
-                "setup.sh adds it"
             print(f"\n[{label}] container up, units, policy and hook installed, libvirtd "
                   f"restarted in {time.monotonic() - started:.2f} s")
             lab_logs.add("container journal", ct.journal_log())
