@@ -4,15 +4,17 @@ Two hosts on one machine (tests/support/two_hosts.py): containers with their own
 bus, libvirtd and this checkout's passtd, joined by a private link that carries libvirt's
 migration. A TCG guest (tests/guestvm) attached to passtd with a forward 18025 -> 8000
 serves on 8000 and fetches from its host's loopback through its gateway, over and over;
-`virsh migrate --live` moves it A -> B -> A. What this shows today (both hosts have the
-same dead-end uplink network, so the guest's addresses and gateway stay valid): the
-destination's hook starts passtd there, the guest answers through the forward on the
-destination and reaches the destination's loopback, the source's instance and socket are
-released, and the guest's NIC never goes away.
+`virsh migrate --live` moves it A -> B -> A. The hosts are on different networks, so the
+domain pins the guest's addresses and gateway in its passtd metadata (`passtctl libvirt
+attach --ipv4 ... --gateway4 ...`), which travels with it: on B the guest keeps its
+lease from A and its gateway, which B's passtd maps to B's loopback. What this shows:
+the destination's hook starts passtd there, the guest answers through the forward on the
+destination and reaches the destination's loopback through its unchanged gateway, the
+source's instance and socket are released, the guest's NIC never goes away.
 
-Not shown yet (issue 13): hosts on different networks (address continuity), what
-happens to the guest's TCP connections, runtime forwards, a forward port already taken
-on the destination.
+Not shown yet (issue 13): a guest that arrives with another host's lease and nothing
+pinned, what happens to the guest's TCP connections, runtime forwards, a forward port
+already taken on the destination.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ pytestmark = [pytest.mark.libvirt, pytest.mark.vm]
 
 NAME = "mig-vm"
 FORWARD, GUEST_PORT, LOOPBACK_PORT = 18025, 8000, 18080
+# the guest's addresses on every host: A's network (B is on 203.0.113.0/24)
+PINNED4, PINNED_GW4 = "198.51.100.2", "198.51.100.1"
+PINNED6, PINNED_GW6 = "2001:db8::2", "fe80::1"
 GUEST_SCRIPT = f"""\
 socat TCP-LISTEN:{GUEST_PORT},reuseaddr,fork SYSTEM:'echo hello-from-guest' &
 if passtd-net-wait 90; then
@@ -93,7 +98,9 @@ def wait(predicate: Any, what: str, timeout: float = 60.0) -> Any:
 def test_live_migration_there_and_back(hosts: tuple[Host, Host]) -> None:
     a, b = hosts
     a.define(NAME, script=GUEST_SCRIPT)
-    a.passtctl("libvirt", "attach", NAME, "--forward", f"tcp:{FORWARD}:{GUEST_PORT}")
+    a.passtctl("libvirt", "attach", NAME, "--forward", f"tcp:{FORWARD}:{GUEST_PORT}",
+               "--ipv4", f"{PINNED4}/24", "--gateway4", PINNED_GW4,
+               "--ipv6", f"{PINNED6}/64", "--gateway6", PINNED_GW6)
     a.virsh("start", NAME)
     a.wait_console(NAME, "PASSTD_NET ")
     wait(lambda: fetched_from(a, 0, "host-a"), "the guest to fetch from host A")

@@ -20,7 +20,9 @@ Network: `--private-network` gives the container a network namespace with only `
 2001:db8::2/64 with default routes via 198.51.100.1 and fe80::1 (documentation
 addresses); its peer `deadend0` has no address and nothing behind it. Programs that look
 for a default route (passtd, passt) find one, and whatever they send there goes nowhere:
-no interface of the machine is involved and no traffic leaves the container.
+no interface of the machine is involved and no traffic leaves the container. `uplink=`
+gives other documentation addresses (two hosts on different networks,
+tests/support/two_hosts.py).
 
 Running things inside: `run`/`sh`/`spawn` use `nsenter -t PID1 -a` (all the container's
 namespaces, a clean environment). Processes the harness starts are ended at power-off
@@ -60,6 +62,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +95,18 @@ DEFAULT_MASK = UNNEEDED_UNITS + LIBVIRT_UNITS
 IFNAME, PEER_IFNAME = "eth0", "deadend0"
 IP4, PREFIX4, GW4 = "198.51.100.2", 24, "198.51.100.1"
 IP6, PREFIX6, GW6 = "2001:db8::2", 64, "fe80::1"
+
+
+@dataclass(frozen=True)
+class Uplink:
+    """The addresses of a container's dead end (documentation prefixes only)."""
+
+    ip4: str = IP4
+    prefix4: int = PREFIX4
+    gw4: str = GW4
+    ip6: str = IP6
+    prefix6: int = PREFIX6
+    gw6: str = GW6
 
 INSIDE_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -197,11 +212,13 @@ class Container:
     def __init__(self, name: str = "passtd-ct", *, mask: Iterable[str] = DEFAULT_MASK,
                  bind: Iterable[str | tuple[str, str]] = (),
                  bind_ro: Iterable[str | tuple[str, str]] = (),
-                 network: bool = True, unified_cgroup: bool = False,
+                 network: bool = True, uplink: Uplink = Uplink(),
+                 unified_cgroup: bool = False,
                  boot_timeout: float = 60.0, nspawn_args: Sequence[str] = ()) -> None:
         """`bind`/`bind_ro`: host paths (seen at the same path inside) or (host, inside)
         pairs; `unified_cgroup`: a pure cgroup2 hierarchy inside (what systemd >= 256
         requires) instead of the host's hybrid one; `nspawn_args`: more nspawn options."""
+        self.uplink = uplink
         self.machine = _machine_name(name)
         self.mask = tuple(mask)
         self.binds = [self._bind_arg("--bind", b) for b in bind]
@@ -319,14 +336,15 @@ class Container:
 
     def _setup_network(self) -> None:
         """The dead-end veth pair inside the container (see the module docstring)."""
+        up = self.uplink
         for args in (
             ["link", "add", IFNAME, "type", "veth", "peer", "name", PEER_IFNAME],
-            ["addr", "add", f"{IP4}/{PREFIX4}", "dev", IFNAME],
-            ["addr", "add", f"{IP6}/{PREFIX6}", "dev", IFNAME, "nodad"],
+            ["addr", "add", f"{up.ip4}/{up.prefix4}", "dev", IFNAME],
+            ["addr", "add", f"{up.ip6}/{up.prefix6}", "dev", IFNAME, "nodad"],
             ["link", "set", IFNAME, "up"],
             ["link", "set", PEER_IFNAME, "up"],
-            ["route", "add", "default", "via", GW4, "dev", IFNAME],
-            ["-6", "route", "add", "default", "via", GW6, "dev", IFNAME],
+            ["route", "add", "default", "via", up.gw4, "dev", IFNAME],
+            ["-6", "route", "add", "default", "via", up.gw6, "dev", IFNAME],
         ):
             self.run(["ip", *args])
 

@@ -2,21 +2,22 @@
 
 Each host is a container as tests/support/libvirt_env.py makes one: its own systemd,
 system bus, libvirtd and this checkout's passtd (units, policy, hook), and its own
-dead-end uplink (tests/support/container.py). The link: a veth pair made on the machine
-and moved at once into the two containers' network namespaces, LINK_A and LINK_B
-(TEST-NET-1) and nothing else on it. On that link, each libvirtd listens on TCP 16509
-without authentication (libvirtd-tcp.socket, auth_tcp "none"): reachable only from the
-other container, and each has a host_uuid of its own (libvirt refuses to migrate to "the
-same host", and both containers boot the same machine's files). One directory of the
-machine is bound into both at the same path: a guest's kernel, initramfs and console log
-must be at the same path on both hosts, as on real hosts with shared storage.
+dead-end uplink (tests/support/container.py) on a network of its own: A 198.51.100.2/24
+via .1 (TEST-NET-2), B UPLINK_B (TEST-NET-3), as real hosts in different places are.
+The link: a veth pair made on the machine and moved at once into the two containers'
+network namespaces, LINK_A and LINK_B (TEST-NET-1) and nothing else on it. On that
+link, each libvirtd listens on TCP 16509 without authentication (libvirtd-tcp.socket,
+auth_tcp "none"): reachable only from the other container, and each has a host_uuid of
+its own (libvirt refuses to migrate to "the same host", and both containers boot the
+same machine's files). One directory of the machine is bound into both at the same
+path: a guest's kernel, initramfs and console log must be at the same path on both
+hosts, as on real hosts with shared storage.
 
     with two_hosts("pdmig", lab_logs) as (a, b):      # Hosts: libvirt_env.py's Labs
         a.define("vm"); a.passtctl("libvirt", "attach", "vm", ...); a.virsh("start", "vm")
         seconds, _ = migrate(a, b, "vm")               # virsh migrate --live over the link
 
-Not done here: different uplink networks per host (both have the same dead end), shared
-block storage (the test guests boot from files and have no disk).
+Not done here: shared block storage (the test guests boot from files and have no disk).
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from tests.guestvm.vm import ensure_image
-from tests.support.container import UNNEEDED_UNITS, Container
+from tests.support.container import UNNEEDED_UNITS, Container, Uplink
 from tests.support.libvirt_env import REPO, Lab, install_passtd, require_libvirt_lab
 
 LINK_A, LINK_B = "192.0.2.1", "192.0.2.2"
 LINK_PREFIX = 24
+UPLINK_B = Uplink(ip4="203.0.113.2", gw4="203.0.113.1", ip6="2001:db8:b::2")
 HOST_UUIDS = ("0f5e1c1e-8d3b-4c7a-9a52-1a0c3d7e5f01", "0f5e1c1e-8d3b-4c7a-9a52-1a0c3d7e5f02")
 
 
@@ -77,11 +79,11 @@ def two_hosts(prefix: str, lab_logs: Any) -> Iterator[tuple[Host, Host]]:
     try:
         with ExitStack() as stack:
             hosts = []
-            for side, host_uuid, address in zip(("a", "b"), HOST_UUIDS, (LINK_A, LINK_B),
-                                                strict=True):
+            for side, host_uuid, address, uplink in zip(
+                    ("a", "b"), HOST_UUIDS, (LINK_A, LINK_B), (Uplink(), UPLINK_B), strict=True):
                 ct = stack.enter_context(Container(
                     f"{prefix}-{side}", mask=UNNEEDED_UNITS, bind=[str(shared)],
-                    bind_ro=[(str(REPO / "passtd"), str(package))]))
+                    bind_ro=[(str(REPO / "passtd"), str(package))], uplink=uplink))
                 install_passtd(ct)
                 _listen_for_migrations(ct, host_uuid)
                 lab_logs.add(f"host {side} journal", ct.journal_log())
