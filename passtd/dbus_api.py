@@ -11,7 +11,7 @@ Design: every instance is its own process, so every instance owns its own bus na
   ListFlowsPage(u after_id, u count) -> (aa{sv} flows, u next_id)   (dbus_listing.py)
   GetStatistics() -> a{sv}          (counters since the process started, STATISTICS)
   properties (read-only, PropertiesChanged): Name s, GuestConnected b, GuestMac s,
-  GuestAddresses as, Mtu u, FlowCount u
+  GuestAddresses as, Mtu u, FlowCount u, Hostname s, StartedAt t (µs since the epoch)
   signals: ForwardAdded(a{sv} forward), ForwardRemoved(a{sv} forward),
   FlowOpened(aa{sv} flows, u omitted), FlowClosed(aa{sv} flows, u omitted)
 
@@ -52,6 +52,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Annotated, Any, Protocol, TypeVar
 
@@ -63,6 +64,7 @@ from dbus_fast.annotations import (
     DBusStr,
     DBusUInt16,
     DBusUInt32,
+    DBusUInt64,
 )
 from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
@@ -132,7 +134,7 @@ FLOW_FIELDS = {
     "age_seconds": "d",
 }
 PROPERTIES = frozenset({"Name", "GuestConnected", "GuestMac", "GuestAddresses", "Mtu",
-                        "FlowCount"})
+                        "FlowCount", "Hostname", "StartedAt"})
 
 DictList = Annotated[list[dict[str, Variant]], DBusSignature("aa{sv}")]
 Dict = Annotated[dict[str, Variant], DBusSignature("a{sv}")]
@@ -318,6 +320,8 @@ class EngineView(Protocol):
     def mtu(self) -> int: ...
     @property
     def flow_count(self) -> int: ...
+    @property
+    def started_at(self) -> float: ...
     def guest_addresses(self) -> list[str]: ...
     def flow_page(self, after_id: int, count: int) -> list[dict[str, Any]]: ...
     def list_forwards(self) -> list[dict[str, Any]]: ...
@@ -419,6 +423,17 @@ class InstanceInterface(ServiceInterface):
     @dbus_property(access=PropertyAccess.READ)
     def FlowCount(self) -> DBusUInt32:
         return self.engine.flow_count
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Hostname(self) -> DBusStr:
+        """Where the instance runs (after a migration: the destination)."""
+        return socket.gethostname()
+
+    @dbus_property(access=PropertyAccess.READ)
+    def StartedAt(self) -> DBusUInt64:
+        """Since when it serves this guest, in microseconds since the epoch, as systemd's
+        timestamps (a restart keeps it)."""
+        return int(self.engine.started_at * 1_000_000)
 
     def current(self, name: str) -> Any:
         """A property's value now (what PropertiesChanged carries)."""

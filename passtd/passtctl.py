@@ -33,6 +33,7 @@ import ipaddress
 import json
 import re
 import sys
+import time
 from collections.abc import Collection, Sequence
 from typing import Any
 
@@ -364,6 +365,9 @@ async def _status(client: Client, args: argparse.Namespace) -> int:
         "flow_count": props["FlowCount"],
         "forward_count": len(forwards),
     }
+    if "Hostname" in props:  # (instances older than these say nothing of them)
+        status["hostname"] = props["Hostname"]
+        status["started_at"] = props["StartedAt"] / 1_000_000
     if stats is not None:
         stats["drops"] = dict(stats.get("drops", {}))
         status["statistics"] = stats
@@ -382,6 +386,10 @@ async def _status(client: Client, args: argparse.Namespace) -> int:
         ("Flows", str(status["flow_count"])),
         ("Forwards", str(status["forward_count"])),
     ]
+    if "hostname" in status:
+        since = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(status["started_at"]))
+        lines.insert(2, ("Runs on", f"{status['hostname']}, since {since} "
+                                    f"({_age(time.time() - status['started_at'])})"))
     if stats is not None:
         lines += [
             ("Traffic", f"{stats['frames_from_guest']} frames "

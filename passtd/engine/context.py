@@ -208,6 +208,8 @@ class EngineContext:
         self.seen = GuestSeen()
         self.readiness = Readiness(loop)
         self.drop_log = RateLimitedLog()
+        # wall-clock time the instance started serving (a restart carries it: handover.py)
+        self.started_at = time.time()
         # filled in by the engine (loop.py)
         self.schedule: Callable[[Flow], None] = _unset
         self.close_flow: Callable[[Flow, bool], None] = _unset

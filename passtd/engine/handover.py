@@ -20,7 +20,8 @@ retransmits it), and every TCP flow sends the guest a window update (tcp.py's
 
 The document is JSON:
 
-    {"format": 1, "written_at": <monotonic seconds>, "next_flow_id": <n>,
+    {"format": 1, "written_at": <monotonic seconds>, "started_at": <Unix time the
+     instance first started>, "next_flow_id": <n>,
      "next_forward_id": <n>, "guest": {"mac": <hex>, "addr4": <hex>, ...},
      "forwards": [{"id", "origin", "rule": {ForwardRule's fields}, "connections",
                    "refused", "from_guest_closed", "to_guest_closed", "bytes_closed"
@@ -144,6 +145,7 @@ class Handover:
         doc = {
             "format": FORMAT,
             "written_at": now,
+            "started_at": self.ctx.started_at,
             "next_flow_id": self.ctx.flows.next_id,
             "next_forward_id": self.forwards.next_id,
             "guest": {"mac": _hex(seen.mac), "addr4": _hex(seen.addr4),
@@ -220,6 +222,10 @@ class Handover:
                 close_all(list(fwd.listeners) if fwd is not None else [], reset=False)
             return False
         self._take_guest(guest)
+        started_at = doc.get("started_at")
+        if isinstance(started_at, (int, float)) and not isinstance(started_at, bool) \
+                and 0 < started_at <= self.ctx.started_at:
+            self.ctx.started_at = float(started_at)
         self.forwards.inherit(kept, next_forward_id)
         self.ctx.flows.next_id = max(self.ctx.flows.next_id, next_flow_id & 0xFFFFFFFF)
         self.written_at = float(written_at)

@@ -470,6 +470,10 @@ class Engine:
         return self.guest.addresses()
 
     @property
+    def started_at(self) -> float:  # Unix time; a restart keeps it (handover.py)
+        return self.ctx.started_at
+
+    @property
     def mtu(self) -> int:
         return self.net.mtu
 

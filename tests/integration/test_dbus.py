@@ -542,7 +542,8 @@ def test_unprivileged_users_can_read(vm: lab.Program, system_bus: PrivateBus) ->
     all_props = busctl(system_bus, "--json=short", "call", VM_BUS, PATH,
                        "org.freedesktop.DBus.Properties", "GetAll", "s", IFACE, user=NOBODY)
     assert set(json.loads(all_props.stdout)["data"][0]) == {
-        "Name", "GuestConnected", "GuestMac", "GuestAddresses", "Mtu", "FlowCount"}
+        "Name", "GuestConnected", "GuestMac", "GuestAddresses", "Mtu", "FlowCount",
+        "Hostname", "StartedAt"}
     for member in ("ListFlows", "ListForwards"):
         assert dbus_send(system_bus, VM_BUS, member, user=NOBODY).ok
     assert dbus_send(system_bus, VM_BUS, "Ping", interface="org.freedesktop.DBus.Peer",
@@ -916,6 +917,8 @@ def test_passtctl_list_and_status(vm: lab.Program, system_bus: PrivateBus,
     status = json.loads(passtctl(VM, "status", "--json", user=NOBODY, env=on_system).stdout)
     seen = {key: status.pop(key) for key in ("guest_mac", "guest_addresses")}  # any fake qemu's
     counters = status.pop("statistics")
+    assert status.pop("hostname") == socket.gethostname()
+    assert 0 < time.time() - status.pop("started_at") < 3600
     assert set(counters) == {"frames_from_guest", "bytes_from_guest", "frames_to_guest",
                              "bytes_to_guest", "frames_dropped_to_guest", "flows",
                              "flows_opened", "drops"}

@@ -19,6 +19,7 @@ already taken on the destination.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -106,6 +107,11 @@ def test_live_migration_there_and_back(hosts: tuple[Host, Host]) -> None:
     wait(lambda: fetched_from(a, 0, "host-a"), "the guest to fetch from host A")
     assert wait(lambda: forward_answers(a), "the forward on A") == "hello-from-guest"
 
+    def runs_on(host: Host) -> tuple[str, float]:
+        status = json.loads(host.passtctl(NAME, "status", "--json").stdout)
+        return status["hostname"], status["started_at"]
+
+    where_before = runs_on(a)
     for source, destination, label in ((a, b, "host-b"), (b, a, "host-a")):
         seen = max((n for n, _ in fetches(a)), default=0)
         seconds, _ = migrate(source, destination, NAME)
@@ -120,6 +126,11 @@ def test_live_migration_there_and_back(hosts: tuple[Host, Host]) -> None:
         wait(lambda s=source: s.unit_state(passtd_libvirt.service_unit(NAME)) != "active"
              and not s.exists(f"/run/passtd/{NAME}.sock"), "the source to release passtd")
         assert not source.ct.run(["ss", "-Hltn", f"sport = :{FORWARD}"]).stdout.strip()
+        where = runs_on(destination)  # passtctl says where the instance runs, and since when
+        assert (where[0], where_before[0]) == (f"host-{label[-1]}",
+                                               f"host-{'a' if label == 'host-b' else 'b'}")
+        assert where[1] > where_before[1], (where, where_before)
+        where_before = where
         print(f"[migration] {source.link_address} -> {destination.link_address}: virsh "
               f"migrate --live {seconds:.2f} s; the guest fetches from {label} and answers "
               f"through the forward there")

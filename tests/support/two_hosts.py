@@ -49,6 +49,14 @@ class Host(Lab):
         self.link_address = link_address
 
 
+def _name_host(ct: Container, name: str) -> None:
+    """A host name of its own (both boot the machine's), resolved by the container's own
+    /etc/hosts: libvirt looks its host name up while migrating, and a lookup that reaches
+    DNS behind the dead end waits for its timeouts (tens of seconds)."""
+    ct.run(["hostname", name])
+    ct.sh(f"printf '{LINK_A} host-a\\n{LINK_B} host-b\\n' >> /etc/hosts")
+
+
 def _listen_for_migrations(ct: Container, host_uuid: str) -> None:
     ct.sh(f"printf 'auth_tcp = \"none\"\\nhost_uuid = \"{host_uuid}\"\\n' "
           ">> /etc/libvirt/libvirtd.conf")
@@ -84,6 +92,7 @@ def two_hosts(prefix: str, lab_logs: Any) -> Iterator[tuple[Host, Host]]:
                 ct = stack.enter_context(Container(
                     f"{prefix}-{side}", mask=UNNEEDED_UNITS, bind=[str(shared)],
                     bind_ro=[(str(REPO / "passtd"), str(package))], uplink=uplink))
+                _name_host(ct, f"host-{side}")
                 install_passtd(ct)
                 _listen_for_migrations(ct, host_uuid)
                 lab_logs.add(f"host {side} journal", ct.journal_log())

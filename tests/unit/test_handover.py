@@ -101,9 +101,12 @@ def test_a_connection_carries_on_in_the_next_engine_without_loss(
         (data,) = [t for t in tcp_of(old.roundtrip(seconds=0.05)) if payload(t)]
         assert data.seq == ours  # the guest got it, but does not acknowledge it (yet)
         flow_id = old.engine.flow_page(0, 10)[0]["id"]
+        old.engine.ctx.started_at -= 3600  # the instance has served for an hour
+        started_at = old.engine.started_at
         state, socks = hand_over(old)
 
         assert take_over(new, state, socks)
+        assert new.engine.started_at == started_at  # "since when" survives the restart
         (flow,) = new.engine.flow_page(0, 10)
         assert flow["id"] == flow_id and flow["state"] == "ESTABLISHED"
         frames = tcp_of(new.roundtrip(seconds=0.05))
