@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -183,21 +184,28 @@ def test_a_flow_whose_socket_did_not_arrive_is_reset_towards_the_guest(
         peer.close()
 
 
-def test_the_format_1_document_still_reads() -> None:
-    """tests/unit/data/handover-format1.json, as this version's first format writes it:
-    a forward and its listener, a TCP flow, a guest UDP flow and an inbound one through
-    the forward's... (UDP forwards answer through their listener), and a ping flow."""
-    doc = json.loads(FIXTURE.read_text())
-    assert doc["format"] == 1
-    socks: list[socket.socket | None] = []
+@contextmanager
+def fixture_sockets() -> Iterator[list[socket.socket | None]]:
+    """The sockets the format-1 fixture numbers: its UDP forward's listener, a connected
+    TCP socket (to a loopback server), a guest UDP flow's, a ping flow's (a UDP one will
+    do: nothing is sent)."""
     with socket.socket() as srv:
         srv.bind(("127.0.0.1", 0))
         srv.listen(1)
         tcp = socket.create_connection(srv.getsockname())
         udp_listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         udp_listener.bind(("127.0.0.1", 0))
-        socks = [udp_listener, tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM),
-                 socket.socket(socket.AF_INET, socket.SOCK_DGRAM)]
+        yield [udp_listener, tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM),
+               socket.socket(socket.AF_INET, socket.SOCK_DGRAM)]
+
+
+def test_the_format_1_document_still_reads() -> None:
+    """tests/unit/data/handover-format1.json, as this version's first format writes it:
+    a forward and its listener, a TCP flow, a guest UDP flow and an inbound one through
+    the forward's... (UDP forwards answer through their listener), and a ping flow."""
+    doc = json.loads(FIXTURE.read_text())
+    assert doc["format"] == 1
+    with fixture_sockets() as socks:
         rule = ForwardRule(**doc["forwards"][0]["rule"])
         settings = EngineSettings(net=NET, udp_forwards=(rule,))
         with engine_harness(settings) as new:
@@ -312,15 +320,7 @@ def test_any_corruption_of_the_document_costs_flows_only(data: st.DataObject) ->
     doc = json.loads(FIXTURE.read_text())
     mutated = data.draw(_mutations(doc))
     state = json.dumps(mutated, allow_nan=True).encode()
-    with socket.socket() as srv:
-        srv.bind(("127.0.0.1", 0))
-        srv.listen(1)
-        tcp = socket.create_connection(srv.getsockname())
-        udp_listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        udp_listener.bind(("127.0.0.1", 0))
-        socks: list[socket.socket | None] = [
-            udp_listener, tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM),
-            socket.socket(socket.AF_INET, socket.SOCK_DGRAM)]
+    with fixture_sockets() as socks:
         rule = ForwardRule(**doc["forwards"][0]["rule"])
         with engine_harness(EngineSettings(net=NET, udp_forwards=(rule,))) as new:
             take_over(new, state, socks)  # True or False: never an exception
