@@ -34,8 +34,8 @@ import json
 import re
 import sys
 import time
-from collections.abc import Collection, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from typing import Any, TypeVar
 
 from dbus_fast import BusType, Message, MessageFlag, MessageType
 from dbus_fast.aio import MessageBus
@@ -49,6 +49,8 @@ from .dbus_api import (
 )
 from .engine.fwd import SpecError, parse_port
 from .names import InvalidName, check_name
+
+T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_INSTANCE_ERROR = 1  # the instance (or the bus, for another reason) refused: message shown
@@ -280,6 +282,25 @@ def _state(units: dict[str, str] | None, on_bus: bool) -> str:
     return "listening" if sock == "active" else "inactive"
 
 
+async def each_instance(names: Sequence[str], fetch: Callable[[str], Awaitable[T]]
+                        ) -> tuple[dict[str, T], dict[str, Failure]]:
+    """`fetch` for every instance at once: (results, failures) by bus name. One that
+    stopped since it was listed is in neither (not an error); a failure that is no
+    Failure is a bug and raised."""
+    results = await asyncio.gather(*(fetch(n) for n in names), return_exceptions=True)
+    ok: dict[str, T] = {}
+    failed: dict[str, Failure] = {}
+    for name, result in zip(names, results, strict=True):
+        if isinstance(result, Failure):
+            if result.status != EXIT_NOT_RUNNING:
+                failed[name] = result
+        elif isinstance(result, BaseException):
+            raise result
+        else:
+            ok[name] = result
+    return ok, failed
+
+
 async def _list(client: Client, args: argparse.Namespace) -> int:
     async def describe(name: str) -> dict[str, Any]:
         props, forwards = await _properties_and_forwards(client, name)
@@ -288,21 +309,16 @@ async def _list(client: Client, args: argparse.Namespace) -> int:
                 "forward_count": len(forwards)}
 
     names, units = await asyncio.gather(client.instance_names(), _units(client))
-    results = await asyncio.gather(*(describe(n) for n in names), return_exceptions=True)
+    described, failed = await each_instance(names, describe)
     rows: dict[str, dict[str, Any]] = {}
-    status = EXIT_OK
-    for name, result in zip(names, results, strict=True):
+    status = EXIT_INSTANCE_ERROR if failed else EXIT_OK
+    for name in names:
         instance = instance_name(name) or name
-        if isinstance(result, BaseException):
-            if not isinstance(result, Failure):
-                raise result
-            if result.status == EXIT_NOT_RUNNING:
-                continue  # it stopped since ListNames: not an error, and not listed
-            print_error(str(result))
-            status = EXIT_INSTANCE_ERROR
-            rows[instance] = {"name": instance, "bus_name": name, "error": str(result)}
-        else:
-            rows[instance] = result
+        if name in failed:
+            print_error(str(failed[name]))
+            rows[instance] = {"name": instance, "bus_name": name, "error": str(failed[name])}
+        elif name in described:
+            rows[instance] = described[name]
     for instance in units:  # instances systemd knows that are not on the bus (yet)
         if instance not in rows and any(v != "inactive" for v in units[instance].values()):
             rows[instance] = {"name": instance}

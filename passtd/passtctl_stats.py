@@ -28,13 +28,12 @@ from typing import Any
 from .dbus_api import bus_name, instance_name
 from .passtctl import (
     EXIT_INSTANCE_ERROR,
-    EXIT_NOT_RUNNING,
     EXIT_OK,
     Client,
-    Failure,
     _bytes,
     _plain,
     _print_table,
+    each_instance,
     print_error,
     print_json,
 )
@@ -147,20 +146,14 @@ async def metrics(client: Client, args: argparse.Namespace) -> int:
             client.listing(name, "ListForwards"))
         return props, counters, forwards
 
-    results = await asyncio.gather(*(gather(n) for n in names), return_exceptions=True)
+    gathered, failed = await each_instance(names, gather)
     out = Exposition()
-    status = EXIT_OK
-    for name, result in zip(names, results, strict=True):
+    for name in names:
         instance = instance_name(name) or name
-        if isinstance(result, BaseException):
-            if not isinstance(result, Failure):
-                raise result
-            if result.status != EXIT_NOT_RUNNING:  # (one that stopped meanwhile: left out)
-                print_error(str(result))
-                status = EXIT_INSTANCE_ERROR
-                out.add("passtd_up", "gauge", "1: the instance answers",
-                        {"instance": instance}, 0)
-            continue
-        _instance_metrics(out, instance, *result)
+        if name in failed:
+            print_error(str(failed[name]))
+            out.add("passtd_up", "gauge", "1: the instance answers", {"instance": instance}, 0)
+        elif name in gathered:
+            _instance_metrics(out, instance, *gathered[name])
     print(out.text(), end="")
-    return status
+    return EXIT_INSTANCE_ERROR if failed else EXIT_OK
