@@ -36,7 +36,7 @@ _passtctl() {
 		return 0
 	fi
 	if [[ $cur == -* ]]; then
-		mapfile -t COMPREPLY < <(compgen -W "$options --address --persist --forward --mtu --ipv4 --gateway4 --ipv6 --gateway6 --dns --mac --connect" -- "$cur")
+		mapfile -t COMPREPLY < <(compgen -W "$options --address --persist --forward --mtu --ipv4 --gateway4 --ipv6 --gateway6 --pin --dns --mac --connect" -- "$cur")
 		return 0
 	fi
 	case ${#words[@]} in

@@ -51,12 +51,18 @@ import yaml
 
 from passtd.engine.addrs import is_unicast_mac, parse_mac
 from passtd.engine.fwd import ForwardRule, SpecError, check_ifname, parse_spec
-from passtd.names import RULE, InvalidName, check_name
+from passtd.names import (
+    DEFAULT_RUNTIME_DIR,
+    RULE,
+    RUNTIME_DIR_ENV,
+    InvalidName,
+    check_name,
+    hook_runtime_file,
+    runtime_dir,
+)
 
 DEFAULT_CONFIG_FILE = "/etc/passtd.yaml"
 DROPIN_DIR_NAME = "passtd.d"
-DEFAULT_RUNTIME_DIR = "/run/passtd"
-RUNTIME_DIR_ENV = "PASSTD_RUNTIME_DIR"
 # where the service keeps state across its restarts (runtime forwards); default: the
 # runtime directory. The systemd unit points it at a directory only the instance may write.
 STATE_DIR_ENV = "PASSTD_STATE_DIR"
@@ -887,7 +893,7 @@ def load(
         raise ConfigError(str(e)) from None
     if config_file is None and args is not None:
         config_file = getattr(args, "config", None)
-    runtime_dir = os.environ.get(RUNTIME_DIR_ENV) or DEFAULT_RUNTIME_DIR
+    runtime = runtime_dir()
     layers = _Layers()
     sources: list[str] = []
 
@@ -902,7 +908,7 @@ def load(
         if contributed:
             sources.append(path)
 
-    runtime_file = os.path.join(runtime_dir, f"{name}.yaml")
+    runtime_file = hook_runtime_file(name)
     doc = _read_yaml(runtime_file, required=False)
     if doc is not _MISSING and _add_file_section(layers, doc, runtime_file, ""):
         sources.append(runtime_file)
@@ -914,7 +920,7 @@ def load(
             raise _cli_error(_option_for(e.path), e.reason) from None
         layers.add(cli_layer, lambda p: f"{COMMAND_LINE}: {_option_for(p)}")
 
-    return _build(name, layers, runtime_dir, tuple(sources))
+    return _build(name, layers, runtime, tuple(sources))
 
 
 def _classful_prefix(addr: ipaddress.IPv4Address) -> int:

@@ -32,27 +32,36 @@ Three users of this module:
     the instance then adopts no other process's connection, passtd/qemu_peer.py; every
     qemu of the host may open every instance's socket), checks the effective
     configuration, starts the socket unit so that it listens before
-    qemu connects (qemu 7.2's stream netdev connects once, never again) and checks that
-    qemu's user may connect to it; any failure exits non-zero with a message, which libvirt
-    shows as the reason `virsh start` failed. On "release end" it stops the instance and
-    removes the runtime file. The hook never calls libvirt (that deadlocks: libvirtd waits
-    for the hook) and does nothing at all for domains without our metadata.
+    qemu connects (qemu 7.2's stream netdev connects once, never again), checks that
+    qemu's user may connect to it and starts the instance (its forwards listen before the
+    domain runs: a port taken fails `virsh start`, or an incoming migration, while the
+    guest still runs where it was); any failure exits non-zero with a message, which
+    libvirt shows as the reason `virsh start` or `virsh migrate` failed. On "release
+    end" it stops the instance and removes the runtime file. The hook never calls
+    libvirt (that deadlocks: libvirtd waits for the hook) and does nothing at all for
+    domains without our metadata.
   - `passtctl libvirt attach|detach` (`attach`, `detach`): edits of the persistent
     definition, done by pure functions on the XML text (`attach_xml`, `detach_xml`) and
     one defineXML. Idempotent; refused while the domain runs (the edit would apply only at
     its next start, which surprises) and when its command line already has a netdev we did
     not write.
-  - `passtctl NAME forward add ... --persist` (`ForwardPersister`): a forward added at
-    runtime is also recorded in the persistent metadata with setMetadata(AFFECT_CONFIG),
-    which leaves the running domain's live definition alone.
+  - `passtctl NAME forward add|remove` (`ForwardRecorder`): a forward added or removed at
+    runtime is recorded in the running domain's live metadata (setMetadata AFFECT_LIVE),
+    which `virsh migrate` carries to the destination's hook, and with --persist in the
+    persistent metadata as well (AFFECT_CONFIG).
 
 Metadata values are checked twice: structurally here (known elements and attributes only,
 so a typo is an error, not a silently ignored setting), then by passtd.config itself, on
 the settings alone (`check_settings`) and, in the hook, merged with /etc/passtd.yaml.
 
+Migration needs nothing of its own: the destination host's hook gets the live definition
+(metadata, runtime forwards recorded there included) and starts its own instance with it;
+the guest keeps the addresses it has, which only pinned ones (<passtd:ipv4 address
+gateway>, `passtctl libvirt attach --pin`) make mean the same on every host
+(libvirt-hook/README.md, "Live migration").
+
 Not done here: hot-plugging the NIC into a running domain (qemu 7.2 cannot reconnect a
-stream netdev anyway, and i440fx hot-plug needs ACPI), migration (the destination host's
-hook starts its own instance; runtime forwards do not travel), and machines without PCI
+stream netdev anyway, and i440fx hot-plug needs ACPI), and machines without PCI
 (virtio-net-pci is x86's and arm's virt machine's device, not s390's).
 """
 
@@ -80,7 +89,7 @@ import yaml
 from . import config
 from .engine.addrs import is_unicast_mac, parse_mac
 from .engine.fwd import SpecError, find_conflict, parse_range, parse_spec, unbracket
-from .names import InvalidName, check_name
+from .names import DEFAULT_RUNTIME_DIR, InvalidName, check_name, hook_runtime_file
 from .qemu_peer import CGROUP_ROOTS
 
 NAMESPACE = "https://passtd.org/xmlns/libvirt/1"
@@ -235,6 +244,14 @@ class NetworkSettings:
                     f"forward {forward.describe()} overlaps {existing.describe()}, which "
                     f"the metadata already has")
         return replace(self, forwards=(*self.forwards, forward))
+
+    def without_forward(self, forward: Forward) -> NetworkSettings:
+        """These settings less the forwards that listen where `forward` does, on the same
+        ports to the same guest ports, however spelt (unchanged if there is none)."""
+        rules = parse_spec(forward.spec, forward.proto)
+        kept = tuple(f for f in self.forwards
+                     if f.proto != forward.proto or parse_spec(f.spec, f.proto) != rules)
+        return self if kept == self.forwards else replace(self, forwards=kept)
 
 
 def runtime_config(settings: NetworkSettings) -> dict[str, Any]:
@@ -462,7 +479,7 @@ def service_unit(name: str) -> str:
 
 def socket_path(name: str) -> str:
     """passtd@.socket's ListenStream: always under /run/passtd (the unit's %I)."""
-    return f"{config.DEFAULT_RUNTIME_DIR}/{name}.sock"
+    return f"{DEFAULT_RUNTIME_DIR}/{name}.sock"
 
 
 # -- the cgroup libvirt runs qemu in ----------------------------------------------------------
@@ -599,7 +616,7 @@ def _is_passtd_netdev(options: dict[str, str]) -> bool:
     """A stream netdev to some instance's socket: ours (maybe of an earlier domain name)."""
     path = options.get("addr.path", "")
     return options.get("") == "stream" and \
-        os.path.dirname(path) == config.DEFAULT_RUNTIME_DIR and path.endswith(".sock")
+        os.path.dirname(path) == DEFAULT_RUNTIME_DIR and path.endswith(".sock")
 
 
 def stable_mac(uuid: str, taken: Iterable[str] = ()) -> str:
@@ -869,10 +886,6 @@ def check_qemu_access(path: str, user: str | None) -> None:
             f"(usermod -a -G {group} {user}; setup.sh does) and start the domain again")
 
 
-def _runtime_dir() -> str:
-    return os.environ.get(config.RUNTIME_DIR_ENV) or config.DEFAULT_RUNTIME_DIR
-
-
 def _write_runtime_file(path: str, doc: dict[str, Any]) -> None:
     """Atomically, mode 0644: the service's user (passtd) reads it."""
     directory = os.path.dirname(path)
@@ -893,6 +906,13 @@ def _write_runtime_file(path: str, doc: dict[str, Any]) -> None:
 
 def _failed(res: subprocess.CompletedProcess[str]) -> str:
     return (res.stderr or res.stdout).strip() or f"exit status {res.returncode}"
+
+
+def _status_text(unit: str, systemctl: Systemctl) -> str:
+    """What the unit's process last said of itself (sd_notify STATUS=; systemd keeps it
+    after the process failed)."""
+    res = systemctl("show", "--property=StatusText", "--value", unit)
+    return res.stdout.strip() if res.returncode == 0 else ""
 
 
 def prepare(name: str, domain_xml: str | bytes, *, systemctl: Systemctl = _systemctl,
@@ -919,7 +939,7 @@ def prepare(name: str, domain_xml: str | bytes, *, systemctl: Systemctl = _syste
         check_settings(name, settings)
     except MetadataError as e:
         raise HookError(f"domain {name}: its passtd metadata is refused: {e}") from None
-    runtime_file = os.path.join(_runtime_dir(), f"{name}.yaml")
+    runtime_file = hook_runtime_file(name)
     socket, service = socket_unit(name), service_unit(name)
     runtime = runtime_config(settings)
     scope = qemu_scope(domain_xml) if machined else None
@@ -942,6 +962,15 @@ def prepare(name: str, domain_xml: str | bytes, *, systemctl: Systemctl = _syste
         except HookError as e:
             systemctl("stop", service, socket)
             raise HookError(f"domain {name}: {e}") from None
+        # the instance itself now, not at qemu's connection: what it cannot do (a forward's
+        # port taken on this host) then fails this start, or an incoming migration while
+        # the domain still runs on its source, instead of leaving the guest unconnected
+        res = systemctl("start", service)
+        if res.returncode != 0:
+            reason = _status_text(service, systemctl).removeprefix("failed: ") or _failed(res)
+            systemctl("stop", service, socket)
+            raise HookError(f"domain {name}: its passtd instance cannot start: {reason} "
+                            f"(journalctl -u {service})")
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(runtime_file)
@@ -956,7 +985,7 @@ def started(name: str, *, systemctl: Systemctl = _systemctl,
     container, or `cgroup_controllers = [ ]`); the instance would refuse its qemu for
     ever. Drop `qemu_cgroup` from the runtime file and reload the instance, which then
     adopts the connection it holds. True if it did so."""
-    runtime_file = os.path.join(_runtime_dir(), f"{name}.yaml")
+    runtime_file = hook_runtime_file(name)
     try:
         with open(runtime_file, encoding="utf-8") as f:
             runtime = yaml.safe_load(f)
@@ -987,7 +1016,7 @@ def release(name: str, domain_xml: str | bytes, *, systemctl: Systemctl = _syste
         return False
     res = systemctl("stop", service_unit(name), socket_unit(name))
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(os.path.join(_runtime_dir(), f"{name}.yaml"))
+        os.unlink(hook_runtime_file(name))
     if res.returncode != 0:
         raise HookError(f"domain {name}: cannot stop its passtd instance: {_failed(res)}")
     return True
@@ -1090,47 +1119,68 @@ def detach(name: str, *, uri: str = DEFAULT_URI) -> Edit:
     return _edit(name, uri, "detach", detach_xml)
 
 
-class ForwardPersister:
-    """`forward add --persist`: checked before the forward is added (`__init__`), written
-    after it was (`write`), so that nothing is changed when it would be refused."""
+class ForwardRecorder:
+    """A forward added (or removed) at runtime, recorded in the domain's definitions, so
+    that the domain says which forwards it has wherever it runs:
 
-    def __init__(self, name: str, forward: Forward, *, uri: str = DEFAULT_URI) -> None:
+      - the live definition, whenever the domain runs: `virsh migrate` carries it to the
+        destination, whose hook starts passtd with its metadata, so the forward moves with
+        the domain; it goes when the domain stops, as a runtime forward does;
+      - with `persist`, the persistent definition as well (from the next start on).
+
+    Checked before the instance is asked (`__init__`: the domain, its metadata, the
+    result's validity), written after it did it (`write`), so that nothing is recorded
+    that the instance refused."""
+
+    def __init__(self, name: str, forward: Forward, *, remove: bool = False,
+                 persist: bool = False, uri: str = DEFAULT_URI) -> None:
         self.libvirt = _libvirt()
         self.name = name
-        self.forward = forward
         self.conn, self.dom = _lookup(self.libvirt, uri, name)
+        self.edits: list[tuple[str, int, NetworkSettings]] = []  # (which, AFFECT_*, settings)
         try:
-            if not self.dom.isPersistent():
-                raise DomainError(DomainError.REFUSED, (
-                    f"domain {name} is transient: there is no definition to persist into"))
-            xml = self.dom.XMLDesc(self.libvirt.VIR_DOMAIN_XML_INACTIVE)
-            try:
-                current = settings_from_domain(xml)
+            targets = []
+            if self.dom.isActive():
+                targets.append(("live", 0, self.libvirt.VIR_DOMAIN_AFFECT_LIVE))
+            if persist:
+                if not self.dom.isPersistent():
+                    raise DomainError(DomainError.REFUSED, (
+                        f"domain {name} is transient: there is no definition to persist into"))
+                targets.append(("persistent", self.libvirt.VIR_DOMAIN_XML_INACTIVE,
+                                self.libvirt.VIR_DOMAIN_AFFECT_CONFIG))
+            for which, xml_flags, affect in targets:
+                current = settings_from_domain(self.dom.XMLDesc(xml_flags))
                 if current is None:
                     raise DomainError(DomainError.REFUSED, (
                         f"domain {name} is not a passtd domain (no passtd metadata in its "
-                        f"definition): see passtctl libvirt attach"))
-                self.settings = current.with_forward(forward)
-                check_settings(name, self.settings)
-            except MetadataError as e:
-                raise DomainError(DomainError.REFUSED,
-                                  f"domain {name}: cannot persist the forward: {e}") from None
-            self.changed = self.settings != current
+                        f"{which} definition): see passtctl libvirt attach"))
+                try:
+                    settings = (current.without_forward(forward) if remove
+                                else current.with_forward(forward))
+                    check_settings(name, settings)
+                except MetadataError as e:
+                    raise DomainError(DomainError.REFUSED, f"domain {name}: cannot record the "
+                                      f"forward in its {which} definition: {e}") from None
+                if settings != current:
+                    self.edits.append((which, affect, settings))
         except BaseException:
-            self.conn.close()
+            self.close()
             raise
 
+    @property
+    def changed(self) -> tuple[str, ...]:
+        """The definitions `write` changes ("live", "persistent"): the others have it (or,
+        for a removal, have it not) already."""
+        return tuple(which for which, _, _ in self.edits)
+
     def write(self) -> None:
-        """Record the forward in the persistent metadata (the live definition stays)."""
-        if not self.changed:
-            return
-        try:
-            self.dom.setMetadata(self.libvirt.VIR_DOMAIN_METADATA_ELEMENT,
-                                 metadata_xml(self.settings), PREFIX, NAMESPACE,
-                                 self.libvirt.VIR_DOMAIN_AFFECT_CONFIG)
-        except self.libvirt.libvirtError as e:
-            raise DomainError(DomainError.REFUSED,
-                              f"domain {self.name}: cannot write its metadata: {e}") from None
+        for which, affect, settings in self.edits:
+            try:
+                self.dom.setMetadata(self.libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                                     metadata_xml(settings), PREFIX, NAMESPACE, affect)
+            except self.libvirt.libvirtError as e:
+                raise DomainError(DomainError.REFUSED, f"domain {self.name}: cannot write the "
+                                  f"metadata of its {which} definition: {e}") from None
 
     def close(self) -> None:
         if self.conn is not None:

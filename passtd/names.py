@@ -34,9 +34,12 @@ would not recognise in `systemctl`, `passtctl list` or /run/passtd.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import TypeGuard
 
+DEFAULT_RUNTIME_DIR = "/run/passtd"  # NAME.sock, and NAME.yaml of the libvirt hook
+RUNTIME_DIR_ENV = "PASSTD_RUNTIME_DIR"  # replaces it (tests, `passtd run` by a user)
 NAME_MAX = 60
 RULE = f"1 to {NAME_MAX} characters of A-Z a-z 0-9 _ . -, starting with a letter or a digit"
 _NAME_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{NAME_MAX - 1}}}")
@@ -48,6 +51,16 @@ class InvalidName(ValueError):
 
 def is_valid_name(name: object) -> TypeGuard[str]:
     return isinstance(name, str) and _NAME_RE.fullmatch(name) is not None
+
+
+def runtime_dir() -> str:
+    return os.environ.get(RUNTIME_DIR_ENV) or DEFAULT_RUNTIME_DIR
+
+
+def hook_runtime_file(name: str) -> str:
+    """The runtime file the libvirt hook writes for the instance of domain `name`: while it
+    exists, the instance serves that libvirt domain (passtd.libvirt)."""
+    return os.path.join(runtime_dir(), f"{name}.yaml")
 
 
 def check_name(name: object) -> str:

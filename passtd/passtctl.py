@@ -13,16 +13,19 @@ ask for a password; passtctl only reports a refusal.
 
 libvirt (passtd/libvirt.py does the work; libvirt-python is imported only for these):
 `passtctl libvirt attach|detach DOMAIN` edit a domain's persistent definition (passtd
-metadata, qemu netdev and NIC), and `forward add --persist` also records the forward in
-the metadata of the libvirt domain of the same name, so that it is there at the domain's
-next start. `libvirt` is therefore not usable as an instance name here (as `list`).
+metadata, qemu netdev and NIC). `forward add|remove` on the instance of a libvirt domain
+(the hook's runtime file is there) also records the change in the domain's live
+metadata, which `virsh migrate` carries to the destination's hook (so runtime forwards
+move with the domain); with --persist in its persistent metadata too (from its next
+start on). `libvirt` is therefore not usable as an instance name here (as `list`).
 
 Names: NAME (and attach's DOMAIN) must be an instance name (passtd.names); anything else
 is a usage error (exit status 2) before any bus or libvirt is asked. `list` shows only bus
 names that decode to one.
 
 Not done here: port ranges (AddForward takes one port, ranges belong in the
-configuration or the domain's metadata), `forward remove --persist`.
+configuration or the domain's metadata). A forward changed over D-Bus by another client
+(busctl) is not recorded in the domain: it does not migrate.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import argparse
 import asyncio
 import ipaddress
 import json
+import os
 import re
 import sys
 import time
@@ -48,7 +52,7 @@ from .dbus_api import (
     instance_name,
 )
 from .engine.fwd import SpecError, parse_port
-from .names import InvalidName, check_name
+from .names import InvalidName, check_name, hook_runtime_file
 
 T = TypeVar("T")
 
@@ -452,51 +456,91 @@ async def _flows(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _libvirt_recorder(args: argparse.Namespace, rule: dict[str, Any] | None,
+                      *, remove: bool) -> Any:
+    """The record of this change in libvirt domain NAME (passtctl_libvirt.recorder_for),
+    for an instance the libvirt hook started (its runtime file is there) or with --persist;
+    None otherwise. libvirt is imported only then: it costs passtctl's start a third."""
+    if rule is None or not (args.persist or os.path.exists(hook_runtime_file(args.name))):
+        return None
+    from .passtctl_libvirt import forward_from_listing, recorder_for
+
+    return recorder_for(args, forward_from_listing(rule), remove=remove)
+
+
+async def _change_forward(args: argparse.Namespace, recorder: Any,
+                          change: Callable[[], Awaitable[T]]) -> T:
+    """`change` on the instance, then the record in the libvirt domain (`recorder`, checked
+    beforehand): a change the instance refused is never recorded."""
+    try:
+        result = await change()
+        if recorder is not None:
+            try:
+                recorder.write()
+            except Exception as e:  # DomainError: libvirt refused the edit
+                if args.persist:
+                    raise Failure(EXIT_INSTANCE_ERROR, f"done on the instance, but not "
+                                  f"recorded in the domain: {e}") from None
+                print(f"passtctl: warning: {e}", file=sys.stderr)
+                recorder = None
+    finally:
+        if recorder is not None:
+            recorder.close()
+    return result
+
+
+def _recorded(args: argparse.Namespace, recorder: Any, remove: bool) -> dict[str, Any]:
+    if recorder is None:
+        return {}
+    from .passtctl_libvirt import recorded_text
+
+    if args.json:
+        return {"recorded": {"domain": args.name, "changed": list(recorder.changed)}}
+    print(recorded_text(args.name, recorder, remove=remove))
+    return {}
+
+
 async def _forward_add(client: Client, args: argparse.Namespace) -> int:
     host_port, guest_port = args.ports
-    destination = bus_name(args.name)
-    # --persist: everything that could refuse it is checked before the forward is added,
-    # and it is written only after AddForward succeeded: a refused forward is never recorded
-    persister = None
-    if args.persist:  # libvirt only when asked for: it costs passtctl's start a third
-        from .passtctl_libvirt import persister_for
+    rule = {"protocol": args.protocol, "address": args.address, "host_port": host_port,
+            "host_port_last": host_port, "guest_port": guest_port}
+    recorder = _libvirt_recorder(args, rule, remove=False)
 
-        persister = persister_for(args, host_port, guest_port)
-    try:
-        (forward_id,) = await client.call(destination, "AddForward", "ssqq",
+    async def add() -> int:
+        (forward_id,) = await client.call(bus_name(args.name), "AddForward", "ssqq",
                                           [args.protocol, args.address, host_port,
                                            guest_port], interactive=True)
-        if persister is not None:
-            try:
-                persister.write()
-            except Exception as e:  # DomainError: libvirt refused the edit
-                raise Failure(EXIT_INSTANCE_ERROR,
-                              f"forward {forward_id} added, but not persisted: {e}") from None
-    finally:
-        if persister is not None:
-            persister.close()
-    if args.json:
-        result: dict[str, Any] = {"id": forward_id}
-        if persister is not None:
-            result["persisted"] = {"domain": args.name, "changed": persister.changed}
-        print_json(result)
-    else:
+        return int(forward_id)
+
+    forward_id = await _change_forward(args, recorder, add)
+    if not args.json:
         where = args.address or "*"
         print(f"forward {forward_id} added: {args.protocol} {where} port {host_port} -> "
               f"guest port {guest_port or host_port}")
-        if persister is not None:
-            done = "recorded in" if persister.changed else "already in"
-            print(f"{done} the definition of libvirt domain {args.name} (from its next "
-                  "start on)")
+    recorded = _recorded(args, recorder, remove=False)
+    if args.json:
+        print_json({"id": forward_id, **recorded})
     return EXIT_OK
 
 
 async def _forward_remove(client: Client, args: argparse.Namespace) -> int:
-    await client.call(bus_name(args.name), "RemoveForward", "u", [args.id], interactive=True)
-    if args.json:
-        print_json({"id": args.id})
-    else:
+    destination = bus_name(args.name)
+    rule = None
+    if args.persist or os.path.exists(hook_runtime_file(args.name)):
+        rule = next((f for f in await client.listing(destination, "ListForwards")
+                     if f["id"] == args.id),
+                    None)
+    recorder = _libvirt_recorder(args, rule, remove=True)
+
+    async def remove() -> None:
+        await client.call(destination, "RemoveForward", "u", [args.id], interactive=True)
+
+    await _change_forward(args, recorder, remove)
+    if not args.json:
         print(f"forward {args.id} removed")
+    recorded = _recorded(args, recorder, remove=True)
+    if args.json:
+        print_json({"id": args.id, **recorded})
     return EXIT_OK
 
 
@@ -629,24 +673,31 @@ def _build_parser() -> argparse.ArgumentParser:
     forward = sub.add_parser("forward", parents=[common], help="add or remove a port forward")
     forward_sub = forward.add_subparsers(dest="action", metavar="ACTION", required=True,
                                          prog="passtctl NAME forward")
+    libvirt_options = argparse.ArgumentParser(add_help=False)
+    libvirt_options.add_argument(
+        "--persist", action="store_true",
+        help="also in the persistent definition of the libvirt domain NAME (from its next "
+             "start on); fails if the domain cannot take it")
+    libvirt_options.add_argument(
+        "-c", "--connect", metavar="URI", default=None,
+        help="libvirt URI of the domain (default: the local system libvirtd, as for "
+             "`passtctl libvirt`)")
+    libvirt_note = (" On the instance of a libvirt domain (started by passtd's hook) the "
+                    "change is also made in the domain's live definition, which `virsh "
+                    "migrate` takes along: the destination's instance starts with it.")
     add = forward_sub.add_parser(
-        "add", parents=[common], help="forward a host port to the guest",
+        "add", parents=[common, libvirt_options], help="forward a host port to the guest",
         description="Forward host port HOST_PORT (on every address, or --address) to the "
                     "guest's GUEST_PORT (default: the same). The listener is open when the "
-                    "command returns.")
+                    "command returns." + libvirt_note)
     add.add_argument("protocol", choices=("tcp", "udp"), metavar="PROTOCOL", help="tcp or udp")
     add.add_argument("ports", metavar="HOST_PORT[:GUEST_PORT]", type=_ports)
     add.add_argument("--address", default="", metavar="ADDR",
                      help="listen on this host address only (default: all, both families)")
-    add.add_argument("--persist", action="store_true",
-                     help="also record it in the persistent metadata of the libvirt domain "
-                          "NAME (from its next start on)")
-    add.add_argument("-c", "--connect", metavar="URI", default=None,
-                     help="libvirt URI for --persist (default: the local system libvirtd, "
-                          "as for `passtctl libvirt`)")
     remove = forward_sub.add_parser(
-        "remove", parents=[common], help="close a port forward",
-        description="Close forward ID (see `forwards`); connections made through it live on.")
+        "remove", parents=[common, libvirt_options], help="close a port forward",
+        description="Close forward ID (see `forwards`); connections made through it live "
+                    "on." + libvirt_note)
     remove.add_argument("id", type=int, metavar="ID")
     return parser
 

@@ -1,8 +1,10 @@
-"""`passtctl libvirt attach|detach` and `passtctl NAME forward add --persist`: the parts of
-passtctl that need libvirt.
+"""`passtctl libvirt attach|detach`, and the record of `passtctl NAME forward add|remove` in
+the libvirt domain NAME: the parts of passtctl that need libvirt.
 
-Design: imported only by those commands, so every other passtctl command starts without
-libvirt-python and the domain XML code (a third of passtctl's start-up time).
+Design: imported only by those commands, and by forward changes only for an instance of a
+libvirt domain (its hook's runtime file exists) or with --persist, so every other passtctl
+command starts without libvirt-python and the domain XML code (a third of passtctl's
+start-up time).
 
 Not done here: the edits themselves (passtd/libvirt.py), the instance's D-Bus calls
 (passtctl.py).
@@ -11,6 +13,9 @@ Not done here: the edits themselves (passtd/libvirt.py), the instance's D-Bus ca
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import sys
+from typing import Any
 
 from . import libvirt as libvirt_mod
 from .names import RULE
@@ -26,19 +31,53 @@ from .passtctl import (
 )
 
 
-def persister_for(args: argparse.Namespace, host_port: int,
-               guest_port: int) -> libvirt_mod.ForwardPersister:
-    forward = libvirt_mod.Forward(
-        args.protocol, str(host_port),
-        str(guest_port) if guest_port not in (0, host_port) else None, args.address or None)
+def forward_from_listing(entry: dict[str, Any]) -> libvirt_mod.Forward:
+    """The metadata's spelling of a forward as ListForwards describes it."""
+    def ports(first: int, last: int) -> str:
+        return str(first) if last == first else f"{first}-{last}"
+
+    first, last = entry["host_port"], entry.get("host_port_last") or entry["host_port"]
+    to_first = entry["guest_port"] or first
+    return libvirt_mod.Forward(
+        entry["protocol"], ports(first, last),
+        None if to_first == first else ports(to_first, to_first + last - first),
+        entry["address"] or None)
+
+
+def recorder_for(args: argparse.Namespace, forward: libvirt_mod.Forward, *,
+                 remove: bool) -> libvirt_mod.ForwardRecorder | None:
+    """The record of a forward change in the libvirt domain NAME (ForwardRecorder), made
+    before the instance is asked. --persist: the domain must take it, or nothing is done
+    (Failure). Otherwise (the live definition only, so that the forward migrates with the
+    domain) a domain that cannot be asked is said on stderr and the change goes on without
+    it: None."""
     try:
         forward.check()
-        return libvirt_mod.ForwardPersister(args.name, forward,
-                                            uri=args.connect or libvirt_mod.DEFAULT_URI)
+        return libvirt_mod.ForwardRecorder(args.name, forward, remove=remove,
+                                           persist=args.persist,
+                                           uri=args.connect or libvirt_mod.DEFAULT_URI)
     except libvirt_mod.MetadataError as e:
-        raise Failure(EXIT_USAGE, f"forward add --persist: {e}") from None
+        raise Failure(EXIT_USAGE, f"forward {'remove' if remove else 'add'}: {e}") from None
     except libvirt_mod.DomainError as e:
-        raise _domain_failure(e) from None
+        if args.persist:
+            raise _domain_failure(e) from None
+        print(f"passtctl: warning: {e}; the change is not recorded in the domain's live "
+              "definition, so it stays with this host if the domain migrates", file=sys.stderr)
+        return None
+
+
+def recorded_text(name: str, recorder: libvirt_mod.ForwardRecorder, *, remove: bool) -> str:
+    """What was recorded where, for people."""
+    changed = recorder.changed
+    if not changed:
+        return (f"the definition of libvirt domain {name} already "
+                f"{'lacks' if remove else 'has'} it")
+    parts = []
+    if "live" in changed:
+        parts.append("its live definition (it goes with the domain when it migrates)")
+    if "persistent" in changed:
+        parts.append("its persistent definition (from its next start on)")
+    return f"recorded in libvirt domain {name}: " + " and ".join(parts)
 
 
 def _domain_failure(error: libvirt_mod.DomainError) -> Failure:
@@ -47,7 +86,34 @@ def _domain_failure(error: libvirt_mod.DomainError) -> Failure:
     return Failure(status, str(error))
 
 
+def addresses_here(name: str) -> dict[str, str]:
+    """What an instance NAME started on this host now gives its guest (address with prefix
+    and gateway, per family, as attach's options spell them): --pin's values."""
+    from . import config, service
+
+    try:
+        net = service.engine_settings(config.load(name)).net
+    except (config.ConfigError, service.StartError) as e:
+        raise Failure(EXIT_INSTANCE_ERROR, f"--pin: cannot tell what this host gives the "
+                      f"guest: {e}") from None
+    out = {}
+    if net.ip4 is not None:
+        out["ipv4"] = f"{ipaddress.ip_address(net.ip4.address)}/{net.ip4.prefix_len}"
+        out["gateway4"] = str(ipaddress.ip_address(net.ip4.gateway))
+    if net.ip6 is not None:
+        if net.ip6.address is not None:
+            out["ipv6"] = f"{ipaddress.ip_address(net.ip6.address)}/{net.ip6.prefix_len}"
+        out["gateway6"] = str(ipaddress.ip_address(net.ip6.gateway))
+    return out
+
+
 def _libvirt_attach(args: argparse.Namespace) -> int:
+    pinned = {}
+    if args.pin:  # what is given explicitly wins
+        pinned = {key: value for key, value in addresses_here(args.domain).items()
+                  if getattr(args, key) is None}
+        for key, value in pinned.items():
+            setattr(args, key, value)
     change = libvirt_mod.SettingsChange(
         forwards=tuple(args.forward or ()), mtu=args.mtu, ipv4_address=args.ipv4,
         ipv4_gateway=args.gateway4, ipv6_address=args.ipv6, ipv6_gateway=args.gateway6,
@@ -58,7 +124,7 @@ def _libvirt_attach(args: argparse.Namespace) -> int:
         print_json({"domain": args.domain, "changed": edit.changed,
                      "socket": libvirt_mod.socket_path(args.domain),
                      "unit": libvirt_mod.socket_unit(args.domain), "mac": edit.mac,
-                     "settings": libvirt_mod.runtime_config(settings),
+                     "settings": libvirt_mod.runtime_config(settings), "pinned": pinned,
                      "notes": list(edit.notes)})
         return EXIT_OK
     if edit.changed:
@@ -70,6 +136,9 @@ def _libvirt_attach(args: argparse.Namespace) -> int:
                         f"({libvirt_mod.socket_unit(args.domain)}, started by the hook)"),
              ("NIC", f"{libvirt_mod.NIC_MODEL}, MAC {edit.mac}"),
              ("forwards", forwards)]
+    if pinned:
+        lines.append(("pinned", ", ".join(f"{key} {value}" for key, value in pinned.items())
+                      + " (what this host gives now; the same on every host it migrates to)"))
     for key, value in lines:
         print(f"  {key:<9} {value}")
     for note in edit.notes:
@@ -133,6 +202,10 @@ def _build_libvirt_parser() -> argparse.ArgumentParser:
     attach.add_argument("--gateway4", metavar="ADDR", help="guest IPv4 gateway")
     attach.add_argument("--ipv6", metavar="ADDR[/LEN]", help="guest IPv6 address")
     attach.add_argument("--gateway6", metavar="ADDR", help="guest IPv6 gateway")
+    attach.add_argument("--pin", action="store_true",
+                        help="pin the guest's addresses and gateways to what this host gives "
+                             "now (those not given by --ipv4 ... --gateway6), so that they "
+                             "mean the same on every host the domain migrates to")
     attach.add_argument("--dns", action="append", metavar="ADDR",
                         help="nameserver told to the guest (repeatable; replaces the list)")
     attach.add_argument("--mac", help="the guest NIC's MAC (default: kept, or one derived "

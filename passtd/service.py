@@ -67,6 +67,7 @@ from .engine.handover import close_all as close_sockets
 from .engine.loop import Engine
 from .engine.settings import EngineSettings
 from .engine.udp import SourcePortRule
+from .names import runtime_dir
 from .qemu_peer import CgroupPeerCheck
 
 log = logging.getLogger("passtd")
@@ -298,8 +299,7 @@ class Instance:
         self.stored_client: socket.socket | None = None  # the qemu socket in the FD store
         self.reexec = False  # SIGUSR2: the instance goes on in a new executable
         self.stopping = asyncio.Event()
-        self.runtime_dir = os.environ.get(config_mod.RUNTIME_DIR_ENV) \
-            or config_mod.DEFAULT_RUNTIME_DIR
+        self.runtime_dir = runtime_dir()
         self.state_dir = os.environ.get(config_mod.STATE_DIR_ENV) or self.runtime_dir
 
     @property

@@ -13,6 +13,13 @@ are keyed by the guest's source and a guest posing as the gateway would collide 
 host peers seen as the gateway. A packet that passes is where the guest's address is
 learnt.
 
+A guest may arrive holding a lease from another host (a live migration moves a running
+guest, its addresses and gateway with it): its address is learnt as any other, so forwards
+reach it and its traffic to other hosts passes, but its old gateway is an address this
+host knows nothing of, so its requests to "the host" there cannot be answered. That is
+said when the guest starts using such an address (events.FOREIGN_ADDRESS), with the way
+out: pinned addresses, which mean the same on every host.
+
 `RouterAdvertiser` sends the unsolicited router advertisements of RFC 4861 6.2.4 while a
 guest is connected (the first a second after it connects, then at random intervals
 ndp.py chooses), so that a guest that missed the answer to its solicitation still
@@ -28,7 +35,7 @@ import logging
 import random
 from collections.abc import Callable
 
-from . import nat, ndp, packet
+from . import events, nat, ndp, packet
 from .addrs import GuestSeen, NetConfig
 from .context import RateLimitedLog
 from .flow import addr_text
@@ -67,6 +74,23 @@ class GuestIdentity:
             seen.addr6 = addr
         self.learn_log(logging.INFO, "guest address", "guest uses address %s", addr_text(addr))
         self.changed("GuestAddresses")
+        if self._foreign(family, addr):  # each change, rate-limited as the others
+            self.learn_log(
+                logging.WARNING, "foreign address",
+                "guest uses %s, outside the network this instance gives it: a lease from "
+                "another host (a live migration?). Forwards reach it and its traffic to other "
+                "hosts passes, but its old gateway does not reach this host; pin the domain's "
+                "addresses (passtctl libvirt attach --pin) or have the guest renew its lease",
+                addr_text(addr), extra=events.fields(events.FOREIGN_ADDRESS, guest=addr))
+
+    def _foreign(self, family: int, addr: bytes) -> bool:
+        if family == 4:
+            return self.net.ip4 is not None and not self.net.ip4.on_link(addr)
+        ip6 = self.net.ip6
+        if ip6 is None or ip6.address is None or packet.is_ipv6_link_local(addr):
+            return False
+        shift = 128 - ip6.prefix_len
+        return int.from_bytes(addr, "big") >> shift != int.from_bytes(ip6.address, "big") >> shift
 
     def admit(self, pkt: packet.Packet) -> bool:
         if (self.net.ip4 if pkt.family == 4 else self.net.ip6) is None:

@@ -163,13 +163,24 @@ def test_attach_start_forward_flows_destroy_and_start_again(lab: Lab) -> None:
         finally:
             client.terminate()
 
-        # a forward added at runtime, also written to the persistent metadata
+        # a forward added at runtime: recorded in the live definition (it would migrate
+        # with the domain); with --persist in the persistent one too
+        def live() -> list[tuple[str, str, str | None]]:
+            return _metadata_forwards(ET.fromstring(lab.virsh("dumpxml", name).stdout))
+
+        added = lab.passtctl(name, "forward", "add", "tcp", "2224:22").stdout
+        assert "recorded in libvirt domain" in added and "live definition" in added, added
+        assert live() == [("tcp", "2222", "22"), ("tcp", "2224", "22")]
+        assert _metadata_forwards(_inactive_xml(lab, name)) == [("tcp", "2222", "22")]
+        forward_id = added.split()[1]
+        removed = lab.passtctl(name, "forward", "remove", forward_id).stdout
+        assert "recorded in libvirt domain" in removed, removed
+        assert live() == [("tcp", "2222", "22")]
         added = lab.passtctl(name, "forward", "add", "tcp", "2223:22", "--persist").stdout
-        assert "recorded in the definition" in added, added
+        assert "persistent definition" in added and "live definition" in added, added
         assert _metadata_forwards(_inactive_xml(lab, name)) == [
             ("tcp", "2222", "22"), ("tcp", "2223", "22")]
-        live_domain = ET.fromstring(lab.virsh("dumpxml", name).stdout)
-        assert _metadata_forwards(live_domain) == [("tcp", "2222", "22")]  # live untouched
+        assert live() == [("tcp", "2222", "22"), ("tcp", "2223", "22")]
 
         # destroy: the instance stops, its socket and runtime file go
         t = time.monotonic()

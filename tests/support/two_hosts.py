@@ -5,7 +5,8 @@ system bus, libvirtd and this checkout's passtd (units, policy, hook), and its o
 dead-end uplink (tests/support/container.py) on a network of its own: A 198.51.100.2/24
 via .1 (TEST-NET-2), B UPLINK_B (TEST-NET-3), as real hosts in different places are.
 The link: a veth pair made on the machine and moved at once into the two containers'
-network namespaces, LINK_A and LINK_B (TEST-NET-1) and nothing else on it. On that
+network namespaces, LINK_A and LINK_B (TEST-NET-1), LINK_A6 and LINK_B6, and nothing else
+on it. On that
 link, each libvirtd listens on TCP 16509 without authentication (libvirtd-tcp.socket,
 auth_tcp "none"): reachable only from the other container, and each has a host_uuid of
 its own (libvirt refuses to migrate to "the same host", and both containers boot the
@@ -37,6 +38,7 @@ from tests.support.libvirt_env import REPO, Lab, install_passtd, require_libvirt
 
 LINK_A, LINK_B = "192.0.2.1", "192.0.2.2"
 LINK_PREFIX = 24
+LINK_A6, LINK_B6 = "2001:db8:1::1", "2001:db8:1::2"  # the link's IPv6 (/64), no DAD wait
 UPLINK_B = Uplink(ip4="203.0.113.2", gw4="203.0.113.1", ip6="2001:db8:b::2")
 HOST_UUIDS = ("0f5e1c1e-8d3b-4c7a-9a52-1a0c3d7e5f01", "0f5e1c1e-8d3b-4c7a-9a52-1a0c3d7e5f02")
 
@@ -68,9 +70,11 @@ def _listen_for_migrations(ct: Container, host_uuid: str) -> None:
 def _link(a: Container, b: Container, names: tuple[str, str]) -> None:
     subprocess.run(["ip", "link", "add", names[0], "type", "veth", "peer", "name", names[1]],
                    check=True)
-    for ct, name, address in ((a, names[0], LINK_A), (b, names[1], LINK_B)):
+    for ct, name, address, address6 in ((a, names[0], LINK_A, LINK_A6),
+                                        (b, names[1], LINK_B, LINK_B6)):
         subprocess.run(["ip", "link", "set", name, "netns", str(ct.pid1)], check=True)
         ct.run(["ip", "addr", "add", f"{address}/{LINK_PREFIX}", "dev", name])
+        ct.run(["ip", "addr", "add", f"{address6}/64", "dev", name, "nodad"])
         ct.run(["ip", "link", "set", name, "up"])
 
 

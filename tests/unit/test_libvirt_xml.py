@@ -517,11 +517,17 @@ def test_bad_domain_xml() -> None:
 
 
 class FakeSystemctl:
-    def __init__(self, fail: str | None = None) -> None:
+    """systemctl stood in: records the calls; `fail` makes that verb fail; `status` is
+    what `show --property=StatusText` prints (what the unit's process last said)."""
+
+    def __init__(self, fail: str | None = None, status: str = "") -> None:
         self.calls: list[tuple[str, ...]] = []
         self.fail = fail
+        self.status = status
 
     def __call__(self, *args: str) -> subprocess.CompletedProcess[str]:
+        if args[0] == "show":
+            return subprocess.CompletedProcess(["systemctl", *args], 0, self.status + "\n", "")
         self.calls.append(args)
         failed = self.fail is not None and args[0] == self.fail
         return subprocess.CompletedProcess(["systemctl", *args], 1 if failed else 0, "",
@@ -536,12 +542,13 @@ def etc(tmp_path: Path) -> str:
     return str(path)
 
 
-def test_prepare_writes_the_runtime_file_and_starts_the_socket(runtime_dir: Path,
-                                                               etc: str) -> None:
+def test_prepare_writes_the_runtime_file_and_starts_the_instance(runtime_dir: Path,
+                                                                 etc: str) -> None:
     systemctl = FakeSystemctl()
     assert lv.prepare("my-vm", with_metadata(FULL_METADATA), systemctl=systemctl,
                       config_file=etc)
-    assert systemctl.calls == [("restart", "passtd@my\\x2dvm.socket")]
+    assert systemctl.calls == [("restart", "passtd@my\\x2dvm.socket"),
+                               ("start", "passtd@my\\x2dvm.service")]
     path = runtime_dir / "my-vm.yaml"
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
     assert stat.S_IMODE(runtime_dir.stat().st_mode) == 0o755
@@ -630,6 +637,26 @@ def test_prepare_undoes_a_failed_socket_start(runtime_dir: Path, etc: str) -> No
     with pytest.raises(HookError, match=r"cannot start passtd@vm1\.socket: Job failed"):
         lv.prepare("vm1", with_metadata(net()), systemctl=systemctl, config_file=etc)
     assert not (runtime_dir / "vm1.yaml").exists()
+
+
+def test_prepare_fails_with_what_the_instance_said_when_it_cannot_start(
+        runtime_dir: Path, etc: str) -> None:
+    """A forward's port taken on this host: the instance fails its start and says why
+    (STATUS=); the hook fails the domain's start (or incoming migration) with that, and
+    leaves nothing behind."""
+    said = "forward: cannot listen on tcp 0.0.0.0 port 2222: address already in use"
+    systemctl = FakeSystemctl(fail="start", status=f"failed: {said}")
+    with pytest.raises(HookError) as caught:
+        lv.prepare("vm1", with_metadata(net()), systemctl=systemctl, config_file=etc)
+    assert str(caught.value) == (f"domain vm1: its passtd instance cannot start: {said} "
+                                 "(journalctl -u passtd@vm1.service)")
+    assert systemctl.calls == [("restart", "passtd@vm1.socket"), ("start", "passtd@vm1.service"),
+                               ("stop", "passtd@vm1.service", "passtd@vm1.socket")]
+    assert not (runtime_dir / "vm1.yaml").exists()
+    # nothing said (killed before it could): systemctl's own words
+    with pytest.raises(HookError, match=r"cannot start: Job failed \(stand-in\) \(journalctl"):
+        lv.prepare("vm1", with_metadata(net()), systemctl=FakeSystemctl(fail="start"),
+                   config_file=etc)
 
 
 def test_prepare_refuses_when_qemu_may_not_connect(runtime_dir: Path, etc: str,
@@ -732,6 +759,7 @@ class FakeLibvirt:
     VIR_DOMAIN_XML_INACTIVE = 2
     VIR_DOMAIN_XML_SECURE = 1
     VIR_DOMAIN_METADATA_ELEMENT = 2
+    VIR_DOMAIN_AFFECT_LIVE = 1
     VIR_DOMAIN_AFFECT_CONFIG = 2
 
     def __init__(self, domains: dict[str, FakeDomain]) -> None:
@@ -787,37 +815,67 @@ def test_attach_refusals(fake_libvirt: FakeLibvirt, domain: FakeDomain | None, k
     assert info.value.kind == kind and fake_libvirt.defined == []
 
 
-def test_persist_writes_the_forward_into_the_config_metadata(fake_libvirt: FakeLibvirt) -> None:
-    wired = lv.attach_xml(PLAIN, SettingsChange(forwards=(lv.parse_forward("tcp:2222:22"),)))
-    domain = fake_libvirt.domains["vm1"] = FakeDomain(wired.xml, active=True)
-    persister = lv.ForwardPersister("vm1", Forward("tcp", "2223", "22"))
-    assert persister.changed and domain.metadata_calls == []  # nothing before write()
-    persister.write()
-    persister.close()
-    ((kind, xml, key, uri, flags),) = domain.metadata_calls
-    assert (kind, key, uri, flags) == (2, "passtd", NS, 2)  # ELEMENT, AFFECT_CONFIG
+def _written_forwards(xml: str) -> list[str]:
     bare = ET.fromstring(xml)
     assert bare.tag == "network"  # libvirt adds the namespace itself
     for node in bare.iter():
         node.tag = f"{{{NS}}}{node.tag}"
-    assert [f.host for f in lv.parse_metadata(bare).forwards] == ["2222", "2223"]
+    return [f.spec for f in lv.parse_metadata(bare).forwards]
+
+
+def test_a_runtime_forward_is_recorded_in_the_live_definition(fake_libvirt: FakeLibvirt) -> None:
+    """What `virsh migrate` carries is the live definition: a forward added at runtime is
+    recorded there (and, asked to persist, in the persistent one too)."""
+    wired = lv.attach_xml(PLAIN, SettingsChange(forwards=(lv.parse_forward("tcp:2222:22"),)))
+    domain = fake_libvirt.domains["vm1"] = FakeDomain(wired.xml, active=True)
+    recorder = lv.ForwardRecorder("vm1", Forward("tcp", "2223", "22"))
+    assert recorder.changed == ("live",) and domain.metadata_calls == []  # nothing yet
+    recorder.write()
+    recorder.close()
+    ((kind, xml, key, uri, flags),) = domain.metadata_calls
+    assert (kind, key, uri, flags) == (2, "passtd", NS, 1)  # ELEMENT, AFFECT_LIVE
+    assert _written_forwards(xml) == ["2222:22", "2223:22"]
+    both = lv.ForwardRecorder("vm1", Forward("tcp", "2223", "22"), persist=True)
+    assert both.changed == ("live", "persistent")
+    both.write()
+    both.close()
+    assert [call[4] for call in domain.metadata_calls[1:]] == [1, 2]  # LIVE, then CONFIG
     # already there: nothing written
-    again = lv.ForwardPersister("vm1", Forward("tcp", "2222", "22"))
+    again = lv.ForwardRecorder("vm1", Forward("tcp", "2222", "22"), persist=True)
     again.write()
     again.close()
-    assert len(domain.metadata_calls) == 1
+    assert again.changed == () and len(domain.metadata_calls) == 3
+    # not running: only the persistent definition is there to record in
+    domain.active = False
+    assert lv.ForwardRecorder("vm1", Forward("tcp", "2224"), persist=True).changed \
+        == ("persistent",)
+
+
+def test_a_removed_forward_leaves_the_definitions_however_it_was_spelt(
+        fake_libvirt: FakeLibvirt) -> None:
+    domain = fake_libvirt.domains["vm1"] = FakeDomain(with_metadata(net(
+        "<passtd:forward proto='tcp' host='2222' guest='2222'/>"
+        "<passtd:forward proto='udp' host='2222'/>")), active=True)
+    recorder = lv.ForwardRecorder("vm1", Forward("tcp", "2222"), remove=True, persist=True)
+    assert recorder.changed == ("live", "persistent")
+    recorder.write()
+    recorder.close()
+    assert [_written_forwards(call[1]) for call in domain.metadata_calls] == [["2222"]] * 2
+    absent = lv.ForwardRecorder("vm1", Forward("tcp", "9999"), remove=True)
+    assert absent.changed == ()
 
 
 @pytest.mark.parametrize(("xml", "forward", "message"), [
     (PLAIN, Forward("tcp", "2223", "22"), "domain vm1 is not a passtd domain"),
     (with_metadata(net("<passtd:forward proto='tcp' host='2222'/>")),
-     Forward("tcp", "2222", "23"), "cannot persist the forward: forward tcp 2222:23 overlaps"),
+     Forward("tcp", "2222", "23"), "cannot record the forward in its live definition: "
+                                   "forward tcp 2222:23 overlaps"),
 ])
-def test_persist_refusals(fake_libvirt: FakeLibvirt, xml: str, forward: Forward,
-                          message: str) -> None:
+def test_record_refusals(fake_libvirt: FakeLibvirt, xml: str, forward: Forward,
+                         message: str) -> None:
     fake_libvirt.domains["vm1"] = FakeDomain(xml, active=True)
     with pytest.raises(DomainError, match=re.escape(message)):
-        lv.ForwardPersister("vm1", forward)
+        lv.ForwardRecorder("vm1", forward, persist=True)
     assert fake_libvirt.closed == 1
 
 
