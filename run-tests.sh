@@ -2,7 +2,9 @@
 # run-tests.sh: install what the tests need (./setup.sh --no-demo), then run them all.
 #
 #   ./run-tests.sh                 lint, types + unit + integration tests (root: namespaces, VMs,
-#                                  a private dbus-daemon, systemd and libvirtd in containers)
+#                                  a private dbus-daemon, systemd and libvirtd in containers),
+#                                  then the unit tests again on the pure-Python path
+#                                  (PASSTD_NATIVE=0: without the native checksum)
 #   ./run-tests.sh tests/unit -k tcp    any pytest arguments instead of the whole suite
 #
 # Exit status is pytest's (or ruff's): non-zero when anything fails.
@@ -15,7 +17,9 @@ echo "run-tests: ruff check (style, and the import contract: the daemon never im
 echo "run-tests: mypy (strict, the whole package)"
 "$PY" -m mypy
 echo "run-tests: pytest"
-if [ $# -eq 0 ]; then
-	set -- tests
+if [ $# -gt 0 ]; then
+	exec "$PY" -m pytest -p no:cacheprovider -ra "$@"
 fi
-exec "$PY" -m pytest -p no:cacheprovider -ra "$@"
+"$PY" -m pytest -p no:cacheprovider -ra tests
+echo "run-tests: pytest tests/unit on the pure-Python path (PASSTD_NATIVE=0)"
+PASSTD_NATIVE=0 exec "$PY" -m pytest -p no:cacheprovider -q tests/unit

@@ -1,17 +1,25 @@
 """Internet checksum (RFC 1071) for frames we build for the guest.
 
-Design: the one's-complement sum is byte-order independent, so large buffers are summed
-with numpy as native little-endian 32-bit words into a 64-bit accumulator (one C loop,
-~12 GB/s), folded to 16 bits and byte-swapped. Below ~1 KiB numpy's per-call overhead
-dominates, so small buffers (headers, control packets) use a bigint fold instead.
-`sum_rows` sums many equally-sized payloads in one numpy call: the h2g data path
-checksums a whole batch of segments at once.
+Design: the one's-complement sum is byte-order independent, so a buffer is summed as
+native words into a wide accumulator, folded to 16 bits and byte-swapped. Two engines:
+
+  - native (`_csum`, a C extension setup.sh builds, the default where it is built): every
+    sum, small or large, one C call; `sum_rows` a whole batch of segments in one call;
+  - pure Python (no `_csum`, or PASSTD_NATIVE=0): large buffers with numpy (one C loop,
+    ~3 GB/s), small ones (headers, control packets; below ~1 KiB numpy's per-call
+    overhead dominates) with a bigint fold; `sum_rows` in one numpy call.
+
+Both give the same sums (tests/unit/test_checksum.py compares them on random buffers, and
+CI runs the unit tests with each). Why a native part at all: numpy costs an instance ~15
+MiB of resident memory once it carried bulk data, and Python's integers alone sum a 64 KiB
+frame at ~1.3 GB/s, a second of CPU per second at 10 Gbit/s (docs/BENCHMARK.md,
+"Checksums"; the C loop: ~40 GB/s).
 
 Partial sums are plain Python ints in big-endian 16-bit word order, not yet folded, so
 callers can add the pseudo-header, header and payload sums in any order and `finish()` once.
 
-numpy is imported on first use: an instance that never carries bulk data (most of them,
-most of the time) does not pay its ~15 MiB of resident memory.
+numpy is imported on first use, by the pure-Python path only: an instance that never
+carries bulk data (most of them, most of the time) does not pay for it either way.
 
 Not done here: verifying checksums of guest frames. Like passt we trust virtio/qemu and
 never verify on receive (it would cost 2.6x at MTU 1500).
@@ -19,13 +27,33 @@ never verify on receive (it would cost 2.6x at MTU 1500).
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 from types import ModuleType
+from typing import Protocol
 
 _NUMPY_MIN = 1024  # below this many bytes the bigint fold is faster than a numpy call
 _FOLD_MASKS: dict[int, int] = {}
 _numpy: ModuleType | None = None
+
+
+
+class _Native(Protocol):
+    def partial(self, buf: bytes | bytearray | memoryview | mmap.mmap, offset: int,
+                length: int, /) -> int: ...
+
+    def sum_rows(self, buf: bytes | bytearray | memoryview | mmap.mmap, offset: int,
+                 stride: int, rows: int, length: int, /) -> list[int]: ...
+
+
+_native: _Native | None = None
+if os.environ.get("PASSTD_NATIVE", "1") != "0":
+    with contextlib.suppress(ImportError):  # not built here: the pure-Python path
+        from . import _csum
+
+        _native = _csum
+ENGINE = "native" if _native is not None else "python"  # which one this process runs
 
 
 def _np() -> ModuleType:
@@ -69,7 +97,16 @@ def _swap16(v: int) -> int:
 
 def partial(buf: bytes | bytearray | memoryview, offset: int = 0,
             length: int | None = None) -> int:
-    """Unfolded one's-complement sum of buf[offset:offset+length] (big-endian words)."""
+    """One's-complement sum of buf[offset:offset+length] in big-endian words, not yet
+    complemented (and, from the pure-Python path, not yet folded)."""
+    if _native is not None:
+        return _native.partial(buf, offset, -1 if length is None else length)
+    return partial_python(buf, offset, length)
+
+
+def partial_python(buf: bytes | bytearray | memoryview, offset: int = 0,
+                   length: int | None = None) -> int:
+    """`partial` by the pure-Python path."""
     if length is None:
         length = len(buf) - offset
     if length < _NUMPY_MIN:
@@ -91,9 +128,17 @@ def sum_rows(buf: bytearray | memoryview | mmap.mmap, offset: int, stride: int, 
              length: int) -> list[int]:
     """Partial sums of `rows` payloads of `length` bytes each, `stride` bytes apart.
 
-    One numpy call for the whole batch. `length` must be a multiple of 4; callers sum a
-    short last row separately with `partial`.
+    One call for the whole batch. `length` must be a multiple of 4; callers sum a short
+    last row separately with `partial`.
     """
+    if _native is not None:
+        return _native.sum_rows(buf, offset, stride, rows, length)
+    return sum_rows_python(buf, offset, stride, rows, length)
+
+
+def sum_rows_python(buf: bytearray | memoryview | mmap.mmap, offset: int, stride: int,
+                    rows: int, length: int) -> list[int]:
+    """`sum_rows` by the pure-Python path (numpy)."""
     np = _numpy or _np()
     view = np.lib.stride_tricks.as_strided(
         np.frombuffer(buf, dtype=np.uint8, count=(rows - 1) * stride + length, offset=offset),

@@ -2,6 +2,7 @@
 
 import os
 import struct
+from types import ModuleType
 
 import pytest
 from hypothesis import given
@@ -64,3 +65,58 @@ def test_pseudo_headers_match_scapy_view() -> None:
     src6, dst6 = os.urandom(16), os.urandom(16)
     raw6 = src6 + dst6 + struct.pack("!I3xB", 70000, 6)
     assert checksum.finish(checksum.pseudo6(src6, dst6, 6, 70000)) == reference(raw6)
+
+
+# -- both engines side by side, whichever this process runs (CI runs the suite with each) -----
+
+
+def _native() -> ModuleType:
+    try:
+        from passtd.engine import _csum
+    except ImportError:
+        pytest.skip("the native checksum is not built here (./setup.sh builds it)")
+    return _csum
+
+
+@given(st.binary(max_size=3000), st.integers(0, 40), st.integers(0, 40))
+def test_native_and_python_sums_agree(data: bytes, before: int, after: int) -> None:
+    """Differential fuzz of the C sum: any bytes at any offset, any length, summed by
+    both engines, fold to the reference's checksum."""
+    native = _native()
+    buf = bytearray(os.urandom(before) + data + os.urandom(after))
+    want = reference(data)
+    assert checksum.finish(native.partial(buf, before, len(data))) == want
+    assert checksum.finish(checksum.partial_python(buf, before, len(data))) == want
+    assert checksum.finish(native.partial(memoryview(buf)[before:before + len(data)])) == want
+
+
+@given(st.integers(1, 12), st.sampled_from([4, 8, 12, 1460, 1464]), st.integers(0, 9),
+       st.integers(0, 3))
+def test_native_and_python_row_sums_agree(rows: int, length: int, gap: int,
+                                          offset: int) -> None:
+    native = _native()
+    stride = length + gap
+    buf = bytearray(os.urandom(offset + rows * stride))
+    got = [checksum.finish(s) for s in native.sum_rows(buf, offset, stride, rows, length)]
+    assert got == [checksum.finish(s)
+                   for s in checksum.sum_rows_python(buf, offset, stride, rows, length)]
+
+
+@pytest.mark.parametrize("args", [(-1, 4), (0, 99), (10, 1), (5, -2), (11, -1)])
+def test_native_refuses_regions_outside_the_buffer(args: tuple[int, int]) -> None:
+    with pytest.raises(ValueError):
+        _native().partial(bytes(10), *args)
+
+
+@pytest.mark.parametrize("args", [(0, 10, 2, 11), (0, -1, 1, 4), (0, 4, -1, 4),
+                                  (8, 0, 1, 4), (0, 2**62, 3, 4)])
+def test_native_refuses_rows_outside_the_buffer(args: tuple[int, int, int, int]) -> None:
+    with pytest.raises(ValueError):
+        _native().sum_rows(bytes(10), *args)
+    assert _native().sum_rows(bytes(10), 0, 4, 0, 4) == []
+
+
+def test_the_engine_in_use_is_said() -> None:
+    assert checksum.ENGINE in ("native", "python")
+    if os.environ.get("PASSTD_NATIVE") == "0":
+        assert checksum.ENGINE == "python"

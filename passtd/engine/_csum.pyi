@@ -1,0 +1,6 @@
+import mmap
+
+_Buffer = bytes | bytearray | memoryview | mmap.mmap
+
+def partial(buf: _Buffer, offset: int = 0, length: int = -1, /) -> int: ...
+def sum_rows(buf: _Buffer, offset: int, stride: int, rows: int, length: int, /) -> list[int]: ...
