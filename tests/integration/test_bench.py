@@ -111,12 +111,14 @@ def test_quick_bench_produces_parseable_tables(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("test", "value_ratio", "cpu_ratio", "verdict"), [
     (bench.Test("g2h", 4, 65520), 1.0, 2.0, "PASS"),
     (bench.Test("g2h", 4, 65520), 0.99, 1.0, "FAIL (rate)"),
-    (bench.Test("h2g", 6, 1500), 0.7, 2.1, "FAIL (CPU)"),
+    (bench.Test("h2g", 6, 1500), 1.0, 1.5, "PASS"),
+    (bench.Test("h2g", 6, 1500), 1.0, 1.6, "FAIL (CPU)"),
+    (bench.Test("h2g", 6, 1500), 0.9, 1.0, "FAIL (rate)"),
     (bench.Test("h2g", 6, 1500), None, None, "FAIL (rate, CPU)"),
-    (bench.Test("rr", 4), 1.5, None, "PASS"),
-    (bench.Test("rr", 6), 1.6, None, "FAIL (latency)"),
-    (bench.Test("crr", 4), 0.5, None, "PASS"),
-    (bench.Test("crr", 4), 0.4, None, "FAIL (rate)"),
+    (bench.Test("rr", 4), 1.2, None, "PASS"),
+    (bench.Test("rr", 6), 1.25, None, "FAIL (latency)"),
+    (bench.Test("crr", 4), 0.9, None, "PASS"),
+    (bench.Test("crr", 4), 0.85, None, "FAIL (rate)"),
 ])
 def test_verdicts_follow_the_targets(test: bench.Test, value_ratio: float | None,
                                      cpu_ratio: float | None, verdict: str) -> None:
