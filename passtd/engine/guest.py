@@ -18,7 +18,10 @@ guest, its addresses and gateway with it): its address is learnt as any other, s
 reach it and its traffic to other hosts passes, but its old gateway is an address this
 host knows nothing of, so its requests to "the host" there cannot be answered. That is
 said when the guest starts using such an address (events.FOREIGN_ADDRESS), with the way
-out: pinned addresses, which mean the same on every host.
+out: pinned addresses, which mean the same on every host. An IPv6 one is also taken out of
+the guest's choice: its /64 goes into `foreign_prefixes` (the last FOREIGN_PREFIXES_MAX: a
+guest spoofing sources cannot grow it) and RouterAdvertiser sends an RA at once that
+deprecates it (ndp.py), so that the guest's new connections use this host's prefix.
 
 `RouterAdvertiser` sends the unsolicited router advertisements of RFC 4861 6.2.4 while a
 guest is connected (the first a second after it connects, then at random intervals
@@ -33,13 +36,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 
 from . import events, nat, ndp, packet
 from .addrs import GuestSeen, NetConfig
 from .context import RateLimitedLog
 from .flow import addr_text
 from .link import GuestLink
+
+FOREIGN_PREFIXES_MAX = 4
 
 
 class GuestIdentity:
@@ -51,6 +57,8 @@ class GuestIdentity:
         self.learn_log = RateLimitedLog(burst=5, period=60.0)
         self.changed = changed  # D-Bus property names
         self.tap_side = nat.tap_side_addresses(net)
+        self.foreign_prefixes: deque[bytes] = deque(maxlen=FOREIGN_PREFIXES_MAX)
+        self.on_foreign_prefix: Callable[[], None] | None = None  # RouterAdvertiser.soon
 
     def learn_mac(self, mac: bytes) -> None:
         if mac != self.seen.mac and not mac[0] & 1:  # never learn a multicast source
@@ -82,6 +90,11 @@ class GuestIdentity:
                 "hosts passes, but its old gateway does not reach this host; pin the domain's "
                 "addresses (passtctl libvirt attach --pin) or have the guest renew its lease",
                 addr_text(addr), extra=events.fields(events.FOREIGN_ADDRESS, guest=addr))
+            prefix = addr[:8] + bytes(8)
+            if family == 6 and prefix not in self.foreign_prefixes:
+                self.foreign_prefixes.append(prefix)
+                if self.on_foreign_prefix is not None:
+                    self.on_foreign_prefix()
 
     def _foreign(self, family: int, addr: bytes) -> bool:
         if family == 4:
@@ -122,15 +135,21 @@ class GuestIdentity:
 class RouterAdvertiser:
     """Unsolicited router advertisements while a guest is connected (the module docstring)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, net: NetConfig, link: GuestLink) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, net: NetConfig, link: GuestLink,
+                 deprecated: Sequence[bytes] = ()) -> None:
         self.loop = loop
         self.net = net
         self.link = link
+        self.deprecated = deprecated  # prefixes to deprecate (GuestIdentity's, live)
         self._rng = random.Random()
         self._handle: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
         self._schedule(1.0)
+
+    def soon(self) -> None:
+        """An RA now (on the loop's next turn): what it says has changed."""
+        self._schedule(0.0)
 
     def stop(self) -> None:
         if self._handle is not None:
@@ -145,6 +164,7 @@ class RouterAdvertiser:
         self._handle = None
         if not self.link.connected or self.net.ip6 is None:
             return
-        self.link.send(ndp.router_advertisement(self.net), self.loop.time())
+        self.link.send(ndp.router_advertisement(self.net, deprecated=self.deprecated),
+                       self.loop.time())
         self.link.flush()
         self._schedule(ndp.next_unsolicited_ra_delay(self._rng))

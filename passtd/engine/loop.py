@@ -104,7 +104,9 @@ class Engine:
         self._timer_when = math.inf
         self._dhcpv6_duid = dhcpv6.server_duid(self.net.mac)
         self.guest = GuestIdentity(self.net, ctx.seen, self.drop_log, self._changed)
-        self.adverts = RouterAdvertiser(self.loop, self.net, self.link)
+        self.adverts = RouterAdvertiser(self.loop, self.net, self.link,
+                                        self.guest.foreign_prefixes)
+        self.guest.on_foreign_prefix = self.adverts.soon
         self.closed = False
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -349,7 +351,7 @@ class Engine:
                 if target is not None:
                     self.guest.learn_addr(6, target)
                 if self.settings.ndp:
-                    self._reply(ndp.reply(self.net, pkt), now)
+                    self._reply(ndp.reply(self.net, pkt, self.guest.foreign_prefixes), now)
             elif self.guest.may_open(pkt):
                 self.icmp.guest_echo(pkt, now)
         else:

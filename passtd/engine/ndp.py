@@ -11,6 +11,12 @@ the MTU, RDNSS and DNSSL (RFC 8106), and our link-layer address. Unsolicited RAs
 event loop's business: it asks `next_unsolicited_ra_delay` when to send the next one and
 builds it with `router_advertisement`.
 
+Prefixes the guest brought from another host (a live migration: guest.py finds them) are
+advertised as deprecated: autonomous, preferred lifetime 0, valid lifetime two hours, the
+least RFC 4862 5.5.3 (e) lets an unauthenticated RA set. The guest keeps the old address
+for the connections that use it and takes ours for new ones; two hours later the old one
+is gone.
+
 Messages are validated as RFC 4861 7.1 and 6.1 ask (hop limit 255, code 0, sane options);
 invalid ones are dropped.
 
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import random
 import struct
+from collections.abc import Sequence
 
 from . import packet
 from .addrs import Ip6Config, NetConfig
@@ -44,6 +51,7 @@ SLAAC_PREFIX_LEN = 64  # RFC 4862 with RFC 2464 interface identifiers
 ROUTER_LIFETIME = 65535  # the maximum (RFC 8319)
 RA_CUR_HOP_LIMIT = 255  # what passt advertises
 INFINITE = 0xFFFFFFFF
+DEPRECATED_VALID_LIFETIME = 7200  # seconds: RFC 4862 5.5.3 (e), two hours
 MAX_RTR_ADV_INTERVAL = 600  # seconds, RFC 4861 6.2.1 default
 IPV6_MIN_MTU = 1280  # RAs are kept within it, whatever the search list
 
@@ -63,7 +71,8 @@ MTU_OPTION = struct.Struct("!BBHI")
 DNS_OPTION_HEADER = struct.Struct("!BBHI")  # RDNSS and DNSSL: type, length, reserved, lifetime
 
 
-def reply(cfg: NetConfig, pkt: packet.Packet) -> bytes | None:
+def reply(cfg: NetConfig, pkt: packet.Packet,
+          deprecated: Sequence[bytes] = ()) -> bytes | None:
     """The NA or RA frame answering one guest NS or RS, or None for anything else."""
     ip6 = cfg.ip6
     if ip6 is None or pkt.proto != packet.IPPROTO_ICMPV6:
@@ -77,7 +86,7 @@ def reply(cfg: NetConfig, pkt: packet.Packet) -> bytes | None:
         return None  # RFC 4861 7.1.1, 6.1.1: not from this link, or not NDP as we know it
     if msg_type == ICMP6_NS:
         return _answer_neighbour_solicitation(cfg.mac, ip6, pkt)
-    return _answer_router_solicitation(cfg, pkt)
+    return _answer_router_solicitation(cfg, pkt, deprecated)
 
 
 def dad_target(pkt: packet.Packet) -> bytes | None:
@@ -118,15 +127,17 @@ def _answer_neighbour_solicitation(mac: bytes, ip6: Ip6Config, pkt: packet.Packe
     )
 
 
-def _answer_router_solicitation(cfg: NetConfig, pkt: packet.Packet) -> bytes | None:
+def _answer_router_solicitation(cfg: NetConfig, pkt: packet.Packet,
+                                deprecated: Sequence[bytes]) -> bytes | None:
     if len(pkt.l4) < RS_HLEN:
         raise packet.Malformed("truncated Router Solicitation")
     option_types = _option_types(pkt.l4[RS_HLEN:])
     if pkt.src == packet.IP6_ANY:
         if OPT_SOURCE_LL in option_types:
             return None  # RFC 4861 6.1.1
-        return router_advertisement(cfg)  # no address to answer to: all nodes (6.2.6)
-    return router_advertisement(cfg, pkt.src_mac, pkt.src)
+        # no address to answer to: all nodes (6.2.6)
+        return router_advertisement(cfg, deprecated=deprecated)
+    return router_advertisement(cfg, pkt.src_mac, pkt.src, deprecated)
 
 
 def _option_types(options: memoryview) -> set[int]:
@@ -145,9 +156,11 @@ def _option_types(options: memoryview) -> set[int]:
 
 
 def router_advertisement(
-    cfg: NetConfig, dst_mac: bytes | None = None, dst: bytes = packet.IP6_ALL_NODES
+    cfg: NetConfig, dst_mac: bytes | None = None, dst: bytes = packet.IP6_ALL_NODES,
+    deprecated: Sequence[bytes] = (),
 ) -> bytes:
-    """A complete RA frame for the guest, multicast to all nodes unless told otherwise."""
+    """A complete RA frame for the guest, multicast to all nodes unless told otherwise;
+    `deprecated`: /64 prefixes (16 bytes each) the guest should stop choosing."""
     ip6 = cfg.ip6
     if ip6 is None:
         raise ValueError("router advertisement without an IPv6 configuration")
@@ -162,6 +175,9 @@ def router_advertisement(
             OPT_PREFIX_INFO, 4, SLAAC_PREFIX_LEN, PREFIX_ON_LINK | PREFIX_AUTONOMOUS,
             INFINITE, INFINITE, 0, prefix,
         )
+    for old in deprecated:
+        body += PREFIX_INFO.pack(OPT_PREFIX_INFO, 4, SLAAC_PREFIX_LEN, PREFIX_AUTONOMOUS,
+                                 DEPRECATED_VALID_LIFETIME, 0, 0, old)
     if ip6.dns:
         body += DNS_OPTION_HEADER.pack(OPT_RDNSS, 1 + 2 * len(ip6.dns), 0, INFINITE)
         body += b"".join(ip6.dns)

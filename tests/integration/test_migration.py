@@ -18,8 +18,9 @@ the guest's network downtime is measured inside the guest.
   with the instance's reason and leaves the guest running, served, on A.
 - Not pinned: the guest arrives on B with A's lease. B's passtd learns the address (the
   forward reaches the guest, its traffic to other hosts passes) and says in the journal
-  what is wrong (FOREIGN_ADDRESS); the old gateway does not reach B; when the guest renews
-  its lease it gets B's, and B's loopback through B's gateway.
+  what is wrong (FOREIGN_ADDRESS) and deprecates A's IPv6 prefix in its RAs; the old gateway
+  does not reach B; when the guest renews its lease it gets B's, and B's loopback through
+  B's gateway.
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ def guest_script(renew_after_failures: int = 0) -> str:
     run of unanswered requests among its last 200 each probe line reports (`lost`, the
     guest's network downtime to that precision). `renew_after_failures`: after that many
     failed fetches in a row, renew the DHCP lease (as a guest's network manager would when
-    told to)."""
+    told to); each round also says how many of its IPv6 addresses are deprecated."""
     renew = "" if not renew_after_failures else f"""
+        echo "MIGTEST deprecated=$(ip -6 addr show dev eth0 | grep -c deprecated)"
         if [ "$f" = "${{f#host-}}" ]; then bad=$((bad + 1)); else bad=0; fi
         if [ "$bad" -ge {renew_after_failures} ]; then
             echo "MIGTEST renewing"; kill -USR1 "$(cat /run/passtd/udhcpc.pid)"; bad=0
@@ -359,6 +361,9 @@ def test_unpinned_guest_arriving_with_a_lease_from_another_host(
                          for p in probes()), "the guest to reach host B's addresses")
         assert wait(lambda: forward_answers(b, FORWARD, 6), "the forward over IPv6 on B") \
             == "hello-from-guest"
+        # B's RAs deprecate the prefix the guest brought from A: new connections use B's
+        wait(lambda: "MIGTEST deprecated=1" in a.console(name),
+             "the guest's address from A's prefix to be deprecated")
         # B says what is wrong, and how to avoid it
         def foreign_address_said() -> str | None:
             text = b.ct.journal("-u", passtd_libvirt.service_unit(name), "-o", "cat",

@@ -67,3 +67,19 @@ def test_a_guest_hopping_between_foreign_addresses_gets_few_lines(
         for n in range(1000):
             guest.learn_addr(4, packed(f"203.0.{n // 250}.{n % 250 + 1}"))
     assert len(foreign_records(caplog)) <= 10
+
+
+def test_an_ipv6_prefix_from_another_host_is_kept_for_deprecation() -> None:
+    """Its /64 is remembered (the last few only) and an RA is asked for at once."""
+    guest, _ = identity()
+    asked: list[int] = []
+    guest.on_foreign_prefix = lambda: asked.append(1)
+    guest.learn_addr(6, packed("2001:db8:b::2"))
+    guest.learn_addr(6, packed("2001:db8:b::3"))  # the same /64: nothing new
+    guest.learn_addr(6, packed("2001:db8:a::7"))  # ours: nothing
+    guest.learn_addr(4, packed("198.51.100.2"))  # IPv4 has no prefixes to deprecate
+    assert list(guest.foreign_prefixes) == [packed("2001:db8:b::")] and asked == [1]
+    for n in range(10):
+        guest.learn_addr(6, packed(f"2001:db8:{n + 0x100:x}::1"))
+    assert len(guest.foreign_prefixes) == 4  # a spoofing guest cannot grow it
+    assert guest.foreign_prefixes[-1] == packed("2001:db8:109::")

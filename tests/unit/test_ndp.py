@@ -165,6 +165,22 @@ def test_prefix_is_the_64_of_the_address_whatever_its_length(cfg, make_cfg, pars
     assert (prefix.prefix, prefix.prefixlen) == ("2001:db8:0:7::", 64)
 
 
+def test_prefixes_from_another_host_are_advertised_deprecated(cfg, parse_reply):
+    """A guest that migrated here with a SLAAC address of another host's prefix: our RA
+    deprecates that prefix (preferred 0, valid two hours: RFC 4862 5.5.3 e) beside ours."""
+    old = ipaddress.IPv6Address("2001:db8:a::").packed
+    solicited = parse_reply(ndp.reply(cfg, packet.parse_ip(memoryview(router_solicitation())),
+                                      deprecated=[old]))
+    unsolicited = parse_reply(ndp.router_advertisement(cfg, deprecated=[old]))
+    for reply in (solicited, unsolicited):
+        ours = reply[ICMPv6NDOptPrefixInfo]
+        assert ours.prefix == "2001:db8::" and ours.preferredlifetime == INFINITE
+        theirs = ours.payload[ICMPv6NDOptPrefixInfo]
+        assert (theirs.prefix, theirs.prefixlen) == ("2001:db8:a::", 64)
+        assert (theirs.L, theirs.A) == (0, 1)
+        assert (theirs.preferredlifetime, theirs.validlifetime) == (0, 7200)
+
+
 def test_a_long_search_list_is_cut_to_fit_the_minimum_mtu(make_cfg, parse_reply):
     names = tuple(f"host{i}-{'x' * 40}.zone{i}.example" for i in range(40))
     reply = parse_reply(ndp.router_advertisement(make_cfg(search=names)))
