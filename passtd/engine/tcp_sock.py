@@ -2,7 +2,9 @@
 
 Design: tcp.py decides, this module executes (`execute` turns an action bitmask into
 syscalls and frames). A guest SYN becomes a non-blocking connect() (the SYN-ACK waits for
-it: a closed port answers with a RST, as in passt); a connection accepted by a forward
+it: a closed port answers with a RST, as in passt; a handshake the kernel completed inside
+connect(), as to the host's loopback, is answered in the same batch, checked with
+TCP_INFO, instead of one event loop turn later); a connection accepted by a forward
 becomes our SYN to the guest. Guest data is written as it arrives in order, a run of
 segments of one flow with one sendmsg (`end_run`), and acknowledged as far as the socket
 took it. Host data goes to the guest through tcp_peek.py.
@@ -43,6 +45,17 @@ log = logging.getLogger("passtd.engine")
 
 ACK_DELAY = 0.0005  # how long a small ACK waits for host data to carry it
 WRITE_CHUNK = 1024  # iovecs per sendmsg (IOV_MAX)
+
+
+TCP_ESTABLISHED = 1  # tcpi_state, the first byte of struct tcp_info (linux/tcp.h)
+
+
+def _tcp_state(sock: socket.socket) -> int:
+    """The kernel's TCP state of `sock` (TCP_INFO's first byte); 0 if it cannot say."""
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    except OSError:
+        return 0
 
 
 class TcpSockets:
@@ -155,8 +168,14 @@ class TcpSockets:
         if rc == 0:
             self.execute(conn, conn.host_connected(now), now)
         elif rc in (errno.EINPROGRESS, errno.EAGAIN):
-            ctx.readiness.write(conn, self._connect_done)
-            ctx.schedule(conn)
+            # to a local destination (the host's loopback, a forwarded port) the kernel has
+            # usually run the whole handshake inside connect(): answer the guest in this
+            # batch rather than one event loop turn later (crr: a turn per connection)
+            if _tcp_state(sock) == TCP_ESTABLISHED:
+                self.execute(conn, conn.host_connected(now), now)
+            else:
+                ctx.readiness.write(conn, self._connect_done)
+                ctx.schedule(conn)
         else:
             log.debug("%r: connect: %s", conn, os.strerror(rc))
             self.execute(conn, conn.host_refused(), now)

@@ -4,6 +4,7 @@ maps to it). Frames are built and read with scapy, independently of the engine's
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Iterator
 
@@ -84,6 +85,23 @@ def test_a_syn_to_a_listening_host_port_gets_exactly_this_syn_ack_then_data_flow
             harness.run(0.05)
             (reply,) = [t for t in tcp_replies(harness.receive()) if bytes(t.payload)]
             assert (bytes(reply.payload), reply.seq, reply.ack) == (b"world", ours, 1006)
+
+
+def test_a_local_connect_done_inside_connect_is_answered_in_the_same_batch(
+        harness: EngineHarness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """To the host's loopback the kernel completes the handshake inside connect(): the
+    SYN-ACK goes out with the batch that carried the SYN, no wait for writability."""
+    waited: list[object] = []
+    monkeypatch.setattr(harness.engine.tcp, "_connect_done", waited.append)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        harness.send(syn(port))
+        harness.loop.run_until_complete(asyncio.sleep(0))  # one turn: the read, no more
+        harness.run(0.0)
+        (syn_ack,) = tcp_replies(harness.receive())
+        assert str(syn_ack.flags) == "SA" and waited == []
 
 
 def test_arp_for_the_gateway_is_answered(harness: EngineHarness) -> None:
