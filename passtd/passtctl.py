@@ -456,12 +456,18 @@ async def _flows(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _records_in_libvirt(args: argparse.Namespace) -> bool:
+    """Whether a forward change is recorded in libvirt domain NAME: for an instance the
+    libvirt hook started (its runtime file is there), or with --persist."""
+    return bool(args.persist) or os.path.exists(hook_runtime_file(args.name))
+
+
 def _libvirt_recorder(args: argparse.Namespace, rule: dict[str, Any] | None,
                       *, remove: bool) -> Any:
-    """The record of this change in libvirt domain NAME (passtctl_libvirt.recorder_for),
-    for an instance the libvirt hook started (its runtime file is there) or with --persist;
-    None otherwise. libvirt is imported only then: it costs passtctl's start a third."""
-    if rule is None or not (args.persist or os.path.exists(hook_runtime_file(args.name))):
+    """The record of this change in libvirt domain NAME (passtctl_libvirt.recorder_for) of
+    `rule` (the forward as ListForwards describes it; None: nothing to record). libvirt is
+    imported only here: it costs passtctl's start a third."""
+    if rule is None:
         return None
     from .passtctl_libvirt import forward_from_listing, recorder_for
 
@@ -469,9 +475,11 @@ def _libvirt_recorder(args: argparse.Namespace, rule: dict[str, Any] | None,
 
 
 async def _change_forward(args: argparse.Namespace, recorder: Any,
-                          change: Callable[[], Awaitable[T]]) -> T:
+                          change: Callable[[], Awaitable[T]]) -> tuple[T, Any]:
     """`change` on the instance, then the record in the libvirt domain (`recorder`, checked
-    beforehand): a change the instance refused is never recorded."""
+    beforehand): a change the instance refused is never recorded. Returns the change's
+    result and the recorder if it wrote its record (None: none, or it failed and a warning
+    said so)."""
     try:
         result = await change()
         if recorder is not None:
@@ -482,11 +490,11 @@ async def _change_forward(args: argparse.Namespace, recorder: Any,
                     raise Failure(EXIT_INSTANCE_ERROR, f"done on the instance, but not "
                                   f"recorded in the domain: {e}") from None
                 print(f"passtctl: warning: {e}", file=sys.stderr)
-                recorder = None
+                return result, None
+        return result, recorder
     finally:
         if recorder is not None:
             recorder.close()
-    return result
 
 
 def _recorded(args: argparse.Namespace, recorder: Any, remove: bool) -> dict[str, Any]:
@@ -504,7 +512,8 @@ async def _forward_add(client: Client, args: argparse.Namespace) -> int:
     host_port, guest_port = args.ports
     rule = {"protocol": args.protocol, "address": args.address, "host_port": host_port,
             "host_port_last": host_port, "guest_port": guest_port}
-    recorder = _libvirt_recorder(args, rule, remove=False)
+    recorder = _libvirt_recorder(args, rule if _records_in_libvirt(args) else None,
+                                 remove=False)
 
     async def add() -> int:
         (forward_id,) = await client.call(bus_name(args.name), "AddForward", "ssqq",
@@ -512,7 +521,7 @@ async def _forward_add(client: Client, args: argparse.Namespace) -> int:
                                            guest_port], interactive=True)
         return int(forward_id)
 
-    forward_id = await _change_forward(args, recorder, add)
+    forward_id, recorder = await _change_forward(args, recorder, add)
     if not args.json:
         where = args.address or "*"
         print(f"forward {forward_id} added: {args.protocol} {where} port {host_port} -> "
@@ -526,16 +535,15 @@ async def _forward_add(client: Client, args: argparse.Namespace) -> int:
 async def _forward_remove(client: Client, args: argparse.Namespace) -> int:
     destination = bus_name(args.name)
     rule = None
-    if args.persist or os.path.exists(hook_runtime_file(args.name)):
+    if _records_in_libvirt(args):
         rule = next((f for f in await client.listing(destination, "ListForwards")
-                     if f["id"] == args.id),
-                    None)
+                     if f["id"] == args.id), None)
     recorder = _libvirt_recorder(args, rule, remove=True)
 
     async def remove() -> None:
         await client.call(destination, "RemoveForward", "u", [args.id], interactive=True)
 
-    await _change_forward(args, recorder, remove)
+    _, recorder = await _change_forward(args, recorder, remove)
     if not args.json:
         print(f"forward {args.id} removed")
     recorded = _recorded(args, recorder, remove=True)
