@@ -82,6 +82,13 @@ class Ip6Config:
         mask = ((1 << 128) - 1) ^ ((1 << (128 - self.prefix_len)) - 1)
         return (n & mask).to_bytes(16, "big")
 
+    def on_link(self, addr: bytes) -> bool:
+        """Whether `addr` is in the guest's prefix (never without a global address)."""
+        if self.address is None:
+            return False
+        shift = 128 - self.prefix_len
+        return int.from_bytes(addr, "big") >> shift == int.from_bytes(self.address, "big") >> shift
+
 
 @dataclass(frozen=True, slots=True)
 class NetConfig:

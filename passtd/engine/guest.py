@@ -90,20 +90,19 @@ class GuestIdentity:
                 "hosts passes, but its old gateway does not reach this host; pin the domain's "
                 "addresses (passtctl libvirt attach --pin) or have the guest renew its lease",
                 addr_text(addr), extra=events.fields(events.FOREIGN_ADDRESS, guest=addr))
-            prefix = addr[:8] + bytes(8)
-            if family == 6 and prefix not in self.foreign_prefixes:
+            if family == 6 and (prefix := addr[:8] + bytes(8)) not in self.foreign_prefixes:
                 self.foreign_prefixes.append(prefix)
                 if self.on_foreign_prefix is not None:
                     self.on_foreign_prefix()
 
     def _foreign(self, family: int, addr: bytes) -> bool:
+        """Outside the network we give the guest (an IPv6 guest without a global address
+        of ours, or a link-local address, is never foreign)."""
         if family == 4:
             return self.net.ip4 is not None and not self.net.ip4.on_link(addr)
         ip6 = self.net.ip6
-        if ip6 is None or ip6.address is None or packet.is_ipv6_link_local(addr):
-            return False
-        shift = 128 - ip6.prefix_len
-        return int.from_bytes(addr, "big") >> shift != int.from_bytes(ip6.address, "big") >> shift
+        return (ip6 is not None and ip6.address is not None
+                and not packet.is_ipv6_link_local(addr) and not ip6.on_link(addr))
 
     def admit(self, pkt: packet.Packet) -> bool:
         if (self.net.ip4 if pkt.family == 4 else self.net.ip6) is None:
