@@ -371,7 +371,7 @@ class Instance:
         loop.add_signal_handler(signal.SIGUSR2, self._reexec_requested)
         sd_notify(f"READY=1\nSTATUS={engine.summary()}")
         log.info("instance %s ready", self.cfg.name)
-        if checksum.ENGINE != "native" and os.environ.get("PASSTD_NATIVE") != "0":
+        if checksum.NATIVE_WANTED and checksum.ENGINE != "native":
             log.warning("the native checksum (passtd/engine/_csum.c) is not built here: "
                         "checksums take the pure-Python path, slower and ~15 MiB larger "
                         "(./setup.sh builds it; it needs gcc and python3-dev)")

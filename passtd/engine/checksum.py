@@ -47,8 +47,9 @@ class _Native(Protocol):
                  stride: int, rows: int, length: int, /) -> list[int]: ...
 
 
+NATIVE_WANTED = os.environ.get("PASSTD_NATIVE", "1") != "0"  # PASSTD_NATIVE=0: not asked for
 _native: _Native | None = None
-if os.environ.get("PASSTD_NATIVE", "1") != "0":
+if NATIVE_WANTED:
     with contextlib.suppress(ImportError):  # not built here: the pure-Python path
         from . import _csum
 
