@@ -268,6 +268,7 @@ def test_same_user_cannot_read_an_instance(ct: Container, instances: Instances) 
 def test_instance_is_on_the_bus(ct: Container, instances: Instances) -> None:
     instances.socket("bus1")
     assert_offer(instances.connect("bus1"))
+    wait_ready(ct, "bus1")  # (the guest may be served before the name is owned)
     names = busctl_json(ct, "call", "org.freedesktop.DBus", "/org/freedesktop/DBus",
                         "org.freedesktop.DBus", "ListNames")
     assert bus_name("bus1") in names[0]
