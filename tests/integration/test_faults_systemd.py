@@ -202,9 +202,13 @@ g=
 while :; do
     n=$((n + 1))
     r=$(echo "req $n" | socat -T 2 - TCP4:$GW:{REQUEST_PORT},connect-timeout=2 2>&1)
-    case $r in
-    "pong $n gen="*) echo "FSD req $n ok"; g=${{r##*gen=}} ;;
-    *) echo "FSD req $n fail: $(echo $r)" ;;
+    # the answer and nothing else: a complaint of socat's after it is a failure too, and
+    # the generation is digits only (a garbled one would set off a second renewal, and
+    # udhcpc deconfigures on a second SIGUSR1 while a renewal is pending)
+    gen=${{r#"pong $n gen="}}
+    case $gen in
+    "$r" | "" | *[!0-9]*) echo "FSD req $n fail: $(echo $r)" ;;
+    *) echo "FSD req $n ok"; g=$gen ;;
     esac
     if [ -n "$g" ] && [ "$g" != "$seen" ]; then
         seen=$g
