@@ -371,6 +371,9 @@ def test_wire_framing(wire: str, fake_program: FakeProgram, guest_factory) -> No
     guest = guest_factory(fake_program.listener.getsockname(), wire=wire, dhcp=False,
                           v6wait=0, chunk=chunk)
     fake_program.accept()
+    # a deep queue stands for a VM's flow-controlled NIC (lab.TAP_TXQUEUELEN)
+    (link,) = guest.ip_json("link", "show", "dev", guest.iface)
+    assert link["txqlen"] == lab.TAP_TXQUEUELEN
     guest.run(["ip", "addr", "add", f"{GUEST_IP}/24", "dev", guest.iface], check=True)
     guest.run(["ip", "neigh", "replace", lab.GW4, "lladdr", FAKE_MAC.hex(":"), "dev",
                guest.iface, "nud", "permanent"], check=True)
