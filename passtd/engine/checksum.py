@@ -38,7 +38,6 @@ _FOLD_MASKS: dict[int, int] = {}
 _numpy: ModuleType | None = None
 
 
-
 class _Native(Protocol):
     def partial(self, buf: bytes | bytearray | memoryview | mmap.mmap, offset: int,
                 length: int, /) -> int: ...

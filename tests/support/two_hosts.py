@@ -6,13 +6,12 @@ dead-end uplink (tests/support/container.py) on a network of its own: A 198.51.1
 via .1 (TEST-NET-2), B UPLINK_B (TEST-NET-3), as real hosts in different places are.
 The link: a veth pair made on the machine and moved at once into the two containers'
 network namespaces, LINK_A and LINK_B (TEST-NET-1), LINK_A6 and LINK_B6, and nothing else
-on it. On that
-link, each libvirtd listens on TCP 16509 without authentication (libvirtd-tcp.socket,
-auth_tcp "none"): reachable only from the other container, and each has a host_uuid of
-its own (libvirt refuses to migrate to "the same host", and both containers boot the
-same machine's files). One directory of the machine is bound into both at the same
-path: a guest's kernel, initramfs and console log must be at the same path on both
-hosts, as on real hosts with shared storage.
+on it. On that link, each libvirtd listens on TCP 16509 without authentication
+(libvirtd-tcp.socket, auth_tcp "none"): reachable only from the other container, and each
+has a host_uuid of its own (libvirt refuses to migrate to "the same host", and both
+containers boot the same machine's files). One directory of the machine is bound into
+both at the same path: a guest's kernel, initramfs and console log must be at the same
+path on both hosts, as on real hosts with shared storage.
 
     with two_hosts("pdmig", lab_logs) as (a, b):      # Hosts: libvirt_env.py's Labs
         a.define("vm"); a.passtctl("libvirt", "attach", "vm", ...); a.virsh("start", "vm")
