@@ -82,7 +82,9 @@ PREFIX4 = 24
 GW4 = "198.51.100.1"
 HOST_IP6 = "2001:db8::2"
 PREFIX6 = 64
-GW6 = "fe80::1"  # link-local, as on most LANs (see the rig's notes on passt 2023)
+# link-local, as on most LANs; also, with a global IPv6 gateway, passt 0.0~git20230309
+# (Debian 12's) answers the guest's UDP from its link-local address instead
+GW6 = "fe80::1"
 UP_IP6 = "2001:db8::1"  # the global gateway address also exists upstream, for symmetry
 
 TAP = "tap0"
