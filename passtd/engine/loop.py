@@ -35,7 +35,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from . import arp, dhcp, dhcpv6, events, ndp, packet, tcp
+from . import arp, dhcp, dhcpv6, events, ndp, packet, tcp, tcp_run
 from .context import BufferTrim, EngineContext, RateLimitedLog, SocketHalf
 from .flow import Flow, FlowTable
 from .forwards import Forward, Forwards
@@ -280,6 +280,8 @@ class Engine:
             if conn.data_take:
                 start = data + conn.data_skip
                 views.append(mem[start : start + conn.data_take])
+                if not actions and pcap is None and reader.end - reader.start >= tcp_run.ROOM:
+                    last_src_mac_at = tcp_run.extend(conn, reader, off, views)
             if actions:
                 if actions & tcp.A_HOLD:
                     conn.hold(seq, bytes(mem[data:end]))

@@ -63,22 +63,28 @@ class FrameReader:
         self.end += nbytes
 
     def frames(self) -> Iterator[tuple[int, int]]:
-        """(offset, length) of each complete frame in `buf`; consumed as it is yielded."""
+        """(offset, length) of each complete frame in `buf`; consumed as it is yielded.
+
+        Between two frames the consumer may take further frames itself (`skip`).
+        """
         buf = self.buf
         unpack = _LEN.unpack_from
-        pos, end = self.start, self.end
-        while end - pos >= 4:
+        end = self.end
+        while end - (pos := self.start) >= 4:
             (length,) = unpack(buf, pos)
             if length < MIN_FRAME or length > MAX_FRAME:
                 self.start = self.end = 0
                 raise FramingError(f"frame length {length} out of range {MIN_FRAME}..{MAX_FRAME}")
             if end - pos - 4 < length:
                 break
-            pos += 4 + length
-            self.start = pos
+            self.start = pos + 4 + length
             self.frames_read += 1
-            yield pos - length, length
+            yield pos + 4, length
+
+    def skip(self, pos: int, count: int) -> None:
+        """The consumer took the `count` complete frames up to `pos` (tcp_run.gather)."""
         self.start = pos
+        self.frames_read += count
 
     def reset(self) -> None:
         self.start = self.end = 0

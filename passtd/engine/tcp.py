@@ -344,6 +344,19 @@ class TcpConn(Flow):
             self.guest_fin_at = (seq + plen) & _SEQ_MASK
         return actions
 
+    def in_order(self) -> tuple[int, int, int] | None:
+        """Seq, ACK, window fields that on_segment's bulk branch takes now (tcp_run.py)."""
+        if self.events & (CLOSED | TAP_FIN_RCVD | ESTABLISHED) != ESTABLISHED \
+                or self.guest_fin_at is not None:
+            return None
+        window = self.guest_wnd >> self.guest_wscale  # (above 0xFFFF no segment matches)
+        if window << self.guest_wscale != self.guest_wnd:
+            return None
+        return (self.rcv_nxt + self.rcv_pending) & _SEQ_MASK, self.snd_una, window
+
+    def take_in_order(self, nbytes: int) -> None:  # (on_segment's bulk branch, summed)
+        self.rcv_pending += nbytes
+
     def _handshake_segment(self, flags: int, seq: int, ack: int, window: int, plen: int,
                            now: float, mss: int | None, wscale: int | None, sack: bool) -> int:
         events = self.events

@@ -108,3 +108,68 @@ def test_arp_for_the_gateway_is_answered(harness: EngineHarness) -> None:
     (reply,) = [Ether(f) for f in harness.roundtrip(request)]
     assert (reply[ARP].op, reply[ARP].psrc, reply[ARP].hwsrc, reply[ARP].pdst) == \
         (2, GATEWAY, OUR_MAC, GUEST)
+
+
+def _established(harness: EngineHarness, server: socket.socket) -> tuple[socket.socket, int]:
+    """A guest connection to `server` through the engine: (the host's end, our next seq)."""
+    frames = harness.roundtrip(syn(server.getsockname()[1], seq=1000, options=[
+        ("MSS", 1460), ("WScale", 7)]), seconds=0.05)
+    (syn_ack,) = tcp_replies(frames)
+    peer, _ = server.accept()
+    harness.roundtrip(_data(server.getsockname()[1], 1001, syn_ack.seq + 1, b""))
+    return peer, syn_ack.seq + 1
+
+
+def _data(port: int, seq: int, ours: int, payload: bytes) -> bytes:
+    return bytes(Ether(src=GUEST_MAC, dst=OUR_MAC) / IP(src=GUEST, dst=GATEWAY)
+                 / TCP(sport=40000, dport=port, flags="A", seq=seq, ack=ours, window=502)
+                 / payload)
+
+
+def _receive_all(peer: socket.socket, size: int) -> bytes:
+    peer.settimeout(2)
+    got = b""
+    while len(got) < size:
+        chunk = peer.recv(size - len(got))
+        assert chunk, "the host's end saw EOF"
+        got += chunk
+    return got
+
+
+@pytest.mark.parametrize("gap", [None, 10])
+def test_a_read_of_in_order_segments_is_written_as_one_run(
+        harness: EngineHarness, monkeypatch: pytest.MonkeyPatch, gap: int | None) -> None:
+    """tcp_run takes the segments after the first of a run in one step; a gap ends the
+    run, the segments after it are held, and the missing one, sent last, completes it."""
+    from passtd.engine import tcp_run
+
+    taken: list[int] = []
+
+    def counting(*args: object) -> tuple[int, int, int, int]:
+        result = real(*args)
+        taken.append(result[1])
+        return result
+
+    real = tcp_run.gather
+    monkeypatch.setattr(tcp_run, "gather", counting)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        peer, ours = _established(harness, server)
+        with peer:
+            chunks = [bytes([48 + i % 40]) * 1000 for i in range(30)]
+            frames = [_data(port, 1001 + 1000 * i, ours, c) for i, c in enumerate(chunks)]
+            read_before = harness.engine.statistics()["frames_from_guest"]
+            harness.send(*[f for i, f in enumerate(frames) if i != gap])
+            harness.run(0.05)
+            if gap is not None:
+                harness.send(frames[gap])
+                harness.run(0.05)
+            assert _receive_all(peer, 30_000) == b"".join(chunks)
+            acks = tcp_replies(harness.receive())
+            assert acks[-1].ack == 1001 + 30_000
+            assert harness.engine.statistics()["frames_from_guest"] - read_before == 30
+            # without a gap one call takes the 29 after the first; with one, the segments
+            # before it are one run and those after it wait in the hold
+            assert taken == ([29] if gap is None else [gap - 1])

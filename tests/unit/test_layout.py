@@ -19,7 +19,7 @@ ENGINE = Path(__file__).resolve().parents[2] / "passtd" / "engine"
 LIMIT, TCP_LIMIT = 500, 675
 HALVES = {"tcp_sock", "tcp_peek", "udp_sock", "icmp_sock"}
 PARTS = {"link", "forwards", "timers", "guest", "context", "sockets", "handover"}
-CORES = {"tcp", "tcp_seg", "tcp_hold", "udp", "icmp", "arp", "dhcp", "dhcpv6", "ndp",
+CORES = {"tcp", "tcp_seg", "tcp_hold", "tcp_run", "udp", "icmp", "arp", "dhcp", "dhcpv6", "ndp",
          "packet", "checksum", "tap", "tcp_buf", "flow", "nat", "addrs", "fwd", "settings",
          "events"}
 ALLOWED_SIDEWAYS = {("tcp_sock", "tcp_peek")}
