@@ -4,7 +4,7 @@
 #   ./run-tests.sh                 lint, types + unit + integration tests (root: namespaces, VMs,
 #                                  a private dbus-daemon, systemd and libvirtd in containers),
 #                                  then the unit tests again on the pure-Python path
-#                                  (PASSTD_NATIVE=0: without the native checksum)
+#                                  (PASSTD_NATIVE=0: without the native parts)
 #   ./run-tests.sh tests/unit -k tcp    any pytest arguments instead of the whole suite
 #
 # Exit status is pytest's (or ruff's): non-zero when anything fails.

@@ -59,12 +59,12 @@ say "installing passtd from $SRC into $VENV"
 "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip >/dev/null
 "$VENV/bin/pip" install -q --disable-pip-version-check "$SRC[systemd,libvirt,test]"
 # the checkout itself, rebuilt every time so the installed copy is this checkout (with the
-# native checksum, passtd/engine/_csum.c, compiled if it can be)
+# native parts, passtd/engine/_csum.c and _tcp_run.c, compiled if they can be)
 "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps --force-reinstall "$SRC"
 # ...and compiled in the checkout as well, for what runs from it (the tests, the labs)
 "$VENV/bin/pip" install -q --disable-pip-version-check "setuptools>=77"
 if ! (cd "$SRC" && "$VENV/bin/python" -W ignore setup.py -q build_ext --inplace >/dev/null); then
-	say "warning: the native checksum did not build: passtd runs its pure-Python path"
+	say "warning: the native parts did not build: passtd runs its pure-Python paths"
 fi
 ln -sf "$VENV/bin/passtd" /usr/local/bin/passtd
 ln -sf "$VENV/bin/passtctl" /usr/local/bin/passtctl

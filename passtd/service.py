@@ -51,7 +51,7 @@ from typing import Any
 from . import config as config_mod
 from . import fd_handover, journal
 from .config import ConfigError, InstanceConfig
-from .engine import addrs, checksum, events
+from .engine import addrs, checksum, events, tcp_run
 from .engine.addrs import Ip4Config, Ip6Config, NetConfig
 from .engine.flow import addr_text
 from .engine.forwards import ForwardError
@@ -371,10 +371,11 @@ class Instance:
         loop.add_signal_handler(signal.SIGUSR2, self._reexec_requested)
         sd_notify(f"READY=1\nSTATUS={engine.summary()}")
         log.info("instance %s ready", self.cfg.name)
-        if checksum.NATIVE_WANTED and checksum.ENGINE != "native":
-            log.warning("the native checksum (passtd/engine/_csum.c) is not built here: "
-                        "checksums take the pure-Python path, slower and ~15 MiB larger "
-                        "(./setup.sh builds it; it needs gcc and python3-dev)")
+        if checksum.NATIVE_WANTED and "python" in (checksum.ENGINE, tcp_run.ENGINE):
+            log.warning("the native parts (passtd/engine/_csum.c, _tcp_run.c) are not built "
+                        "here: checksums and guest->host runs take the pure-Python paths, "
+                        "slower and ~15 MiB larger "
+                        "(./setup.sh builds them; they need gcc and python3-dev)")
         await self.stopping.wait()
         log.info("instance %s stopping", self.cfg.name)
         sd_notify("STOPPING=1")

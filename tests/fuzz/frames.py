@@ -215,5 +215,15 @@ def ip_frames() -> list[bytes]:
     )]
 
 
+def run_segments(v6: bool, count: int = 6, seq: int = 1000) -> list[bytes]:
+    """In-order data segments of one guest flow, the bulk of guest->host (tcp_run.py)."""
+    gw = "9a:55:9a:55:9a:55"
+    net = IPv6(src=GUEST6, dst=GW6) if v6 else IP(src=GUEST4, dst=GW4)
+    return [bytes(Ether(src=GUEST_MAC, dst=gw) / net
+                  / TCP(sport=40004, dport=5201, flags="PA" if i % 2 else "A",
+                        seq=seq + 64 * i, ack=7000, window=502) / Raw(bytes([i]) * 64))
+            for i in range(count)]
+
+
 def all_guest_frames() -> list[bytes]:
     return arp_frames() + dhcp_frames() + dhcpv6_frames() + ndp_frames() + ip_frames()

@@ -18,6 +18,9 @@ Input layouts (first bytes select variants, the rest is what the guest sent):
   dhcp      [config][knobs][BOOTP message...]   wrapped in IPv4/UDP to port 67
   dhcpv6    [config][knobs][DHCPv6 message...]  wrapped in IPv6/UDP to port 547
   ndp       [config][knobs][ICMPv6 message...]  wrapped in IPv6 (hop limit 255 unless told)
+  tcp_run   [first][cut][stream...]   length-prefixed frames, as in the read buffer; the run
+            starts at frame `first` (its sequence number as the seed's), the read ends
+            `cut` bytes early. Both engines of tcp_run.gather must agree.
 
 Wrapping the message bodies keeps the IP and UDP lengths right whatever the fuzzer inserts
 or deletes, so mutations reach the option parsers instead of dying on a length check.
@@ -28,7 +31,7 @@ from __future__ import annotations
 import random
 import struct
 
-from passtd.engine import arp, dhcp, dhcpv6, icmp, ndp, packet, tcp_seg
+from passtd.engine import arp, dhcp, dhcpv6, icmp, ndp, packet, tcp_run, tcp_seg
 from passtd.engine.addrs import NetConfig
 from passtd.engine.tap import MAX_FRAME, MIN_FRAME, FrameReader, FramingError
 
@@ -354,6 +357,60 @@ def run_ndp(data: bytes) -> None:
 # -- the registry ---------------------------------------------------------------------------
 
 
+# -- runs of in-order segments ----------------------------------------------------------------
+
+
+def _native_gather() -> tcp_run._Gather | None:
+    try:
+        from passtd.engine._tcp_run import gather
+    except ImportError:  # not built: the target still checks the Python walk's bounds
+        return None
+    return gather
+
+
+_NATIVE_GATHER = _native_gather()
+
+
+def run_tcp_run(data: bytes) -> None:
+    if len(data) < 2:
+        return
+    mem = memoryview(bytearray(data[2:]))
+    offsets, pos = [], 0
+    while len(mem) - pos >= 4:  # where the frames start, as far as the length words go
+        offsets.append(pos + 4)
+        pos += 4 + int.from_bytes(mem[pos : pos + 4], "big")
+    if not offsets:
+        return
+    start = data[0] % len(offsets)
+    first = offsets[start]
+    after = offsets[start + 1] - 4 if start + 1 < len(offsets) else min(pos, len(mem))
+    end = max(after, len(mem) - data[1])
+    args = (first, after, end, 1000 + 64 * (start + 1), 7000, 502)
+    results = []
+    for walk in (tcp_run.gather_python, _NATIVE_GATHER):
+        if walk is None:
+            continue
+        views: list[memoryview] = []
+        try:
+            pos_after, count, nbytes, last = walk(mem, *args, views)
+        except ValueError as e:
+            results.append(str(e))
+            continue
+        assert after <= pos_after <= end and len(views) == count
+        assert sum(map(len, views)) == nbytes and (last == -1) == (count == 0)
+        results.append((pos_after, count, nbytes, last, [bytes(v) for v in views]))
+    assert len(set(map(repr, results))) == 1, f"the engines disagree: {results}"
+
+
+def _tcp_run_seeds() -> list[bytes]:
+    seeds = []
+    for v6 in (False, True):
+        run = frames.run_segments(v6)
+        stream = b"".join(struct.pack("!I", len(f)) + f for f in run)
+        seeds += [b"\x00\x00" + stream, b"\x02\x05" + stream]
+    return seeds
+
+
 def _prefixed(prefix: bytes, items: list[bytes]) -> list[bytes]:
     return [prefix + item for item in items]
 
@@ -400,6 +457,8 @@ TARGETS: dict[str, Target] = {
             for c in range(len(CONFIGS))
             for knob, frame in zip(frames.NDP_SOURCE_KNOBS, frames.ndp_frames(), strict=True)
         ], max_len=512, dictionary=NDP_TOKENS, doc="NDP: NS/RS in, NA/RA out, options"),
+        Target("tcp_run", run_tcp_run, _tcp_run_seeds, max_len=4096,
+               doc="tcp_run.gather, C against Python: runs of in-order segments, mangled"),
         TCP_TARGET,
     )
 }
