@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from . import checksum
 
@@ -78,7 +78,7 @@ def _headers(mem: memoryview, off: int, length: int) -> tuple[bytes, int, int] |
 
 
 def gather_python(mem: memoryview, first: int, pos: int, end: int, seq: int, ack: int,
-                  window: int, views: list[memoryview]) -> tuple[int, int, int, int]:
+                  window: int, views: list[memoryview], /) -> tuple[int, int, int, int]:
     """Take the segments at `pos`.. (length words first, valid data up to `end`) that
     continue the run whose first segment is the frame at `first`: next `seq`, the same
     `ack` and `window` fields. Appends their payloads to `views`; returns (position after
@@ -116,12 +116,7 @@ def gather_python(mem: memoryview, first: int, pos: int, end: int, seq: int, ack
     return pos, count, nbytes, last
 
 
-class _Gather(Protocol):
-    def __call__(self, mem: memoryview, first: int, pos: int, end: int, seq: int, ack: int,
-                 window: int, views: list[memoryview], /) -> tuple[int, int, int, int]: ...
-
-
-gather: _Gather = gather_python
+gather = gather_python
 ENGINE = "python"  # which one this process runs
 if checksum.NATIVE_WANTED:
     with contextlib.suppress(ImportError):  # not built here: the pure-Python path

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import random
 import struct
+from collections.abc import Callable
 
 from passtd.engine import arp, dhcp, dhcpv6, icmp, ndp, packet, tcp_run, tcp_seg
 from passtd.engine.addrs import NetConfig
@@ -360,7 +361,7 @@ def run_ndp(data: bytes) -> None:
 # -- runs of in-order segments ----------------------------------------------------------------
 
 
-def _native_gather() -> tcp_run._Gather | None:
+def _native_gather() -> Callable[..., tuple[int, int, int, int]] | None:
     try:
         from passtd.engine._tcp_run import gather
     except ImportError:  # not built: the target still checks the Python walk's bounds
@@ -386,7 +387,7 @@ def run_tcp_run(data: bytes) -> None:
     after = offsets[start + 1] - 4 if start + 1 < len(offsets) else min(pos, len(mem))
     end = max(after, len(mem) - data[1])
     args = (first, after, end, 1000 + 64 * (start + 1), 7000, 502)
-    results = []
+    results: list[object] = []
     for walk in (tcp_run.gather_python, _NATIVE_GATHER):
         if walk is None:
             continue
