@@ -85,6 +85,36 @@ static int headers(const unsigned char *base, Py_ssize_t off, Py_ssize_t length,
 	return 0;
 }
 
+/* An offset: out of Py_ssize_t's range saturates, so that the bounds checks refuse it with
+ * the same ValueError as gather_python's comparisons (never an OverflowError). */
+static int offset(PyObject *obj, Py_ssize_t *out)
+{
+	int overflow;
+	long v = PyLong_AsLongAndOverflow(obj, &overflow);
+
+	if (v == -1 && PyErr_Occurred())
+		return -1;
+	*out = overflow > 0 ? PY_SSIZE_T_MAX : overflow < 0 ? PY_SSIZE_T_MIN : (Py_ssize_t)v;
+	return 0;
+}
+
+/* A header field: an unsigned number up to max, else ValueError (as gather_python). */
+static int field(PyObject *obj, unsigned long max, unsigned long *out)
+{
+	int overflow;
+	long v = PyLong_AsLongAndOverflow(obj, &overflow);
+
+	if (v == -1 && PyErr_Occurred())
+		return -1;
+	if (overflow || v < 0 || (unsigned long)v > max) {
+		PyErr_SetString(PyExc_ValueError,
+				"seq and ack must be 32-bit, window 16-bit unsigned numbers");
+		return -1;
+	}
+	*out = (unsigned long)v;
+	return 0;
+}
+
 PyDoc_STRVAR(gather_doc,
 	     "gather(mem, first, pos, end, seq, ack, window, views, /)\n"
 	     "    -> (pos, frames, nbytes, last)\n\n"
@@ -110,13 +140,9 @@ static PyObject *run_gather(PyObject *self, PyObject *const *args, Py_ssize_t na
 		PyErr_SetString(PyExc_TypeError, "gather() takes a memoryview and a list");
 		return NULL;
 	}
-	first = PyLong_AsSsize_t(args[1]);
-	pos = PyLong_AsSsize_t(args[2]);
-	end = PyLong_AsSsize_t(args[3]);
-	seq = PyLong_AsUnsignedLong(args[4]);
-	ack = PyLong_AsUnsignedLong(args[5]);
-	window = PyLong_AsUnsignedLong(args[6]);
-	if (PyErr_Occurred())
+	if (field(args[4], 0xffffffffUL, &seq) < 0 || field(args[5], 0xffffffffUL, &ack) < 0 ||
+	    field(args[6], 0xffffUL, &window) < 0 || offset(args[1], &first) < 0 ||
+	    offset(args[2], &pos) < 0 || offset(args[3], &end) < 0)
 		return NULL;
 	if (PyObject_GetBuffer(mem, &buf, PyBUF_SIMPLE) < 0)
 		return NULL;

@@ -84,6 +84,8 @@ def gather_python(mem: memoryview, first: int, pos: int, end: int, seq: int, ack
     `ack` and `window` fields. Appends their payloads to `views`; returns (position after
     the last frame taken, frames taken, payload bytes taken, offset of the last frame
     taken or -1)."""
+    if not (0 <= seq <= _SEQ_MASK and 0 <= ack <= _SEQ_MASK and 0 <= window <= 0xFFFF):
+        raise ValueError("seq and ack must be 32-bit, window 16-bit unsigned numbers")
     if pos < 0 or end < pos or end > len(mem):
         raise ValueError("pos and end must lie in the buffer, pos <= end")
     head = _headers(mem, first, len(mem) - first) if 0 <= first <= len(mem) - _MIN_FRAME \

@@ -140,12 +140,24 @@ def test_a_bad_length_word_is_left_to_the_reader(gather: Gather, length: int) ->
 
 
 @pytest.mark.parametrize("first, pos, end", [(-1, 0, 0), (10**6, 0, 0), (None, -1, 0),
-                                             (None, 8, 4), (None, 0, 10**6), (None, 0, -1)])
+                                             (None, 8, 4), (None, 0, 10**6), (None, 0, -1),
+                                             (2**70, 0, 0), (-2**70, 0, 0), (None, 2**70, 0),
+                                             (None, 0, 2**70), (None, -2**70, 0)])
 def test_offsets_outside_the_buffer_are_refused(gather: Gather, first: int | None, pos: int,
                                                end: int) -> None:
     mem, offsets = stream(seg(1000))
     with pytest.raises(ValueError):
         gather(mem, offsets[0] if first is None else first, pos, end, 1100, ACK, WINDOW, [])
+
+
+@pytest.mark.parametrize("numbers", [(-1, ACK, WINDOW), (2**32, ACK, WINDOW), (1100, -1, WINDOW),
+                                     (1100, 2**64, WINDOW), (1100, ACK, 0x10000),
+                                     (1100, ACK, -2**70)])
+def test_numbers_no_header_field_can_hold_are_refused(gather: Gather,
+                                                      numbers: tuple[int, int, int]) -> None:
+    mem, offsets = stream(seg(1000), seg(1100))
+    with pytest.raises(ValueError, match="unsigned"):
+        gather(mem, offsets[0], offsets[1] - 4, len(mem), *numbers, [])
 
 
 def test_a_first_frame_the_fast_path_would_not_take_is_refused(gather: Gather) -> None:
