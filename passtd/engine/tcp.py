@@ -346,11 +346,10 @@ class TcpConn(Flow):
 
     def in_order(self) -> tuple[int, int, int] | None:
         """Seq, ACK, window fields that on_segment's bulk branch takes now (tcp_run.py)."""
+        window = self.guest_wnd >> self.guest_wscale  # (only numbers header fields hold)
         if self.events & (CLOSED | TAP_FIN_RCVD | ESTABLISHED) != ESTABLISHED \
-                or self.guest_fin_at is not None:
-            return None
-        window = self.guest_wnd >> self.guest_wscale  # (above 0xFFFF no segment matches)
-        if window << self.guest_wscale != self.guest_wnd:
+                or self.guest_fin_at is not None or not 0 <= self.snd_una <= _SEQ_MASK \
+                or not 0 <= window <= 0xFFFF or window << self.guest_wscale != self.guest_wnd:
             return None
         return (self.rcv_nxt + self.rcv_pending) & _SEQ_MASK, self.snd_una, window
 

@@ -71,6 +71,29 @@ def test_in_order_data_is_written_and_acknowledged_as_the_socket_takes_it() -> N
     assert (conn.data_skip, conn.data_take) == (500, 500)
 
 
+def test_in_order_describes_the_bulk_branch_and_only_numbers_a_header_holds() -> None:
+    """What tcp_run.gather takes without on_segment: the next data, this ACK, this window."""
+    conn = established_from_guest()
+    assert conn.in_order() == (GUEST_ISN + 1, OUR_ISN + 1, 65535)
+    conn.on_segment(TCP_ACK, GUEST_ISN + 1, OUR_ISN + 1, 65535, 1000, 1.0)
+    conn.take_in_order(3000)  # three more segments of 1000, taken by the walk
+    assert conn.in_order() == (GUEST_ISN + 4001, OUR_ISN + 1, 65535)
+    assert conn.commit(4000, 1.0) & tcp.A_ACK and conn.rcv_nxt == GUEST_ISN + 4001
+    conn.guest_wnd += 1  # no window field scales to it: no segment takes the branch
+    assert conn.in_order() is None
+    conn.guest_wnd, conn.snd_una = 1 << 40, OUR_ISN + 1  # (a handover's numbers are typed,
+    assert conn.in_order() is None  # not ranged: the walk must never be handed those)
+    conn.guest_wnd, conn.snd_una = 65535 << 7, 1 << 33
+    assert conn.in_order() is None
+    conn.guest_wnd, conn.snd_una = -(1 << 7), -1
+    assert conn.in_order() is None
+    conn.guest_wnd = 65535 << 7
+    assert conn.in_order() is None
+    conn.snd_una = OUR_ISN + 1
+    conn.on_segment(TCP_ACK | TCP_FIN, GUEST_ISN + 4001, OUR_ISN + 1, 65535, 0, 2.0)
+    assert conn.in_order() is None  # the guest's FIN is in: its stream has ended
+
+
 def test_gap_and_old_data_get_a_duplicate_ack_and_nothing_written() -> None:
     conn = established_from_guest()
     seq = GUEST_ISN + 1
