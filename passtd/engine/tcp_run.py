@@ -38,6 +38,9 @@ import struct
 from typing import TYPE_CHECKING
 
 from . import checksum
+from .packet import ETH_P_IP, ETH_P_IPV6, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
+from .tap import MAX_FRAME, MIN_FRAME
+from .tcp_seg import SEQ_MASK
 
 if TYPE_CHECKING:
     from .tap import FrameReader
@@ -46,24 +49,22 @@ if TYPE_CHECKING:
 _LEN = struct.Struct("!I")
 _TCP = struct.Struct("!4sIIBBH")  # ports, seq, ack, data offset, flags, window
 _FRAG = struct.Struct("!H")
-_MIN_FRAME, _MAX_FRAME = 14, 65535
 ROOM = 4 + 54  # a length word and the smallest IPv4/TCP frame: less left, nothing to gather
-_SYN, _RST, _FIN, _ACK = 0x02, 0x04, 0x01, 0x10
-_SEQ_MASK = 0xFFFFFFFF
 
 
 def _headers(mem: memoryview, off: int, length: int) -> tuple[bytes, int, int] | None:
     """(addresses + ports, TCP header offset, payload end) of a frame the fast path may
     take, None for any other. Frame offsets as in tap.py (after the length word)."""
     ethertype = mem[off + 12] << 8 | mem[off + 13]
-    if ethertype == 0x0800 and length >= 54 and mem[off + 14] == 0x45 and mem[off + 23] == 6:
+    if ethertype == ETH_P_IP and length >= 54 and mem[off + 14] == 0x45 and mem[off + 23] == 6:
         total = mem[off + 16] << 8 | mem[off + 17]
         (frag,) = _FRAG.unpack_from(mem, off + 20)
         if frag & 0x3FFF or total + 14 > length:
             return None
         tcp_at, end, thl_room = off + 34, off + 14 + total, total - 20
         key = bytes(mem[off + 26 : off + 34]) + bytes(mem[tcp_at : tcp_at + 4])
-    elif ethertype == 0x86DD and length >= 74 and mem[off + 14] >> 4 == 6 and mem[off + 20] == 6:
+    elif ethertype == ETH_P_IPV6 and length >= 74 and mem[off + 14] >> 4 == 6 \
+            and mem[off + 20] == 6:
         plen = mem[off + 18] << 8 | mem[off + 19]
         if plen + 54 > length:
             return None
@@ -84,11 +85,11 @@ def gather_python(mem: memoryview, first: int, pos: int, end: int, seq: int, ack
     `ack` and `window` fields. Appends their payloads to `views`; returns (position after
     the last frame taken, frames taken, payload bytes taken, offset of the last frame
     taken or -1)."""
-    if not (0 <= seq <= _SEQ_MASK and 0 <= ack <= _SEQ_MASK and 0 <= window <= 0xFFFF):
+    if not (0 <= seq <= SEQ_MASK and 0 <= ack <= SEQ_MASK and 0 <= window <= 0xFFFF):
         raise ValueError("seq and ack must be 32-bit, window 16-bit unsigned numbers")
     if pos < 0 or end < pos or end > len(mem):
         raise ValueError("pos and end must lie in the buffer, pos <= end")
-    head = _headers(mem, first, len(mem) - first) if 0 <= first <= len(mem) - _MIN_FRAME \
+    head = _headers(mem, first, len(mem) - first) if 0 <= first <= len(mem) - MIN_FRAME \
         else None
     if head is None:
         raise ValueError("the run's first frame is not a TCP segment the fast path takes")
@@ -97,7 +98,7 @@ def gather_python(mem: memoryview, first: int, pos: int, end: int, seq: int, ack
     last = -1
     while end - pos >= 4:
         (length,) = _LEN.unpack_from(mem, pos)
-        if length < _MIN_FRAME or length > _MAX_FRAME or end - pos - 4 < length:
+        if length < MIN_FRAME or length > MAX_FRAME or end - pos - 4 < length:
             break
         off = pos + 4
         frame = _headers(mem, off, length)
@@ -106,11 +107,11 @@ def gather_python(mem: memoryview, first: int, pos: int, end: int, seq: int, ack
         _key, tcp_at, data_end = frame
         _ports, f_seq, f_ack, doff, flags, f_window = _TCP.unpack_from(mem, tcp_at)
         data = tcp_at + ((doff >> 4) << 2)
-        if flags & (_SYN | _RST | _FIN | _ACK) != _ACK or f_seq != seq or f_ack != ack \
-                or f_window != window or data_end == data:
+        if flags & (TCP_SYN | TCP_RST | TCP_FIN | TCP_ACK) != TCP_ACK or f_seq != seq \
+                or f_ack != ack or f_window != window or data_end == data:
             break
         views.append(mem[data:data_end])
-        seq = (seq + data_end - data) & _SEQ_MASK
+        seq = (seq + data_end - data) & SEQ_MASK
         nbytes += data_end - data
         count += 1
         last = off
