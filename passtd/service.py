@@ -371,11 +371,13 @@ class Instance:
         loop.add_signal_handler(signal.SIGUSR2, self._reexec_requested)
         sd_notify(f"READY=1\nSTATUS={engine.summary()}")
         log.info("instance %s ready", self.cfg.name)
-        if checksum.NATIVE_WANTED and "python" in (checksum.ENGINE, tcp_run.ENGINE):
-            log.warning("the native parts (passtd/engine/_csum.c, _tcp_run.c) are not built "
-                        "here: checksums and guest->host runs take the pure-Python paths, "
-                        "slower and ~15 MiB larger "
-                        "(./setup.sh builds them; they need gcc and python3-dev)")
+        missing = [what for engine, what in (
+            (checksum.ENGINE, "_csum.c: checksums, slower and ~15 MiB larger"),
+            (tcp_run.ENGINE, "_tcp_run.c: guest->host runs, more CPU")) if engine != "native"]
+        if checksum.NATIVE_WANTED and missing:
+            log.warning("native parts not built here, their pure-Python paths run instead "
+                        "(./setup.sh builds them; they need gcc and python3-dev): %s",
+                        "; ".join(missing))
         await self.stopping.wait()
         log.info("instance %s stopping", self.cfg.name)
         sd_notify("STOPPING=1")
