@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import bisect
 import ipaddress
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, ClassVar
 
 GUEST = "guest"  # the guest opened the flow
 HOST = "host"  # a host peer opened it, through a port forward
+COUNTER_MAX = (1 << 63) - 1  # ids, byte and datagram counts: what a D-Bus uint64 shows
 
 FlowKey = tuple[int, bytes, int, bytes, int]
 
@@ -71,6 +72,14 @@ class Flow:
     # socket and `sockaddr`; every value is an int, a float, a bool, a str or None
     HANDOVER_FIELDS: tuple[str, ...] = ("id", "created", "bytes_from_guest", "bytes_to_guest",
                                         "deadline", "forward_id")
+    # the numbers a carried field may hold (bounds included; floats must also be finite):
+    # the next process refuses a flow with any other, which its next segment, read or
+    # timer would trip on (a shift by a negative count, a division by zero, a header
+    # field too small for it)
+    HANDOVER_LIMITS: ClassVar[Mapping[str, tuple[float, float]]] = {
+        "id": (1, COUNTER_MAX), "bytes_from_guest": (0, COUNTER_MAX),
+        "bytes_to_guest": (0, COUNTER_MAX), "forward_id": (0, COUNTER_MAX),
+    }
 
     def __init__(self, key: FlowKey, origin: str, now: float) -> None:
         self.id = 0

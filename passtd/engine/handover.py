@@ -39,7 +39,8 @@ reader keeps reading the old one (tests/unit/test_handover.py keeps a document o
 format as a fixture). A document that cannot be read (a format this version does not
 know, corrupt) costs the flows only: their sockets close with a reset, the guest's next
 segment of each meets a reset, and one line says so; a flow entry that does not make
-sense costs that flow.
+sense costs that flow (a field of the wrong type, a float that is not finite, a number
+outside what the flow's class allows: its HANDOVER_LIMITS).
 
 Not done here: carrying the descriptors (the service), TCP_REPAIR (it needs
 CAP_NET_ADMIN, and the kernel socket already holds all we need), flows that move to
@@ -52,6 +53,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import socket
 import struct
 from collections.abc import Callable
@@ -322,9 +324,11 @@ class Handover:
         if entry["origin"] not in (GUEST, HOST):
             raise HandoverError(f"bad origin {entry['origin']!r}")
         flow = _blank(proto, key, entry["origin"], float(fields["created"]))
+        limits = type(flow).HANDOVER_LIMITS
         for name in type(flow).HANDOVER_FIELDS:
             if name in fields:
-                setattr(flow, name, _checked(name, fields[name], getattr(flow, name)))
+                setattr(flow, name, _checked(name, fields[name], getattr(flow, name),
+                                             limits.get(name)))
         sockaddr = entry.get("sockaddr")
         if sockaddr is not None:
             if not (isinstance(sockaddr, list) and len(sockaddr) in (2, 4)
@@ -346,9 +350,11 @@ class Handover:
         return flow
 
 
-def _checked(name: str, value: Any, default: Any) -> Any:
+def _checked(name: str, value: Any, default: Any,
+             limits: tuple[float, float] | None) -> Any:
     """`value` for the field `name` if it has the type the field's default has (a number
-    where the default is None, which stands for "no deadline" or "none yet")."""
+    where the default is None, which stands for "no deadline" or "none yet"), is finite,
+    and lies within the field's `limits` (the flow class's HANDOVER_LIMITS)."""
     if not isinstance(value, _SCALARS):
         raise HandoverError(f"{name}: {value!r}")
     if default is None:
@@ -359,6 +365,10 @@ def _checked(name: str, value: Any, default: Any) -> Any:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     else:
         ok = type(value) is type(default)
+    if ok and isinstance(value, float):
+        ok = math.isfinite(value)
+    if ok and limits is not None and value is not None:
+        ok = limits[0] <= value <= limits[1]
     if not ok:
         raise HandoverError(f"{name}: {value!r}")
     return value

@@ -48,11 +48,11 @@ control), and TCP_WINDOW_CLAMP (it can lock the window at zero: passt bug 74).
 from __future__ import annotations
 
 from .flow import A_CLOSE as FLOW_CLOSE
-from .flow import Flow, FlowKey
+from .flow import COUNTER_MAX, Flow, FlowKey
 from .packet import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 from .tcp_hold import HoldBudget, Reassembly
+from .tcp_seg import MAX_WSCALE, Segment, seq_diff, syn_options
 from .tcp_seg import SEQ_MASK as _SEQ_MASK
-from .tcp_seg import Segment, seq_diff, syn_options
 
 # -- events: the connection state is the set of these that happened ------------------------
 SOCK_ACCEPTED = 1 << 0  # host opened (forward): SYN sent to the guest
@@ -156,6 +156,15 @@ class TcpConn(Flow):
                        "guest_mss", "zero_window", "dupacks", "recover", "discard", "fin_seq",
                        "rcv_nxt", "ack_sent", "sack_ok", "wnd_to_guest", "timer_kind",
                        "retries", "rto", "rto_base", "last_activity", "idle_timeout")
+    HANDOVER_LIMITS = {  # (Flow.HANDOVER_LIMITS)
+        **Flow.HANDOVER_LIMITS, "events": (0, (CLOSED << 1) - 1), "timer_kind": (0, T_KEEPALIVE),
+        **dict.fromkeys(("our_isn", "snd_una", "snd_nxt", "snd_max", "recover", "fin_seq",
+                         "rcv_nxt", "ack_sent"), (0, _SEQ_MASK)),
+        **dict.fromkeys(("our_mss", "guest_mss"), (1, 0xFFFF)),
+        **dict.fromkeys(("guest_wscale", "our_wscale"), (0, MAX_WSCALE)),
+        **dict.fromkeys(("guest_wnd", "wnd_to_guest", "discard"), (0, 0xFFFF << MAX_WSCALE)),
+        **dict.fromkeys(("dupacks", "retries", "idle_timeout"), (0, COUNTER_MAX)),
+        "rto": (RTO_INITIAL, RTO_MAX)}
 
     def __init__(self, key: FlowKey, origin: str, now: float, our_isn: int, our_mss: int,
                  idle_timeout: float = DEFAULT_IDLE_TIMEOUT,

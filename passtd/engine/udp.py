@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .flow import A_CLOSE, Flow, FlowKey
+from .flow import A_CLOSE, COUNTER_MAX, Flow, FlowKey
 
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_STREAM_TIMEOUT = 120.0
@@ -72,6 +72,8 @@ class UdpFlow(Flow):
     HANDOVER_FIELDS = (*Flow.HANDOVER_FIELDS, "datagrams_from_guest", "datagrams_to_guest",
                        "holds_guest_port", "last_activity", "last_length", "stream_timeout",
                        "timeout")
+    HANDOVER_LIMITS = {**Flow.HANDOVER_LIMITS, "datagrams_from_guest": (0, COUNTER_MAX),
+                       "datagrams_to_guest": (0, COUNTER_MAX), "last_length": (0, 0xFFFF)}
 
     def __init__(self, key: FlowKey, origin: str, now: float, timeout: float = DEFAULT_TIMEOUT,
                  stream_timeout: float = DEFAULT_STREAM_TIMEOUT) -> None:

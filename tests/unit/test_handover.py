@@ -429,3 +429,33 @@ def test_flows_taken_over_while_qemu_is_away_resume_when_it_is_back(
         assert (data.seq, payload(data)) == (ours, b"while qemu was away")
         assert new.engine.problems() == []
         peer.close()
+
+
+# numbers of the right type that no live flow holds: each would raise or mislead in the
+# flow's next segment, read or timer (a negative shift, a division by zero, a header field
+# that cannot take it, a deadline that never orders in the timer heap)
+@pytest.mark.parametrize("field, value", [
+    ("guest_wscale", -1), ("our_wscale", 15), ("guest_mss", 0), ("our_mss", 0),
+    ("rcv_nxt", 1 << 32), ("snd_una", -1), ("guest_wnd", -1), ("discard", -1),
+    ("timer_kind", 9), ("rto", 0.0), ("deadline", float("nan")),
+    ("last_activity", float("inf")), ("bytes_to_guest", -1),
+])
+def test_a_flow_whose_numbers_no_flow_holds_is_reset_not_resumed(
+        server: socket.socket, field: str, value: float) -> None:
+    port = server.getsockname()[1]
+    with engine_harness(SETTINGS) as old, engine_harness(SETTINGS) as new:
+        peer, ours = established(old, server)
+        state, socks = hand_over(old)
+        doc = json.loads(state)
+        doc["flows"][0]["fields"][field] = value
+        errors: list[dict[str, Any]] = []
+        new.loop.set_exception_handler(lambda _loop, context: errors.append(context))
+        assert take_over(new, json.dumps(doc, allow_nan=True).encode(), socks)
+        assert new.engine.flow_count == 0
+        peer.settimeout(2)
+        with pytest.raises(ConnectionResetError):
+            peer.recv(100)
+        (rst,) = tcp_of(new.roundtrip(segment(port, "PA", 1001, ours, b"x"), seconds=0.05))
+        assert "R" in str(rst.flags)
+        assert errors == [] and new.engine.problems() == []
+        peer.close()
