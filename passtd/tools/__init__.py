@@ -1,5 +1,6 @@
 """Tools around the daemon, not the daemon: the lab (isolated namespaces, tap guests, wires
-with fault injection, /proc readers), `passtd demo` and `passtd bench`.
+with fault injection, /proc readers), `passtd demo`, `passtd bench` and the system call
+timeline of a running instance (timeline.py).
 
 The daemon (everything else in passtd) never imports this package: the import contract in
 pyproject.toml (ruff's banned-api, run by ./run-tests.sh) refuses it, except for the command
