@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 GUEST = "guest"  # the guest opened the flow
 HOST = "host"  # a host peer opened it, through a port forward
-COUNTER_MAX = (1 << 63) - 1  # ids, byte and datagram counts: what a D-Bus uint64 shows
+COUNTER_MAX = (1 << 63) - 1  # counts (bytes, datagrams, retries), forward ids: none gets near
 
 FlowKey = tuple[int, bytes, int, bytes, int]
 
@@ -77,7 +77,7 @@ class Flow:
     # timer would trip on (a shift by a negative count, a division by zero, a header
     # field too small for it)
     HANDOVER_LIMITS: ClassVar[Mapping[str, tuple[float, float]]] = {
-        "id": (1, COUNTER_MAX), "bytes_from_guest": (0, COUNTER_MAX),
+        "id": (1, 0xFFFFFFFF), "bytes_from_guest": (0, COUNTER_MAX),  # (ids: D-Bus "u")
         "bytes_to_guest": (0, COUNTER_MAX), "forward_id": (0, COUNTER_MAX),
     }
 

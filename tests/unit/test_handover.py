@@ -438,7 +438,7 @@ def test_flows_taken_over_while_qemu_is_away_resume_when_it_is_back(
     ("guest_wscale", -1), ("our_wscale", 15), ("guest_mss", 0), ("our_mss", 0),
     ("rcv_nxt", 1 << 32), ("snd_una", -1), ("guest_wnd", -1), ("discard", -1),
     ("timer_kind", 9), ("rto", 0.0), ("deadline", float("nan")),
-    ("last_activity", float("inf")), ("bytes_to_guest", -1),
+    ("last_activity", float("inf")), ("bytes_to_guest", -1), ("id", 1 << 32),
 ])
 def test_a_flow_whose_numbers_no_flow_holds_is_reset_not_resumed(
         server: socket.socket, field: str, value: float) -> None:
