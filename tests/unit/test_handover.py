@@ -329,6 +329,33 @@ def test_any_corruption_of_the_document_costs_flows_only(data: st.DataObject) ->
             assert new.engine.flow_count <= 4
 
 
+_TCP_FIELDS = sorted(json.loads(FIXTURE.read_text())["flows"][0]["fields"])
+
+
+@settings(max_examples=200)
+@given(field=st.sampled_from(_TCP_FIELDS),
+       value=st.one_of(st.integers(-2**40, 2**40), st.floats(allow_nan=True)))
+def test_any_number_in_a_tcp_flow_costs_that_flow_at_most(field: str, value: float) -> None:
+    """What resumes takes the guest's next segments without an error escaping: the
+    fixture's TCP flow (guest port 40000 to the gateway's 8080) gets data in order, then a
+    window update."""
+    doc = json.loads(FIXTURE.read_text())
+    fields = dict(doc["flows"][0]["fields"])
+    doc["flows"][0]["fields"][field] = value
+    with fixture_sockets() as socks:
+        rule = ForwardRule(**doc["forwards"][0]["rule"])
+        with engine_harness(EngineSettings(net=NET, udp_forwards=(rule,))) as new:
+            errors: list[dict[str, Any]] = []
+            new.loop.set_exception_handler(lambda _loop, context: errors.append(context))
+            take_over(new, json.dumps(doc, allow_nan=True).encode(), socks)
+            new.send(*(bytes(Ether(src=GUEST_MAC, dst=OUR_MAC) / IP(src=GUEST, dst=GATEWAY)
+                             / TCP(sport=SPORT, dport=8080, flags=flags, seq=fields["rcv_nxt"],
+                                   ack=fields["snd_una"], window=window) / data)
+                       for flags, window, data in (("PA", 502, b"x"), ("A", 1000, b""))))
+            new.run(0.005)
+            assert errors == [] and new.engine.problems() == []
+
+
 @pytest.mark.parametrize("path, value", [
     (("next_forward_id",), None),  # found by the test above: a TypeError after reading
     (("guest", "mac"), "zz" * 6),  # not hex: learnt again from the guest's frames
