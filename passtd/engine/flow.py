@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 GUEST = "guest"  # the guest opened the flow
 HOST = "host"  # a host peer opened it, through a port forward
 COUNTER_MAX = (1 << 63) - 1  # counts (bytes, datagrams, retries), forward ids: none gets near
+ID_MASK = 0xFFFFFFFF  # flow ids wrap at 32 bits (D-Bus shows them as "u")
 
 FlowKey = tuple[int, bytes, int, bytes, int]
 
@@ -77,7 +78,7 @@ class Flow:
     # timer would trip on (a shift by a negative count, a division by zero, a header
     # field too small for it)
     HANDOVER_LIMITS: ClassVar[Mapping[str, tuple[float, float]]] = {
-        "id": (1, 0xFFFFFFFF), "bytes_from_guest": (0, COUNTER_MAX),  # (ids: D-Bus "u")
+        "id": (1, ID_MASK), "bytes_from_guest": (0, COUNTER_MAX),
         "bytes_to_guest": (0, COUNTER_MAX), "forward_id": (0, COUNTER_MAX),
     }
 
@@ -202,7 +203,7 @@ class FlowTable:
 
     @next_id.setter
     def next_id(self, value: int) -> None:
-        self._next_id = value & 0xFFFFFFFF
+        self._next_id = value & ID_MASK
 
     def adopt(self, flow: Flow) -> bool:
         """File a flow under the id it already has (a restart's); False if that id or key
@@ -215,9 +216,9 @@ class FlowTable:
 
     def add(self, flow: Flow) -> None:
         while self._next_id in self._by_id or self._next_id == 0:
-            self._next_id = (self._next_id + 1) & 0xFFFFFFFF
+            self._next_id = (self._next_id + 1) & ID_MASK
         flow.id = self._next_id
-        self._next_id = (self._next_id + 1) & 0xFFFFFFFF
+        self._next_id = (self._next_id + 1) & ID_MASK
         self._by_id[flow.id] = flow
         self._by_key[flow.key] = flow
         self.opened += 1
