@@ -32,12 +32,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-# x86_64 (arch/x86/entry/syscalls/syscall_64.tbl): the calls an event loop and its sockets make
+# x86_64's numbers of the calls an event loop and its sockets make
 SYSCALL_NAMES = {
     0: "read", 1: "write", 3: "close", 7: "poll", 16: "ioctl", 19: "readv", 20: "writev",
     23: "select", 41: "socket", 42: "connect", 43: "accept", 44: "sendto", 45: "recvfrom",
@@ -112,15 +111,13 @@ def wakeups(calls: Sequence[Call]) -> list[Wakeup]:
     return out
 
 
-def shapes(calls: Sequence[Call], top: int = 4) -> list[Shape]:
-    """The `top` commonest wakeup shapes, with their medians."""
+def shapes(found: Sequence[Wakeup], top: int = 4) -> list[Shape]:
+    """The `top` commonest shapes among wakeups `found`, with their medians."""
     groups: dict[tuple[str, ...], list[Wakeup]] = {}
-    for wakeup in wakeups(calls):
+    for wakeup in found:
         groups.setdefault(tuple(c.step for c in wakeup.work), []).append(wakeup)
-    counts = Counter({key: len(items) for key, items in groups.items()})
     out = []
-    for key, count in counts.most_common(top):
-        items = groups[key]
+    for key, items in sorted(groups.items(), key=lambda group: -len(group[1]))[:top]:
         # before each call: from the previous call's return (the wait's, for the first);
         # the last entry is the gap from the last call to the next wait
         before = [statistics.median(
@@ -130,7 +127,7 @@ def shapes(calls: Sequence[Call], top: int = 4) -> list[Shape]:
         inside = [statistics.median((w.work[i].exit - w.work[i].enter) * 1e6 for w in items)
                   for i in range(len(key))]
         waited = statistics.median((w.wait.exit - w.wait.enter) * 1e6 for w in items)
-        out.append(Shape(key, count, before, inside, waited))
+        out.append(Shape(key, len(items), before, inside, waited))
     return out
 
 
@@ -172,13 +169,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=1.0, help="how long (default 1)")
     parser.add_argument("--shapes", type=int, default=4, help="how many shapes (default 4)")
     args = parser.parse_args(argv)
-    calls = calls_of(record(args.pid, args.seconds))
-    total = len(wakeups(calls))
-    if not total:
+    found = wakeups(calls_of(record(args.pid, args.seconds)))
+    if not found:
         print(f"timeline: no wakeup with work in {args.seconds:g} s of pid {args.pid}",
               file=sys.stderr)
         return 1
-    print("\n".join(render(shapes(calls, args.shapes), total)))
+    print("\n".join(render(shapes(found, args.shapes), len(found))))
     return 0
 
 

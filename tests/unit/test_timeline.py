@@ -42,7 +42,7 @@ def test_wakeups_run_from_a_wait_to_the_next() -> None:
 
 
 def test_the_commonest_shape_comes_first_with_its_medians() -> None:
-    first, second = timeline.shapes(timeline.calls_of(LINES))
+    first, second = timeline.shapes(timeline.wakeups(timeline.calls_of(LINES)))
     assert first.steps == ("recvfrom 58", "sendmsg 64") and first.count == 2
     # before the read: 5 and 3 µs; before the write: 14 and 20; back to the wait: 7 and 5
     assert [round(x) for x in first.before_us] == [4, 17, 6]
