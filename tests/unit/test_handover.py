@@ -39,9 +39,10 @@ FIXTURE = Path(__file__).parent / "data" / "handover-format1.json"
 SPORT = 40000
 
 
-def segment(dport: int, flags: str, seq: int, ack: int = 0, data: bytes = b"") -> bytes:
+def segment(dport: int, flags: str, seq: int, ack: int = 0, data: bytes = b"",
+            window: int = 502) -> bytes:
     return bytes(Ether(src=GUEST_MAC, dst=OUR_MAC) / IP(src=GUEST, dst=GATEWAY)
-                 / TCP(sport=SPORT, dport=dport, flags=flags, seq=seq, ack=ack, window=502,
+                 / TCP(sport=SPORT, dport=dport, flags=flags, seq=seq, ack=ack, window=window,
                        options=[("MSS", 1460), ("WScale", 7)] if flags == "S" else [])
                  / data)
 
@@ -350,10 +351,8 @@ def test_any_number_in_a_flow_costs_that_flow_at_most(where: tuple[int, str],
             errors: list[dict[str, Any]] = []
             new.loop.set_exception_handler(lambda _loop, context: errors.append(context))
             take_over(new, json.dumps(doc, allow_nan=True).encode(), socks)
-            new.send(*(bytes(Ether(src=GUEST_MAC, dst=OUR_MAC) / IP(src=GUEST, dst=GATEWAY)
-                             / TCP(sport=SPORT, dport=8080, flags=flags, seq=tcp["rcv_nxt"],
-                                   ack=tcp["snd_una"], window=window) / data)
-                       for flags, window, data in (("PA", 502, b"x"), ("A", 1000, b""))))
+            new.send(segment(8080, "PA", tcp["rcv_nxt"], tcp["snd_una"], b"x"),
+                     segment(8080, "A", tcp["rcv_nxt"], tcp["snd_una"], window=1000))
             new.run(0.005)
             assert errors == [] and new.engine.problems() == []
 

@@ -81,8 +81,8 @@ def test_in_order_describes_the_bulk_branch_and_only_numbers_a_header_holds() ->
     assert conn.commit(4000, 1.0) & tcp.A_ACK and conn.rcv_nxt == GUEST_ISN + 4001
     conn.guest_wnd += 1  # no window field scales to it: no segment takes the branch
     assert conn.in_order() is None
-    conn.guest_wnd, conn.snd_una = 1 << 40, OUR_ISN + 1  # (a handover's numbers are typed,
-    assert conn.in_order() is None  # not ranged: the walk must never be handed those)
+    conn.guest_wnd, conn.snd_una = 1 << 40, OUR_ISN + 1  # (numbers no header field holds:
+    assert conn.in_order() is None  # the walk is never handed those)
     conn.guest_wnd, conn.snd_una = 65535 << 7, 1 << 33
     assert conn.in_order() is None
     conn.guest_wnd, conn.snd_una = -(1 << 7), -1
