@@ -156,7 +156,9 @@ def record(pid: int, seconds: float) -> list[str]:
                               "-e", "raw_syscalls:sys_exit", "-p", str(pid), "-o", str(data),
                               "--", "sleep", str(seconds)], capture_output=True, text=True)
         if rec.returncode != 0 or not data.exists():
-            raise SystemExit(f"timeline: perf record failed: {rec.stderr.strip()}")
+            why = rec.stderr.strip() or "is it running, and may this user trace it (root)?"
+            raise SystemExit(f"timeline: perf record could not trace pid {pid} (status "
+                             f"{rec.returncode}): {why}")
         script = subprocess.run([perf, "script", "-i", str(data), "-F", "time,event,trace"],
                                 capture_output=True, text=True, check=False)
     return script.stdout.splitlines()
