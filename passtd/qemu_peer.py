@@ -39,7 +39,7 @@ import socket
 import struct
 from collections.abc import Sequence
 
-from .engine.link import Undecided
+from .engine.link import PeerVerdict, Undecided
 
 CGROUP_ROOTS = ("/sys/fs/cgroup", "/sys/fs/cgroup/unified", "/sys/fs/cgroup/systemd")
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -82,13 +82,13 @@ class CgroupPeerCheck:
         self.path = path
         self.roots = roots
 
-    def __call__(self, sock: socket.socket) -> str | None:
+    def __call__(self, sock: socket.socket) -> PeerVerdict:
         pid = peer_pid(sock)
         if pid is None:
             return f"its process is unknown (SO_PEERCRED), so not known to be in {self.path}"
         return self.refusal(pid)
 
-    def refusal(self, pid: int) -> str | None:
+    def refusal(self, pid: int) -> PeerVerdict:
         """None if process `pid` is in the cgroup or below it, else why not."""
         mounted = [r for r in self.roots if os.path.exists(os.path.join(r, "cgroup.procs"))]
         if not mounted:  # e.g. under `ip netns exec`, which mounts a sysfs of its own

@@ -49,6 +49,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import config as config_mod
+from . import engine as engine_package
 from . import fd_handover, journal
 from .config import ConfigError, InstanceConfig
 from .engine import addrs, checksum, events, tcp_run
@@ -373,7 +374,10 @@ class Instance:
         log.info("instance %s ready", self.cfg.name)
         missing = [what for engine, what in (
             (checksum.ENGINE, "_csum.c: checksums, slower and ~15 MiB larger"),
-            (tcp_run.ENGINE, "_tcp_run.c: guest->host runs, more CPU")) if engine != "native"]
+            (tcp_run.ENGINE, "_tcp_run.c: guest->host runs, more CPU"),
+            ("native" if engine_package.COMPILED else "python",
+             f"the compiled engine (mypyc), {engine_package.INTERPRETED_WHY}: more CPU and "
+             "latency per packet")) if engine != "native"]
         if checksum.NATIVE_WANTED and missing:
             log.warning("native parts not built here, their pure-Python paths run instead "
                         "(./setup.sh builds them; they need gcc and python3-dev): %s",

@@ -68,11 +68,14 @@ class Flow:
         "timer_entry",
     )
 
-    proto_name = "?"
+    @property
+    def proto_name(self) -> str:
+        return "?"
+
     # what a restart carries to the next process (handover.py), beside the key, the
     # socket and `sockaddr`; every value is an int, a float, a bool, a str or None
-    HANDOVER_FIELDS: tuple[str, ...] = ("id", "created", "bytes_from_guest", "bytes_to_guest",
-                                        "deadline", "forward_id")
+    HANDOVER_FIELDS: ClassVar[tuple[str, ...]] = (
+        "id", "created", "bytes_from_guest", "bytes_to_guest", "deadline", "forward_id")
     # the numbers a carried field may hold (bounds included; floats must also be finite):
     # the next process refuses a flow with any other, which its next segment, read or
     # timer would trip on (a shift by a negative count, a division by zero, a header

@@ -51,7 +51,7 @@ class PingFlow(Flow):
         self.deadline = now + timeout
 
     @property
-    def proto_name(self) -> str:  # type: ignore[override]
+    def proto_name(self) -> str:
         return "icmp" if self.key[0] == packet.IPPROTO_ICMP else "icmpv6"
 
     @property

@@ -50,8 +50,20 @@ _OUTQ = struct.Struct("i")
 _OUTQ_ARG = bytes(_OUTQ.size)
 
 
-class Undecided(str):
+class Undecided:
     """`accept_peer`'s answer when it cannot tell yet: why (for the log)."""
+
+    __slots__ = ("why",)
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+    def __str__(self) -> str:
+        return self.why
+
+
+# accept_peer's answer: None accepts the connection, a str refuses it (why, for the log)
+PeerVerdict = str | Undecided | None
 
 
 def peer_pid(sock: socket.socket) -> str:
@@ -77,7 +89,7 @@ class GuestLink:
         self.listener: socket.socket | None = None
         self.client: socket.socket | None = None
         # asked before a qemu connection is adopted: None to accept it, else why not
-        self.accept_peer: Callable[[socket.socket], str | None] | None = None
+        self.accept_peer: Callable[[socket.socket], PeerVerdict] | None = None
         self._on_input = on_input  # frames are in the reader: process them (may raise
         # FramingError: the client is dropped)
         self._on_client = on_client  # (sock, "") connected, (None, why) gone
@@ -125,7 +137,7 @@ class GuestLink:
             sock.close()
         elif isinstance(verdict, Undecided):
             log.info("holding a connection on the qemu socket: %s", verdict)
-            self._held.append((sock, verdict))
+            self._held.append((sock, verdict.why))
             self._arm_recheck()
         elif verdict is not None:
             self._refused(verdict)

@@ -43,7 +43,7 @@ from .fwd import ForwardRule, format_rule
 from .guest import GuestIdentity, RouterAdvertiser
 from .handover import Handover
 from .icmp_sock import IcmpSockets
-from .link import GuestLink, peer_pid
+from .link import GuestLink, PeerVerdict, peer_pid
 from .settings import EngineSettings
 from .sockets import HostSockets, KernelSockets
 from .tcp import TcpConn
@@ -163,13 +163,13 @@ class Engine:
         self.settle(now)
 
     @property
-    def accept_peer(self) -> Callable[[socket.socket], str | None] | None:
+    def accept_peer(self) -> Callable[[socket.socket], PeerVerdict] | None:
         """Asked before a qemu connection is adopted (link.py; the service sets it from
         `qemu_cgroup`); unset: anyone who may open the socket is the guest's qemu."""
         return self.link.accept_peer
 
     @accept_peer.setter
-    def accept_peer(self, check: Callable[[socket.socket], str | None] | None) -> None:
+    def accept_peer(self, check: Callable[[socket.socket], PeerVerdict] | None) -> None:
         self.link.accept_peer = check
         self.link.recheck_held()  # connections waiting for a verdict get the new one
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import TypeAlias
 
 from . import checksum
 
@@ -64,6 +65,10 @@ class Malformed(ValueError):
     """A guest frame that cannot be what it claims to be. Dropped with a debug log."""
 
 
+# (an alias, not memoryview itself: mypyc's dataclasses cannot name memoryview, setup.py)
+L4View: TypeAlias = memoryview
+
+
 @dataclass(slots=True)
 class Packet:
     """One IP packet from a guest frame; `l4` is exactly the L4 bytes (padding trimmed)."""
@@ -75,7 +80,7 @@ class Packet:
     dst: bytes
     proto: int
     ttl: int
-    l4: memoryview
+    l4: L4View
 
 
 def parse_eth(frame: bytes | bytearray | memoryview) -> tuple[bytes, bytes, int]:

@@ -148,7 +148,10 @@ class TcpConn(Flow):
         "zero_window",
     )
 
-    proto_name = "tcp"
+    @property
+    def proto_name(self) -> str:
+        return "tcp"
+
     # not carried: what one batch leaves (written and settled before a handover) and
     # held out-of-order data (the guest sends it again)
     HANDOVER_FIELDS = (*Flow.HANDOVER_FIELDS, "events", "our_isn", "our_mss", "snd_una",

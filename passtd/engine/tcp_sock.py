@@ -85,7 +85,8 @@ class TcpSockets:
             raise packet.Malformed(f"TCP header length {thl}")
         key = (packet.IPPROTO_TCP, pkt.src, sport, pkt.dst, dport)
         if conn is None:
-            conn = self.ctx.flows.get(key)  # type: ignore[assignment]
+            found = self.ctx.flows.get(key)  # (a TCP key: a TCP flow, if any)
+            conn = found if isinstance(found, TcpConn) else None
         plen = len(l4) - thl
         opts = tcp_seg.parse_options(l4[packet.TCP_HLEN : thl]) if flags & packet.TCP_SYN \
             else tcp_seg.NO_SYN_OPTIONS

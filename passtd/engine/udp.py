@@ -68,7 +68,10 @@ class UdpFlow(Flow):
     __slots__ = ("datagrams_from_guest", "datagrams_to_guest", "holds_guest_port",
                  "last_activity", "last_length", "stream_timeout", "timeout")
 
-    proto_name = "udp"
+    @property
+    def proto_name(self) -> str:
+        return "udp"
+
     HANDOVER_FIELDS = (*Flow.HANDOVER_FIELDS, "datagrams_from_guest", "datagrams_to_guest",
                        "holds_guest_port", "last_activity", "last_length", "stream_timeout",
                        "timeout")

@@ -189,7 +189,8 @@ class UdpSockets:
                 fwd.refused += 1
                 continue
             key = (packet.IPPROTO_UDP, guest, fwd.rule.guest_port(port), seen_peer, peer[1])
-            flow = ctx.flows.get(key)
+            found = ctx.flows.get(key)  # (a UDP key: a UDP flow, if any)
+            flow = found if isinstance(found, UdpFlow) else None
             if flow is None:
                 if ctx.flow_limit_reached("inbound UDP"):
                     fwd.refused += 1
@@ -202,7 +203,7 @@ class UdpSockets:
                 ctx.flows.add(flow)
                 fwd.connections += 1
                 ctx.changed("FlowCount")
-            self._to_guest(flow, data, now)  # type: ignore[arg-type]
+            self._to_guest(flow, data, now)
         ctx.settle(now)
 
     # -- flows from the previous process, and flows that end ----------------------------------

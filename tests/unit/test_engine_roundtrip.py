@@ -90,8 +90,10 @@ def test_a_local_connect_done_inside_connect_is_answered_in_the_same_batch(
         harness: EngineHarness, monkeypatch: pytest.MonkeyPatch) -> None:
     """To the host's loopback the kernel completes the handshake inside connect(): the
     SYN-ACK goes out with the batch that carried the SYN, no wait for writability."""
-    waited: list[object] = []
-    monkeypatch.setattr(harness.engine.tcp, "_connect_done", waited.append)
+    waited: list[int] = []  # descriptors the engine asked to be told of writability
+    add_writer = harness.loop.add_writer
+    monkeypatch.setattr(harness.loop, "add_writer",
+                        lambda fd, *args: (waited.append(fd), add_writer(fd, *args)))
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen(1)

@@ -110,8 +110,11 @@ class _SendRefused(socket.socket):
         pass  # a connected UDP socket: nothing to do for a socket that never sends
 
 
-class RefusingSockets(KernelSockets):
+class RefusingSockets:
     """The engine's host sockets (sockets.HostSockets), all of them refusing to send."""
+
+    def stream(self, af: socket.AddressFamily) -> socket.socket:
+        return KernelSockets().stream(af)
 
     def datagram(self, af: socket.AddressFamily) -> socket.socket:
         return _SendRefused(socket.AF_INET, socket.SOCK_DGRAM)
