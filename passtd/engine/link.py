@@ -274,8 +274,8 @@ class GuestLink:
             self._buffers_used(now)
         try:
             self._on_input(now)
-        except FramingError as e:
-            log.warning("dropping qemu client: %s", e)
+        except FramingError as bad:
+            log.warning("dropping qemu client: %s", bad)
             self.drop_client("bad framing")
         self._settle(now)
 

@@ -102,8 +102,8 @@ class PcapWriter:
         """The capture, or None (and an error logged) if it cannot be taken safely."""
         try:
             return cls(open_capture_file(path), path, max_bytes)
-        except CaptureRefused as e:
-            log.error("pcap %s refused: %s; not capturing", path, e)
+        except CaptureRefused as refused:
+            log.error("pcap %s refused: %s; not capturing", path, refused)
         except OSError as e:
             log.error("pcap %s: cannot open it: %s; not capturing", path, e.strerror)
         return None

@@ -5,6 +5,7 @@ maps to it). Frames are built and read with scapy, independently of the engine's
 from __future__ import annotations
 
 import socket
+import struct
 from collections.abc import Iterator
 
 import pytest
@@ -110,6 +111,22 @@ def test_arp_for_the_gateway_is_answered(harness: EngineHarness) -> None:
     (reply,) = [Ether(f) for f in harness.roundtrip(request)]
     assert (reply[ARP].op, reply[ARP].psrc, reply[ARP].hwsrc, reply[ARP].pdst) == \
         (2, GATEWAY, OUR_MAC, GUEST)
+
+
+def test_a_bad_length_word_drops_qemu_and_nothing_else(
+        harness: EngineHarness, caplog: pytest.LogCaptureFixture) -> None:
+    """A frame length no Ethernet frame has: qemu's connection is dropped with a warning
+    (its stream cannot be read past it), the loop sees no exception, and the next qemu is
+    served."""
+    escaped: list[dict[str, object]] = []
+    harness.loop.set_exception_handler(lambda _loop, context: escaped.append(context))
+    harness.qemu.sendall(struct.pack("!I", 5) + b"short")
+    harness.run()
+    assert harness.qemu.recv(1) == b""  # dropped
+    assert escaped == []
+    assert "dropping qemu client: frame length 5 out of range" in caplog.text
+    harness.reconnect()
+    test_arp_for_the_gateway_is_answered(harness)
 
 
 def _established(harness: EngineHarness, server: socket.socket) -> tuple[socket.socket, int]:
