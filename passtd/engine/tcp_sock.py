@@ -316,10 +316,10 @@ class TcpSockets:
     def _delay_ack(self, conn: TcpConn) -> None:
         """ACK a little data a moment later: a reply from the host carries it, and the
         guest (and qemu) handle one frame instead of two per request. Bulk data is
-        acknowledged at once (tcp.ACK_EVERY)."""
+        acknowledged at once (tcp.ACK_EVERY). The timer is armed when the batch settles,
+        if a reply has not carried the ACK by then (request/response: most of the time it
+        has, and a timer armed and cancelled per request cost more than the ACK)."""
         self._acks_delayed[conn] = None
-        if self._ack_timer is None:
-            self._ack_timer = self.ctx.loop.call_later(ACK_DELAY, self._send_delayed_acks)
 
     def _acked(self, conn: TcpConn) -> None:
         """Our ACK of rcv_nxt went out, alone or with data: the flow's delayed ACK is moot,
@@ -465,6 +465,8 @@ class TcpSockets:
         resume, self._resume = self._resume, {}
         for conn in resume:
             self._read(conn, now)
+        if self._acks_delayed and self._ack_timer is None:
+            self._ack_timer = self.ctx.loop.call_later(ACK_DELAY, self._send_delayed_acks)
         return bool(self._ack_due or self._resume or self._discard_due)
 
     def release(self, conn: TcpConn) -> bool:
@@ -482,12 +484,14 @@ class TcpSockets:
         self.host.trim()
 
     def problems(self, flows: dict[int, Flow]) -> list[str]:
-        """TCP flows closed but kept, or without a timer; pending work for flows that are
-        gone (the fuzz targets check)."""
+        """TCP flows closed but kept, or without a timer; delayed ACKs without one; pending
+        work for flows that are gone (the fuzz targets check)."""
         out = [f"{conn!r} closed but still in the table" for conn in flows.values()
                if isinstance(conn, TcpConn) and conn.events & tcp.CLOSED]
         out += [f"{conn!r} has no timer: it never ends" for conn in flows.values()
                 if isinstance(conn, TcpConn) and conn.deadline is None]
+        if self._acks_delayed and self._ack_timer is None:
+            out.append(f"{len(self._acks_delayed)} delayed ACKs and no timer to send them")
         return out + [f"{conn!r} pending but not in the table"
                       for pending in (self._ack_due, self._resume, self._discard_due,
                                       self._acks_delayed)

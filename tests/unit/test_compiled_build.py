@@ -64,7 +64,8 @@ def test_the_pure_python_path_runs_the_sources() -> None:
 @needs_build
 def test_a_fresh_build_runs_compiled() -> None:
     got = report(ROOT)
-    assert got["compiled"] is True and got["why"] == ""
+    assert got["compiled"] is True and got["why"] == "", \
+        f"this checkout's build does not run: {got['why']}"
     assert str(got["tcp"]).endswith(SUFFIX) and got["checksum"] == "native"
     assert str(got["fwd"]).endswith("fwd.py")  # never compiled (build_record.NOT_COMPILED)
 
