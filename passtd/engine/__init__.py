@@ -1,8 +1,8 @@
 """The L2 <-> L4 translator: qemu's frames in, host sockets out (see docs/ARCHITECTURE.md).
 
 Compiled or not: setup.py compiles the engine's modules with mypyc where it can (the
-same sources, typed, turned into C: the per-frame and per-request Python costs about
-half as much). The compiled modules sit beside their sources and Python imports them
+same sources, typed, turned into C: docs/BENCHMARK.md, "The engine compiled", says what
+that gains). The compiled modules sit beside their sources and Python imports them
 first, so this package decides which run before any of them is imported:
 
 - the compiled ones, when the build record (`_compiled`, build_record.py) imports and

@@ -65,7 +65,8 @@ class Malformed(ValueError):
     """A guest frame that cannot be what it claims to be. Dropped with a debug log."""
 
 
-# (an alias, not memoryview itself: mypyc's dataclasses cannot name memoryview, setup.py)
+# (an alias, not memoryview itself: a dataclass that names memoryview directly, compiled
+# by mypyc, fails at import with KeyError: 'memoryview')
 L4View: TypeAlias = memoryview
 
 
