@@ -378,7 +378,7 @@ class Instance:
             ("native" if engine_package.COMPILED else "python",
              f"the compiled engine (mypyc), {engine_package.INTERPRETED_WHY}: more CPU and "
              "latency per packet")) if engine != "native"]
-        if checksum.NATIVE_WANTED and missing:
+        if engine_package.NATIVE_WANTED and missing:
             log.warning("native parts not built here, their pure-Python paths run instead "
                         "(./setup.sh builds them; they need gcc and python3-dev): %s",
                         "; ".join(missing))

@@ -47,9 +47,13 @@ class _Sources(importlib.abc.MetaPathFinder):
         return importlib.util.spec_from_file_location(fullname, source)
 
 
+# PASSTD_NATIVE=0: none of the native parts, the C ones (checksum.py, tcp_run.py) included
+NATIVE_WANTED = os.environ.get("PASSTD_NATIVE", "1") != "0"
+
+
 def _compiled_build() -> tuple[str, tuple[str, ...]]:
     """("", the modules) when the compiled modules may run, else (why not, ())."""
-    if os.environ.get("PASSTD_NATIVE", "1") == "0":
+    if not NATIVE_WANTED:
         return "PASSTD_NATIVE=0", ()
     not_compiled = "not compiled (setup.py compiles it with mypyc where it can)"
     record_name = f"{__name__}.{build_record.RECORD}"

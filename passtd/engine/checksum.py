@@ -33,6 +33,8 @@ import os
 from types import ModuleType
 from typing import Protocol
 
+from . import NATIVE_WANTED
+
 _NUMPY_MIN = 1024  # below this many bytes the bigint fold is faster than a numpy call
 _FOLD_MASKS: dict[int, int] = {}
 _numpy: ModuleType | None = None
@@ -46,7 +48,6 @@ class _Native(Protocol):
                  stride: int, rows: int, length: int, /) -> list[int]: ...
 
 
-NATIVE_WANTED = os.environ.get("PASSTD_NATIVE", "1") != "0"  # PASSTD_NATIVE=0: not asked for
 _native: _Native | None = None
 if NATIVE_WANTED:
     with contextlib.suppress(ImportError):  # not built here: the pure-Python path

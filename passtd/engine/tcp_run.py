@@ -37,7 +37,7 @@ import contextlib
 import struct
 from typing import TYPE_CHECKING
 
-from . import checksum
+from . import NATIVE_WANTED
 from .packet import ETH_P_IP, ETH_P_IPV6, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 from .tap import MAX_FRAME, MIN_FRAME
 from .tcp_seg import SEQ_MASK
@@ -121,7 +121,7 @@ def gather_python(mem: memoryview, first: int, pos: int, end: int, seq: int, ack
 
 gather = gather_python
 ENGINE = "python"  # which one this process runs
-if checksum.NATIVE_WANTED:
+if NATIVE_WANTED:
     with contextlib.suppress(ImportError):  # not built here: the pure-Python path
         from ._tcp_run import gather as _native_gather
 
