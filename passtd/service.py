@@ -66,6 +66,7 @@ from .engine.fwd import (
 )
 from .engine.handover import close_all as close_sockets
 from .engine.loop import Engine
+from .engine.poller import EngineLoop
 from .engine.settings import EngineSettings
 from .engine.udp import SourcePortRule
 from .names import runtime_dir
@@ -690,7 +691,8 @@ def run(cfg: InstanceConfig, reload_config: Callable[[], InstanceConfig]) -> int
     raise_nofile_limit()
     instance = Instance(cfg, reload_config)
     try:
-        return asyncio.run(instance.run())
+        with asyncio.Runner(loop_factory=EngineLoop) as runner:
+            return runner.run(instance.run())
     except StartError as e:
         log.error("%s", e)
         sd_notify(f"STATUS=failed: {e}")

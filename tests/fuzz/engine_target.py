@@ -55,6 +55,7 @@ from passtd.engine import packet, tcp
 from passtd.engine.addrs import Ip4Config, Ip6Config, NetConfig
 from passtd.engine.fwd import ForwardRule
 from passtd.engine.loop import Engine
+from passtd.engine.poller import EngineLoop
 from passtd.engine.settings import EngineSettings
 from tests.support.engine_harness import EngineHarness as InProcessEngine
 
@@ -213,7 +214,7 @@ class EngineHarness:
 
     def __init__(self) -> None:
         require_lab()
-        self.loop = asyncio.new_event_loop()
+        self.loop = EngineLoop()
         asyncio.set_event_loop(self.loop)
         self.skew = 0.0
         base_time = self.loop.time

@@ -273,11 +273,12 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 from passtd.engine.addrs import Ip4Config, NetConfig
 from passtd.engine.loop import Engine
+from passtd.engine.poller import EngineLoop
 from passtd.engine.settings import EngineSettings
 sndbuf, count = int(sys.argv[1]), int(sys.argv[2])
 guest, gateway = socket.inet_aton("198.51.100.2"), socket.inet_aton("198.51.100.1")
 net = NetConfig(ip4=Ip4Config(guest, 24, gateway, map_host_loopback=gateway))
-loop = asyncio.new_event_loop()
+loop = EngineLoop()
 engine = Engine(EngineSettings(net=net, tcp_sndbuf=sndbuf), loop)
 engine.start(None)
 ours, theirs = socket.socketpair()

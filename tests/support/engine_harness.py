@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from passtd.engine.loop import Engine
+from passtd.engine.poller import EngineLoop
 from passtd.engine.settings import EngineSettings
 from passtd.engine.sockets import HostSockets
 
@@ -27,7 +28,7 @@ class EngineHarness:
     def __init__(self, settings: EngineSettings, sockets: HostSockets | None = None, *,
                  loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._own_loop = loop is None
-        self.loop = loop or asyncio.new_event_loop()
+        self.loop = loop or EngineLoop()
         self.engine = Engine(settings, loop=self.loop, sockets=sockets)
         self._engine_ends: list[socket.socket] = []  # the service's to close, not the engine's
         self.qemu = self.reconnect()

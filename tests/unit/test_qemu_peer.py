@@ -23,6 +23,7 @@ from passtd.engine import link
 from passtd.engine.addrs import Ip4Config, NetConfig
 from passtd.engine.link import Undecided
 from passtd.engine.loop import Engine
+from passtd.engine.poller import EngineLoop
 from passtd.engine.settings import EngineSettings
 from passtd.qemu_peer import CGROUP_ROOTS, CgroupPeerCheck, peer_pid, pids_below
 
@@ -135,7 +136,7 @@ def test_a_socket_without_a_peer_is_refused() -> None:
 
 @pytest.fixture
 def engine(tmp_path: Path) -> Iterator[tuple[Engine, asyncio.AbstractEventLoop, str]]:
-    loop = asyncio.new_event_loop()
+    loop = EngineLoop()
     settings = EngineSettings(net=NetConfig(ip4=Ip4Config(bytes([198, 51, 100, 2]), 24,
                                                           bytes([198, 51, 100, 1]))))
     engine = Engine(settings, loop=loop)

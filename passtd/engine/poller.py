@@ -1,0 +1,266 @@
+"""The instance's event loop: asyncio's, with readiness callbacks run straight off epoll.
+
+Design: asyncio's selector loop asks its selector (an object with `selectors.BaseSelector`'s
+methods, which `asyncio.SelectorEventLoop` takes as an argument) for ready descriptors once
+per iteration, wraps each ready callback in a Handle, queues it and runs it from the queue:
+in interpreted code, about as much time per event as the compiled engine spends on an ACK,
+and most of what remained interpreted per round trip of request/response traffic.
+`Poller` is that selector, and `EngineLoop` is asyncio's loop built on it, with its public
+`add_reader/add_writer/remove_reader/remove_writer` taken over: a callback registered
+through them (the engine's sockets, the D-Bus connection) is kept by the Poller and run
+from inside `select`, straight from the epoll result, with no Handle, no queue and no
+second look-up. What asyncio registers for itself (its wake-up pipe, signal handling,
+transports) goes through the selector methods and comes back from `select` as it expects.
+Timers, futures and tasks stay asyncio's.
+
+Rules, kept true by every method:
+- a descriptor is either the loop's (add_reader/add_writer) or asyncio's own (register);
+  registering it on the other side too is a ValueError, as the kernel has one epoll entry
+  per descriptor;
+- a callback runs only while its registration stands: one removed by an earlier callback
+  of the same wakeup does not run (its event is stale), one replaced runs as replaced;
+- the reader runs before the writer when both are ready, as asyncio orders them;
+- an exception from a callback is reported to the loop's exception handler (asyncio logs
+  it) and costs that callback only, as a Handle's would;
+- `select` waits as selectors.EpollSelector does: None blocks, <= 0 polls, a timeout is
+  rounded up to whole milliseconds (epoll's unit) so that a due timer is not missed by
+  waking a little early.
+
+Not done here: timers (asyncio's heap; the engine keeps one handle, timers.py), edge
+triggering, anything about what the callbacks do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import select
+import selectors
+import time
+import types
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, TypeVarTuple, cast
+
+_IN = select.EPOLLIN
+_OUT = select.EPOLLOUT
+# what asyncio's selector reports as readable / writable (selectors.EpollSelector): an error
+# or a hang-up wakes both sides, so that each finds out from its own call
+_READABLE = ~_OUT
+_WRITABLE = ~_IN
+
+
+_Ts = TypeVarTuple("_Ts")
+
+
+class HasFileno(Protocol):
+    def fileno(self) -> int: ...
+
+
+class Watch:
+    """One descriptor's callbacks registered through the loop's add_reader/add_writer."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.reader: Callable[..., object] | None = None
+        self.reader_args: tuple[Any, ...] = ()
+        self.writer: Callable[..., object] | None = None
+        self.writer_args: tuple[Any, ...] = ()
+
+    def mask(self) -> int:
+        return (_IN if self.reader is not None else 0) | (_OUT if self.writer is not None else 0)
+
+
+class Poller:
+    """asyncio's selector, and the registry of callbacks it runs itself."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._keys: dict[int, selectors.SelectorKey] = {}  # asyncio's own registrations
+        self._key_map: Mapping[int, selectors.SelectorKey] = types.MappingProxyType(self._keys)
+        self._watches: dict[int, Watch] = {}
+        self.on_error: Callable[[dict[str, Any]], None] | None = None  # the loop's handler
+
+    # -- the loop's add_reader/add_writer ---------------------------------------------------
+
+    def add_reader(self, fd: int, callback: Callable[..., object], args: tuple[Any, ...]) -> None:
+        watch = self._watch(fd)
+        had = watch.mask()
+        watch.reader, watch.reader_args = callback, args
+        self._update(watch, had)
+
+    def add_writer(self, fd: int, callback: Callable[..., object], args: tuple[Any, ...]) -> None:
+        watch = self._watch(fd)
+        had = watch.mask()
+        watch.writer, watch.writer_args = callback, args
+        self._update(watch, had)
+
+    def remove_reader(self, fd: int) -> bool:
+        watch = self._watches.get(fd)
+        if watch is None or watch.reader is None:
+            return False
+        had = watch.mask()
+        watch.reader, watch.reader_args = None, ()
+        self._update(watch, had)
+        return True
+
+    def remove_writer(self, fd: int) -> bool:
+        watch = self._watches.get(fd)
+        if watch is None or watch.writer is None:
+            return False
+        had = watch.mask()
+        watch.writer, watch.writer_args = None, ()
+        self._update(watch, had)
+        return True
+
+    def _watch(self, fd: int) -> Watch:
+        watch = self._watches.get(fd)
+        if watch is None:
+            if fd in self._keys:
+                raise ValueError(f"descriptor {fd} is registered with the selector already")
+            watch = self._watches[fd] = Watch(fd)
+        return watch
+
+    def _update(self, watch: Watch, had: int) -> None:
+        mask = watch.mask()
+        if mask == had:
+            return
+        if not mask:
+            del self._watches[watch.fd]
+            self._epoll.unregister(watch.fd)
+        elif had:
+            self._epoll.modify(watch.fd, mask)
+        else:
+            try:
+                self._epoll.register(watch.fd, mask)
+            except OSError:
+                del self._watches[watch.fd]
+                raise
+
+    # -- selectors.BaseSelector, for asyncio ----------------------------------------------
+
+    def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        fd = _fd(fileobj)
+        if fd in self._keys or fd in self._watches:
+            raise KeyError(f"{fileobj!r} (descriptor {fd}) is already registered")
+        key = selectors.SelectorKey(fileobj, fd, events, data)
+        self._epoll.register(fd, _epoll_mask(events))
+        self._keys[fd] = key
+        return key
+
+    def unregister(self, fileobj: Any) -> selectors.SelectorKey:
+        key = self._keys.pop(_fd(fileobj))
+        with contextlib.suppress(OSError):  # closed first: the kernel dropped it already
+            self._epoll.unregister(key.fd)
+        return key
+
+    def modify(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        fd = _fd(fileobj)
+        old = self._keys[fd]
+        key = selectors.SelectorKey(old.fileobj, fd, events, data)
+        if events != old.events:
+            self._epoll.modify(fd, _epoll_mask(events))
+        self._keys[fd] = key
+        return key
+
+    def get_key(self, fileobj: Any) -> selectors.SelectorKey:
+        return self._keys[_fd(fileobj)]
+
+    def get_map(self) -> Mapping[int, selectors.SelectorKey]:
+        return self._key_map
+
+    def close(self) -> None:
+        self._keys.clear()
+        self._watches.clear()
+        self._epoll.close()
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        if timeout is None:
+            wait = -1.0
+        elif timeout <= 0:
+            wait = 0.0
+        else:
+            wait = math.ceil(timeout * 1e3) * 1e-3
+        try:
+            ready = self._epoll.poll(wait, max(len(self._keys) + len(self._watches), 1))
+        except InterruptedError:
+            return []
+        out: list[tuple[selectors.SelectorKey, int]] = []
+        watches = self._watches
+        for fd, event in ready:
+            watch = watches.get(fd)
+            if watch is not None:
+                if event & _READABLE and watch.reader is not None:
+                    self._run(watch.reader, watch.reader_args)
+                    watch = watches.get(fd)  # the reader may have removed or replaced it
+                if watch is not None and event & _WRITABLE and watch.writer is not None:
+                    self._run(watch.writer, watch.writer_args)
+                continue
+            key = self._keys.get(fd)
+            if key is not None:
+                mask = (selectors.EVENT_READ if event & _READABLE else 0) \
+                    | (selectors.EVENT_WRITE if event & _WRITABLE else 0)
+                out.append((key, mask & key.events))
+        return out
+
+    def _run(self, callback: Callable[..., object], args: tuple[Any, ...]) -> None:
+        try:
+            callback(*args)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as e:  # a Handle reports these to the loop too
+            if self.on_error is None:
+                raise
+            self.on_error({"message": f"Exception in callback {callback!r}",
+                           "exception": e})
+
+    def problems(self) -> list[str]:
+        """Registrations the kernel does not have as kept here (the fuzz targets check)."""
+        both = set(self._watches) & set(self._keys)
+        out = [f"descriptors {sorted(both)} registered on both sides"] if both else []
+        return out + [f"descriptor {fd} watched with no callback"
+                      for fd, watch in self._watches.items() if not watch.mask()]
+
+
+def _fd(fileobj: Any) -> int:
+    fd = fileobj if isinstance(fileobj, int) else int(fileobj.fileno())
+    if fd < 0:
+        raise ValueError(f"invalid file descriptor: {fd}")
+    return fd
+
+
+def _epoll_mask(events: int) -> int:
+    return (_IN if events & selectors.EVENT_READ else 0) \
+        | (_OUT if events & selectors.EVENT_WRITE else 0)
+
+
+class EngineLoop(asyncio.SelectorEventLoop):
+    """asyncio's loop on a Poller; add_reader/add_writer and the clock go straight to it."""
+
+    def __init__(self) -> None:
+        self.poller = Poller()
+        super().__init__(cast(selectors.BaseSelector, self.poller))
+        self.poller.on_error = self.call_exception_handler
+
+    def add_reader(self, fd: int | HasFileno, callback: Callable[[*_Ts], object],
+                   *args: *_Ts) -> None:
+        self._open()
+        self.poller.add_reader(_fd(fd), callback, args)
+
+    def remove_reader(self, fd: int | HasFileno) -> bool:
+        return False if self.is_closed() else self.poller.remove_reader(_fd(fd))
+
+    def add_writer(self, fd: int | HasFileno, callback: Callable[[*_Ts], object],
+                   *args: *_Ts) -> None:
+        self._open()
+        self.poller.add_writer(_fd(fd), callback, args)
+
+    def remove_writer(self, fd: int | HasFileno) -> bool:
+        return False if self.is_closed() else self.poller.remove_writer(_fd(fd))
+
+    def time(self) -> float:
+        return time.monotonic()
+
+    def _open(self) -> None:
+        if self.is_closed():
+            raise RuntimeError("Event loop is closed")

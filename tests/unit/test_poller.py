@@ -1,0 +1,151 @@
+"""EngineLoop and its Poller (passtd/engine/poller.py): the rules at the top of the module,
+on a real epoll with socketpairs, and asyncio's own machinery (wake-ups from other threads,
+signals, sock_* calls, timers) still working on top of it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from passtd.engine.poller import EngineLoop
+
+
+@pytest.fixture
+def loop() -> Iterator[EngineLoop]:
+    loop = EngineLoop()
+    yield loop
+    loop.close()
+
+
+def pair() -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    return a, b
+
+
+def spin(loop: EngineLoop, seconds: float = 0.02) -> None:
+    loop.run_until_complete(asyncio.sleep(seconds))
+
+
+def test_a_reader_runs_with_its_arguments_from_the_wait(loop: EngineLoop) -> None:
+    a, b = pair()
+    got: list[tuple[str, bytes]] = []
+    loop.add_reader(a.fileno(), lambda tag: got.append((tag, a.recv(10))), "a")
+    b.send(b"hello")
+    spin(loop)
+    assert got == [("a", b"hello")]
+    assert loop.remove_reader(a.fileno()) is True
+    assert loop.remove_reader(a.fileno()) is False  # as asyncio's: nothing was registered
+    b.send(b"again")
+    spin(loop)
+    assert got == [("a", b"hello")]
+
+
+def test_a_callback_removed_in_the_same_wakeup_does_not_run(loop: EngineLoop) -> None:
+    """Both sockets are ready in one wait; whichever reader runs first removes the other's:
+    its event is stale and must not run it (its socket may be closed already)."""
+    a, b = pair()
+    c, d = pair()
+    ran: list[str] = []
+
+    def reader(name: str, own: socket.socket, other: socket.socket) -> None:
+        own.recv(10)
+        ran.append(name)
+        loop.remove_reader(other.fileno())
+        loop.remove_reader(own.fileno())
+
+    loop.add_reader(a.fileno(), reader, "a", a, c)
+    loop.add_reader(c.fileno(), reader, "c", c, a)
+    b.send(b"x")
+    d.send(b"y")
+    spin(loop)
+    assert len(ran) == 1
+
+
+def test_the_reader_comes_first_when_both_are_ready(loop: EngineLoop) -> None:
+    a, b = pair()
+    order: list[str] = []
+
+    def read() -> None:
+        a.recv(10)
+        order.append("read")
+        loop.remove_reader(a.fileno())
+
+    def write() -> None:
+        order.append("write")
+        loop.remove_writer(a.fileno())
+
+    loop.add_writer(a.fileno(), write)
+    loop.add_reader(a.fileno(), read)
+    b.send(b"x")
+    spin(loop)
+    assert order == ["read", "write"]
+
+
+def test_an_exception_costs_that_callback_only(loop: EngineLoop,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    a, b = pair()
+    c, d = pair()
+    got: list[bytes] = []
+
+    def broken() -> None:
+        a.recv(10)
+        raise RuntimeError("broken callback")
+
+    loop.add_reader(a.fileno(), broken)
+    loop.add_reader(c.fileno(), lambda: got.append(c.recv(10)))
+    b.send(b"x")
+    d.send(b"y")
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        spin(loop)
+    assert got == [b"y"]
+    assert "broken callback" in caplog.text  # asyncio's handler logged it, traceback and all
+
+
+def test_asyncio_keeps_its_own_registrations(loop: EngineLoop) -> None:
+    """The wake-up pipe (call_soon_threadsafe), signals and sock_* go through the selector
+    methods and still work; a descriptor of asyncio's cannot also be the loop's."""
+    a, b = pair()
+
+    async def scenario() -> bytes:
+        done = asyncio.Event()
+        threading.Thread(target=lambda: loop.call_soon_threadsafe(done.set)).start()
+        await asyncio.wait_for(done.wait(), 5)
+        got = asyncio.Event()
+        loop.add_signal_handler(signal.SIGUSR1, got.set)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        await asyncio.wait_for(got.wait(), 5)
+        loop.remove_signal_handler(signal.SIGUSR1)
+        await loop.sock_sendall(b, b"ping")
+        return await asyncio.wait_for(loop.sock_recv(a, 10), 5)
+
+    assert loop.run_until_complete(scenario()) == b"ping"
+    c, _ = pair()
+    loop.add_reader(c.fileno(), lambda: None)
+    with pytest.raises(KeyError, match="already registered"):
+        loop.poller.register(c.fileno(), 1)
+    assert loop.poller.problems() == []
+
+
+def test_timers_fire_and_the_loop_sleeps_until_then(loop: EngineLoop) -> None:
+    fired: list[float] = []
+    start = loop.time()
+    loop.call_later(0.05, lambda: fired.append(loop.time()))
+    spin(loop, 0.2)
+    assert len(fired) == 1 and fired[0] - start >= 0.05
+
+
+def test_a_closed_loop_refuses_readers() -> None:
+    loop = EngineLoop()
+    loop.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        loop.add_reader(0, lambda: None)
+    assert loop.remove_reader(0) is False
