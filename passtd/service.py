@@ -310,6 +310,7 @@ class Instance:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        assert isinstance(loop, EngineLoop), "run() starts the instance on an EngineLoop"
         settings = engine_settings(self.cfg)
         bus_api = self._load_bus_api()
         log.info("instance %s: %s", self.cfg.name, describe_network(settings.net))

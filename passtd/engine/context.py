@@ -8,8 +8,8 @@ was seen using, the link) and the engine's own services as plain callables (`sch
 `close_flow`, `settle`, `changed`, `buffers_used`), which the engine fills in. A part
 keeps its own state private and offers the engine a few methods; the engine wires them.
 
-`Readiness` keeps the add_reader/add_writer registrations of flow sockets, once per fd:
-epoll registrations are the one piece of loop state several parts touch.
+`Readiness` keeps the registrations of flow sockets with the loop's poller (poller.py), once
+per fd: epoll registrations are the one piece of loop state several parts touch.
 
 Not done here: any protocol or I/O decision.
 """
@@ -26,6 +26,7 @@ from . import events
 from .addrs import GuestSeen, NetConfig
 from .flow import A_CLOSE, Flow, FlowTable
 from .link import GuestLink
+from .poller import EngineLoop, Poller
 from .settings import EngineSettings
 from .sockets import HostSockets
 
@@ -124,28 +125,29 @@ class BufferTrim:
 class Readiness:
     """Reader and writer callbacks on flow sockets, registered once per descriptor."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+    def __init__(self, poller: Poller) -> None:
+        self.poller = poller
         self._reading: set[int] = set()
         self._writing: set[int] = set()
 
-    def read(self, flow: Flow, callback: Callable[..., Any]) -> None:
+    def read(self, flow: Flow, callback: Callable[..., Any], edge: bool = False) -> None:
+        """`edge`: called when new data arrives only (poller.py), not while data stays."""
         fd = flow.sock.fileno()
         if fd not in self._reading:
             self._reading.add(fd)
-            self.loop.add_reader(fd, callback, flow)
+            self.poller.add_reader(fd, callback, (flow,), edge)
 
     def stop_reading(self, flow: Flow) -> None:
         fd = flow.sock.fileno()
         if fd in self._reading:
             self._reading.discard(fd)
-            self.loop.remove_reader(fd)
+            self.poller.remove_reader(fd)
 
     def write(self, flow: Flow, callback: Callable[..., Any]) -> None:
         fd = flow.sock.fileno()
         if fd not in self._writing:
             self._writing.add(fd)
-            self.loop.add_writer(fd, callback, flow)
+            self.poller.add_writer(fd, callback, (flow,))
 
     def stop_writing(self, flow: Flow) -> None:
         if flow.sock is None:
@@ -153,7 +155,7 @@ class Readiness:
         fd = flow.sock.fileno()
         if fd in self._writing:
             self._writing.discard(fd)
-            self.loop.remove_writer(fd)
+            self.poller.remove_writer(fd)
 
     def forget(self, flow: Flow) -> None:
         """The flow's socket is about to close."""
@@ -197,7 +199,7 @@ def _unset(*_args: Any) -> None:
 class EngineContext:
     """The shared state and engine services every part of one engine receives."""
 
-    def __init__(self, settings: EngineSettings, loop: asyncio.AbstractEventLoop,
+    def __init__(self, settings: EngineSettings, loop: EngineLoop,
                  link: GuestLink, sockets: HostSockets) -> None:
         self.settings = settings
         self.sockets = sockets
@@ -206,7 +208,7 @@ class EngineContext:
         self.link = link
         self.flows = FlowTable(settings.max_flows)
         self.seen = GuestSeen()
-        self.readiness = Readiness(loop)
+        self.readiness = Readiness(loop.poller)
         self.drop_log = RateLimitedLog()
         # wall-clock time the instance started serving (a restart carries it: handover.py)
         self.started_at = time.time()

@@ -42,11 +42,11 @@ def addr_text(addr: bytes) -> str:
 class Flow:
     """State every flow shares; protocol cores (tcp, udp, icmp) subclass it.
 
-    `sock`, `sockaddr`, `rcvlowat` and `timer_entry` belong to the socket halves and the
+    `sock`, `sockaddr`, `read_pending` and `timer_entry` belong to the socket halves and the
     timers (the protocol cores never use them): the host socket of the flow, the host
     address datagrams go to when the socket is not connected (ping sockets, replies through
-    a UDP forward's listener), the SO_RCVLOWAT last set on the socket, and the flow's entry
-    in the timer heap (timers.py).
+    a UDP forward's listener), whether a read stopped before the socket was drained
+    (tcp_peek.py: Wakeups), and the flow's entry in the timer heap (timers.py).
 
     Timer contract, the same for every kind of flow: `deadline` says when `handle_timer`
     wants to run (None: never); `handle_timer(now)` returns actions, among which A_CLOSE
@@ -62,7 +62,7 @@ class Flow:
         "id",
         "key",
         "origin",
-        "rcvlowat",
+        "read_pending",
         "sock",
         "sockaddr",
         "timer_entry",
@@ -95,7 +95,7 @@ class Flow:
         self.deadline: float | None = None  # when handle_timer() wants to run
         self.sock: Any = None
         self.sockaddr: tuple[Any, ...] | None = None
-        self.rcvlowat = 1
+        self.read_pending = False
         self.timer_entry: list[Any] | None = None  # [deadline, seq, flow] in the timer heap
         self.forward_id: int | None = None
 

@@ -1,12 +1,12 @@
 """The engine: one instance's dispatcher, its lifecycle, and the facade the service uses.
 
-Design: everything runs on one asyncio loop (the D-Bus API shares it). Data sockets are
-raw non-blocking sockets registered with `loop.add_reader/add_writer` (epoll underneath);
-asyncio transports are not used on the data path because they cannot scatter a read into
-frame slots or gather a batch into one sendmsg. The engine is a short dispatch over parts
-named after what they own (context.py says how they meet; docs/ARCHITECTURE.md lists
-them): the qemu link, the guest's identity, a socket half per protocol, forwards, the
-timer heap, the handover of flows across a restart, and the pure responders.
+Design: everything runs on one EngineLoop (poller.py; the D-Bus API shares it). Data
+sockets are raw non-blocking sockets registered with its poller (TCP's edge-triggered),
+not asyncio transports, which cannot scatter a read into frame slots or gather a batch
+into one sendmsg. The engine is a short dispatch over parts named after what they own
+(context.py says how they meet; docs/ARCHITECTURE.md lists them): the qemu link, the
+guest's identity, a socket half per protocol, forwards, the timer heap, the handover of
+flows across a restart, the pure responders.
 
 Guest frames are processed a whole read at a time. Here, the fast path walks the read for
 IPv4/IPv6 TCP segments of known flows (one unpack per frame) and gathers the payloads of
@@ -16,10 +16,9 @@ flow when the engine settles (`settle`), then the link flushes to qemu in one se
 
 Timers: one asyncio handle waits for timers.py's earliest deadline; idle, nothing wakes us.
 
-Failure policy: a malformed frame is dropped with a rate-limited debug line; a framing
-error drops the qemu client; a socket error ends that one flow with the right signal to
-the guest (RST, ICMP error); an internal error costs one frame or one flow, logged. No
-exception from guest input escapes a callback.
+Failure policy: a malformed frame is dropped with a rate-limited debug line; a framing error
+drops the qemu client; a socket error ends that one flow with the right signal to the guest
+(RST, ICMP error); an internal error costs one frame or one flow, logged; none escapes a callback.
 
 Not done here: vhost-user, splicing between host sockets (pasta's fast path), migration.
 """
@@ -44,6 +43,7 @@ from .guest import GuestIdentity, RouterAdvertiser
 from .handover import Handover
 from .icmp_sock import IcmpSockets
 from .link import GuestLink, PeerVerdict, peer_pid
+from .poller import EngineLoop
 from .settings import EngineSettings
 from .sockets import HostSockets, KernelSockets
 from .tcp import TcpConn
@@ -61,12 +61,12 @@ _FAST6 = struct.Struct("!IHBB16s16sHHIIBBH")
 class Engine:
     """One instance's translator: a qemu client, flows, forwards and timers."""
 
-    def __init__(self, settings: EngineSettings, loop: asyncio.AbstractEventLoop | None = None,
+    def __init__(self, settings: EngineSettings, loop: EngineLoop,
                  on_change: Callable[[set[str]], None] | None = None,
                  sockets: HostSockets | None = None) -> None:
         self.settings = settings
         self.net = settings.net
-        self.loop = loop or asyncio.get_event_loop()
+        self.loop = loop
         self.on_change = on_change  # property names that changed (D-Bus PropertiesChanged)
         self.on_client: Callable[[socket.socket | None], None] | None = None
         # "flow-opened", "flow-closed", "forward-added", "forward-removed", with a call

@@ -26,8 +26,12 @@ Rules, kept true by every method:
   rounded up to whole milliseconds (epoll's unit) so that a due timer is not missed by
   waking a little early.
 
-Not done here: timers (asyncio's heap; the engine keeps one handle, timers.py), edge
-triggering, anything about what the callbacks do.
+Edge triggering (`Poller.add_reader(..., edge=True)`, which asyncio's API has no word for):
+the reader runs when data arrives, not again while data it left stays; the engine's TCP
+sockets use it (tcp_peek.py says why and what it must then do itself).
+
+Not done here: timers (asyncio's heap; the engine keeps one handle, timers.py), anything
+about what the callbacks do.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from typing import Any, Protocol, TypeVarTuple, cast
 
 _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
+_ET = select.EPOLLET
 # what asyncio's selector reports as readable / writable (selectors.EpollSelector): an error
 # or a hang-up wakes both sides, so that each finds out from its own call
 _READABLE = ~_OUT
@@ -62,13 +67,15 @@ class Watch:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        self.edge = False  # the reader wants edge-triggered events (EPOLLET)
         self.reader: Callable[..., object] | None = None
         self.reader_args: tuple[Any, ...] = ()
         self.writer: Callable[..., object] | None = None
         self.writer_args: tuple[Any, ...] = ()
 
     def mask(self) -> int:
-        return (_IN if self.reader is not None else 0) | (_OUT if self.writer is not None else 0)
+        mask = (_IN if self.reader is not None else 0) | (_OUT if self.writer is not None else 0)
+        return mask | _ET if mask and self.edge else mask
 
 
 class Poller:
@@ -80,19 +87,24 @@ class Poller:
         self._key_map: Mapping[int, selectors.SelectorKey] = types.MappingProxyType(self._keys)
         self._watches: dict[int, Watch] = {}
         self.on_error: Callable[[dict[str, Any]], None] | None = None  # the loop's handler
+        self.writers_added = 0  # writers registered so far (how often writability was awaited)
 
     # -- the loop's add_reader/add_writer ---------------------------------------------------
 
-    def add_reader(self, fd: int, callback: Callable[..., object], args: tuple[Any, ...]) -> None:
+    def add_reader(self, fd: int, callback: Callable[..., object], args: tuple[Any, ...],
+                   edge: bool = False) -> None:
+        """`edge`: run it when new data arrives, not while unread data stays (EPOLLET, for
+        the whole descriptor: its writer too)."""
         watch = self._watch(fd)
         had = watch.mask()
-        watch.reader, watch.reader_args = callback, args
+        watch.reader, watch.reader_args, watch.edge = callback, args, edge
         self._update(watch, had)
 
     def add_writer(self, fd: int, callback: Callable[..., object], args: tuple[Any, ...]) -> None:
         watch = self._watch(fd)
         had = watch.mask()
         watch.writer, watch.writer_args = callback, args
+        self.writers_added += 1
         self._update(watch, had)
 
     def remove_reader(self, fd: int) -> bool:
@@ -100,7 +112,7 @@ class Poller:
         if watch is None or watch.reader is None:
             return False
         had = watch.mask()
-        watch.reader, watch.reader_args = None, ()
+        watch.reader, watch.reader_args, watch.edge = None, (), False
         self._update(watch, had)
         return True
 

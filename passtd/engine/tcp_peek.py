@@ -8,10 +8,17 @@ preallocated frame slots of tcp_buf.py, as much as the guest's window and qemu's
 take, and the link sends the frames in one sendmsg. `drop_acknowledged` removes what the
 guest acknowledged with MSG_TRUNC (no copy). A retransmission rewinds the peek offset.
 
-Wakeups: the socket stays readable while unacknowledged data sits in it, so `await_data`
-sets SO_RCVLOWAT to (bytes in flight + 1): epoll reports it only when something new
-arrived (EOF always wakes it). Beyond the kernel's cap for SO_RCVLOWAT the reader is
-dropped instead and the guest's next ACK reads again (A_RESUME).
+Wakeups: the socket stays readable while unacknowledged data sits in it, so its reader is
+edge-triggered (poller.py): it runs when something new arrives (or EOF), never because
+what the guest has not acknowledged is still queued, and without a system call to say
+so (an SO_RCVLOWAT of bytes in flight + 1 did that before: two setsockopt and a read
+that found nothing per request/response round trip). The price is the rule edge
+triggering sets: a read that stops before the socket is drained (the guest's window is
+full, qemu's socket is, or the read rounds are spent) must come back by itself, as no
+event will say the data is there. Such a flow is marked `read_pending`: the guest's next
+ACK or window update reads again (A_RESUME, tcp_sock.py); room towards qemu resumes the
+flows that waited for it (link.py); spent rounds read again in the loop's next turn. A
+read that found the socket drained clears the mark, and A_RESUME then reads nothing.
 
 Not done here: TCP decisions (tcp.py answers `send_budget`, `on_sent`, `on_host_eof`),
 which flow to read when (tcp_sock.py).
@@ -19,6 +26,7 @@ which flow to read when (tcp_sock.py).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import socket
@@ -54,15 +62,6 @@ def probe_peek_off() -> bool:
     return True
 
 
-def rcvlowat_max() -> int:
-    """The kernel caps SO_RCVLOWAT of TCP sockets at half of tcp_rmem's maximum."""
-    try:
-        with open("/proc/sys/net/ipv4/tcp_rmem", encoding="ascii") as f:
-            return int(f.read().split()[2]) // 2
-    except (OSError, ValueError, IndexError):
-        return 1 << 20
-
-
 def free_space(sock: socket.socket) -> int:
     """Room in a socket's send buffer: the window we offer the guest."""
     try:
@@ -82,12 +81,19 @@ class HostData:
         # it for TCP, so its pages stay unmapped (without SO_PEEK_OFF: the re-peek lands here)
         self.scratch = memoryview(mmap.mmap(-1, DISCARD_AREA))
         self.peek_off = probe_peek_off()
-        self.rcvlowat_max = rcvlowat_max()
 
     def prepare(self, sock: socket.socket) -> None:
         """A new flow's socket: peeks continue after what the guest already has."""
         if self.peek_off:
             sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+
+    def adopt(self, conn: TcpConn) -> None:
+        """A flow from the previous process: what its socket holds is unknown, read it;
+        a passtd before edge triggering left an SO_RCVLOWAT on it, which would hold back
+        the wakeups for data below it."""
+        conn.read_pending = True
+        with contextlib.suppress(OSError):
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
     def rewind(self, sock: socket.socket) -> None:
         """Retransmit: the next peek starts at the last acknowledged byte."""
@@ -102,12 +108,14 @@ class HostData:
         batch = self.batches[conn.family]
         mss = conn.mss_to_guest
         views = batch.views(mss)
+        conn.read_pending = True  # until a read finds the socket drained
         for _ in range(READ_ROUNDS):
             budget = conn.send_budget()
             if budget <= 0:
-                ctx.readiness.stop_reading(conn)
-                conn.window_closed(now)
-                ctx.schedule(conn)
+                # stays registered: new data runs this again, which stops here (no syscall)
+                if not conn.zero_window:
+                    conn.window_closed(now)
+                    ctx.schedule(conn)
                 return 0
             if budget > TAP_SLACK:
                 # no more than qemu's socket takes: a short write costs a copy of the rest
@@ -132,12 +140,14 @@ class HostData:
             try:
                 n = sock.recvmsg_into(bufs, 0, socket.MSG_PEEK)[0] - in_flight
             except (BlockingIOError, InterruptedError):
+                conn.read_pending = False
                 self.await_data(conn)
                 return 0
             except OSError as e:
                 log.debug("%r: read: %s", conn, e)
                 return conn.on_host_error()
             if n <= 0:  # EOF: everything the peer sent is with the guest (or in flight)
+                conn.read_pending = False
                 ctx.readiness.stop_reading(conn)
                 return conn.on_host_eof(now)
             if n > TRIM_WORTHY:
@@ -147,27 +157,28 @@ class HostData:
                                  conn.rcv_nxt, conn.wnd_to_guest >> conn.our_wscale)
             conn.on_sent(n, now)
             link.send_framed(frames, -(-n // mss), now)
-            if n < want or link.congested:
+            if n < want:
+                conn.read_pending = False  # drained: the next arrival is an edge
                 break
+            if link.congested:
+                self.wait_for_room(conn)
+                ctx.schedule(conn)
+                return 0
+        else:
+            ctx.loop.call_soon(self._on_readable, conn)  # rounds spent: others go first
         self.await_data(conn)
         ctx.schedule(conn)
         return 0
 
     def wait_for_room(self, conn: TcpConn) -> None:
         """Park the flow until qemu's socket has room (or qemu is back)."""
+        conn.read_pending = True
         self.ctx.readiness.stop_reading(conn)
         self.ctx.link.wait(conn)
 
     def await_data(self, conn: TcpConn) -> None:
-        """Be woken for host data the guest does not have yet, and only for that."""
-        lowat = seq_diff(conn.snd_nxt, conn.snd_una) + 1
-        if lowat > self.rcvlowat_max:
-            self.ctx.readiness.stop_reading(conn)
-            return
-        if lowat != conn.rcvlowat:
-            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
-            conn.rcvlowat = lowat
-        self.ctx.readiness.read(conn, self._on_readable)
+        """Be woken for host data that arrives from now on (see Wakeups above)."""
+        self.ctx.readiness.read(conn, self._on_readable, edge=True)
 
     def drop_acknowledged(self, conn: TcpConn) -> None:
         """Drop bytes the guest acknowledged from the receive queue (MSG_TRUNC: TCP

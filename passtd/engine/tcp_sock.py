@@ -283,7 +283,8 @@ class TcpSockets:
                 self._control(conn, control, now)
         if actions & tcp.A_WAIT_WRITABLE:
             self.ctx.readiness.write(conn, self._host_writable)
-        if actions & (tcp.A_ESTABLISHED | tcp.A_RESUME):
+        if actions & (tcp.A_ESTABLISHED | tcp.A_REWIND) \
+                or (actions & tcp.A_RESUME and conn.read_pending):  # tcp_peek.py: Wakeups
             self._resume[conn] = None
         if actions & tcp.A_DUPACK:
             # not coalesced, and with the window unchanged: the guest counts only exact
@@ -436,7 +437,7 @@ class TcpSockets:
         """A flow the previous process handed over, with its socket: carry on (tcp.py's
         `after_handover` says how). A connect() still in progress is watched again."""
         conn.reassembly = Reassembly(self._hold_budget)
-        conn.rcvlowat = 0  # unknown: set again before the next wait for data
+        self.host.adopt(conn)
         if conn.events & tcp.TAP_SYN_RCVD and not conn.events & tcp.TAP_SYN_ACK_SENT:
             self.ctx.readiness.write(conn, self._connect_done)
         self.execute(conn, conn.after_handover(now), now)

@@ -88,13 +88,10 @@ def test_a_syn_to_a_listening_host_port_gets_exactly_this_syn_ack_then_data_flow
 
 
 def test_a_local_connect_done_inside_connect_is_answered_in_the_same_batch(
-        harness: EngineHarness, monkeypatch: pytest.MonkeyPatch) -> None:
+        harness: EngineHarness) -> None:
     """To the host's loopback the kernel completes the handshake inside connect(): the
     SYN-ACK goes out with the batch that carried the SYN, no wait for writability."""
-    waited: list[int] = []  # descriptors the engine asked to be told of writability
-    add_writer = harness.loop.add_writer
-    monkeypatch.setattr(harness.loop, "add_writer",
-                        lambda fd, *args: (waited.append(fd), add_writer(fd, *args)))
+    writers_before = harness.loop.poller.writers_added  # waits for writability asked for
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen(1)
@@ -102,7 +99,70 @@ def test_a_local_connect_done_inside_connect_is_answered_in_the_same_batch(
         harness.send(syn(port))
         harness.run(0.0)  # the read and its batch, no time for a wait on writability
         (syn_ack,) = tcp_replies(harness.receive())
-        assert str(syn_ack.flags) == "SA" and waited == []
+        assert str(syn_ack.flags) == "SA" and harness.loop.poller.writers_added == writers_before
+
+
+def connected(harness: EngineHarness, server: socket.socket, window: int
+              ) -> tuple[socket.socket, int]:
+    """A flow to `server` through the engine (no window scaling: the guest's window is
+    `window` bytes): the host's end of it, and our first sequence number after the SYN."""
+    port = server.getsockname()[1]
+    (syn_ack,) = tcp_replies(harness.roundtrip(syn(port, options=[("MSS", 1460)]),
+                                               seconds=0.05))
+    peer, _ = server.accept()
+    ours = syn_ack.seq + 1
+    harness.roundtrip(guest_segment(port, ours, window), seconds=0.05)
+    return peer, ours
+
+
+def guest_segment(port: int, ack: int, window: int, payload: bytes = b"") -> bytes:
+    return bytes(Ether(src=GUEST_MAC, dst=OUR_MAC) / IP(src=GUEST, dst=GATEWAY)
+                 / TCP(sport=40000, dport=port, flags="PA" if payload else "A", seq=1001,
+                       ack=ack, window=window) / payload)
+
+
+def payloads(harness: EngineHarness, seconds: float = 0.05) -> list[TCP]:
+    harness.run(seconds)
+    return [t for t in tcp_replies(harness.receive()) if bytes(t.payload)]
+
+
+def test_host_data_after_everything_was_acknowledged_wakes_the_engine(
+        harness: EngineHarness) -> None:
+    """Request/response: the flow's socket is edge-triggered (tcp_peek.py: Wakeups), so
+    each reply must be an edge of its own once the guest acknowledged the one before."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        peer, ours = connected(harness, server, window=60000)
+        port = server.getsockname()[1]
+        with peer:
+            for n in range(3):
+                reply = f"reply {n}".encode()
+                peer.sendall(reply)
+                (got,) = payloads(harness)
+                assert (bytes(got.payload), got.seq) == (reply, ours)
+                ours += len(reply)
+                harness.roundtrip(guest_segment(port, ours, 60000), seconds=0.02)  # ACK
+
+
+def test_a_read_stopped_by_the_guest_window_goes_on_after_its_ack(
+        harness: EngineHarness) -> None:
+    """The socket holds 30 bytes, the guest's window takes 10: the rest comes after each
+    ACK, with no new host data (no new edge) to say it is there."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        peer, ours = connected(harness, server, window=10)
+        port = server.getsockname()[1]
+        with peer:
+            peer.sendall(bytes(range(30)))
+            got = b""
+            for _ in range(3):
+                (segment,) = payloads(harness)
+                assert segment.seq == ours + len(got) and len(segment.payload) == 10
+                got += bytes(segment.payload)
+                harness.send(guest_segment(port, ours + len(got), 10))  # the ACK
+            assert got == bytes(range(30))
 
 
 def test_arp_for_the_gateway_is_answered(harness: EngineHarness) -> None:

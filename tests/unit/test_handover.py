@@ -127,6 +127,26 @@ def test_a_connection_carries_on_in_the_next_engine_without_loss(
         peer.close()
 
 
+def test_a_socket_left_with_an_so_rcvlowat_still_wakes_the_next_engine(
+        server: socket.socket) -> None:
+    """passtd before edge-triggered reads set SO_RCVLOWAT on flow sockets (bytes in flight
+    + 1); the socket keeps it across the restart, and the kernel would hold back wakeups
+    for less data than that: the engine that takes the flow resets it."""
+    port = server.getsockname()[1]
+    with engine_harness(SETTINGS) as old, engine_harness(SETTINGS) as new:
+        peer, ours = established(old, server)
+        state, socks = hand_over(old)
+        for sock in socks:
+            assert sock is not None
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 4096)
+        assert take_over(new, state, socks)
+        new.roundtrip(segment(port, "A", 1001, ours), seconds=0.02)
+        with peer:
+            peer.sendall(b"small")
+            (data,) = [t for t in tcp_of(new.roundtrip(seconds=0.05)) if payload(t)]
+            assert (data.seq, payload(data)) == (ours, b"small")
+
+
 def test_listeners_are_kept_and_new_ids_follow_the_old_ones(server: socket.socket) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
