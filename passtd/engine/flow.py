@@ -42,11 +42,12 @@ def addr_text(addr: bytes) -> str:
 class Flow:
     """State every flow shares; protocol cores (tcp, udp, icmp) subclass it.
 
-    `sock`, `sockaddr`, `read_pending` and `timer_entry` belong to the socket halves and the
-    timers (the protocol cores never use them): the host socket of the flow, the host
-    address datagrams go to when the socket is not connected (ping sockets, replies through
-    a UDP forward's listener), whether a read stopped before the socket was drained
-    (tcp_peek.py: Wakeups), and the flow's entry in the timer heap (timers.py).
+    `sock`, `sockaddr`, `read_pending`, `host_shut` and `timer_entry` belong to the socket
+    halves and the timers (the protocol cores never use them): the host socket of the flow,
+    the host address datagrams go to when the socket is not connected (ping sockets, replies
+    through a UDP forward's listener), whether a read stopped before the socket was drained
+    and whether the peer's FIN was seen (tcp_peek.py: Wakeups), and the flow's entry in the
+    timer heap (timers.py).
 
     Timer contract, the same for every kind of flow: `deadline` says when `handle_timer`
     wants to run (None: never); `handle_timer(now)` returns actions, among which A_CLOSE
@@ -59,6 +60,7 @@ class Flow:
         "created",
         "deadline",
         "forward_id",
+        "host_shut",
         "id",
         "key",
         "origin",
@@ -96,6 +98,7 @@ class Flow:
         self.sock: Any = None
         self.sockaddr: tuple[Any, ...] | None = None
         self.read_pending = False
+        self.host_shut = False
         self.timer_entry: list[Any] | None = None  # [deadline, seq, flow] in the timer heap
         self.forward_id: int | None = None
 

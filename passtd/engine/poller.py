@@ -11,20 +11,25 @@ through them (the engine's sockets, the D-Bus connection) is kept by the Poller 
 from inside `select`, straight from the epoll result, with no Handle, no queue and no
 second look-up. What asyncio registers for itself (its wake-up pipe, signal handling,
 transports) goes through the selector methods and comes back from `select` as it expects.
-Timers, futures and tasks stay asyncio's.
+Timers, futures and tasks stay asyncio's. And while only the loop's callbacks are ready,
+`select` does not return at all: it waits again, so that asyncio's own iteration (the
+interpreted part of every wakeup) runs only when asyncio has something to do.
 
 Rules, kept true by every method:
-- a descriptor is either the loop's (add_reader/add_writer) or asyncio's own (register);
-  registering it on the other side too is a ValueError, as the kernel has one epoll entry
-  per descriptor;
+- a descriptor is either the loop's (add_reader/add_writer) or asyncio's own (register):
+  the loop's add/remove calls on one of asyncio's go to asyncio's own implementation
+  (asyncio makes them itself, ending a sock_connect or sock_recv), and asyncio registering
+  one of the loop's is an error, as the kernel has one epoll entry per descriptor;
 - a callback runs only while its registration stands: one removed by an earlier callback
   of the same wakeup does not run (its event is stale), one replaced runs as replaced;
 - the reader runs before the writer when both are ready, as asyncio orders them;
 - an exception from a callback is reported to the loop's exception handler (asyncio logs
   it) and costs that callback only, as a Handle's would;
-- `select` waits as selectors.EpollSelector does: None blocks, <= 0 polls, a timeout is
+- `select` returns when asyncio has work: one of its own descriptors is ready, a callback
+  gave it some (call_soon, call_at or call_later, stop: EngineLoop raises `asyncio_due`;
+  call_soon_threadsafe and signals wake its pipe), or its timeout ran out; a timeout is
   rounded up to whole milliseconds (epoll's unit) so that a due timer is not missed by
-  waking a little early.
+  waking a little early, and 0 polls once.
 
 Edge triggering (`Poller.add_reader(..., edge=True)`, which asyncio's API has no word for):
 the reader runs when data arrives, not again while data it left stays; the engine's TCP
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import math
 import select
 import selectors
@@ -48,7 +54,7 @@ from typing import Any, Protocol, TypeVarTuple, cast
 
 _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
-_ET = select.EPOLLET
+_EDGE = select.EPOLLET | select.EPOLLRDHUP
 # what asyncio's selector reports as readable / writable (selectors.EpollSelector): an error
 # or a hang-up wakes both sides, so that each finds out from its own call
 _READABLE = ~_OUT
@@ -75,7 +81,7 @@ class Watch:
 
     def mask(self) -> int:
         mask = (_IN if self.reader is not None else 0) | (_OUT if self.writer is not None else 0)
-        return mask | _ET if mask and self.edge else mask
+        return mask | _EDGE if mask and self.edge else mask
 
 
 class Poller:
@@ -88,13 +94,16 @@ class Poller:
         self._watches: dict[int, Watch] = {}
         self.on_error: Callable[[dict[str, Any]], None] | None = None  # the loop's handler
         self.writers_added = 0  # writers registered so far (how often writability was awaited)
+        self.asyncio_due = False  # a callback gave asyncio work (EngineLoop sets it)
 
     # -- the loop's add_reader/add_writer ---------------------------------------------------
 
     def add_reader(self, fd: int, callback: Callable[..., object], args: tuple[Any, ...],
                    edge: bool = False) -> None:
         """`edge`: run it when new data arrives, not while unread data stays (EPOLLET, for
-        the whole descriptor: its writer too)."""
+        the whole descriptor: its writer too), with the epoll events after `args`: they
+        say whether the peer has shut its side (EPOLLRDHUP), which a read that finds data
+        cannot tell and no later edge will."""
         watch = self._watch(fd)
         had = watch.mask()
         watch.reader, watch.reader_args, watch.edge = callback, args, edge
@@ -175,6 +184,10 @@ class Poller:
         self._keys[fd] = key
         return key
 
+    def is_asyncios(self, fd: int) -> bool:
+        """Whether asyncio registered `fd` itself (through the selector methods)."""
+        return fd in self._keys
+
     def get_key(self, fileobj: Any) -> selectors.SelectorKey:
         return self._keys[_fd(fileobj)]
 
@@ -187,23 +200,34 @@ class Poller:
         self._epoll.close()
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        if timeout is None:
-            wait = -1.0
-        elif timeout <= 0:
-            wait = 0.0
-        else:
-            wait = math.ceil(timeout * 1e3) * 1e-3
-        try:
-            ready = self._epoll.poll(wait, max(len(self._keys) + len(self._watches), 1))
-        except InterruptedError:
-            return []
+        self.asyncio_due = False  # asyncio's work so far is what it computed `timeout` for
+        deadline = math.inf if timeout is None else time.monotonic() + max(timeout, 0.0)
+        wait = -1.0 if timeout is None else _epoll_timeout(timeout)
+        while True:
+            try:
+                ready = self._epoll.poll(wait, max(len(self._keys) + len(self._watches), 1))
+            except InterruptedError:
+                return []
+            out = self._dispatch(ready)
+            if out or self.asyncio_due or not ready or wait == 0.0:
+                return out
+            # only the loop's callbacks ran and they gave asyncio nothing to do: wait
+            # again, for what is left of asyncio's timeout, rather than go round its loop
+            if deadline != math.inf:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return out
+                wait = _epoll_timeout(left)
+
+    def _dispatch(self, ready: list[tuple[int, int]]) -> list[tuple[selectors.SelectorKey, int]]:
+        """Run the loop's callbacks of `ready`; asyncio's events, for it to run."""
         out: list[tuple[selectors.SelectorKey, int]] = []
         watches = self._watches
         for fd, event in ready:
             watch = watches.get(fd)
             if watch is not None:
                 if event & _READABLE and watch.reader is not None:
-                    self._run(watch.reader, watch.reader_args)
+                    self._run(watch.reader, watch.reader_args, event if watch.edge else -1)
                     watch = watches.get(fd)  # the reader may have removed or replaced it
                 if watch is not None and event & _WRITABLE and watch.writer is not None:
                     self._run(watch.writer, watch.writer_args)
@@ -215,9 +239,13 @@ class Poller:
                 out.append((key, mask & key.events))
         return out
 
-    def _run(self, callback: Callable[..., object], args: tuple[Any, ...]) -> None:
+    def _run(self, callback: Callable[..., object], args: tuple[Any, ...], event: int = -1
+             ) -> None:
         try:
-            callback(*args)
+            if event < 0:
+                callback(*args)
+            else:
+                callback(*args, event)
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as e:  # a Handle reports these to the loop too
@@ -241,6 +269,11 @@ def _fd(fileobj: Any) -> int:
     return fd
 
 
+def _epoll_timeout(seconds: float) -> float:
+    """epoll counts milliseconds: round up, so that a timer is not missed by waking early."""
+    return math.ceil(seconds * 1e3) * 1e-3 if seconds > 0 else 0.0
+
+
 def _epoll_mask(events: int) -> int:
     return (_IN if events & selectors.EVENT_READ else 0) \
         | (_OUT if events & selectors.EVENT_WRITE else 0)
@@ -254,24 +287,58 @@ class EngineLoop(asyncio.SelectorEventLoop):
         super().__init__(cast(selectors.BaseSelector, self.poller))
         self.poller.on_error = self.call_exception_handler
 
+    # asyncio calls these too, for descriptors of its own (sock_connect and sock_recv end
+    # with remove_writer/remove_reader): those stay asyncio's, with its own implementation
+
     def add_reader(self, fd: int | HasFileno, callback: Callable[[*_Ts], object],
                    *args: *_Ts) -> None:
+        fileno = _fd(fd)
+        if self.poller.is_asyncios(fileno):
+            return super().add_reader(fileno, callback, *args)
         self._open()
-        self.poller.add_reader(_fd(fd), callback, args)
+        self.poller.add_reader(fileno, callback, args)
+        return None
 
     def remove_reader(self, fd: int | HasFileno) -> bool:
-        return False if self.is_closed() else self.poller.remove_reader(_fd(fd))
+        fileno = _fd(fd)
+        if self.poller.is_asyncios(fileno):
+            return super().remove_reader(fileno)
+        return False if self.is_closed() else self.poller.remove_reader(fileno)
 
     def add_writer(self, fd: int | HasFileno, callback: Callable[[*_Ts], object],
                    *args: *_Ts) -> None:
+        fileno = _fd(fd)
+        if self.poller.is_asyncios(fileno):
+            return super().add_writer(fileno, callback, *args)
         self._open()
-        self.poller.add_writer(_fd(fd), callback, args)
+        self.poller.add_writer(fileno, callback, args)
+        return None
 
     def remove_writer(self, fd: int | HasFileno) -> bool:
-        return False if self.is_closed() else self.poller.remove_writer(_fd(fd))
+        fileno = _fd(fd)
+        if self.poller.is_asyncios(fileno):
+            return super().remove_writer(fileno)
+        return False if self.is_closed() else self.poller.remove_writer(fileno)
 
     def time(self) -> float:
         return time.monotonic()
+
+    # work for asyncio, from a callback run inside select: it must get to it now, not when
+    # the timeout it gave select runs out (the Poller would otherwise wait on)
+
+    def call_soon(self, callback: Callable[[*_Ts], object], *args: *_Ts,
+                  context: contextvars.Context | None = None) -> asyncio.Handle:
+        self.poller.asyncio_due = True
+        return super().call_soon(callback, *args, context=context)
+
+    def call_at(self, when: float, callback: Callable[[*_Ts], object], *args: *_Ts,
+                context: contextvars.Context | None = None) -> asyncio.TimerHandle:
+        self.poller.asyncio_due = True
+        return super().call_at(when, callback, *args, context=context)
+
+    def stop(self) -> None:
+        self.poller.asyncio_due = True
+        super().stop()
 
     def _open(self) -> None:
         if self.is_closed():

@@ -18,7 +18,10 @@ full, qemu's socket is, or the read rounds are spent) must come back by itself, 
 event will say the data is there. Such a flow is marked `read_pending`: the guest's next
 ACK or window update reads again (A_RESUME, tcp_sock.py); room towards qemu resumes the
 flows that waited for it (link.py); spent rounds read again in the loop's next turn. A
-read that found the socket drained clears the mark, and A_RESUME then reads nothing.
+read that found the socket drained clears the mark, and A_RESUME then reads nothing. The
+end of the stream is the one thing a read that finds data cannot see: the edge that
+brings the peer's FIN says so (EPOLLRDHUP, `host_shut`), and from then on a short read
+peeks once more, to find the end.
 
 Not done here: TCP decisions (tcp.py answers `send_budget`, `on_sent`, `on_host_eof`),
 which flow to read when (tcp_sock.py).
@@ -29,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import mmap
+import select
 import socket
 import struct
 from collections.abc import Callable
@@ -158,8 +162,12 @@ class HostData:
             conn.on_sent(n, now)
             link.send_framed(frames, -(-n // mss), now)
             if n < want:
-                conn.read_pending = False  # drained: the next arrival is an edge
-                break
+                if not conn.host_shut:
+                    conn.read_pending = False  # drained: the next arrival is an edge
+                    break
+                # the peer shut its side (its FIN came with this data or before it): the
+                # end is next, and no other edge will come to say so
+                continue
             if link.congested:
                 self.wait_for_room(conn)
                 ctx.schedule(conn)
@@ -178,7 +186,12 @@ class HostData:
 
     def await_data(self, conn: TcpConn) -> None:
         """Be woken for host data that arrives from now on (see Wakeups above)."""
-        self.ctx.readiness.read(conn, self._on_readable, edge=True)
+        self.ctx.readiness.read(conn, self._edge, edge=True)
+
+    def _edge(self, conn: TcpConn, events: int) -> None:
+        if events & select.EPOLLRDHUP:
+            conn.host_shut = True
+        self._on_readable(conn)
 
     def drop_acknowledged(self, conn: TcpConn) -> None:
         """Drop bytes the guest acknowledged from the receive queue (MSG_TRUNC: TCP

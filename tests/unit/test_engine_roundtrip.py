@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import ARP, Ether
+from scapy.packet import Raw
 
 from passtd.engine.addrs import Ip4Config, NetConfig
 from passtd.engine.settings import EngineSettings
@@ -163,6 +164,26 @@ def test_a_read_stopped_by_the_guest_window_goes_on_after_its_ack(
                 got += bytes(segment.payload)
                 harness.send(guest_segment(port, ours + len(got), 10))  # the ACK
             assert got == bytes(range(30))
+
+
+def test_the_last_data_and_the_peers_fin_in_one_wakeup_both_reach_the_guest(
+        harness: EngineHarness) -> None:
+    """The FIN is queued behind the data: the read that finds the data sees no end, and
+    no other edge comes (tcp_peek.py: Wakeups); the guest must still get its FIN."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        peer, ours = connected(harness, server, window=60000)
+        with peer:
+            peer.sendall(b"last words")
+            peer.shutdown(socket.SHUT_WR)
+            harness.run(0.05)
+            segments = tcp_replies(harness.receive())
+            data = [t for t in segments if t.haslayer(Raw)]
+            assert b"".join(t[Raw].load for t in data) == b"last words"
+            fin = [t for t in segments if "F" in str(t.flags)]
+            assert fin and fin[-1].seq == ours + len(b"last words") - (
+                len(fin[-1][Raw].load) if fin[-1].haslayer(Raw) else 0)
 
 
 def test_arp_for_the_gateway_is_answered(harness: EngineHarness) -> None:

@@ -10,7 +10,9 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -149,3 +151,87 @@ def test_a_closed_loop_refuses_readers() -> None:
     with pytest.raises(RuntimeError, match="closed"):
         loop.add_reader(0, lambda: None)
     assert loop.remove_reader(0) is False
+
+
+# -- select waits on while only the loop's callbacks ran, and returns for asyncio's work ----
+
+
+def test_a_future_a_reader_completes_is_seen_at_once(loop: EngineLoop) -> None:
+    """The reader's set_result gives asyncio a callback (call_soon): select returns for
+    it, not when the watchdog's timer comes."""
+    a, b = pair()
+    done: asyncio.Future[str] = loop.create_future()
+    loop.add_reader(a.fileno(), lambda: (a.recv(10), done.set_result("done")))
+    loop.call_later(5, lambda: done.done() or done.set_result("the watchdog"))
+    b.send(b"x")
+    start = time.monotonic()
+    assert loop.run_until_complete(done) == "done"
+    assert time.monotonic() - start < 1
+
+
+def test_a_timer_a_reader_arms_fires_on_time(loop: EngineLoop) -> None:
+    a, b = pair()
+    fired: list[float] = []
+    loop.add_reader(a.fileno(), lambda: (a.recv(10), loop.call_later(
+        0.01, lambda: fired.append(loop.time()))))
+    loop.call_later(0.05, b.send, b"x")  # once select waits on asyncio's timer below
+    start = loop.time()
+    spin(loop, 0.5)  # asyncio's own timer: select is told to wait up to 0.5 s
+    assert len(fired) == 1 and fired[0] - start < 0.25
+
+
+def test_stop_from_a_reader_stops_the_loop_at_once(loop: EngineLoop) -> None:
+    a, b = pair()
+    loop.add_reader(a.fileno(), lambda: (a.recv(10), loop.stop()))
+    loop.call_later(5, loop.stop)  # the watchdog
+    b.send(b"x")
+    start = time.monotonic()
+    loop.run_forever()
+    assert time.monotonic() - start < 1
+
+
+def test_readers_keep_running_while_asyncio_has_nothing_to_do(loop: EngineLoop) -> None:
+    """A ping-pong between two readers inside select, then asyncio's timer ends it on
+    time: waiting on for the loop's callbacks does not hold back asyncio's timers."""
+    a, b = pair()
+    count = [0]
+
+    def bounce(own: socket.socket) -> None:
+        own.recv(10)
+        count[0] += 1
+        own.send(b"x")
+
+    loop.add_reader(a.fileno(), bounce, a)
+    loop.add_reader(b.fileno(), bounce, b)
+    a.send(b"x")
+    start = loop.time()
+    spin(loop, 0.1)
+    assert count[0] > 100 and loop.time() - start < 0.5
+
+
+def test_a_socket_asyncio_used_first_can_be_watched_after(loop: EngineLoop,
+                                                          tmp_path: Path) -> None:
+    """What dbus-fast does: sock_connect and sock_recv (asyncio registers the descriptor and
+    ends with remove_writer/remove_reader, which must reach asyncio's registration), then
+    add_reader on the same socket."""
+    path = str(tmp_path / "s")
+    with socket.socket(socket.AF_UNIX) as server, socket.socket(socket.AF_UNIX) as client:
+        server.bind(path)
+        server.listen(1)
+        client.setblocking(False)
+        got: list[bytes] = []
+
+        async def scenario() -> None:
+            await loop.sock_connect(client, path)
+            peer, _ = server.accept()
+            with peer:
+                peer.send(b"auth")
+                assert await loop.sock_recv(client, 10) == b"auth"
+                loop.add_reader(client, lambda: got.append(client.recv(10)))
+                peer.send(b"message")
+                await asyncio.sleep(0.05)
+                assert loop.remove_reader(client) is True
+
+        loop.run_until_complete(scenario())
+    assert got == [b"message"]
+    assert loop.poller.problems() == []
