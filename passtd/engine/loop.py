@@ -32,7 +32,7 @@ import math
 import socket
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from . import arp, dhcp, dhcpv6, events, ndp, packet, tcp, tcp_run
 from .context import BufferTrim, EngineContext, RateLimitedLog, SocketHalf
@@ -264,7 +264,7 @@ class Engine:
                     run, views = None, []
                 self._other_frame(mem[off : off + length], now)
                 continue
-            conn: Any = by_key.get((6, src, sport, dst, dport))
+            conn = cast(TcpConn | None, by_key.get((6, src, sport, dst, dport)))  # proto 6
             if conn is None or flags & packet.TCP_SYN:
                 if run is not None:
                     tcp_half.end_run(run, views, now)

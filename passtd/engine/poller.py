@@ -32,8 +32,9 @@ Rules, kept true by every method:
   waking a little early, and 0 polls once.
 
 Edge triggering (`Poller.add_reader(..., edge=True)`, which asyncio's API has no word for):
-the reader runs when data arrives, not again while data it left stays; the engine's TCP
-sockets use it (tcp_peek.py says why and what it must then do itself).
+the reader runs when data arrives, not again while data it left stays, and is given the
+epoll events (EPOLLRDHUP: the peer shut its side); the engine's TCP sockets use it
+(tcp_peek.py says why and what it must then do itself).
 
 Not done here: timers (asyncio's heap; the engine keeps one handle, timers.py), anything
 about what the callbacks do.
@@ -148,7 +149,8 @@ class Poller:
             return
         if not mask:
             del self._watches[watch.fd]
-            self._epoll.unregister(watch.fd)
+            with contextlib.suppress(OSError):  # closed first: the kernel dropped it already
+                self._epoll.unregister(watch.fd)
         elif had:
             self._epoll.modify(watch.fd, mask)
         else:

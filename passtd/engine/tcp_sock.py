@@ -283,9 +283,10 @@ class TcpSockets:
                 self._control(conn, control, now)
         if actions & tcp.A_WAIT_WRITABLE:
             self.ctx.readiness.write(conn, self._host_writable)
-        if actions & (tcp.A_ESTABLISHED | tcp.A_REWIND) \
-                or (actions & tcp.A_RESUME and conn.read_pending):  # tcp_peek.py: Wakeups
-            self._resume[conn] = None
+        if actions & tcp.A_REWIND or (actions & tcp.A_RESUME and conn.read_pending):
+            self._resume[conn] = None  # tcp_peek.py: Wakeups
+        elif actions & tcp.A_ESTABLISHED:
+            self.host.await_data(conn)  # data already queued makes the registration an edge
         if actions & tcp.A_DUPACK:
             # not coalesced, and with the window unchanged: the guest counts only exact
             # duplicates towards a fast retransmission

@@ -186,6 +186,24 @@ def test_the_last_data_and_the_peers_fin_in_one_wakeup_both_reach_the_guest(
                 len(fin[-1][Raw].load) if fin[-1].haslayer(Raw) else 0)
 
 
+def test_a_banner_sent_before_the_handshake_completes_reaches_the_guest(
+        harness: EngineHarness) -> None:
+    """An SSH server speaks first: its banner is queued before the guest's ACK makes the
+    flow established, and registering the socket then is the only edge there will be."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        (syn_ack,) = tcp_replies(harness.roundtrip(syn(port, options=[("MSS", 1460)]),
+                                                   seconds=0.05))
+        peer, _ = server.accept()
+        with peer:
+            peer.sendall(b"SSH-2.0-banner\r\n")
+            harness.send(guest_segment(port, syn_ack.seq + 1, 60000))
+            (got,) = payloads(harness)
+            assert got[Raw].load == b"SSH-2.0-banner\r\n" and got.seq == syn_ack.seq + 1
+
+
 def test_arp_for_the_gateway_is_answered(harness: EngineHarness) -> None:
     request = bytes(Ether(src=GUEST_MAC, dst="ff:ff:ff:ff:ff:ff")
                     / ARP(op=1, hwsrc=GUEST_MAC, psrc=GUEST, pdst=GATEWAY))

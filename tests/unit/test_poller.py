@@ -235,3 +235,14 @@ def test_a_socket_asyncio_used_first_can_be_watched_after(loop: EngineLoop,
         loop.run_until_complete(scenario())
     assert got == [b"message"]
     assert loop.poller.problems() == []
+
+
+def test_a_descriptor_closed_before_its_reader_is_removed(loop: EngineLoop) -> None:
+    """As with asyncio's selector: the kernel dropped it with the close, removing it is
+    not an error."""
+    a, _ = pair()
+    loop.add_reader(a.fileno(), lambda: None)
+    fd = a.fileno()
+    a.close()
+    assert loop.remove_reader(fd) is True
+    assert loop.poller.problems() == []
