@@ -11,9 +11,9 @@ through them (the engine's sockets, the D-Bus connection) is kept by the Poller 
 from inside `select`, straight from the epoll result, with no Handle, no queue and no
 second look-up. What asyncio registers for itself (its wake-up pipe, signal handling,
 transports) goes through the selector methods and comes back from `select` as it expects.
-Timers, futures and tasks stay asyncio's. And while only the loop's callbacks are ready,
-`select` does not return at all: it waits again, so that asyncio's own iteration (the
-interpreted part of every wakeup) runs only when asyncio has something to do.
+Timers, futures and tasks stay asyncio's. (Waiting on inside `select` while only the
+loop's callbacks were ready, to skip asyncio's iteration too, was measured and dropped:
+request/response used more CPU, not less; docs/BENCHMARK.md, "The engine's own poller".)
 
 Rules, kept true by every method:
 - a descriptor is either the loop's (add_reader/add_writer) or asyncio's own (register):
@@ -25,11 +25,9 @@ Rules, kept true by every method:
 - the reader runs before the writer when both are ready, as asyncio orders them;
 - an exception from a callback is reported to the loop's exception handler (asyncio logs
   it) and costs that callback only, as a Handle's would;
-- `select` returns when asyncio has work: one of its own descriptors is ready, a callback
-  gave it some (call_soon, call_at or call_later, stop: EngineLoop raises `asyncio_due`;
-  call_soon_threadsafe and signals wake its pipe), or its timeout ran out; a timeout is
+- `select` waits as selectors.EpollSelector does: None blocks, <= 0 polls, a timeout is
   rounded up to whole milliseconds (epoll's unit) so that a due timer is not missed by
-  waking a little early, and 0 polls once.
+  waking a little early.
 
 Edge triggering (`Poller.add_reader(..., edge=True)`, which asyncio's API has no word for):
 the reader runs when data arrives, not again while data it left stays, and is given the
@@ -44,7 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import math
 import select
 import selectors
@@ -95,7 +92,6 @@ class Poller:
         self._watches: dict[int, Watch] = {}
         self.on_error: Callable[[dict[str, Any]], None] | None = None  # the loop's handler
         self.writers_added = 0  # writers registered so far (how often writability was awaited)
-        self.asyncio_due = False  # a callback gave asyncio work (EngineLoop sets it)
 
     # -- the loop's add_reader/add_writer ---------------------------------------------------
 
@@ -202,27 +198,12 @@ class Poller:
         self._epoll.close()
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        self.asyncio_due = False  # asyncio's work so far is what it computed `timeout` for
-        deadline = math.inf if timeout is None else time.monotonic() + max(timeout, 0.0)
+        """Run the loop's callbacks of what is ready; asyncio's events, for it to run."""
         wait = -1.0 if timeout is None else _epoll_timeout(timeout)
-        while True:
-            try:
-                ready = self._epoll.poll(wait, max(len(self._keys) + len(self._watches), 1))
-            except InterruptedError:
-                return []
-            out = self._dispatch(ready)
-            if out or self.asyncio_due or not ready or wait == 0.0:
-                return out
-            # only the loop's callbacks ran and they gave asyncio nothing to do: wait
-            # again, for what is left of asyncio's timeout, rather than go round its loop
-            if deadline != math.inf:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return out
-                wait = _epoll_timeout(left)
-
-    def _dispatch(self, ready: list[tuple[int, int]]) -> list[tuple[selectors.SelectorKey, int]]:
-        """Run the loop's callbacks of `ready`; asyncio's events, for it to run."""
+        try:
+            ready = self._epoll.poll(wait, max(len(self._keys) + len(self._watches), 1))
+        except InterruptedError:
+            return []
         out: list[tuple[selectors.SelectorKey, int]] = []
         watches = self._watches
         for fd, event in ready:
@@ -324,23 +305,6 @@ class EngineLoop(asyncio.SelectorEventLoop):
 
     def time(self) -> float:
         return time.monotonic()
-
-    # work for asyncio, from a callback run inside select: it must get to it now, not when
-    # the timeout it gave select runs out (the Poller would otherwise wait on)
-
-    def call_soon(self, callback: Callable[[*_Ts], object], *args: *_Ts,
-                  context: contextvars.Context | None = None) -> asyncio.Handle:
-        self.poller.asyncio_due = True
-        return super().call_soon(callback, *args, context=context)
-
-    def call_at(self, when: float, callback: Callable[[*_Ts], object], *args: *_Ts,
-                context: contextvars.Context | None = None) -> asyncio.TimerHandle:
-        self.poller.asyncio_due = True
-        return super().call_at(when, callback, *args, context=context)
-
-    def stop(self) -> None:
-        self.poller.asyncio_due = True
-        super().stop()
 
     def _open(self) -> None:
         if self.is_closed():

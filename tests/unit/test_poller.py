@@ -153,12 +153,12 @@ def test_a_closed_loop_refuses_readers() -> None:
     assert loop.remove_reader(0) is False
 
 
-# -- select waits on while only the loop's callbacks ran, and returns for asyncio's work ----
+# -- what a callback run inside select gives asyncio is seen at once ------------------------
 
 
 def test_a_future_a_reader_completes_is_seen_at_once(loop: EngineLoop) -> None:
-    """The reader's set_result gives asyncio a callback (call_soon): select returns for
-    it, not when the watchdog's timer comes."""
+    """The reader's set_result gives asyncio a callback (call_soon): it runs now, not when
+    the watchdog's timer comes."""
     a, b = pair()
     done: asyncio.Future[str] = loop.create_future()
     loop.add_reader(a.fileno(), lambda: (a.recv(10), done.set_result("done")))
@@ -191,8 +191,8 @@ def test_stop_from_a_reader_stops_the_loop_at_once(loop: EngineLoop) -> None:
 
 
 def test_readers_keep_running_while_asyncio_has_nothing_to_do(loop: EngineLoop) -> None:
-    """A ping-pong between two readers inside select, then asyncio's timer ends it on
-    time: waiting on for the loop's callbacks does not hold back asyncio's timers."""
+    """A ping-pong between two readers, and asyncio's timer ends it on time: a stream of
+    the loop's callbacks does not hold back asyncio's timers."""
     a, b = pair()
     count = [0]
 
