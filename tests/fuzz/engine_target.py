@@ -491,7 +491,7 @@ class EngineHarness:
 
     def check(self, run: Run) -> None:
         assert not self.errors, "\n".join(self.errors)
-        problems = run.engine.problems()
+        problems = run.engine.problems() + self.loop.poller.problems()
         assert not problems, "\n".join(problems)
 
     def final_check(self, run: Run) -> None:
