@@ -33,8 +33,8 @@ class _Sources:
     """Finds this package's modules but `compiled` as their sources, ahead of compiled
     ones beside them (modules with no source, the C parts _csum and _tcp_run, are left
     to the other finders). A meta path finder needs only `find_spec`; importlib.abc's
-    base class is left out because importing it imports importlib.resources and with it
-    tempfile, zipfile and the compressors: 2 MiB of every instance's memory."""
+    base class is left out because importing it imports importlib.resources, which a
+    running instance needs for nothing (measured: 0.07 MiB of its memory)."""
 
     def __init__(self, compiled: frozenset[str]) -> None:
         self.compiled = compiled

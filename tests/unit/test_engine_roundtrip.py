@@ -103,6 +103,15 @@ def test_a_local_connect_done_inside_connect_is_answered_in_the_same_batch(
         assert str(syn_ack.flags) == "SA" and harness.loop.poller.writers_added == writers_before
 
 
+@pytest.fixture
+def server() -> Iterator[socket.socket]:
+    """A host server on loopback, listening (the tests accept its connections)."""
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        yield srv
+
+
 def connected(harness: EngineHarness, server: socket.socket, window: int
               ) -> tuple[socket.socket, int]:
     """A flow to `server` through the engine (no window scaling: the guest's window is
@@ -128,80 +137,68 @@ def payloads(harness: EngineHarness, seconds: float = 0.05) -> list[TCP]:
 
 
 def test_host_data_after_everything_was_acknowledged_wakes_the_engine(
-        harness: EngineHarness) -> None:
+        harness: EngineHarness, server: socket.socket) -> None:
     """Request/response: the flow's socket is edge-triggered (tcp_peek.py: Wakeups), so
     each reply must be an edge of its own once the guest acknowledged the one before."""
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen(1)
-        peer, ours = connected(harness, server, window=60000)
-        port = server.getsockname()[1]
-        with peer:
-            for n in range(3):
-                reply = f"reply {n}".encode()
-                peer.sendall(reply)
-                (got,) = payloads(harness)
-                assert (bytes(got.payload), got.seq) == (reply, ours)
-                ours += len(reply)
-                harness.roundtrip(guest_segment(port, ours, 60000), seconds=0.02)  # ACK
+    peer, ours = connected(harness, server, window=60000)
+    port = server.getsockname()[1]
+    with peer:
+        for n in range(3):
+            reply = f"reply {n}".encode()
+            peer.sendall(reply)
+            (got,) = payloads(harness)
+            assert (bytes(got.payload), got.seq) == (reply, ours)
+            ours += len(reply)
+            harness.roundtrip(guest_segment(port, ours, 60000), seconds=0.02)  # ACK
 
 
 def test_a_read_stopped_by_the_guest_window_goes_on_after_its_ack(
-        harness: EngineHarness) -> None:
+        harness: EngineHarness, server: socket.socket) -> None:
     """The socket holds 30 bytes, the guest's window takes 10: the rest comes after each
     ACK, with no new host data (no new edge) to say it is there."""
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen(1)
-        peer, ours = connected(harness, server, window=10)
-        port = server.getsockname()[1]
-        with peer:
-            peer.sendall(bytes(range(30)))
-            got = b""
-            for _ in range(3):
-                (segment,) = payloads(harness)
-                assert segment.seq == ours + len(got) and len(segment.payload) == 10
-                got += bytes(segment.payload)
-                harness.send(guest_segment(port, ours + len(got), 10))  # the ACK
-            assert got == bytes(range(30))
+    peer, ours = connected(harness, server, window=10)
+    port = server.getsockname()[1]
+    with peer:
+        peer.sendall(bytes(range(30)))
+        got = b""
+        for _ in range(3):
+            (segment,) = payloads(harness)
+            assert segment.seq == ours + len(got) and len(segment.payload) == 10
+            got += bytes(segment.payload)
+            harness.send(guest_segment(port, ours + len(got), 10))  # the ACK
+        assert got == bytes(range(30))
 
 
 def test_the_last_data_and_the_peers_fin_in_one_wakeup_both_reach_the_guest(
-        harness: EngineHarness) -> None:
+        harness: EngineHarness, server: socket.socket) -> None:
     """The FIN is queued behind the data: the read that finds the data sees no end, and
     no other edge comes (tcp_peek.py: Wakeups); the guest must still get its FIN."""
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen(1)
-        peer, ours = connected(harness, server, window=60000)
-        with peer:
-            peer.sendall(b"last words")
-            peer.shutdown(socket.SHUT_WR)
-            harness.run(0.05)
-            segments = tcp_replies(harness.receive())
-            data = [t for t in segments if t.haslayer(Raw)]
-            assert b"".join(t[Raw].load for t in data) == b"last words"
-            fin = [t for t in segments if "F" in str(t.flags)]
-            assert fin and fin[-1].seq == ours + len(b"last words") - (
-                len(fin[-1][Raw].load) if fin[-1].haslayer(Raw) else 0)
+    peer, ours = connected(harness, server, window=60000)
+    with peer:
+        peer.sendall(b"last words")
+        peer.shutdown(socket.SHUT_WR)
+        harness.run(0.05)
+        segments = tcp_replies(harness.receive())
+        data = [t for t in segments if t.haslayer(Raw)]
+        assert b"".join(t[Raw].load for t in data) == b"last words"
+        fin = [t for t in segments if "F" in str(t.flags)]
+        assert fin and fin[-1].seq == ours + len(b"last words") - (
+            len(fin[-1][Raw].load) if fin[-1].haslayer(Raw) else 0)
 
 
 def test_a_banner_sent_before_the_handshake_completes_reaches_the_guest(
-        harness: EngineHarness) -> None:
+        harness: EngineHarness, server: socket.socket) -> None:
     """An SSH server speaks first: its banner is queued before the guest's ACK makes the
     flow established, and registering the socket then is the only edge there will be."""
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen(1)
-        port = server.getsockname()[1]
-        (syn_ack,) = tcp_replies(harness.roundtrip(syn(port, options=[("MSS", 1460)]),
-                                                   seconds=0.05))
-        peer, _ = server.accept()
-        with peer:
-            peer.sendall(b"SSH-2.0-banner\r\n")
-            harness.send(guest_segment(port, syn_ack.seq + 1, 60000))
-            (got,) = payloads(harness)
-            assert got[Raw].load == b"SSH-2.0-banner\r\n" and got.seq == syn_ack.seq + 1
+    port = server.getsockname()[1]
+    (syn_ack,) = tcp_replies(harness.roundtrip(syn(port, options=[("MSS", 1460)]),
+                                               seconds=0.05))
+    peer, _ = server.accept()
+    with peer:
+        peer.sendall(b"SSH-2.0-banner\r\n")
+        harness.send(guest_segment(port, syn_ack.seq + 1, 60000))
+        (got,) = payloads(harness)
+        assert got[Raw].load == b"SSH-2.0-banner\r\n" and got.seq == syn_ack.seq + 1
 
 
 def test_arp_for_the_gateway_is_answered(harness: EngineHarness) -> None:
