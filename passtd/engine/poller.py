@@ -11,9 +11,10 @@ through them (the engine's sockets, the D-Bus connection) is kept by the Poller 
 from inside `select`, straight from the epoll result, with no Handle, no queue and no
 second look-up. What asyncio registers for itself (its wake-up pipe, signal handling,
 transports) goes through the selector methods and comes back from `select` as it expects.
-Timers, futures and tasks stay asyncio's. (Waiting on inside `select` while only the
-loop's callbacks were ready, to skip asyncio's iteration too, was measured and dropped:
-request/response used more CPU, not less; docs/BENCHMARK.md, "The engine's own poller".)
+Futures, tasks and timers stay asyncio's, but for the engine's deadlines (below). (Waiting
+on inside `select` while only the loop's callbacks were ready, to skip asyncio's iteration
+too, was measured and dropped: request/response used more CPU, not less;
+docs/BENCHMARK.md, "The engine's own poller".)
 
 Rules, kept true by every method:
 - a descriptor is either the loop's (add_reader/add_writer) or asyncio's own (register):
@@ -34,8 +35,16 @@ the reader runs when data arrives, not again while data it left stays, and is gi
 epoll events (EPOLLRDHUP: the peer shut its side); the engine's TCP sockets use it
 (tcp_peek.py says why and what it must then do itself).
 
-Not done here: timers (asyncio's heap; the engine keeps one handle, timers.py), anything
-about what the callbacks do.
+Deadlines (`Poller.deadline(callback)`): a timer the engine re-arms per packet (the
+delayed ACK of request/response traffic is armed and disarmed once per round trip). Through
+asyncio every arming is a TimerHandle and a heap entry and every disarming leaves one to
+clean up, in interpreted code; a Deadline is one time on an object of ours, which `select`
+waits for (never longer than asyncio asked) and runs from inside, as it runs readiness
+callbacks. A deadline runs at most once per arming, not before its time; it waits at
+least the whole millisecond epoll counts in.
+
+Not done here: asyncio's timers (its heap: call_later and call_at; the engine's flow
+timers keep one such handle, timers.py), anything about what the callbacks do.
 """
 
 from __future__ import annotations
@@ -82,8 +91,27 @@ class Watch:
         return mask | _EDGE if mask and self.edge else mask
 
 
+class Deadline:
+    """A callback at one time of the loop's clock (time.monotonic), armed as often as
+    wanted; it runs once per arming, from the poller's select."""
+
+    def __init__(self, callback: Callable[[], object]) -> None:
+        self.callback = callback
+        self.when = math.inf  # not armed
+
+    @property
+    def armed(self) -> bool:
+        return self.when != math.inf
+
+    def arm(self, when: float) -> None:
+        self.when = when
+
+    def cancel(self) -> None:
+        self.when = math.inf
+
+
 class Poller:
-    """asyncio's selector, and the registry of callbacks it runs itself."""
+    """asyncio's selector, and the registry of callbacks and deadlines it runs itself."""
 
     def __init__(self) -> None:
         self._epoll = select.epoll()
@@ -92,6 +120,13 @@ class Poller:
         self._watches: dict[int, Watch] = {}
         self.on_error: Callable[[dict[str, Any]], None] | None = None  # the loop's handler
         self.writers_added = 0  # writers registered so far (how often writability was awaited)
+        self._deadlines: list[Deadline] = []
+
+    def deadline(self, callback: Callable[[], object]) -> Deadline:
+        """A new deadline, not armed; it lasts as long as the poller."""
+        deadline = Deadline(callback)
+        self._deadlines.append(deadline)
+        return deadline
 
     # -- the loop's add_reader/add_writer ---------------------------------------------------
 
@@ -195,15 +230,25 @@ class Poller:
     def close(self) -> None:
         self._keys.clear()
         self._watches.clear()
+        self._deadlines.clear()
         self._epoll.close()
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        """Run the loop's callbacks of what is ready; asyncio's events, for it to run."""
+        """Run the loop's callbacks of what is ready and the deadlines that are due;
+        asyncio's events, for it to run."""
+        earliest = math.inf
+        for deadline in self._deadlines:
+            if deadline.when < earliest:
+                earliest = deadline.when
+        if earliest != math.inf:
+            until = max(earliest - time.monotonic(), 0.0)
+            if timeout is None or until < timeout:
+                timeout = until
         wait = -1.0 if timeout is None else _epoll_timeout(timeout)
         try:
             ready = self._epoll.poll(wait, max(len(self._keys) + len(self._watches), 1))
         except InterruptedError:
-            return []
+            ready = []
         out: list[tuple[selectors.SelectorKey, int]] = []
         watches = self._watches
         for fd, event in ready:
@@ -220,7 +265,15 @@ class Poller:
                 mask = (selectors.EVENT_READ if event & _READABLE else 0) \
                     | (selectors.EVENT_WRITE if event & _WRITABLE else 0)
                 out.append((key, mask & key.events))
+        if earliest != math.inf:
+            self._run_due(time.monotonic())
         return out
+
+    def _run_due(self, now: float) -> None:
+        for deadline in self._deadlines:
+            if deadline.when <= now:
+                deadline.when = math.inf  # before the callback, which may arm it again
+                self._run(deadline.callback, ())
 
     def _run(self, callback: Callable[..., object], args: tuple[Any, ...], event: int = -1
              ) -> None:

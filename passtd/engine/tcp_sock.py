@@ -23,7 +23,6 @@ Not done here: TCP state (tcp.py), reading host data (tcp_peek.py), listening so
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import logging
@@ -69,7 +68,7 @@ class TcpSockets:
         self._ack_due: dict[TcpConn, None] = {}
         self._resume: dict[TcpConn, None] = {}
         self._acks_delayed: dict[TcpConn, None] = {}
-        self._ack_timer: asyncio.TimerHandle | None = None
+        self._ack_deadline = ctx.loop.poller.deadline(self._send_delayed_acks)
 
     # -- guest segments -----------------------------------------------------------------------
 
@@ -318,9 +317,11 @@ class TcpSockets:
     def _delay_ack(self, conn: TcpConn) -> None:
         """ACK a little data a moment later: a reply from the host carries it, and the
         guest (and qemu) handle one frame instead of two per request. Bulk data is
-        acknowledged at once (tcp.ACK_EVERY). The timer is armed when the batch settles,
-        if a reply has not carried the ACK by then (request/response: most of the time it
-        has, and a timer armed and cancelled per request cost more than the ACK)."""
+        acknowledged at once (tcp.ACK_EVERY). The deadline is armed when the batch settles,
+        if a reply has not carried the ACK by then; in request/response the reply comes in
+        the next wakeup, so it is armed and disarmed once per request: a poller.Deadline,
+        which costs two attribute writes where asyncio's call_later and cancel cost more
+        than the ACK."""
         self._acks_delayed[conn] = None
 
     def _acked(self, conn: TcpConn) -> None:
@@ -329,12 +330,10 @@ class TcpSockets:
         for nothing after every reply)."""
         if conn in self._acks_delayed and conn.ack_sent == conn.rcv_nxt:
             del self._acks_delayed[conn]
-            if not self._acks_delayed and self._ack_timer is not None:
-                self._ack_timer.cancel()
-                self._ack_timer = None
+            if not self._acks_delayed:
+                self._ack_deadline.cancel()
 
     def _send_delayed_acks(self) -> None:
-        self._ack_timer = None
         delayed, self._acks_delayed = self._acks_delayed, {}
         for conn in delayed:
             if conn.sock is not None and conn.ack_sent != conn.rcv_nxt:
@@ -467,8 +466,8 @@ class TcpSockets:
         resume, self._resume = self._resume, {}
         for conn in resume:
             self._read(conn, now)
-        if self._acks_delayed and self._ack_timer is None:
-            self._ack_timer = self.ctx.loop.call_later(ACK_DELAY, self._send_delayed_acks)
+        if self._acks_delayed and not self._ack_deadline.armed:
+            self._ack_deadline.arm(now + ACK_DELAY)
         return bool(self._ack_due or self._resume or self._discard_due)
 
     def release(self, conn: TcpConn) -> bool:
@@ -479,8 +478,7 @@ class TcpSockets:
         return True
 
     def close(self) -> None:
-        if self._ack_timer is not None:
-            self._ack_timer.cancel()
+        self._ack_deadline.cancel()
 
     def trim(self) -> None:
         self.host.trim()
@@ -492,7 +490,7 @@ class TcpSockets:
                if isinstance(conn, TcpConn) and conn.events & tcp.CLOSED]
         out += [f"{conn!r} has no timer: it never ends" for conn in flows.values()
                 if isinstance(conn, TcpConn) and conn.deadline is None]
-        if self._acks_delayed and self._ack_timer is None:
+        if self._acks_delayed and not self._ack_deadline.armed:
             out.append(f"{len(self._acks_delayed)} delayed ACKs and no timer to send them")
         return out + [f"{conn!r} pending but not in the table"
                       for pending in (self._ack_due, self._resume, self._discard_due,

@@ -246,3 +246,72 @@ def test_a_descriptor_closed_before_its_reader_is_removed(loop: EngineLoop) -> N
     a.close()
     assert loop.remove_reader(fd) is True
     assert loop.poller.problems() == []
+
+
+# -- deadlines: the engine's timers re-armed per packet ---------------------------------------
+
+
+def test_a_deadline_runs_once_at_its_time_not_before(loop: EngineLoop) -> None:
+    fired: list[float] = []
+    deadline = loop.poller.deadline(lambda: (fired.append(loop.time()), loop.stop()))
+    assert not deadline.armed
+    start = loop.time()
+    deadline.arm(start + 0.05)
+    loop.call_later(5, loop.stop)  # the watchdog: select must not wait for it
+    loop.run_forever()
+    assert len(fired) == 1 and 0.05 <= fired[0] - start < 1
+    assert not deadline.armed
+    spin(loop, 0.1)
+    assert len(fired) == 1
+
+
+def test_a_cancelled_deadline_does_not_run(loop: EngineLoop) -> None:
+    fired: list[str] = []
+    deadline = loop.poller.deadline(lambda: fired.append("ran"))
+    deadline.arm(loop.time() + 0.01)
+    deadline.cancel()
+    spin(loop, 0.1)
+    assert fired == [] and not deadline.armed
+
+
+def test_a_deadline_may_arm_itself_again(loop: EngineLoop) -> None:
+    fired: list[float] = []
+
+    def again() -> None:
+        fired.append(loop.time())
+        if len(fired) < 3:
+            deadline.arm(loop.time() + 0.01)
+
+    deadline = loop.poller.deadline(again)
+    deadline.arm(loop.time())
+    spin(loop, 0.3)
+    assert len(fired) == 3 and fired[2] - fired[0] >= 0.02
+
+
+def test_a_deadline_a_reader_arms_bounds_the_wait(loop: EngineLoop) -> None:
+    """Armed inside select, while asyncio waits on a timer of its own 0.5 s away: the
+    next wait ends at the deadline."""
+    a, b = pair()
+    fired: list[float] = []
+    deadline = loop.poller.deadline(lambda: fired.append(loop.time()))
+    loop.add_reader(a.fileno(), lambda: (a.recv(10), deadline.arm(loop.time() + 0.01)))
+    loop.call_later(0.05, b.send, b"x")
+    start = loop.time()
+    spin(loop, 0.5)
+    assert len(fired) == 1 and fired[0] - start < 0.25
+
+
+def test_an_exception_costs_that_deadline_only(loop: EngineLoop,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    fired: list[str] = []
+
+    def broken() -> None:
+        raise RuntimeError("broken deadline")
+
+    now = loop.time()
+    loop.poller.deadline(broken).arm(now)
+    loop.poller.deadline(lambda: fired.append("ran")).arm(now)
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        spin(loop)
+    assert fired == ["ran"]
+    assert "broken deadline" in caplog.text
