@@ -123,10 +123,16 @@ class Poller:
         self._deadlines: list[Deadline] = []
 
     def deadline(self, callback: Callable[[], object]) -> Deadline:
-        """A new deadline, not armed; it lasts as long as the poller."""
+        """A new deadline, not armed, kept until `remove_deadline`."""
         deadline = Deadline(callback)
         self._deadlines.append(deadline)
         return deadline
+
+    def remove_deadline(self, deadline: Deadline) -> None:
+        """Its owner is done with it (an engine closed on a loop that goes on)."""
+        deadline.cancel()
+        with contextlib.suppress(ValueError):
+            self._deadlines.remove(deadline)
 
     # -- the loop's add_reader/add_writer ---------------------------------------------------
 

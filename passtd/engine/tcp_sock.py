@@ -478,7 +478,7 @@ class TcpSockets:
         return True
 
     def close(self) -> None:
-        self._ack_deadline.cancel()
+        self.ctx.loop.poller.remove_deadline(self._ack_deadline)
 
     def trim(self) -> None:
         self.host.trim()

@@ -4,6 +4,7 @@ maps to it). Frames are built and read with scapy, independently of the engine's
 
 from __future__ import annotations
 
+import gc
 import socket
 import struct
 from collections.abc import Iterator
@@ -14,6 +15,8 @@ from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Raw
 
 from passtd.engine.addrs import Ip4Config, NetConfig
+from passtd.engine.loop import Engine
+from passtd.engine.poller import EngineLoop
 from passtd.engine.settings import EngineSettings
 from tests.support.engine_harness import EngineHarness, engine_harness
 
@@ -288,3 +291,23 @@ def test_a_read_of_in_order_segments_is_written_as_one_run(
             # without a gap one call takes the 29 after the first; with one, the segments
             # before it are one run and those after it wait in the hold
             assert taken == ([29] if gap is None else [gap - 1])
+
+
+def test_an_engine_closed_on_a_loop_that_goes_on_leaves_nothing_on_it() -> None:
+    """The fuzz target builds engine after engine on one loop: a closed engine's
+    registrations and deadlines must not keep it (and its buffers) alive."""
+    def engines() -> int:  # (a compiled Engine takes no weak reference)
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if type(o) is Engine)
+
+    loop = EngineLoop()
+    try:
+        before = engines()
+        harness = EngineHarness(SETTINGS, loop=loop)
+        harness.run(0.02)
+        assert engines() == before + 1
+        harness.close()
+        del harness
+        assert engines() == before
+    finally:
+        loop.close()

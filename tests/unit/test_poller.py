@@ -315,3 +315,14 @@ def test_an_exception_costs_that_deadline_only(loop: EngineLoop,
         spin(loop)
     assert fired == ["ran"]
     assert "broken deadline" in caplog.text
+
+
+def test_a_removed_deadline_is_forgotten(loop: EngineLoop) -> None:
+    """An engine closed on a loop that goes on (the fuzz target's) leaves nothing behind."""
+    fired: list[str] = []
+    deadline = loop.poller.deadline(lambda: fired.append("ran"))
+    deadline.arm(loop.time())
+    loop.poller.remove_deadline(deadline)
+    loop.poller.remove_deadline(deadline)  # twice is harmless
+    spin(loop)
+    assert fired == [] and not deadline.armed
