@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Iterator
 
 import pytest
 from hypothesis import strategies as st
@@ -83,3 +84,13 @@ def mutate() -> Callable[[st.DataObject, bytes], bytes]:
         return bytes(buf) + data.draw(st.binary(max_size=16))
 
     return draw
+
+
+@pytest.fixture
+def server() -> Iterator[socket.socket]:
+    """A host server on loopback, listening (the tests accept its connections); the engine
+    tests aim the guest's connections at it."""
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(4)
+        yield srv

@@ -60,59 +60,44 @@ def test_a_syn_to_a_closed_host_port_gets_exactly_a_reset(harness: EngineHarness
 
 
 def test_a_syn_to_a_listening_host_port_gets_exactly_this_syn_ack_then_data_flows(
-        harness: EngineHarness) -> None:
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen(1)
-        port = server.getsockname()[1]
-        frames = harness.roundtrip(syn(port, seq=1000, options=[
-            ("MSS", 1460), ("NOP", None), ("WScale", 7), ("SAckOK", b"")]), seconds=0.05)
-        (syn_ack,) = tcp_replies(frames)
-        assert (syn_ack.sport, syn_ack.dport, str(syn_ack.flags), syn_ack.ack) == \
-            (port, 40000, "SA", 1001)
-        assert syn_ack.window == 0xFFFF  # never scaled in a SYN; the socket has more room
-        # MSS 65480 (our MTU 65520), NOP + window scale 8, NOPs + SACK permitted
-        assert bytes(syn_ack)[20 : syn_ack.dataofs * 4] == bytes.fromhex("0204ffc8010303080101"
-                                                                         "0402")
-        peer, _ = server.accept()
-        with peer:
-            ours = syn_ack.seq + 1
-            data = bytes(Ether(src=GUEST_MAC, dst=OUR_MAC) / IP(src=GUEST, dst=GATEWAY)
-                         / TCP(sport=40000, dport=port, flags="PA", seq=1001, ack=ours,
-                               window=502) / b"hello")
-            frames = harness.roundtrip(data, seconds=0.05)
-            peer.settimeout(2)
-            assert peer.recv(100) == b"hello"
-            acks = tcp_replies(frames)
-            assert acks and acks[-1].ack == 1006 and acks[-1].seq == ours
-            peer.sendall(b"world")
-            harness.run(0.05)
-            (reply,) = [t for t in tcp_replies(harness.receive()) if bytes(t.payload)]
-            assert (bytes(reply.payload), reply.seq, reply.ack) == (b"world", ours, 1006)
+        harness: EngineHarness, server: socket.socket) -> None:
+    port = server.getsockname()[1]
+    frames = harness.roundtrip(syn(port, seq=1000, options=[
+        ("MSS", 1460), ("NOP", None), ("WScale", 7), ("SAckOK", b"")]), seconds=0.05)
+    (syn_ack,) = tcp_replies(frames)
+    assert (syn_ack.sport, syn_ack.dport, str(syn_ack.flags), syn_ack.ack) == \
+        (port, 40000, "SA", 1001)
+    assert syn_ack.window == 0xFFFF  # never scaled in a SYN; the socket has more room
+    # MSS 65480 (our MTU 65520), NOP + window scale 8, NOPs + SACK permitted
+    assert bytes(syn_ack)[20 : syn_ack.dataofs * 4] == bytes.fromhex("0204ffc8010303080101"
+                                                                     "0402")
+    peer, _ = server.accept()
+    with peer:
+        ours = syn_ack.seq + 1
+        data = bytes(Ether(src=GUEST_MAC, dst=OUR_MAC) / IP(src=GUEST, dst=GATEWAY)
+                     / TCP(sport=40000, dport=port, flags="PA", seq=1001, ack=ours,
+                           window=502) / b"hello")
+        frames = harness.roundtrip(data, seconds=0.05)
+        peer.settimeout(2)
+        assert peer.recv(100) == b"hello"
+        acks = tcp_replies(frames)
+        assert acks and acks[-1].ack == 1006 and acks[-1].seq == ours
+        peer.sendall(b"world")
+        harness.run(0.05)
+        (reply,) = [t for t in tcp_replies(harness.receive()) if bytes(t.payload)]
+        assert (bytes(reply.payload), reply.seq, reply.ack) == (b"world", ours, 1006)
 
 
 def test_a_local_connect_done_inside_connect_is_answered_in_the_same_batch(
-        harness: EngineHarness) -> None:
+        harness: EngineHarness, server: socket.socket) -> None:
     """To the host's loopback the kernel completes the handshake inside connect(): the
     SYN-ACK goes out with the batch that carried the SYN, no wait for writability."""
     writers_before = harness.loop.poller.writers_added  # waits for writability asked for
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen(1)
-        port = server.getsockname()[1]
-        harness.send(syn(port))
-        harness.run(0.0)  # the read and its batch, no time for a wait on writability
-        (syn_ack,) = tcp_replies(harness.receive())
-        assert str(syn_ack.flags) == "SA" and harness.loop.poller.writers_added == writers_before
-
-
-@pytest.fixture
-def server() -> Iterator[socket.socket]:
-    """A host server on loopback, listening (the tests accept its connections)."""
-    with socket.socket() as srv:
-        srv.bind(("127.0.0.1", 0))
-        srv.listen(1)
-        yield srv
+    port = server.getsockname()[1]
+    harness.send(syn(port))
+    harness.run(0.0)  # the read and its batch, no time for a wait on writability
+    (syn_ack,) = tcp_replies(harness.receive())
+    assert str(syn_ack.flags) == "SA" and harness.loop.poller.writers_added == writers_before
 
 
 def connected(harness: EngineHarness, server: socket.socket, window: int
@@ -256,7 +241,8 @@ def _receive_all(peer: socket.socket, size: int) -> bytes:
 
 @pytest.mark.parametrize("gap", [None, 10])
 def test_a_read_of_in_order_segments_is_written_as_one_run(
-        harness: EngineHarness, monkeypatch: pytest.MonkeyPatch, gap: int | None) -> None:
+        harness: EngineHarness, server: socket.socket, monkeypatch: pytest.MonkeyPatch,
+        gap: int | None) -> None:
     """tcp_run takes the segments after the first of a run in one step; a gap ends the
     run, the segments after it are held, and the missing one, sent last, completes it."""
     from passtd.engine import tcp_run
@@ -270,27 +256,24 @@ def test_a_read_of_in_order_segments_is_written_as_one_run(
 
     real = tcp_run.gather
     monkeypatch.setattr(tcp_run, "gather", counting)
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen(1)
-        port = server.getsockname()[1]
-        peer, ours = _established(harness, server)
-        with peer:
-            chunks = [bytes([48 + i % 40]) * 1000 for i in range(30)]
-            frames = [_data(port, 1001 + 1000 * i, ours, c) for i, c in enumerate(chunks)]
-            read_before = harness.engine.statistics()["frames_from_guest"]
-            harness.send(*[f for i, f in enumerate(frames) if i != gap])
+    port = server.getsockname()[1]
+    peer, ours = _established(harness, server)
+    with peer:
+        chunks = [bytes([48 + i % 40]) * 1000 for i in range(30)]
+        frames = [_data(port, 1001 + 1000 * i, ours, c) for i, c in enumerate(chunks)]
+        read_before = harness.engine.statistics()["frames_from_guest"]
+        harness.send(*[f for i, f in enumerate(frames) if i != gap])
+        harness.run(0.05)
+        if gap is not None:
+            harness.send(frames[gap])
             harness.run(0.05)
-            if gap is not None:
-                harness.send(frames[gap])
-                harness.run(0.05)
-            assert _receive_all(peer, 30_000) == b"".join(chunks)
-            acks = tcp_replies(harness.receive())
-            assert acks[-1].ack == 1001 + 30_000
-            assert harness.engine.statistics()["frames_from_guest"] - read_before == 30
-            # without a gap one call takes the 29 after the first; with one, the segments
-            # before it are one run and those after it wait in the hold
-            assert taken == ([29] if gap is None else [gap - 1])
+        assert _receive_all(peer, 30_000) == b"".join(chunks)
+        acks = tcp_replies(harness.receive())
+        assert acks[-1].ack == 1001 + 30_000
+        assert harness.engine.statistics()["frames_from_guest"] - read_before == 30
+        # without a gap one call takes the 29 after the first; with one, the segments
+        # before it are one run and those after it wait in the hold
+        assert taken == ([29] if gap is None else [gap - 1])
 
 
 def test_an_engine_closed_on_a_loop_that_goes_on_leaves_nothing_on_it() -> None:

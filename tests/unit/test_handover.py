@@ -55,14 +55,6 @@ def payload(seg: TCP) -> bytes:
     return bytes(seg[Raw].load) if seg.haslayer(Raw) else b""
 
 
-@pytest.fixture
-def server() -> Iterator[socket.socket]:
-    with socket.socket() as srv:
-        srv.bind(("127.0.0.1", 0))
-        srv.listen(4)
-        yield srv
-
-
 def established(h: EngineHarness, server: socket.socket) -> tuple[socket.socket, int]:
     """A guest connection to `server` through the engine: (host peer, our next seq)."""
     port = server.getsockname()[1]
