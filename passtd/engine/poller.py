@@ -92,8 +92,8 @@ class Watch:
 
 
 class Deadline:
-    """A callback at one time of the loop's clock (time.monotonic), armed as often as
-    wanted; it runs once per arming, from the poller's select."""
+    """A callback at one time of the loop's clock (`loop.time()`, as asyncio's timers),
+    armed as often as wanted; it runs once per arming, from the poller's select."""
 
     def __init__(self, callback: Callable[[], object]) -> None:
         self.callback = callback
@@ -121,6 +121,9 @@ class Poller:
         self.on_error: Callable[[dict[str, Any]], None] | None = None  # the loop's handler
         self.writers_added = 0  # writers registered so far (how often writability was awaited)
         self._deadlines: list[Deadline] = []
+        # the clock deadlines are armed in: the loop's (EngineLoop sets it), which a loop
+        # may run apart from time.monotonic (the engine fuzz target moves it on)
+        self.clock: Callable[[], float] = time.monotonic
 
     def deadline(self, callback: Callable[[], object]) -> Deadline:
         """A new deadline, not armed, kept until `remove_deadline`."""
@@ -247,7 +250,7 @@ class Poller:
             if deadline.when < earliest:
                 earliest = deadline.when
         if earliest != math.inf:
-            until = max(earliest - time.monotonic(), 0.0)
+            until = max(earliest - self.clock(), 0.0)
             if timeout is None or until < timeout:
                 timeout = until
         wait = -1.0 if timeout is None else _epoll_timeout(timeout)
@@ -272,7 +275,7 @@ class Poller:
                     | (selectors.EVENT_WRITE if event & _WRITABLE else 0)
                 out.append((key, mask & key.events))
         if earliest != math.inf:
-            self._run_due(time.monotonic())
+            self._run_due(self.clock())
         return out
 
     def _run_due(self, now: float) -> None:
@@ -328,6 +331,12 @@ class EngineLoop(asyncio.SelectorEventLoop):
         self.poller = Poller()
         super().__init__(cast(selectors.BaseSelector, self.poller))
         self.poller.on_error = self.call_exception_handler
+        self.poller.clock = self._clock
+
+    def _clock(self) -> float:
+        # the clock as the engine reads it (loop.time()): interpreted, a clock set on the
+        # instance counts; compiled, EngineLoop.time, as for the compiled engine
+        return self.time()
 
     # asyncio calls these too, for descriptors of its own (sock_connect and sock_recv end
     # with remove_writer/remove_reader): those stay asyncio's, with its own implementation

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from passtd import engine as engine_package
 from passtd.engine.poller import EngineLoop
 
 
@@ -326,3 +327,18 @@ def test_a_removed_deadline_is_forgotten(loop: EngineLoop) -> None:
     loop.poller.remove_deadline(deadline)  # twice is harmless
     spin(loop)
     assert fired == [] and not deadline.armed
+
+
+@pytest.mark.skipif(engine_package.COMPILED, reason="a clock set on a compiled loop is "
+                    "seen by interpreted callers only (asyncio's); the compiled engine and "
+                    "poller both keep EngineLoop.time, which agree")
+def test_a_deadline_follows_the_loops_clock(loop: EngineLoop) -> None:
+    """The engine arms deadlines in loop.time(), asyncio's clock for its timers; a loop
+    whose clock runs apart from time.monotonic (the engine fuzz target moves it on) must
+    see them due by that clock, not 100 s later."""
+    base = loop.time
+    loop.time = lambda: base() + 100.0  # type: ignore[method-assign]
+    fired: list[float] = []
+    loop.poller.deadline(lambda: fired.append(loop.time())).arm(loop.time() + 0.01)
+    spin(loop, 0.2)
+    assert len(fired) == 1
