@@ -14,7 +14,7 @@ consecutive segments of one flow into one write (`TcpSockets.end_run`); everythi
 goes through `_other_frame`. The ACKs and window updates a batch causes go out once per
 flow when the engine settles (`settle`), then the link flushes to qemu in one sendmsg.
 
-Timers: one asyncio handle waits for timers.py's earliest deadline; idle, nothing wakes us.
+Timers: one poller deadline (poller.py) waits for timers.py's earliest; idle, nothing wakes us.
 
 Failure policy: a malformed frame is dropped with a rate-limited debug line; a framing error
 drops the qemu client; a socket error ends that one flow with the right signal to the guest
@@ -25,10 +25,8 @@ Not done here: vhost-user, splicing between host sockets (pasta's fast path), mi
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import math
 import socket
 import struct
 from collections.abc import Callable
@@ -100,8 +98,7 @@ class Engine:
             packet.IPPROTO_ICMP: self.icmp, packet.IPPROTO_ICMPV6: self.icmp}
         self.timers = FlowTimers()
         self.handover = Handover(ctx, self.forwards, self._halves)
-        self._timer_handle: asyncio.TimerHandle | None = None
-        self._timer_when = math.inf
+        self._timer = self.loop.poller.deadline(self._on_timer)  # the earliest flow deadline
         self._dhcpv6_duid = dhcpv6.server_duid(self.net.mac)
         self.guest = GuestIdentity(self.net, ctx.seen, self.drop_log, self._changed)
         self.adverts = RouterAdvertiser(self.loop, self.net, self.link,
@@ -124,8 +121,7 @@ class Engine:
         if self.closed:
             return
         self.closed = True
-        if self._timer_handle is not None:
-            self._timer_handle.cancel()
+        self.loop.poller.remove_deadline(self._timer)
         self.trim.cancel()
         self.adverts.stop()
         self.tcp.close()
@@ -386,18 +382,10 @@ class Engine:
 
     def _schedule(self, flow: Flow) -> None:
         if self.timers.schedule(flow) and flow.deadline is not None \
-                and flow.deadline < self._timer_when:
-            self._arm_timer(flow.deadline)
-
-    def _arm_timer(self, at: float) -> None:
-        if self._timer_handle is not None:
-            self._timer_handle.cancel()
-        self._timer_when = at
-        self._timer_handle = self.loop.call_at(at, self._on_timer)
+                and flow.deadline < self._timer.when:
+            self._timer.arm(flow.deadline)
 
     def _on_timer(self) -> None:
-        self._timer_handle = None
-        self._timer_when = math.inf
         now = self.loop.time()
         for flow in self.timers.due(now):
             if flow.sock is None:
@@ -408,8 +396,8 @@ class Engine:
                 log.exception("internal error in a timer of %r", flow)
                 self.close_flow(flow, rst_peer=True)
         at = self.timers.next_deadline()
-        if at is not None and at < self._timer_when:
-            self._arm_timer(at)
+        if at is not None and at < self._timer.when:
+            self._timer.arm(at)
         self.settle(now)
 
     # -- router advertisements ------------------------------------------------------------------
@@ -494,7 +482,6 @@ class Engine:
         timer heap, readiness registrations, pending work. Empty when healthy (the fuzz
         targets check after every step)."""
         flows = list(self.flows)
-        armed_at = self._timer_when if self._timer_handle is not None else math.inf
-        return (self.flows.problems() + self.timers.problems(flows, armed_at)
+        return (self.flows.problems() + self.timers.problems(flows, self._timer.when)
                 + self.ctx.readiness.problems(flows)
                 + self.tcp.problems({flow.id: flow for flow in flows}))

@@ -35,16 +35,17 @@ the reader runs when data arrives, not again while data it left stays, and is gi
 epoll events (EPOLLRDHUP: the peer shut its side); the engine's TCP sockets use it
 (tcp_peek.py says why and what it must then do itself).
 
-Deadlines (`Poller.deadline(callback)`): a timer the engine re-arms per packet (the
-delayed ACK of request/response traffic is armed and disarmed once per round trip). Through
+Deadlines (`Poller.deadline(callback)`): the engine's timers, re-armed per packet (the
+delayed ACK of request/response traffic is armed and disarmed once per round trip) or
+whenever a flow's deadline comes before the one waited for (the flow timers). Through
 asyncio every arming is a TimerHandle and a heap entry and every disarming leaves one to
 clean up, in interpreted code; a Deadline is one time on an object of ours, which `select`
 waits for (never longer than asyncio asked) and runs from inside, as it runs readiness
 callbacks. A deadline runs at most once per arming, not before its time; it waits at
 least the whole millisecond epoll counts in.
 
-Not done here: asyncio's timers (its heap: call_later and call_at; the engine's flow
-timers keep one such handle, timers.py), anything about what the callbacks do.
+Not done here: asyncio's timers (its heap: call_later and call_at, for everything but
+the engine's deadlines), anything about what the callbacks do.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Design: flows keep a `deadline` (flow.py's timer contract). `FlowTimers` holds heap
 entries [deadline, seq, flow]; the engine asks it for the flows that are due at `now` and
-for the next deadline, and owns the one asyncio timer handle that waits for it. Entries
+for the next deadline, and owns the one poller deadline (poller.py) that waits for it. Entries
 are lazy: a flow whose deadline moved later keeps its old entry and is re-queued when that
 entry comes up, so the hot path never touches the heap because an ACK pushed a
 retransmission timeout out. With no flows the heap is empty and the engine sleeps: no
