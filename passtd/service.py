@@ -1,9 +1,10 @@
 """One passtd process per VM: configuration to engine, sockets, systemd, signals.
 
 Design: `run` turns an InstanceConfig into EngineSettings (reading the host's addresses
-and resolvers once, as passt does), finds its sockets, starts the engine on an asyncio
-loop, exports the D-Bus API when a bus is configured and reachable, tells systemd it is
-ready, and waits for a signal:
+and resolvers once, as passt does), finds its sockets, starts the engine on a MainLoop
+(engine/mainloop.py), exports the D-Bus API when a bus is configured and reachable (then
+asyncio's loop runs the MainLoop: dbus-fast needs asyncio, and only then is it imported),
+tells systemd it is ready, and waits for a signal:
 
 - Sockets: systemd's socket activation (LISTEN_FDS, the `passtd@.socket` unit) gives the
   listening socket; without it we bind `socket` ourselves (refusing to steal a path another
@@ -32,7 +33,6 @@ namespace tricks are not reproduced), daemonising (systemd supervises us).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import ipaddress
@@ -46,7 +46,7 @@ import stat
 import subprocess
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import config as config_mod
 from . import engine as engine_package
@@ -66,11 +66,14 @@ from .engine.fwd import (
 )
 from .engine.handover import close_all as close_sockets
 from .engine.loop import Engine
-from .engine.poller import EngineLoop
+from .engine.mainloop import MainLoop
 from .engine.settings import EngineSettings
 from .engine.udp import SourcePortRule
 from .names import runtime_dir
 from .qemu_peer import CgroupPeerCheck
+
+if TYPE_CHECKING:
+    import asyncio
 
 log = logging.getLogger("passtd")
 
@@ -88,6 +91,14 @@ MAX_BUNDLES = 9
 
 class StartError(Exception):
     """The instance cannot start; the message says why, for the admin."""
+
+
+class Runner(Protocol):
+    """The loop that runs the instance: its MainLoop, or with the bus asyncio's on it."""
+
+    def run_forever(self) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 # -- systemd protocol, pure Python -----------------------------------------------------------
@@ -300,7 +311,7 @@ class Instance:
         self.own_socket_path: str | None = None
         self.stored_client: socket.socket | None = None  # the qemu socket in the FD store
         self.reexec = False  # SIGUSR2: the instance goes on in a new executable
-        self.stopping = asyncio.Event()
+        self.stop: Callable[[], None] = lambda: None  # ends run(): the runner's stop
         self.runtime_dir = runtime_dir()
         self.state_dir = os.environ.get(config_mod.STATE_DIR_ENV) or self.runtime_dir
 
@@ -308,11 +319,13 @@ class Instance:
     def forwards_file(self) -> str:
         return os.path.join(self.state_dir, f"{self.cfg.name}.forwards.json")
 
-    async def run(self) -> int:
-        loop = asyncio.get_running_loop()
-        assert isinstance(loop, EngineLoop), "run() starts the instance on an EngineLoop"
+    def run(self, main: MainLoop, bus_api: Any = None,
+            aloop: asyncio.AbstractEventLoop | None = None) -> int:
+        """Start the engine on `main`, serve until a stop signal, close. With the D-Bus API
+        (`bus_api`, load_bus_api's), asyncio's loop `aloop` runs `main` (aioloop.py)."""
+        runner: Runner = aloop if aloop is not None else main
+        self.stop = runner.stop
         settings = engine_settings(self.cfg)
-        bus_api = self._load_bus_api()
         log.info("instance %s: %s", self.cfg.name, describe_network(settings.net))
         fds = listen_fds()
         handed = [name for name in fds if name == fd_handover.FD_NAME_STATE
@@ -336,7 +349,7 @@ class Instance:
             self.listener = bind_listener(self.cfg.socket)
             self.own_socket_path = self.cfg.socket
             log.info("listening for qemu on %s", self.cfg.socket)
-        engine = Engine(settings, loop, on_change=self._on_change)
+        engine = Engine(settings, main, on_change=self._on_change)
         self.engine = engine
         if state is not None:
             engine.inherit(state, inherited)
@@ -366,12 +379,12 @@ class Instance:
             os.close(fd)
         engine.resume_inherited()
 
-        if bus_api is not None:
-            await self._export_bus(bus_api)
+        if bus_api is not None and aloop is not None:
+            aloop.run_until_complete(self._export_bus(bus_api))
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stopping.set)
-        loop.add_signal_handler(signal.SIGHUP, self._reload)
-        loop.add_signal_handler(signal.SIGUSR2, self._reexec_requested)
+            main.add_signal_handler(sig, self.stop)
+        main.add_signal_handler(signal.SIGHUP, self._reload)
+        main.add_signal_handler(signal.SIGUSR2, self._reexec_requested)
         sd_notify(f"READY=1\nSTATUS={engine.summary()}")
         log.info("instance %s ready", self.cfg.name)
         missing = [what for engine, what in (
@@ -384,13 +397,16 @@ class Instance:
             log.warning("native parts not built here, their pure-Python paths run instead "
                         "(./setup.sh builds them; they need gcc and python3-dev): %s",
                         "; ".join(missing))
-        await self.stopping.wait()
+        runner.run_forever()
         log.info("instance %s stopping", self.cfg.name)
         sd_notify("STOPPING=1")
-        await self._close()
+        if self.bus is not None and aloop is not None:
+            with contextlib.suppress(Exception):
+                aloop.run_until_complete(self.bus.close())
+        self._close()
         return 0
 
-    def _load_bus_api(self) -> Any:
+    def load_bus_api(self) -> Any:
         """The D-Bus module, imported before the flows are taken over: its import takes
         tens of milliseconds that a restart would otherwise add to the guest's pause."""
         if self.cfg.bus == "none":
@@ -409,10 +425,7 @@ class Instance:
             log.error("D-Bus API not available on the %s bus: %s; running without it",
                       self.cfg.bus, e)
 
-    async def _close(self) -> None:
-        if self.bus is not None:
-            with contextlib.suppress(Exception):
-                await self.bus.close()
+    def _close(self) -> None:
         if self.reexec:
             self._reexec()  # returns only if the new executable could not be run
         if self.engine is not None and not self.engine.closed:
@@ -460,7 +473,7 @@ class Instance:
     def _reexec_requested(self) -> None:
         log.info("SIGUSR2: handing the instance over to a new passtd process")
         self.reexec = True
-        self.stopping.set()
+        self.stop()
 
     def _reexec(self) -> None:
         """Run the `passtd` executable as it is on disk now in this process, handing it
@@ -691,10 +704,19 @@ def run(cfg: InstanceConfig, reload_config: Callable[[], InstanceConfig]) -> int
     setup_logging(cfg.log_level, cfg.name)
     raise_nofile_limit()
     instance = Instance(cfg, reload_config)
+    bus_api = instance.load_bus_api()
+    main = MainLoop()
     try:
-        with asyncio.Runner(loop_factory=EngineLoop) as runner:
-            return runner.run(instance.run())
+        if bus_api is None:
+            return instance.run(main)
+        import asyncio  # only with the bus: dbus-fast needs it (engine/mainloop.py says why)
+
+        from .engine.aioloop import EngineLoop
+        with asyncio.Runner(loop_factory=lambda: EngineLoop(main)) as runner:
+            return instance.run(main, bus_api, runner.get_loop())
     except StartError as e:
         log.error("%s", e)
         sd_notify(f"STATUS=failed: {e}")
         return 1
+    finally:
+        main.close()

@@ -16,7 +16,6 @@ Not done here: any protocol or I/O decision.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -26,7 +25,8 @@ from . import events
 from .addrs import GuestSeen, NetConfig
 from .flow import A_CLOSE, Flow, FlowTable
 from .link import GuestLink
-from .poller import EngineLoop, Poller
+from .mainloop import MainLoop, Timer
+from .poller import Poller
 from .settings import EngineSettings
 from .sockets import HostSockets
 
@@ -97,11 +97,11 @@ class BufferTrim:
 
     DELAY = 10.0
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, trim: Callable[[], object]) -> None:
+    def __init__(self, loop: MainLoop, trim: Callable[[], object]) -> None:
         self.loop = loop
         self._trim = trim
         self._used_at = 0.0  # when the big I/O buffers last held data
-        self._handle: asyncio.TimerHandle | None = None
+        self._handle: Timer | None = None
 
     def used(self, now: float) -> None:
         """Note traffic through the big buffers; give their pages back once it stops."""
@@ -199,7 +199,7 @@ def _unset(*_args: Any) -> None:
 class EngineContext:
     """The shared state and engine services every part of one engine receives."""
 
-    def __init__(self, settings: EngineSettings, loop: EngineLoop,
+    def __init__(self, settings: EngineSettings, loop: MainLoop,
                  link: GuestLink, sockets: HostSockets) -> None:
         self.settings = settings
         self.sockets = sockets

@@ -25,7 +25,6 @@ Not done here: flows (the socket halves), the spec grammar (fwd.py), who may add
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import logging
 import socket
@@ -37,6 +36,7 @@ from . import events
 from .addrs import NetConfig
 from .flow import Flow
 from .fwd import ForwardRule, format_rule
+from .mainloop import MainLoop
 from .sockets import HostSockets, family_of
 
 log = logging.getLogger("passtd.engine")
@@ -93,7 +93,7 @@ class Forward:
 
 
 class Forwards:
-    def __init__(self, loop: asyncio.AbstractEventLoop, net: NetConfig, sockets: HostSockets,
+    def __init__(self, loop: MainLoop, net: NetConfig, sockets: HostSockets,
                  max_listeners: int,
                  on_accept: Callable[[Forward, socket.socket, socket.socket, PeerAddress,
                                       float], None],

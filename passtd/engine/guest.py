@@ -33,7 +33,6 @@ Not done here: the responders (DHCP, NDP) that tell the guest its addresses.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 from collections import deque
@@ -44,6 +43,7 @@ from .addrs import GuestSeen, NetConfig
 from .context import RateLimitedLog
 from .flow import addr_text
 from .link import GuestLink
+from .mainloop import MainLoop, Timer
 
 FOREIGN_PREFIXES_MAX = 4
 
@@ -134,14 +134,14 @@ class GuestIdentity:
 class RouterAdvertiser:
     """Unsolicited router advertisements while a guest is connected (the module docstring)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, net: NetConfig, link: GuestLink,
+    def __init__(self, loop: MainLoop, net: NetConfig, link: GuestLink,
                  deprecated: Sequence[bytes] = ()) -> None:
         self.loop = loop
         self.net = net
         self.link = link
         self.deprecated = deprecated  # prefixes to deprecate (GuestIdentity's, live)
         self._rng = random.Random()
-        self._handle: asyncio.TimerHandle | None = None
+        self._handle: Timer | None = None
 
     def start(self) -> None:
         self._schedule(1.0)

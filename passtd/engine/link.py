@@ -23,7 +23,6 @@ Not done here: what the frames mean (loop.py), vhost-user.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import logging
@@ -34,6 +33,7 @@ import termios
 from collections.abc import Callable
 
 from .flow import Flow
+from .mainloop import MainLoop, Timer
 from .pcap import PcapWriter
 from .tap import FrameReader, FramingError, TapOutput
 
@@ -76,7 +76,7 @@ def peer_pid(sock: socket.socket) -> str:
 
 
 class GuestLink:
-    def __init__(self, loop: asyncio.AbstractEventLoop, pcap_path: str | None,
+    def __init__(self, loop: MainLoop, pcap_path: str | None,
                  pcap_size: int, on_input: Callable[[float], None],
                  on_client: Callable[[socket.socket | None, str], None],
                  on_room: Callable[[list[Flow]], None], settle: Callable[[float], None],
@@ -98,7 +98,7 @@ class GuestLink:
         self._buffers_used = buffers_used
         self._refused = refused  # a rate-limited warning about a refused connection
         self._held: list[tuple[socket.socket, str]] = []  # (sock, why undecided)
-        self._recheck: asyncio.TimerHandle | None = None
+        self._recheck: Timer | None = None
         self._sndbuf = 0
         self._room_floor = 0  # the last TIOCOUTQ reading's room, less what we sent since
         self._watching = False  # add_writer on the qemu socket is on

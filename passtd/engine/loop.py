@@ -1,12 +1,12 @@
 """The engine: one instance's dispatcher, its lifecycle, and the facade the service uses.
 
-Design: everything runs on one EngineLoop (poller.py; the D-Bus API shares it). Data
-sockets are raw non-blocking sockets registered with its poller (TCP's edge-triggered),
-not asyncio transports, which cannot scatter a read into frame slots or gather a batch
-into one sendmsg. The engine is a short dispatch over parts named after what they own
-(context.py says how they meet; docs/ARCHITECTURE.md lists them): the qemu link, the
-guest's identity, a socket half per protocol, forwards, the timer heap, the handover of
-flows across a restart, the pure responders.
+Design: everything runs on one MainLoop (mainloop.py; with the D-Bus API, asyncio's loop
+runs it, aioloop.py). Data sockets are raw non-blocking sockets registered with its poller
+(TCP's edge-triggered), not asyncio transports, which cannot scatter a read into frame
+slots or gather a batch into one sendmsg. The engine is a short dispatch over parts named
+after what they own (context.py says how they meet; docs/ARCHITECTURE.md lists them): the
+qemu link, the guest's identity, a socket half per protocol, forwards, the timer heap, the
+handover of flows across a restart, the pure responders.
 
 Guest frames are processed a whole read at a time. Here, the fast path walks the read for
 IPv4/IPv6 TCP segments of known flows (one unpack per frame) and gathers the payloads of
@@ -41,7 +41,7 @@ from .guest import GuestIdentity, RouterAdvertiser
 from .handover import Handover
 from .icmp_sock import IcmpSockets
 from .link import GuestLink, PeerVerdict, peer_pid
-from .poller import EngineLoop
+from .mainloop import MainLoop
 from .settings import EngineSettings
 from .sockets import HostSockets, KernelSockets
 from .tcp import TcpConn
@@ -59,7 +59,7 @@ _FAST6 = struct.Struct("!IHBB16s16sHHIIBBH")
 class Engine:
     """One instance's translator: a qemu client, flows, forwards and timers."""
 
-    def __init__(self, settings: EngineSettings, loop: EngineLoop,
+    def __init__(self, settings: EngineSettings, loop: MainLoop,
                  on_change: Callable[[set[str]], None] | None = None,
                  sockets: HostSockets | None = None) -> None:
         self.settings = settings

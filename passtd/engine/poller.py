@@ -1,20 +1,19 @@
-"""The instance's event loop: asyncio's, with readiness callbacks run straight off epoll.
+"""The instance's epoll set: readiness callbacks and deadlines run straight off epoll.
 
-Design: asyncio's selector loop asks its selector (an object with `selectors.BaseSelector`'s
-methods, which `asyncio.SelectorEventLoop` takes as an argument) for ready descriptors once
-per iteration, wraps each ready callback in a Handle, queues it and runs it from the queue:
-in interpreted code, about as much time per event as the compiled engine spends on an ACK,
-and most of what remained interpreted per round trip of request/response traffic.
-`Poller` is that selector, and `EngineLoop` is asyncio's loop built on it, with its public
-`add_reader/add_writer/remove_reader/remove_writer` taken over: a callback registered
-through them (the engine's sockets, the D-Bus connection) is kept by the Poller and run
-from inside `select`, straight from the epoll result, with no Handle, no queue and no
-second look-up. What asyncio registers for itself (its wake-up pipe, signal handling,
-transports) goes through the selector methods and comes back from `select` as it expects.
-Futures, tasks and timers stay asyncio's, but for the engine's deadlines (below). (Waiting
-on inside `select` while only the loop's callbacks were ready, to skip asyncio's iteration
-too, was measured and dropped: request/response used more CPU, not less;
-docs/BENCHMARK.md, "The engine's own poller".)
+Design: `Poller` keeps the callbacks registered through a loop's `add_reader/add_writer`
+(the engine's sockets, qemu's stream, the D-Bus connection) and runs them from inside
+`select`, straight from the epoll result: no Handle, no queue, no second look-up; and the
+deadlines (below), which `select` waits for and runs the same way. Whatever calls
+`select` runs the instance: `MainLoop.run_forever` (mainloop.py, whose timers and signals
+are a deadline and a reader here), or with the D-Bus API asyncio's loop (aioloop.py),
+for which the Poller is also the selector (`selectors.BaseSelector`'s methods, which
+`asyncio.SelectorEventLoop` takes as an argument): what asyncio registers for itself (its
+wake-up pipe, transports) goes through those methods and comes back from `select` as it
+expects. Through asyncio's own selector every ready callback was wrapped in a Handle,
+queued and run from the queue: in interpreted code, about as much time per event as the
+compiled engine spends on an ACK. (Waiting on inside `select` while only the loop's
+callbacks were ready, to skip asyncio's iteration too, was measured and dropped:
+request/response used more CPU, not less; docs/BENCHMARK.md, "The engine's own poller".)
 
 Rules, kept true by every method:
 - a descriptor is either the loop's (add_reader/add_writer) or asyncio's own (register):
@@ -24,8 +23,8 @@ Rules, kept true by every method:
 - a callback runs only while its registration stands: one removed by an earlier callback
   of the same wakeup does not run (its event is stale), one replaced runs as replaced;
 - the reader runs before the writer when both are ready, as asyncio orders them;
-- an exception from a callback is reported to the loop's exception handler (asyncio logs
-  it) and costs that callback only, as a Handle's would;
+- an exception from a callback is reported to the loop's exception handler (`on_error`:
+  MainLoop's, which logs it) and costs that callback only, as a Handle's would;
 - `select` waits as selectors.EpollSelector does: None blocks, <= 0 polls, a timeout is
   rounded up to whole milliseconds (epoll's unit) so that a due timer is not missed by
   waking a little early.
@@ -37,20 +36,19 @@ epoll events (EPOLLRDHUP: the peer shut its side); the engine's TCP sockets use 
 
 Deadlines (`Poller.deadline(callback)`): the engine's timers, re-armed per packet (the
 delayed ACK of request/response traffic is armed and disarmed once per round trip) or
-whenever a flow's deadline comes before the one waited for (the flow timers). Through
-asyncio every arming is a TimerHandle and a heap entry and every disarming leaves one to
-clean up, in interpreted code; a Deadline is one time on an object of ours, which `select`
-waits for (never longer than asyncio asked) and runs from inside, as it runs readiness
-callbacks. A deadline runs at most once per arming, not before its time; it waits at
-least the whole millisecond epoll counts in.
+whenever a flow's deadline comes before the one waited for (the flow timers), and the
+MainLoop's earliest timer. A heap entry per arming would leave one to clean up per
+disarming; a Deadline is one time on an object of ours, which `select` waits for (never
+longer than its caller asked) and runs from inside, as it runs readiness callbacks. A
+deadline runs at most once per arming, not before its time; it waits at least the whole
+millisecond epoll counts in.
 
-Not done here: asyncio's timers (its heap: call_later and call_at, for everything but
-the engine's deadlines), anything about what the callbacks do.
+Not done here: timers on a heap (mainloop.py's, on one deadline of this), anything about
+what the callbacks do.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
 import select
@@ -58,7 +56,7 @@ import selectors
 import time
 import types
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol, TypeVarTuple, cast
+from typing import Any
 
 _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
@@ -67,13 +65,6 @@ _EDGE = select.EPOLLET | select.EPOLLRDHUP
 # or a hang-up wakes both sides, so that each finds out from its own call
 _READABLE = ~_OUT
 _WRITABLE = ~_IN
-
-
-_Ts = TypeVarTuple("_Ts")
-
-
-class HasFileno(Protocol):
-    def fileno(self) -> int: ...
 
 
 class Watch:
@@ -93,7 +84,7 @@ class Watch:
 
 
 class Deadline:
-    """A callback at one time of the loop's clock (`loop.time()`, as asyncio's timers),
+    """A callback at one time of the loop's clock (`loop.time()`, as its timers),
     armed as often as wanted; it runs once per arming, from the poller's select."""
 
     def __init__(self, callback: Callable[[], object]) -> None:
@@ -112,7 +103,7 @@ class Deadline:
 
 
 class Poller:
-    """asyncio's selector, and the registry of callbacks and deadlines it runs itself."""
+    """The registry of callbacks and deadlines `select` runs, and asyncio's selector."""
 
     def __init__(self) -> None:
         self._epoll = select.epoll()
@@ -122,7 +113,7 @@ class Poller:
         self.on_error: Callable[[dict[str, Any]], None] | None = None  # the loop's handler
         self.writers_added = 0  # writers registered so far (how often writability was awaited)
         self._deadlines: list[Deadline] = []
-        # the clock deadlines are armed in: the loop's (EngineLoop sets it), which a loop
+        # the clock deadlines are armed in: the loop's (MainLoop sets it), which a loop
         # may run apart from time.monotonic (the engine fuzz target moves it on)
         self.clock: Callable[[], float] = time.monotonic
 
@@ -204,7 +195,7 @@ class Poller:
     # -- selectors.BaseSelector, for asyncio ----------------------------------------------
 
     def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
-        fd = _fd(fileobj)
+        fd = fileno_of(fileobj)
         if fd in self._keys or fd in self._watches:
             raise KeyError(f"{fileobj!r} (descriptor {fd}) is already registered")
         key = selectors.SelectorKey(fileobj, fd, events, data)
@@ -213,13 +204,13 @@ class Poller:
         return key
 
     def unregister(self, fileobj: Any) -> selectors.SelectorKey:
-        key = self._keys.pop(_fd(fileobj))
+        key = self._keys.pop(fileno_of(fileobj))
         with contextlib.suppress(OSError):  # closed first: the kernel dropped it already
             self._epoll.unregister(key.fd)
         return key
 
     def modify(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
-        fd = _fd(fileobj)
+        fd = fileno_of(fileobj)
         old = self._keys[fd]
         key = selectors.SelectorKey(old.fileobj, fd, events, data)
         if events != old.events:
@@ -232,7 +223,7 @@ class Poller:
         return fd in self._keys
 
     def get_key(self, fileobj: Any) -> selectors.SelectorKey:
-        return self._keys[_fd(fileobj)]
+        return self._keys[fileno_of(fileobj)]
 
     def get_map(self) -> Mapping[int, selectors.SelectorKey]:
         return self._key_map
@@ -308,7 +299,8 @@ class Poller:
                       for fd, watch in self._watches.items() if not watch.mask()]
 
 
-def _fd(fileobj: Any) -> int:
+def fileno_of(fileobj: Any) -> int:
+    """The descriptor of a descriptor or of an object with fileno(), as selectors takes them."""
     fd = fileobj if isinstance(fileobj, int) else int(fileobj.fileno())
     if fd < 0:
         raise ValueError(f"invalid file descriptor: {fd}")
@@ -323,58 +315,3 @@ def _epoll_timeout(seconds: float) -> float:
 def _epoll_mask(events: int) -> int:
     return (_IN if events & selectors.EVENT_READ else 0) \
         | (_OUT if events & selectors.EVENT_WRITE else 0)
-
-
-class EngineLoop(asyncio.SelectorEventLoop):
-    """asyncio's loop on a Poller; add_reader/add_writer and the clock go straight to it."""
-
-    def __init__(self) -> None:
-        self.poller = Poller()
-        super().__init__(cast(selectors.BaseSelector, self.poller))
-        self.poller.on_error = self.call_exception_handler
-        self.poller.clock = self._clock
-
-    def _clock(self) -> float:
-        # the clock as the engine reads it (loop.time()): interpreted, a clock set on the
-        # instance counts; compiled, EngineLoop.time, as for the compiled engine
-        return self.time()
-
-    # asyncio calls these too, for descriptors of its own (sock_connect and sock_recv end
-    # with remove_writer/remove_reader): those stay asyncio's, with its own implementation
-
-    def add_reader(self, fd: int | HasFileno, callback: Callable[[*_Ts], object],
-                   *args: *_Ts) -> None:
-        fileno = _fd(fd)
-        if self.poller.is_asyncios(fileno):
-            return super().add_reader(fileno, callback, *args)
-        self._open()
-        self.poller.add_reader(fileno, callback, args)
-        return None
-
-    def remove_reader(self, fd: int | HasFileno) -> bool:
-        fileno = _fd(fd)
-        if self.poller.is_asyncios(fileno):
-            return super().remove_reader(fileno)
-        return False if self.is_closed() else self.poller.remove_reader(fileno)
-
-    def add_writer(self, fd: int | HasFileno, callback: Callable[[*_Ts], object],
-                   *args: *_Ts) -> None:
-        fileno = _fd(fd)
-        if self.poller.is_asyncios(fileno):
-            return super().add_writer(fileno, callback, *args)
-        self._open()
-        self.poller.add_writer(fileno, callback, args)
-        return None
-
-    def remove_writer(self, fd: int | HasFileno) -> bool:
-        fileno = _fd(fd)
-        if self.poller.is_asyncios(fileno):
-            return super().remove_writer(fileno)
-        return False if self.is_closed() else self.poller.remove_writer(fileno)
-
-    def time(self) -> float:
-        return time.monotonic()
-
-    def _open(self) -> None:
-        if self.is_closed():
-            raise RuntimeError("Event loop is closed")

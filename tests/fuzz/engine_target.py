@@ -41,13 +41,13 @@ must still get their answers.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import logging
 import os
 import socket
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,7 +55,7 @@ from passtd.engine import packet, tcp
 from passtd.engine.addrs import Ip4Config, Ip6Config, NetConfig
 from passtd.engine.fwd import ForwardRule
 from passtd.engine.loop import Engine
-from passtd.engine.poller import EngineLoop
+from passtd.engine.mainloop import MainLoop
 from passtd.engine.settings import EngineSettings
 from tests.support.engine_harness import EngineHarness as InProcessEngine
 
@@ -214,11 +214,8 @@ class EngineHarness:
 
     def __init__(self) -> None:
         require_lab()
-        self.loop = EngineLoop()
-        asyncio.set_event_loop(self.loop)
-        self.skew = 0.0
-        base_time = self.loop.time
-        self.loop.time = lambda: base_time() + self.skew  # type: ignore[method-assign]
+        self.skew = 0.0  # the loop's clock runs this far ahead of time.monotonic
+        self.loop = MainLoop(clock=lambda: time.monotonic() + self.skew)
         self.errors: list[str] = []
         self.loop.set_exception_handler(self._loop_exception)
         trap = _ErrorTrap(self.errors)
@@ -245,7 +242,7 @@ class EngineHarness:
         self.templates = frames.all_guest_frames()
         self.baseline_fds = -1
 
-    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    def _loop_exception(self, loop: MainLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
         self.errors.append(f"loop exception handler: {context.get('message')}: {exc!r}")
 
@@ -307,7 +304,7 @@ class EngineHarness:
 
     def pump_loop(self, rounds: int = 3) -> None:
         for _ in range(rounds):
-            self.loop.run_until_complete(asyncio.sleep(0))
+            self.loop.poller.select(0)
 
     def pump(self, run: Run, rounds: int = 12) -> None:
         """Run the loop and both peers until nothing moves any more."""

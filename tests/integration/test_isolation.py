@@ -268,17 +268,17 @@ def test_dns_to_a_loopback_resolver_follows_the_gateway_mapping(
 # An Engine with SO_SNDBUF SNDBUF for its TCP sockets, fed COUNT guest SYNs over a
 # socketpair: prints its descriptors before and after, and the TCP flags it answered with
 SNDBUF_ENGINE = """
-import asyncio, json, os, socket, struct, sys
+import json, os, socket, struct, sys
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 from passtd.engine.addrs import Ip4Config, NetConfig
 from passtd.engine.loop import Engine
-from passtd.engine.poller import EngineLoop
+from passtd.engine.mainloop import MainLoop
 from passtd.engine.settings import EngineSettings
 sndbuf, count = int(sys.argv[1]), int(sys.argv[2])
 guest, gateway = socket.inet_aton("198.51.100.2"), socket.inet_aton("198.51.100.1")
 net = NetConfig(ip4=Ip4Config(guest, 24, gateway, map_host_loopback=gateway))
-loop = EngineLoop()
+loop = MainLoop()
 engine = Engine(EngineSettings(net=net, tcp_sndbuf=sndbuf), loop)
 engine.start(None)
 ours, theirs = socket.socketpair()
@@ -289,7 +289,8 @@ for i in range(count):
                   / IP(src="198.51.100.2", dst="198.51.100.1")
                   / TCP(sport=40000 + i, dport=18099, flags="S", seq=1))
     ours.send(struct.pack("!I", len(frame)) + frame)
-    loop.run_until_complete(asyncio.sleep(0.01))
+    loop.call_later(0.01, loop.stop)
+    loop.run_forever()
 after = len(os.listdir("/proc/self/fd"))
 ours.setblocking(False)
 try:

@@ -12,23 +12,28 @@ it shares across inputs (`loop`), writing and reading `qemu` itself.
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from passtd.engine.loop import Engine
-from passtd.engine.poller import EngineLoop
+from passtd.engine.mainloop import MainLoop
 from passtd.engine.settings import EngineSettings
 from passtd.engine.sockets import HostSockets
 
 
+def run_for(loop: MainLoop, seconds: float) -> None:
+    """Let `loop` run its callbacks and timers for `seconds`."""
+    loop.call_later(seconds, loop.stop)
+    loop.run_forever()
+
+
 class EngineHarness:
     def __init__(self, settings: EngineSettings, sockets: HostSockets | None = None, *,
-                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+                 loop: MainLoop | None = None) -> None:
         self._own_loop = loop is None
-        self.loop = loop or EngineLoop()
+        self.loop = loop or MainLoop()
         self.engine = Engine(settings, loop=self.loop, sockets=sockets)
         self._engine_ends: list[socket.socket] = []  # the service's to close, not the engine's
         self.qemu = self.reconnect()
@@ -46,7 +51,7 @@ class EngineHarness:
         self.qemu.sendall(b"".join(struct.pack("!I", len(f)) + f for f in frames))
 
     def run(self, seconds: float = 0.02) -> None:
-        self.loop.run_until_complete(asyncio.sleep(seconds))
+        run_for(self.loop, seconds)
 
     def receive(self) -> list[bytes]:
         while True:

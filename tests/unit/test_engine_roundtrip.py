@@ -16,7 +16,7 @@ from scapy.packet import Raw
 
 from passtd.engine.addrs import Ip4Config, NetConfig
 from passtd.engine.loop import Engine
-from passtd.engine.poller import EngineLoop
+from passtd.engine.mainloop import MainLoop
 from passtd.engine.settings import EngineSettings
 from tests.support.engine_harness import EngineHarness, engine_harness
 
@@ -283,7 +283,7 @@ def test_an_engine_closed_on_a_loop_that_goes_on_leaves_nothing_on_it() -> None:
         gc.collect()
         return sum(1 for o in gc.get_objects() if type(o) is Engine)
 
-    loop = EngineLoop()
+    loop = MainLoop()
     try:
         before = engines()
         harness = EngineHarness(SETTINGS, loop=loop)

@@ -19,7 +19,8 @@ from pathlib import Path
 ENGINE = Path(__file__).resolve().parents[2] / "passtd" / "engine"
 LIMIT, TCP_LIMIT = 500, 690
 HALVES = {"tcp_sock", "tcp_peek", "udp_sock", "icmp_sock"}
-PARTS = {"link", "forwards", "timers", "guest", "context", "sockets", "handover", "poller"}
+PARTS = {"link", "forwards", "timers", "guest", "context", "sockets", "handover", "poller",
+         "mainloop", "aioloop"}
 CORES = {"tcp", "tcp_seg", "tcp_hold", "tcp_run", "udp", "icmp", "arp", "dhcp", "dhcpv6", "ndp",
          "packet", "checksum", "tap", "tcp_buf", "flow", "nat", "addrs", "fwd", "settings",
          "events"}
@@ -74,6 +75,20 @@ def test_parts_do_not_import_each_other_sideways() -> None:
     for name in PARTS:
         assert not engine_imports(MODULES[name]) & (HALVES | {"loop"}), \
             f"{name}.py imports a socket half or the loop"
+
+
+def test_only_the_bus_loop_imports_asyncio() -> None:
+    """A bus-less instance runs without asyncio (mainloop.py says why): no engine module
+    imports it but aioloop.py, which no engine module imports (the service does, for the
+    D-Bus API)."""
+    for name, path in MODULES.items():
+        tree = ast.parse(path.read_text())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree)
+                    if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.level == 0}
+        assert ("asyncio" in imported) == (name == "aioloop"), f"{name}.py and asyncio"
+        assert "aioloop" not in engine_imports(path), f"{name}.py imports aioloop"
 
 
 def test_cores_import_no_part_with_sockets_or_a_loop() -> None:

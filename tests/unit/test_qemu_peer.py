@@ -9,7 +9,6 @@ tests/integration/test_libvirt.py.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -23,9 +22,10 @@ from passtd.engine import link
 from passtd.engine.addrs import Ip4Config, NetConfig
 from passtd.engine.link import Undecided
 from passtd.engine.loop import Engine
-from passtd.engine.poller import EngineLoop
+from passtd.engine.mainloop import MainLoop
 from passtd.engine.settings import EngineSettings
 from passtd.qemu_peer import CGROUP_ROOTS, CgroupPeerCheck, peer_pid, pids_below
+from tests.support.engine_harness import run_for
 
 SCOPE = "/machine.slice/machine-qemu\\x2d1\\x2dvm1.scope"
 OTHER = "/machine.slice/machine-qemu\\x2d2\\x2dvm2.scope"
@@ -135,8 +135,8 @@ def test_a_socket_without_a_peer_is_refused() -> None:
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Iterator[tuple[Engine, asyncio.AbstractEventLoop, str]]:
-    loop = EngineLoop()
+def engine(tmp_path: Path) -> Iterator[tuple[Engine, MainLoop, str]]:
+    loop = MainLoop()
     settings = EngineSettings(net=NetConfig(ip4=Ip4Config(bytes([198, 51, 100, 2]), 24,
                                                           bytes([198, 51, 100, 1]))))
     engine = Engine(settings, loop=loop)
@@ -161,7 +161,7 @@ def connect(path: str) -> socket.socket:
 
 
 def test_the_engine_refuses_a_stranger_and_adopts_the_domain_s_qemu(
-        engine: tuple[Engine, asyncio.AbstractEventLoop, str], tmp_path: Path,
+        engine: tuple[Engine, MainLoop, str], tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
     eng, loop, path = engine
     cgroup(tmp_path / "fs", "/", [])
@@ -170,7 +170,7 @@ def test_the_engine_refuses_a_stranger_and_adopts_the_domain_s_qemu(
     caplog.set_level(logging.INFO, logger="passtd.engine")
 
     stranger = connect(path)
-    loop.run_until_complete(asyncio.sleep(0.05))
+    run_for(loop, 0.05)
     assert stranger.recv(1) == b"", "a stranger's connection was kept"
     assert not eng.guest_connected
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
@@ -179,21 +179,21 @@ def test_the_engine_refuses_a_stranger_and_adopts_the_domain_s_qemu(
 
     (scope / "cgroup.procs").write_text(f"{os.getpid()}\n")  # now "the domain's qemu"
     qemu = connect(path)
-    loop.run_until_complete(asyncio.sleep(0.05))
+    run_for(loop, 0.05)
     assert eng.guest_connected
     for sock in (stranger, qemu):
         sock.close()
 
 
 def test_refusals_are_logged_at_a_bounded_rate(
-        engine: tuple[Engine, asyncio.AbstractEventLoop, str],
+        engine: tuple[Engine, MainLoop, str],
         caplog: pytest.LogCaptureFixture) -> None:
     eng, loop, path = engine
     eng.accept_peer = CgroupPeerCheck("/passtd-test-nonexistent.scope", ())
     caplog.set_level(logging.INFO, logger="passtd.engine")
     for _ in range(25):
         sock = connect(path)
-        loop.run_until_complete(asyncio.sleep(0.01))
+        run_for(loop, 0.01)
         assert sock.recv(1) == b""
         sock.close()
     refused = [r for r in caplog.records if "refusing a connection" in r.getMessage()]
@@ -201,35 +201,35 @@ def test_refusals_are_logged_at_a_bounded_rate(
 
 
 def test_a_connection_is_held_until_its_scope_appears_then_adopted(
-        engine: tuple[Engine, asyncio.AbstractEventLoop, str], tmp_path: Path) -> None:
+        engine: tuple[Engine, MainLoop, str], tmp_path: Path) -> None:
     """The scope may not exist yet when a connection comes: held, unread, asked again."""
     eng, loop, path = engine
     cgroup(tmp_path / "fs", "/", [])
     eng.accept_peer = CgroupPeerCheck(SCOPE, (str(tmp_path / "fs"),))
     qemu = connect(path)
-    loop.run_until_complete(asyncio.sleep(0.05))
+    run_for(loop, 0.05)
     assert not eng.guest_connected
     cgroup(tmp_path / "fs", SCOPE, [os.getpid()])  # libvirt made the scope, qemu is in it
-    loop.run_until_complete(asyncio.sleep(2 * link.PEER_RECHECK))
+    run_for(loop, 2 * link.PEER_RECHECK)
     assert eng.guest_connected
     qemu.close()
 
 
 def test_an_impostor_held_first_is_refused_once_the_scope_shows_it_is_not_qemu(
-        engine: tuple[Engine, asyncio.AbstractEventLoop, str], tmp_path: Path) -> None:
+        engine: tuple[Engine, MainLoop, str], tmp_path: Path) -> None:
     eng, loop, path = engine
     cgroup(tmp_path / "fs", "/", [])
     eng.accept_peer = CgroupPeerCheck(SCOPE, (str(tmp_path / "fs"),))
     impostor = connect(path)  # before the scope exists
-    loop.run_until_complete(asyncio.sleep(0.05))
+    run_for(loop, 0.05)
     cgroup(tmp_path / "fs", SCOPE, [1])  # the scope appears, with another process in it
-    loop.run_until_complete(asyncio.sleep(2 * link.PEER_RECHECK))
+    run_for(loop, 2 * link.PEER_RECHECK)
     assert impostor.recv(1) == b"" and not eng.guest_connected
     impostor.close()
 
 
 def test_a_held_connection_is_adopted_once_the_check_is_dropped(
-        engine: tuple[Engine, asyncio.AbstractEventLoop, str], tmp_path: Path) -> None:
+        engine: tuple[Engine, MainLoop, str], tmp_path: Path) -> None:
     """Where libvirt runs qemu in no machined scope, the hook's "started" step drops
     qemu_cgroup and reloads the instance (libvirt.started): the connection it held is the
     guest's qemu from then on."""
@@ -237,7 +237,7 @@ def test_a_held_connection_is_adopted_once_the_check_is_dropped(
     cgroup(tmp_path / "fs", "/", [])
     eng.accept_peer = CgroupPeerCheck(SCOPE, (str(tmp_path / "fs"),))
     qemu = connect(path)
-    loop.run_until_complete(asyncio.sleep(4 * link.PEER_RECHECK))
+    run_for(loop, 4 * link.PEER_RECHECK)
     assert not eng.guest_connected  # held: the scope may still come
     eng.accept_peer = None  # the reload
     assert eng.guest_connected
@@ -245,14 +245,14 @@ def test_a_held_connection_is_adopted_once_the_check_is_dropped(
 
 
 def test_no_more_than_a_few_connections_are_held(
-        engine: tuple[Engine, asyncio.AbstractEventLoop, str], tmp_path: Path) -> None:
+        engine: tuple[Engine, MainLoop, str], tmp_path: Path) -> None:
     eng, loop, path = engine
     cgroup(tmp_path / "fs", "/", [])
     eng.accept_peer = CgroupPeerCheck(SCOPE, (str(tmp_path / "fs"),))
     socks = []
     for _ in range(link.PEER_HELD_MAX + 3):
         socks.append(connect(path))
-        loop.run_until_complete(asyncio.sleep(0.01))
+        run_for(loop, 0.01)
     refused = 0
     for sock in socks:
         sock.setblocking(False)
