@@ -38,7 +38,6 @@ an instance name, passtd.names: a key no instance can have is a mistake, not a s
 from __future__ import annotations
 
 import argparse
-import difflib
 import ipaddress
 import math
 import os
@@ -432,6 +431,8 @@ def _section(schema: dict[str, _Check]) -> _Check:
         out = {}
         for key, item in value.items():
             if not isinstance(key, str) or key not in schema:
+                import difflib  # on this error path only: a running instance never needs it
+
                 close = difflib.get_close_matches(str(key), schema, n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 raise _Invalid(f"unknown key '{key}'{hint}", (str(key),))
