@@ -4,7 +4,7 @@ One instance is `passtd run NAME`. Its settings come from these layers, each ove
 the ones before it key by key (nested mappings such as `ipv4:` merge key by key; lists
 such as `tcp_forwards` are replaced whole; an explicit `null` is a value like any other):
 
-  1. built-in defaults (the field defaults of the dataclasses below);
+  1. built-in defaults (the field defaults of the records below);
   2. /etc/passtd.yaml: `defaults:` then `instances: {NAME: ...}`;
   3. /etc/passtd.d/*.yaml in lexical order (dotfiles skipped), each again `defaults:`
      then `instances.NAME` -- so a drop-in's `defaults:` overrides the main file's
@@ -43,8 +43,7 @@ import math
 import os
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 
@@ -85,24 +84,21 @@ class ConfigError(Exception):
 # --- the typed result ---------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Ip4Settings:
+class Ip4Settings(NamedTuple):
     enabled: bool = True
     address: ipaddress.IPv4Address | None = None  # None: the host's
     prefix_len: int | None = None  # None: the host's (only while address is None)
     gateway: ipaddress.IPv4Address | None = None  # None: the host's default gateway
 
 
-@dataclass(frozen=True)
-class Ip6Settings:
+class Ip6Settings(NamedTuple):
     enabled: bool = True
     address: ipaddress.IPv6Address | None = None  # None: the host's
     prefix_len: int | None = None  # None: the host's (only while address is None)
     gateway: ipaddress.IPv6Address | None = None  # None: the host's (link-local) gateway
 
 
-@dataclass(frozen=True)
-class Timeouts:
+class Timeouts(NamedTuple):
     """Idle times in seconds before a flow is dropped."""
 
     udp: float = 30  # one-shot UDP flow
@@ -116,8 +112,7 @@ class Timeouts:
 TCP_SNDBUF_MIN, TCP_SNDBUF_MAX = 4096, (1 << 30) - 1
 
 
-@dataclass(frozen=True)
-class Limits:
+class Limits(NamedTuple):
     max_flows: int = 65536
     max_listeners: int = 65536  # listening sockets for port forwards: -t all and -u all fit
     tcp_sndbuf: int = 4194304  # SO_SNDBUF of host TCP sockets (passt's SNDBUF_BIG)
@@ -127,8 +122,7 @@ class Limits:
     udp_preserved_ports: int = 64
 
 
-@dataclass(frozen=True)
-class InstanceConfig:
+class InstanceConfig(NamedTuple):
     name: str
     socket: str  # {name} already substituted
     tcp_forwards: tuple[ForwardRule, ...] = ()
@@ -140,8 +134,8 @@ class InstanceConfig:
     mtu: int = 65520  # 0: don't advertise one
     mac: bytes = bytes.fromhex("9a559a559a55")  # ours, on the tap side
     interface: str | None = None  # template host interface; None: the default route's
-    ipv4: Ip4Settings = field(default_factory=Ip4Settings)
-    ipv6: Ip6Settings = field(default_factory=Ip6Settings)
+    ipv4: Ip4Settings = Ip4Settings()
+    ipv6: Ip6Settings = Ip6Settings()
     dns: DnsSetting = "host"  # "host": /etc/resolv.conf's nameservers
     search: SearchSetting = "host"
     map_host_loopback: bool = True  # guest traffic to the gateway reaches host loopback
@@ -151,8 +145,8 @@ class InstanceConfig:
     ndp: bool = True
     dhcpv6: bool = True
     ra: bool = True
-    timeouts: Timeouts = field(default_factory=Timeouts)
-    limits: Limits = field(default_factory=Limits)
+    timeouts: Timeouts = Timeouts()
+    limits: Limits = Limits()
     bus: str = "system"
     qemu_cgroup: str | None = None  # accept qemu only from this cgroup (or below); None: anyone
     sources: tuple[str, ...] = ()  # the files that contributed settings, in order
@@ -497,8 +491,8 @@ _INSTANCE_SCHEMA: dict[str, _Check] = {
     "ndp": _bool,
     "dhcpv6": _bool,
     "ra": _bool,
-    "timeouts": _section({f.name: _positive_number for f in fields(Timeouts)}),
-    "limits": _section({f.name: _positive_int for f in fields(Limits)}
+    "timeouts": _section({name: _positive_number for name in Timeouts._fields}),
+    "limits": _section({name: _positive_int for name in Limits._fields}
                        | {"tcp_sndbuf": _int_between(TCP_SNDBUF_MIN, TCP_SNDBUF_MAX),
                           "udp_preserved_ports": _int_between(0, 65535)}),
     "bus": _choice(BUSES),
@@ -739,12 +733,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     tune = parser.add_argument_group("Limits and timeouts")
     tune.add_argument(
         "--timeout", action="append", metavar="KIND=SECONDS",
-        help=f"flow idle timeout; KIND: {', '.join(f.name for f in fields(Timeouts))}",
+        help=f"flow idle timeout; KIND: {', '.join(Timeouts._fields)}",
     )
     tune.add_argument(
         "--limit", action="append", metavar="KIND=N",
         help=f"resource limit (each one explained in /etc/passtd.yaml); KIND: "
-             f"{', '.join(f.name for f in fields(Limits))}",
+             f"{', '.join(Limits._fields)}",
     )
 
     log = parser.add_argument_group("Logging")
@@ -1029,8 +1023,8 @@ def to_yaml_dict(cfg: InstanceConfig) -> dict[str, Any]:
         "ndp": cfg.ndp,
         "dhcpv6": cfg.dhcpv6,
         "ra": cfg.ra,
-        "timeouts": asdict(cfg.timeouts),
-        "limits": asdict(cfg.limits),
+        "timeouts": cfg.timeouts._asdict(),
+        "limits": cfg.limits._asdict(),
         "bus": cfg.bus,
         "qemu_cgroup": cfg.qemu_cgroup,
     }

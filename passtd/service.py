@@ -34,7 +34,6 @@ namespace tricks are not reproduced), daemonising (systemd supervises us).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import ipaddress
 import json
 import logging
@@ -613,10 +612,10 @@ class Instance:
                      "who may open the socket is the guest's qemu)")
             self.engine.accept_peer = CgroupPeerCheck(new.qemu_cgroup) \
                 if new.qemu_cgroup else None
-        changed = [f.name for f in _fields_differing(self.cfg, new)
-                   if f.name not in ("tcp_forwards", "udp_forwards", "tcp_forward_specs",
-                                     "udp_forward_specs", "log_level", "sources",
-                                     "qemu_cgroup")]
+        changed = [name for name in _fields_differing(self.cfg, new)
+                   if name not in ("tcp_forwards", "udp_forwards", "tcp_forward_specs",
+                                   "udp_forward_specs", "log_level", "sources",
+                                   "qemu_cgroup")]
         if changed:
             log.warning("reload: %s changed; these take effect on the next restart",
                         ", ".join(changed))
@@ -639,8 +638,8 @@ class Instance:
                 log.error("reload: cannot open forward: %s", e)
 
 
-def _fields_differing(a: InstanceConfig, b: InstanceConfig) -> list[Any]:
-    return [f for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)]
+def _fields_differing(a: InstanceConfig, b: InstanceConfig) -> list[str]:
+    return [name for name in a._fields if getattr(a, name) != getattr(b, name)]
 
 
 def _read_and_forget(fds: list[int]) -> bytes:

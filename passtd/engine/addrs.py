@@ -28,8 +28,7 @@ import logging
 import re
 import subprocess
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 OUR_MAC = bytes.fromhex("9a559a559a55")  # passt's default since 2024: not the host's MAC
 DEFAULT_MTU = 65520  # 802.3 maximum (65535) minus the Ethernet header, 32-bit aligned
@@ -44,8 +43,7 @@ class AddressError(Exception):
     """The host offers nothing usable for a family that was asked for explicitly."""
 
 
-@dataclass(frozen=True, slots=True)
-class Ip4Config:
+class Ip4Config(NamedTuple):
     address: bytes  # the guest's address (default: the host's)
     prefix_len: int
     gateway: bytes  # our address on the tap side, and the guest's router
@@ -64,8 +62,7 @@ class Ip4Config:
         return a == b
 
 
-@dataclass(frozen=True, slots=True)
-class Ip6Config:
+class Ip6Config(NamedTuple):
     address: bytes | None  # the guest's global address (default: the host's); None: SLAAC only
     prefix_len: int
     gateway: bytes  # our link-local address on the tap side (the host gateway's, or fe80::1)
@@ -90,8 +87,7 @@ class Ip6Config:
         return int.from_bytes(addr, "big") >> shift == int.from_bytes(self.address, "big") >> shift
 
 
-@dataclass(frozen=True, slots=True)
-class NetConfig:
+class NetConfig(NamedTuple):
     """What the guest is told about its network: DHCP, NDP/RA and DHCPv6 read this."""
 
     mac: bytes = OUR_MAC
@@ -103,18 +99,19 @@ class NetConfig:
     host_ifname: str | None = None  # template interface (scope for link-local peers)
 
 
-@dataclass(slots=True)
 class GuestSeen:
     """What the guest's own frames tell us; updated by the engine, read by flows."""
 
-    mac: bytes | None = None
-    addr4: bytes | None = None
-    addr6: bytes | None = None  # global
-    addr6_ll: bytes | None = None  # link-local
+    __slots__ = ("addr4", "addr6", "addr6_ll", "mac")
+
+    def __init__(self) -> None:
+        self.mac: bytes | None = None
+        self.addr4: bytes | None = None
+        self.addr6: bytes | None = None  # global
+        self.addr6_ll: bytes | None = None  # link-local
 
 
-@dataclass(frozen=True, slots=True)
-class HostAddresses:
+class HostAddresses(NamedTuple):
     """The host's addressing as read from the kernel (the template interface)."""
 
     ifname: str | None = None
@@ -181,8 +178,7 @@ def discover_host(ifname: str | None = None) -> HostAddresses:
     return HostAddresses(**found)  # type: ignore[arg-type]
 
 
-@dataclass(frozen=True, slots=True)
-class GuestDns:
+class GuestDns(NamedTuple):
     """The nameservers of one family told to the guest, and where its queries go."""
 
     servers: tuple[bytes, ...]  # told to the guest (DHCP, RA, DHCPv6), at most MAXNS

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import packet
 from .addrs import Ip6Config, NetConfig
@@ -75,8 +75,7 @@ IA_NA_HEADER = struct.Struct("!III")  # IAID, T1, T2
 IAADDR = struct.Struct("!16sII")  # address, preferred and valid lifetimes
 
 
-@dataclass(frozen=True, slots=True)
-class _IaNa:
+class _IaNa(NamedTuple):
     iaid: int
     addresses: tuple[bytes, ...]
 

@@ -29,7 +29,6 @@ import errno
 import logging
 import socket
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from . import events
@@ -56,18 +55,22 @@ class ForwardError(Exception):
         self.kind = kind  # "InvalidArgument" | "AddressInUse" | "AccessDenied" | "NotFound"
 
 
-@dataclass
 class Forward:
     """One forward rule with its listening sockets and counters."""
 
-    id: int
-    rule: ForwardRule
-    origin: str  # "config" | "runtime"
-    listeners: list[socket.socket] = field(default_factory=list)
-    connections: int = 0
-    refused: int = 0  # connections (datagrams, for UDP) it could not take to the guest
-    from_guest_closed: int = 0  # bytes of flows through it that have ended, each way
-    to_guest_closed: int = 0
+    def __init__(self, forward_id: int, rule: ForwardRule, origin: str,
+                 listeners: list[socket.socket] | None = None) -> None:
+        self.id = forward_id
+        self.rule = rule
+        self.origin = origin  # "config" | "runtime"
+        self.listeners: list[socket.socket] = listeners if listeners is not None else []
+        self.connections = 0
+        self.refused = 0  # connections (datagrams, for UDP) it could not take to the guest
+        self.from_guest_closed = 0  # bytes of flows through it that have ended, each way
+        self.to_guest_closed = 0
+
+    def __repr__(self) -> str:
+        return f"Forward({self.id}, {self.rule!r}, {self.origin!r})"
 
     def describe(self, live: tuple[int, int] = (0, 0)) -> dict[str, Any]:
         """The forward as ListForwards shows it; `live`: bytes from and to the guest of

@@ -40,8 +40,8 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 from itertools import pairwise
+from typing import NamedTuple
 
 PORT_RANGE_SYSCTL = "/proc/sys/net/ipv4/ip_local_port_range"
 RESERVED_PORTS_SYSCTL = "/proc/sys/net/ipv4/ip_local_reserved_ports"
@@ -59,47 +59,54 @@ class SpecError(ValueError):
     """A port spec (or a rule built by hand) is invalid; the message names the part."""
 
 
-@dataclass(frozen=True, slots=True)
-class ForwardRule:
-    """Host ports first..last (on `address`/`ifname`) forwarded to the guest.
-
-    Port p goes to guest port to_first + (p - first), on `to_address` when set,
-    else on the address the guest is seen to use. Built by hand (the D-Bus API
-    does), a rule is validated and its addresses canonicalised: SpecError if bad.
-    """
-
+class _RuleFields(NamedTuple):
     proto: str  # "tcp" | "udp"
     address: str | None  # listen address; None = all addresses (dual-stack ::, as passt)
     ifname: str | None  # bind to this interface (SO_BINDTODEVICE)
     first: int  # host port range first..last
     last: int
     to_first: int  # guest port for `first`
-    to_address: str | None = None  # guest-side target address, None = the guest's seen address
-    weak: bool = False  # from `all`: ports that cannot be bound are skipped
+    to_address: str | None  # guest-side target address, None = the guest's seen address
+    weak: bool  # from `all`: ports that cannot be bound are skipped
 
-    def __post_init__(self) -> None:
-        if self.proto not in PROTOCOLS:
-            raise SpecError(f"unknown protocol {self.proto!r}, expected 'tcp' or 'udp'")
-        for port in (self.first, self.last, self.to_first):
+
+class ForwardRule(_RuleFields):
+    """Host ports first..last (on `address`/`ifname`) forwarded to the guest.
+
+    Port p goes to guest port to_first + (p - first), on `to_address` when set,
+    else on the address the guest is seen to use. Built by hand (the D-Bus API
+    does), a rule is validated and its addresses canonicalised: SpecError if bad.
+    An immutable record (a NamedTuple: no dataclasses in an instance, whose import
+    costs each one ~1 MiB); only the constructor makes one (no `_replace`).
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, proto: str, address: str | None, ifname: str | None, first: int,
+                last: int, to_first: int, to_address: str | None = None,
+                weak: bool = False) -> ForwardRule:
+        if proto not in PROTOCOLS:
+            raise SpecError(f"unknown protocol {proto!r}, expected 'tcp' or 'udp'")
+        for port in (first, last, to_first):
             _check_port_number(port)
-        if self.first > self.last:
-            raise SpecError(f"bad port range {self.first}-{self.last}: first port above last")
-        if self.to_last > MAX_PORT:
+        if first > last:
+            raise SpecError(f"bad port range {first}-{last}: first port above last")
+        if to_first + (last - first) > MAX_PORT:
             raise SpecError(
-                f"target range {self.to_first}-{self.to_last} goes beyond port {MAX_PORT}"
-            )
-        for text in (self.address, self.ifname, self.to_address):
+                f"target range {to_first}-{to_first + (last - first)} goes beyond port "
+                f"{MAX_PORT}")
+        for text in (address, ifname, to_address):
             if text is not None and not isinstance(text, str):
                 raise SpecError(f"expected a string or None, got {text!r}")
-        if self.ifname is not None:
-            check_ifname(self.ifname)
-        listen = None if self.address is None else _parse_address(self.address, "listen")
-        target = None if self.to_address is None else _parse_address(self.to_address, "target")
+        if ifname is not None:
+            check_ifname(ifname)
+        listen = None if address is None else _parse_address(address, "listen")
+        target = None if to_address is None else _parse_address(to_address, "target")
         if target is not None:
             _check_target(listen, target)
-        # frozen dataclass: canonical forms are stored through object.__setattr__
-        object.__setattr__(self, "address", None if listen is None else str(listen))
-        object.__setattr__(self, "to_address", None if target is None else str(target))
+        return super().__new__(cls, proto, None if listen is None else str(listen), ifname,
+                               first, last, to_first, None if target is None else str(target),
+                               weak)
 
     @property
     def to_last(self) -> int:
@@ -201,8 +208,7 @@ def read_reserved_ports(path: str = RESERVED_PORTS_SYSCTL) -> tuple[tuple[int, i
 # --- the parser ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class _Include:
+class _Include(NamedTuple):
     first: int
     last: int
     to_first: int

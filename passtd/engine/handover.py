@@ -50,7 +50,6 @@ another host.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -166,7 +165,7 @@ class Handover:
 
     @staticmethod
     def _forward_entry(fwd: Forward, listeners: list[int]) -> dict[str, Any]:
-        return {"id": fwd.id, "origin": fwd.origin, "rule": dataclasses.asdict(fwd.rule),
+        return {"id": fwd.id, "origin": fwd.origin, "rule": fwd.rule._asdict(),
                 "connections": fwd.connections, "refused": fwd.refused,
                 "from_guest_closed": fwd.from_guest_closed,
                 "to_guest_closed": fwd.to_guest_closed,

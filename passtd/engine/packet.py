@@ -17,8 +17,6 @@ destination options, jumbograms.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import TypeAlias
 
 from . import checksum
 
@@ -65,23 +63,25 @@ class Malformed(ValueError):
     """A guest frame that cannot be what it claims to be. Dropped with a debug log."""
 
 
-# (an alias, not memoryview itself: a dataclass that names memoryview directly, compiled
-# by mypyc, fails at import with KeyError: 'memoryview')
-L4View: TypeAlias = memoryview
-
-
-@dataclass(slots=True)
 class Packet:
     """One IP packet from a guest frame; `l4` is exactly the L4 bytes (padding trimmed)."""
 
-    src_mac: bytes
-    dst_mac: bytes
-    family: int  # 4 or 6
-    src: bytes
-    dst: bytes
-    proto: int
-    ttl: int
-    l4: L4View
+    __slots__ = ("dst", "dst_mac", "family", "l4", "proto", "src", "src_mac", "ttl")
+
+    def __init__(self, src_mac: bytes, dst_mac: bytes, family: int, src: bytes, dst: bytes,
+                 proto: int, ttl: int, l4: memoryview) -> None:
+        self.src_mac = src_mac
+        self.dst_mac = dst_mac
+        self.family = family  # 4 or 6
+        self.src = src
+        self.dst = dst
+        self.proto = proto
+        self.ttl = ttl
+        self.l4 = l4
+
+    def __repr__(self) -> str:
+        return (f"Packet(IPv{self.family} {self.src.hex()} -> {self.dst.hex()}, proto "
+                f"{self.proto}, ttl {self.ttl}, {len(self.l4)} bytes of L4)")
 
 
 def parse_eth(frame: bytes | bytearray | memoryview) -> tuple[bytes, bytes, int]:

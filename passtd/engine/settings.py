@@ -7,16 +7,16 @@ forwards go through `Engine.add_forward`, not through these settings).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import NamedTuple
 
 from .addrs import NetConfig
 from .fwd import ForwardRule
 from .udp import SourcePortRule
 
 
-@dataclass
-class EngineSettings:
+class EngineSettings(NamedTuple):
     net: NetConfig
     tcp_forwards: Sequence[ForwardRule] = ()
     udp_forwards: Sequence[ForwardRule] = ()
@@ -34,10 +34,10 @@ class EngineSettings:
     max_listeners: int = 65536
     tcp_sndbuf: int = 0  # 0: leave the kernel's autotuning alone
     # guest UDP source ports kept on the host: which ones, and for how many flows at once
-    udp_port_rule: SourcePortRule = field(default_factory=SourcePortRule)
+    udp_port_rule: SourcePortRule = SourcePortRule()
     udp_preserved_ports: int = 64
     # the host's own addresses (targets for map_guest_addr), and DNS redirections: guest
     # DNS (nat.DNS_PORTS) to a key goes to the resolver named by its value (addrs.guest_dns)
     host_addr4: bytes | None = None
     host_addr6: bytes | None = None
-    dns_redirect: dict[bytes, str] = field(default_factory=dict)
+    dns_redirect: Mapping[bytes, str] = MappingProxyType({})

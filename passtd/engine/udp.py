@@ -41,7 +41,7 @@ UDP-Lite, and GSO/GRO batching.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .flow import A_CLOSE, COUNTER_MAX, Flow, FlowKey
 
@@ -50,8 +50,7 @@ DEFAULT_STREAM_TIMEOUT = 120.0
 FIRST_UNPRIVILEGED_PORT = 1024
 
 
-@dataclass(frozen=True, slots=True)
-class SourcePortRule:
+class SourcePortRule(NamedTuple):
     """Which guest source ports a flow may keep on the host (see the module docstring);
     the ports of forwards and the cap are the loop's to check."""
 

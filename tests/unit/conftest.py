@@ -3,7 +3,6 @@ check of the frames we build, and a mutator of valid guest input for hypothesis.
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import socket
 from collections.abc import Callable, Iterator
@@ -46,7 +45,7 @@ def cfg() -> NetConfig:
 @pytest.fixture(scope="session")
 def make_cfg() -> Callable[..., NetConfig]:
     """BASE_CFG with some fields replaced (NetConfig is frozen)."""
-    return lambda **changes: dataclasses.replace(BASE_CFG, **changes)
+    return lambda **changes: BASE_CFG._replace(**changes)
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 
 import pytest
 from hypothesis import given
@@ -187,7 +186,7 @@ def test_a_request_list_split_in_two_instances_is_concatenated(cfg, parse_reply)
 
 def test_classless_routes_only_when_the_gateway_is_off_the_subnet(cfg, make_cfg, parse_reply):
     assert "classless_static_routes" not in options(parse_reply(answer(cfg, message("discover"))))
-    host_route = make_cfg(ip4=dataclasses.replace(cfg.ip4, prefix_len=32))
+    host_route = make_cfg(ip4=cfg.ip4._replace(prefix_len=32))
     got = options(parse_reply(answer(host_route, message("discover"))))
     routes = ["198.51.100.1/32:0.0.0.0", "0.0.0.0/0:198.51.100.1"]  # on-link /32, then default
     assert got["classless_static_routes"] == (routes,)
@@ -200,7 +199,7 @@ def test_mtu_0_is_not_advertised(make_cfg, parse_reply):
 
 
 def test_no_hostname_no_dns_no_search_and_the_bootp_minimum_size(make_cfg, cfg, parse_reply):
-    bare = make_cfg(hostname=None, search=(), ip4=dataclasses.replace(cfg.ip4, dns=()))
+    bare = make_cfg(hostname=None, search=(), ip4=cfg.ip4._replace(dns=()))
     reply = parse_reply(answer(bare, message("discover")))
     assert set(option_codes(reply)) == {1, 3, 26, 51, 53, 54}
     assert len(reply[BOOTP]) == 300  # padded to RFC 951's 64-byte vendor area
@@ -208,7 +207,7 @@ def test_no_hostname_no_dns_no_search_and_the_bootp_minimum_size(make_cfg, cfg, 
 
 def test_at_most_three_dns_servers(cfg, make_cfg, parse_reply):
     servers = tuple(bytes((198, 51, 100, n)) for n in range(50, 55))
-    many = make_cfg(ip4=dataclasses.replace(cfg.ip4, dns=servers))
+    many = make_cfg(ip4=cfg.ip4._replace(dns=servers))
     got = options(parse_reply(answer(many, message("discover"))))
     assert got["name_server"] == ("198.51.100.50", "198.51.100.51", "198.51.100.52")
 

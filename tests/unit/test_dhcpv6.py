@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 
 import pytest
 from hypothesis import given
@@ -227,7 +226,7 @@ def test_information_request_asking_for_addresses_is_ignored(cfg, ia):
 
 
 def test_no_address_means_no_addrs_avail_in_the_ia(cfg, make_cfg, parse_reply):
-    no_address = make_cfg(ip6=dataclasses.replace(cfg.ip6, address=None))
+    no_address = make_cfg(ip6=cfg.ip6._replace(address=None))
     reply = parse_reply(answer(no_address, client_message(DHCP6_Solicit, ia_na())))
     (ia,) = top_options(reply)[DHCP6OptIA_NA]
     (status,) = ia.ianaopts
@@ -236,7 +235,7 @@ def test_no_address_means_no_addrs_avail_in_the_ia(cfg, make_cfg, parse_reply):
 
 
 def test_no_dns_search_or_hostname_when_not_configured(cfg, make_cfg, parse_reply):
-    bare = make_cfg(search=(), hostname=None, ip6=dataclasses.replace(cfg.ip6, dns=()))
+    bare = make_cfg(search=(), hostname=None, ip6=cfg.ip6._replace(dns=()))
     reply = parse_reply(answer(bare, client_message(DHCP6_Solicit, ia_na())))
     assert set(top_options(reply)) == {DHCP6OptClientId, DHCP6OptServerId, DHCP6OptIA_NA}
 

@@ -345,7 +345,7 @@ def test_spec_like_text_parses_or_raises_spec_error(spec: str, ephemeral_start: 
 
 
 def _as_dict(rule: ForwardRule) -> dict:
-    return {name: getattr(rule, name) for name in ForwardRule.__dataclass_fields__}
+    return rule._asdict()
 
 
 @st.composite

@@ -203,13 +203,14 @@ def test_a_closed_loop_refuses_work() -> None:
     assert loop.remove_reader(0) is False and loop.is_closed()
 
 
-def test_a_bus_less_instance_never_imports_asyncio(tmp_path: Path) -> None:
-    """What `passtd run NAME --bus none` loads (mainloop.py says why it matters): the
-    service's and the engine's modules, an engine started on a MainLoop with a qemu
-    connected and a frame answered, a signal to stop."""
+def test_a_bus_less_instance_imports_neither_asyncio_nor_dataclasses(tmp_path: Path) -> None:
+    """What `passtd run NAME --bus none` loads (mainloop.py and docs/ARCHITECTURE.md say
+    why it matters): the service's and the engine's modules, an engine started on a
+    MainLoop with a qemu connected and a frame answered, a signal to stop."""
     code = f"""
 import signal, socket, struct, sys
-sys.modules["asyncio"] = None  # an import of it would fail
+for unwanted in ("asyncio", "dataclasses", "inspect"):
+    sys.modules[unwanted] = None  # an import of it would fail
 from passtd import cli, service
 from passtd.engine.addrs import Ip4Config, NetConfig
 from passtd.engine.loop import Engine

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import ipaddress
 import random
 
@@ -143,7 +142,7 @@ def test_unsolicited_advertisement_to_a_given_destination(cfg, parse_reply):
 
 
 def test_optional_options_follow_the_configuration(cfg, make_cfg, parse_reply):
-    bare = make_cfg(mtu=0, search=(), ip6=dataclasses.replace(cfg.ip6, address=None, dns=()))
+    bare = make_cfg(mtu=0, search=(), ip6=cfg.ip6._replace(address=None, dns=()))
     reply = parse_reply(ndp.router_advertisement(bare))
     for option in (ICMPv6NDOptMTU, ICMPv6NDOptPrefixInfo, ICMPv6NDOptRDNSS, ICMPv6NDOptDNSSL):
         assert option not in reply
@@ -152,7 +151,7 @@ def test_optional_options_follow_the_configuration(cfg, make_cfg, parse_reply):
 
 
 def test_search_list_without_dns_servers(cfg, make_cfg, parse_reply):
-    search_only = make_cfg(ip6=dataclasses.replace(cfg.ip6, dns=()))
+    search_only = make_cfg(ip6=cfg.ip6._replace(dns=()))
     reply = parse_reply(ndp.router_advertisement(search_only))
     assert ICMPv6NDOptRDNSS not in reply
     assert reply[ICMPv6NDOptDNSSL].searchlist == ["example.com.", "eng.example.com."]
@@ -160,7 +159,7 @@ def test_search_list_without_dns_servers(cfg, make_cfg, parse_reply):
 
 def test_prefix_is_the_64_of_the_address_whatever_its_length(cfg, make_cfg, parse_reply):
     address = bytes.fromhex("20010db8000000070001" + "00" * 5 + "02")  # 2001:db8:0:7:1::2
-    odd = make_cfg(ip6=dataclasses.replace(cfg.ip6, address=address, prefix_len=80))
+    odd = make_cfg(ip6=cfg.ip6._replace(address=address, prefix_len=80))
     prefix = parse_reply(ndp.router_advertisement(odd))[ICMPv6NDOptPrefixInfo]
     assert (prefix.prefix, prefix.prefixlen) == ("2001:db8:0:7::", 64)
 
@@ -250,7 +249,8 @@ def test_damaged_solicitations_never_raise_anything_but_malformed(cfg, mutate, d
     for damaged in (frame, mutate(data, base)):
         try:
             pkt = packet.parse_ip(memoryview(damaged))
-            ndp.reply(cfg, dataclasses.replace(pkt, ttl=255))
+            ndp.reply(cfg, packet.Packet(pkt.src_mac, pkt.dst_mac, pkt.family, pkt.src, pkt.dst,
+                                         pkt.proto, 255, pkt.l4))
         except packet.Malformed:
             pass
 
