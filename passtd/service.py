@@ -42,7 +42,6 @@ import resource
 import signal
 import socket
 import stat
-import subprocess
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -51,7 +50,7 @@ from . import config as config_mod
 from . import engine as engine_package
 from . import fd_handover, journal
 from .config import ConfigError, InstanceConfig
-from .engine import addrs, checksum, events, tcp_run
+from .engine import addrs, checksum, events, netlink, tcp_run
 from .engine.addrs import Ip4Config, Ip6Config, NetConfig
 from .engine.flow import addr_text
 from .engine.forwards import ForwardError
@@ -152,12 +151,9 @@ def engine_settings(cfg: InstanceConfig, host: addrs.HostAddresses | None = None
     """Resolve "the host's" defaults and build what the engine runs with."""
     if host is None:
         try:
-            host = addrs.discover_host(cfg.interface)
-        except subprocess.CalledProcessError as e:
-            detail = (e.stderr or "").strip() or f"exit status {e.returncode}"
-            raise StartError(f"cannot read the host's addresses with `ip -j`: {detail}") from e
+            host = netlink.discover_host(cfg.interface)
         except (OSError, ValueError) as e:
-            raise StartError(f"cannot read the host's addresses with `ip -j`: {e}") from e
+            raise StartError(f"cannot read the host's addresses over netlink: {e}") from e
     if cfg.dns == "host" or cfg.search == "host":
         servers, host_search = addrs.read_resolv_conf(resolv_conf)
     else:

@@ -2,7 +2,7 @@
 
 Design, as passt does it by default: the guest gets the host's own address, prefix and
 default gateway, taken from the interface that carries the host's default route (read
-with `ip -j`, iproute2's JSON output: no netlink code of our own). The gateway address
+from the kernel over rtnetlink by netlink.py, into `HostAddresses`). The gateway address
 is also ours on the tap side: the guest reaches host loopback through it
 (`map_host_loopback`). Every value can be overridden by the configuration.
 
@@ -23,12 +23,10 @@ route the family is disabled and the log says so.
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import re
-import subprocess
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 OUR_MAC = bytes.fromhex("9a559a559a55")  # passt's default since 2024: not the host's MAC
 DEFAULT_MTU = 65520  # 802.3 maximum (65535) minus the Ethernet header, 32-bit aligned
@@ -132,50 +130,6 @@ def parse_mac(text: str) -> bytes | None:
 def is_unicast_mac(mac: bytes) -> bool:
     """Whether a guest or we may use `mac`: unicast, and not all zeros."""
     return not mac[0] & 1 and mac != bytes(6)
-
-
-def _ip_json(*args: str) -> list[dict[str, Any]]:
-    out = subprocess.run(["ip", "-j", *args], check=True, capture_output=True, text=True).stdout
-    parsed: list[dict[str, Any]] = json.loads(out or "[]")
-    return parsed
-
-
-def _default_route(family: str, ifname: str | None) -> dict[str, Any] | None:
-    routes = [r for r in _ip_json(family, "route", "show", "default") if "dev" in r]
-    if ifname:
-        routes = [r for r in routes if r.get("dev") == ifname]
-    # multipath routes list "nexthops"; take the highest-weight one as passt does
-    for route in routes:
-        if "nexthops" in route:
-            best = max(route["nexthops"], key=lambda h: h.get("weight", 1))
-            return {"dev": best.get("dev"), "gateway": best.get("gateway")}
-    return routes[0] if routes else None
-
-
-def _first_address(ifname: str, family: str) -> tuple[str, int] | None:
-    for link in _ip_json(family, "addr", "show", "dev", ifname):
-        for info in link.get("addr_info", []):
-            if info.get("scope") != "global" or info.get("tentative") or info.get("deprecated"):
-                continue
-            return info["local"], int(info["prefixlen"])
-    return None
-
-
-def discover_host(ifname: str | None = None) -> HostAddresses:
-    """Read the host's default-route interface, address and gateway for both families."""
-    found: dict[str, object] = {"ifname": ifname}
-    for version in (4, 6):
-        route = _default_route(f"-{version}", ifname)
-        if not route:
-            continue
-        dev = route["dev"]
-        found["ifname"] = found["ifname"] or dev
-        addr = _first_address(dev, f"-{version}")
-        if addr:
-            found[f"addr{version}"] = ipaddress.ip_interface(f"{addr[0]}/{addr[1]}")
-        if route.get("gateway"):
-            found[f"gateway{version}"] = ipaddress.ip_address(route["gateway"])
-    return HostAddresses(**found)  # type: ignore[arg-type]
 
 
 class GuestDns(NamedTuple):
