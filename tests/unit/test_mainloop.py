@@ -209,7 +209,7 @@ def test_a_bus_less_instance_imports_neither_asyncio_nor_dataclasses(tmp_path: P
     MainLoop with a qemu connected and a frame answered, a signal to stop."""
     code = f"""
 import signal, socket, struct, sys
-for unwanted in ("asyncio", "dataclasses", "inspect"):
+for unwanted in ("asyncio", "dataclasses", "inspect", "subprocess"):
     sys.modules[unwanted] = None  # an import of it would fail
 from passtd import cli, service
 from passtd.engine.addrs import Ip4Config, NetConfig
