@@ -15,8 +15,9 @@ from inside the poller's `select`, so whatever calls `select` runs the instance:
 
 Rules, kept true by every method:
 - a timer runs once and not before its time (the poller waits whole milliseconds, rounded
-  up), in the order of its time, then of its arming; `call_soon`'s run on the next turn,
-  in the order they were called, before the timers then due; a cancelled one does not run;
+  up), in the order of its time, then of its arming; `call_soon`'s run after the readiness
+  callbacks of the turn they were queued in or of the next, in the order they were
+  called, before the timers then due; a cancelled one does not run;
 - cancelled timers do not pile up: when they are more than half of a heap of over
   `_CLEANUP_AT`, the heap is rebuilt without them (a guest that keeps re-arming one far
   timer would otherwise grow it without bound, as asyncio's would but for the same rule);
