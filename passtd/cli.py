@@ -128,9 +128,10 @@ def _run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if cfg is None:
         return 2
-    # asyncio imports ssl when it can, which loads libssl and libcrypto and costs every
-    # instance 1.2 MiB of its own memory (relocated pages) for TLS it never speaks (the
-    # bus is a UNIX socket): with the module marked absent, asyncio goes without it
+    # asyncio (imported by an instance with the D-Bus API) imports ssl when it can, which
+    # loads libssl and libcrypto and costs 1.2 MiB of the instance's own memory (relocated
+    # pages) for TLS it never speaks (the bus is a UNIX socket): with the module marked
+    # absent, asyncio goes without it
     sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
     from . import service
 

@@ -306,7 +306,8 @@ class Instance:
         self.own_socket_path: str | None = None
         self.stored_client: socket.socket | None = None  # the qemu socket in the FD store
         self.reexec = False  # SIGUSR2: the instance goes on in a new executable
-        self.stop: Callable[[], None] = lambda: None  # ends run(): the runner's stop
+        self.stopping = False
+        self._stop_runner: Callable[[], None] = lambda: None  # run() sets it
         self.runtime_dir = runtime_dir()
         self.state_dir = os.environ.get(config_mod.STATE_DIR_ENV) or self.runtime_dir
 
@@ -319,7 +320,7 @@ class Instance:
         """Start the engine on `main`, serve until a stop signal, close. With the D-Bus API
         (`bus_api`, load_bus_api's), asyncio's loop `aloop` runs `main` (aioloop.py)."""
         runner: Runner = aloop if aloop is not None else main
-        self.stop = runner.stop
+        self._stop_runner = runner.stop
         settings = engine_settings(self.cfg)
         log.info("instance %s: %s", self.cfg.name, describe_network(settings.net))
         fds = listen_fds()
@@ -400,6 +401,13 @@ class Instance:
                 aloop.run_until_complete(self.bus.close())
         self._close()
         return 0
+
+    def stop(self) -> None:
+        """End run() (SIGTERM, SIGINT, SIGUSR2): once; a second signal while the instance
+        closes (its bus connection, asyncio's tasks) must not cut that short."""
+        if not self.stopping:
+            self.stopping = True
+            self._stop_runner()
 
     def load_bus_api(self) -> Any:
         """The D-Bus module, imported before the flows are taken over: its import takes

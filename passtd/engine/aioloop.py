@@ -13,8 +13,8 @@ Handle); what asyncio registers for itself (its wake-up pipe, transports, the en
 sock_connect or sock_recv) goes through the selector methods and comes back from `select`
 as asyncio expects (poller.py's rules). Its clock is the MainLoop's.
 
-Not done here: signals (the MainLoop's `add_signal_handler` watches them, bus or no bus),
-anything of the engine's: only the service imports this module, and only with a bus.
+Not done here: signals (`add_signal_handler` is the MainLoop's, bus or no bus), anything
+of the engine's: only the service imports this module, and only with a bus.
 """
 
 from __future__ import annotations
@@ -77,6 +77,16 @@ class EngineLoop(asyncio.SelectorEventLoop):
 
     def time(self) -> float:
         return self.main.time()
+
+    # the MainLoop watches signals (one wake-up descriptor per process: asyncio's own
+    # handling would take it, and the instance's SIGTERM with it)
+
+    def add_signal_handler(self, sig: int, callback: Callable[[*_Ts], object],
+                           *args: *_Ts) -> None:
+        self.main.add_signal_handler(sig, callback, *args)
+
+    def remove_signal_handler(self, sig: int) -> bool:
+        return self.main.remove_signal_handler(sig)
 
     def close(self) -> None:
         super().close()

@@ -41,7 +41,7 @@ import ipaddress
 import re
 from collections.abc import Iterable
 from itertools import pairwise
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 PORT_RANGE_SYSCTL = "/proc/sys/net/ipv4/ip_local_port_range"
 RESERVED_PORTS_SYSCTL = "/proc/sys/net/ipv4/ip_local_reserved_ports"
@@ -77,7 +77,8 @@ class ForwardRule(_RuleFields):
     else on the address the guest is seen to use. Built by hand (the D-Bus API
     does), a rule is validated and its addresses canonicalised: SpecError if bad.
     An immutable record (a NamedTuple: no dataclasses in an instance, whose import
-    costs each one ~1 MiB); only the constructor makes one (no `_replace`).
+    costs each one ~1 MiB); `_replace` goes through the checks too (`_make`, which
+    would not, is for no one to call).
     """
 
     __slots__ = ()
@@ -107,6 +108,9 @@ class ForwardRule(_RuleFields):
         return super().__new__(cls, proto, None if listen is None else str(listen), ifname,
                                first, last, to_first, None if target is None else str(target),
                                weak)
+
+    def _replace(self, **changes: Any) -> ForwardRule:
+        return ForwardRule(**{**self._asdict(), **changes})
 
     @property
     def to_last(self) -> int:

@@ -52,10 +52,9 @@ _CLEANUP_AT = 64  # heap size from which cancelled timers are weeded out
 class Timer:
     """One call at a time of the loop's clock; `cancel` before it runs and it does not."""
 
-    def __init__(self, loop: MainLoop | None, when: float, callback: Callable[..., object],
+    def __init__(self, loop: MainLoop | None, callback: Callable[..., object],
                  args: tuple[Any, ...]) -> None:
         self.heap_owner = loop  # the loop whose heap holds it (None: call_soon's queue)
-        self.when = when
         self.callback = callback
         self.args = args
         self.cancelled = False
@@ -64,9 +63,15 @@ class Timer:
         if self.cancelled:
             return
         self.cancelled = True
-        self.args = ()  # what it would have been called with is free now
+        # until its time comes or it is weeded out the heap keeps it: not what it would
+        # have called (a bound method keeps its object, and an engine, alive)
+        self.callback, self.args = _cancelled, ()
         if self.heap_owner is not None:
             self.heap_owner.timer_cancelled()
+
+
+def _cancelled() -> None:
+    """What a cancelled timer holds instead of its callback."""
 
 
 def _ignore_signal(_signum: int, _frame: object) -> None:
@@ -91,7 +96,9 @@ class MainLoop:
         self._closed = False
         self._exception_handler: Callable[[MainLoop, dict[str, Any]], object] | None = None
         self._signals: dict[int, tuple[Callable[..., object], tuple[Any, ...]]] = {}
+        self._signals_before: dict[int, Any] = {}  # their handlers before ours: put back
         self._wakeup: tuple[socket.socket, socket.socket] | None = None
+        self._wakeup_before = -1
 
     def time(self) -> float:
         return self.clock()
@@ -116,7 +123,7 @@ class MainLoop:
 
     def call_soon(self, callback: Callable[..., object], *args: Any) -> Timer:
         self._open()
-        timer = Timer(None, -math.inf, callback, args)
+        timer = Timer(None, callback, args)
         self._soon.append(timer)
         self._due.arm(-math.inf)
         return timer
@@ -126,7 +133,7 @@ class MainLoop:
 
     def call_at(self, when: float, callback: Callable[..., object], *args: Any) -> Timer:
         self._open()
-        timer = Timer(self, when, callback, args)
+        timer = Timer(self, callback, args)
         self._armed += 1
         heapq.heappush(self._heap, (when, self._armed, timer))
         if when < self._due.when:
@@ -215,16 +222,26 @@ class MainLoop:
             reader.setblocking(False)
             writer.setblocking(False)
             try:
-                signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+                self._wakeup_before = signal.set_wakeup_fd(writer.fileno(),
+                                                           warn_on_full_buffer=False)
             except ValueError:
                 reader.close()
                 writer.close()
                 raise
             self._wakeup = (reader, writer)
             self.poller.add_reader(reader.fileno(), self._read_signals, ())
+        before = signal.signal(sig, _ignore_signal)
+        self._signals_before.setdefault(sig, before)
         self._signals[sig] = (callback, args)
-        signal.signal(sig, _ignore_signal)
         signal.siginterrupt(sig, False)
+
+    def remove_signal_handler(self, sig: int) -> bool:
+        """The signal's handler before ours back; False if we had none."""
+        if self._signals.pop(sig, None) is None:
+            return False
+        before = self._signals_before.pop(sig)
+        signal.signal(sig, before if before is not None else signal.SIG_DFL)
+        return True
 
     def _read_signals(self) -> None:
         assert self._wakeup is not None
@@ -263,15 +280,15 @@ class MainLoop:
         return self._closed
 
     def close(self) -> None:
-        """Forget timers, give the signals back their default action, close the poller."""
+        """Forget timers, put back the signals' handlers and wake-up descriptor from before
+        (SIGINT's is KeyboardInterrupt's), close the poller."""
         if self._closed:
             return
         self._closed = True
-        for sig in self._signals:
-            signal.signal(sig, signal.SIG_DFL)
-        self._signals.clear()
+        for sig in list(self._signals):
+            self.remove_signal_handler(sig)
         if self._wakeup is not None:
-            signal.set_wakeup_fd(-1)
+            signal.set_wakeup_fd(self._wakeup_before)
             for sock in self._wakeup:
                 sock.close()
             self._wakeup = None

@@ -320,8 +320,8 @@ class TcpSockets:
         acknowledged at once (tcp.ACK_EVERY). The deadline is armed when the batch settles,
         if a reply has not carried the ACK by then; in request/response the reply comes in
         the next wakeup, so it is armed and disarmed once per request: a poller.Deadline,
-        which costs two attribute writes where asyncio's call_later and cancel cost more
-        than the ACK."""
+        which costs two attribute writes where a timer's call_later and cancel (a heap
+        entry each) cost more than the ACK."""
         self._acks_delayed[conn] = None
 
     def _acked(self, conn: TcpConn) -> None:

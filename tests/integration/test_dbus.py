@@ -23,6 +23,7 @@ but not root.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -30,6 +31,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -317,6 +319,24 @@ def all_listening(host: lab.HostNamespace) -> list[str]:
 
 
 @pytest.mark.netns
+def test_a_second_stop_signal_while_closing_changes_nothing(
+        instances: Instances, system_bus: PrivateBus) -> None:
+    """SIGTERM, then SIGTERM again once it is stopping (an admin's second Ctrl-C): the
+    instance still closes its bus connection and exits 0, no traceback."""
+    prog = instances.start("twice", "--bus", "system", label="twice",
+                           bus_env={"DBUS_SYSTEM_BUS_ADDRESS": system_bus.address},
+                           owner=system_bus)
+    instances.started.remove(prog)  # stopped here, not at the module's end
+    os.kill(prog.pid, signal.SIGTERM)
+    lab.wait_for(lambda: "stopping" in prog.log_text() or not prog.alive(), 10,
+                 "the instance to begin stopping")
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(prog.pid, signal.SIGTERM)
+    status = prog.proc.wait(15)
+    assert status == 0 and "Traceback" not in prog.log_text(), prog.log_text()
+    assert owner_pid(system_bus, bus_name("twice")) is None
+
+
 def test_introspection_shows_the_interface(vm: lab.Program, system_bus: PrivateBus) -> None:
     res = busctl(system_bus, "introspect", "--no-pager", VM_BUS, PATH, IFACE)
     assert res.returncode == 0, res.stderr

@@ -365,3 +365,13 @@ def forward_rules(draw: st.DrawFn) -> ForwardRule:
 @given(forward_rules())
 def test_format_then_parse_round_trips(rule: ForwardRule) -> None:
     assert parse_spec(format_rule(rule), rule.proto, ephemeral_start=EPH) == [rule]
+
+
+def test_a_rule_changed_with_replace_is_checked_and_canonical() -> None:
+    """A NamedTuple's _replace would build the tuple unchecked: ForwardRule's checks."""
+    rule = ForwardRule("tcp", None, None, 80, 80, 8080)
+    assert rule._replace(address="2001:0DB8::0001").address == "2001:db8::1"
+    with pytest.raises(SpecError):
+        rule._replace(first=90)
+    with pytest.raises(SpecError):
+        rule._replace(proto="sctp")

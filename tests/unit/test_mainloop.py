@@ -4,6 +4,7 @@ asyncio. The Poller's own rules under asyncio's loop: test_poller.py."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -79,6 +81,21 @@ def test_what_call_soon_queues_from_a_callback_runs_on_the_next_turn(loop: MainL
     assert turns.count("soon") < 50
     a.close()
     b.close()
+
+
+def test_a_cancelled_timer_lets_go_of_its_callback(loop: MainLoop) -> None:
+    """It stays in the heap until its time; what it would have called (a bound method of
+    an engine's part, and the engine through it) must not stay alive with it."""
+    class Owner:
+        def tick(self) -> None:
+            pass
+
+    owner = Owner()
+    gone = weakref.ref(owner)
+    loop.call_later(600, owner.tick).cancel()
+    del owner
+    gc.collect()
+    assert gone() is None
 
 
 def test_cancelled_timers_do_not_pile_up(loop: MainLoop) -> None:
@@ -190,6 +207,26 @@ def test_a_signal_runs_its_handler_on_the_next_turn_and_close_restores_it() -> N
     loop.close()
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
     assert signal.set_wakeup_fd(-1) == -1  # given back
+
+
+def test_close_puts_back_the_handlers_from_before() -> None:
+    """SIGINT's is KeyboardInterrupt's, not SIG_DFL; a wake-up descriptor set before the
+    loop's is set again."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    before = signal.set_wakeup_fd(a.fileno())
+    try:
+        loop = MainLoop()
+        loop.add_signal_handler(signal.SIGINT, loop.stop)
+        loop.add_signal_handler(signal.SIGUSR1, loop.stop)
+        assert loop.remove_signal_handler(signal.SIGUSR1)
+        assert not loop.remove_signal_handler(signal.SIGUSR1)
+        loop.close()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.set_wakeup_fd(before) == a.fileno()
+    finally:
+        a.close()
+        b.close()
 
 
 def test_a_closed_loop_refuses_work() -> None:
