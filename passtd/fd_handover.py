@@ -32,6 +32,7 @@ import array
 import fcntl
 import logging
 import os
+import signal
 import socket
 import sys
 from typing import NoReturn
@@ -169,6 +170,9 @@ def reexec(named: list[tuple[str, int]], argv: list[str]) -> NoReturn:
     with the descriptors `named` passed as systemd passes them: LISTEN_FDS from 3 on,
     LISTEN_FDNAMES, LISTEN_PID (exec keeps the pid). Everything else is close-on-exec."""
     first = 3
+    # a signal's byte goes to the loop's wake-up descriptor (signal.set_wakeup_fd): once
+    # the dup2s below put another socket (qemu's) on that number, it would land in there
+    signal.set_wakeup_fd(-1)
     # out of the way of the target numbers first, then into place (inheritable)
     moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, first + len(named)) for _name, fd in named]
     for i, fd in enumerate(moved):

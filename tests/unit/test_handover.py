@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -499,3 +501,30 @@ def test_a_flow_whose_numbers_no_flow_holds_is_reset_not_resumed(
         assert "R" in str(rst.flags)
         assert errors == [] and new.engine.problems() == []
         peer.close()
+
+
+def test_reexec_takes_the_wake_up_descriptor_away_before_moving_descriptors() -> None:
+    """A signal's byte goes to the loop's wake-up descriptor: once reexec's dup2s put
+    another socket (qemu's) on that number, the byte would land in it. Each dup2 is seen
+    here with no wake-up descriptor set."""
+    script = """
+import os, signal, socket, sys
+from passtd import fd_handover
+from passtd.engine.mainloop import MainLoop
+loop = MainLoop()
+loop.add_signal_handler(signal.SIGTERM, loop.stop)
+real_dup2 = os.dup2
+def dup2(fd, to, inheritable=True):
+    current = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(current)
+    sys.stdout.write(f"{current} ")
+    sys.stdout.flush()
+    return real_dup2(fd, to, inheritable)
+fd_handover.os.dup2 = dup2
+a, _b = socket.socketpair()
+fd_handover.reexec([("qemu", a.fileno())], [sys.executable, "-c", "print('exec')"])
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=30, cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["-1", "exec"]
