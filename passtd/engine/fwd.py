@@ -92,10 +92,9 @@ class ForwardRule(_RuleFields):
             _check_port_number(port)
         if first > last:
             raise SpecError(f"bad port range {first}-{last}: first port above last")
-        if to_first + (last - first) > MAX_PORT:
-            raise SpecError(
-                f"target range {to_first}-{to_first + (last - first)} goes beyond port "
-                f"{MAX_PORT}")
+        to_last = to_first + (last - first)
+        if to_last > MAX_PORT:
+            raise SpecError(f"target range {to_first}-{to_last} goes beyond port {MAX_PORT}")
         for text in (address, ifname, to_address):
             if text is not None and not isinstance(text, str):
                 raise SpecError(f"expected a string or None, got {text!r}")

@@ -159,7 +159,7 @@ class MainLoop:
         soon, self._soon = self._soon, []  # what these queue runs on the next turn
         for timer in soon:
             if not timer.cancelled:
-                self._call(timer)
+                self.poller.run_callback(timer.callback, timer.args)
         heap = self._heap
         now = self.clock()
         while heap and heap[0][0] <= now:
@@ -169,7 +169,7 @@ class MainLoop:
             else:
                 timer.cancelled = True  # run: a cancel from now on changes nothing
                 timer.heap_owner = None
-                self._call(timer)
+                self.poller.run_callback(timer.callback, timer.args)
             heap = self._heap  # a callback's cancel may have rebuilt it
         self._arm_due()
 
@@ -185,15 +185,6 @@ class MainLoop:
             self._due.arm(heap[0][0])
         else:
             self._due.cancel()
-
-    def _call(self, timer: Timer) -> None:
-        try:
-            timer.callback(*timer.args)
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as e:
-            self.call_exception_handler({"message": f"Exception in callback {timer.callback!r}",
-                                         "exception": e})
 
     # -- errors ------------------------------------------------------------------------------
 

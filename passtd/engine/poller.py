@@ -256,10 +256,10 @@ class Poller:
             watch = watches.get(fd)
             if watch is not None:
                 if event & _READABLE and watch.reader is not None:
-                    self._run(watch.reader, watch.reader_args, event if watch.edge else -1)
+                    self.run_callback(watch.reader, watch.reader_args, event if watch.edge else -1)
                     watch = watches.get(fd)  # the reader may have removed or replaced it
                 if watch is not None and event & _WRITABLE and watch.writer is not None:
-                    self._run(watch.writer, watch.writer_args)
+                    self.run_callback(watch.writer, watch.writer_args)
                 continue
             key = self._keys.get(fd)
             if key is not None:
@@ -274,10 +274,12 @@ class Poller:
         for deadline in self._deadlines:
             if deadline.when <= now:
                 deadline.when = math.inf  # before the callback, which may arm it again
-                self._run(deadline.callback, ())
+                self.run_callback(deadline.callback, ())
 
-    def _run(self, callback: Callable[..., object], args: tuple[Any, ...], event: int = -1
-             ) -> None:
+    def run_callback(self, callback: Callable[..., object], args: tuple[Any, ...],
+                     event: int = -1) -> None:
+        """Run a callback of the loop's (a reader, a deadline, a timer), its exception to
+        `on_error` (costing that callback only), as a Handle's would go to asyncio's."""
         try:
             if event < 0:
                 callback(*args)
