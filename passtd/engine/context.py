@@ -214,7 +214,9 @@ class EngineContext:
         self.started_at = time.time()
         # filled in by the engine (loop.py)
         self.schedule: Callable[[Flow], None] = _unset
-        self.close_flow: Callable[[Flow, bool], None] = _unset
+        # (flow, reset the host peer, close its socket only after the batch's frames went
+        # out: for a caller inside a callback, which settles)
+        self.close_flow: Callable[[Flow, bool, bool], None] = _unset
         self.settle: Callable[[float], None] = _unset
         self.changed: Callable[..., None] = _unset
         self.buffers_used: Callable[[float], None] = _unset
@@ -228,7 +230,7 @@ class EngineContext:
         """The timer of a datagram flow (UDP, ping): it ends, or waits for its next
         deadline."""
         if flow.handle_timer(now) & A_CLOSE:
-            self.close_flow(flow, False)
+            self.close_flow(flow, False, False)
         else:
             self.schedule(flow)
 

@@ -105,6 +105,7 @@ class Engine:
                                         self.guest.foreign_prefixes)
         self.guest.on_foreign_prefix = self.adverts.soon
         self.closed = False
+        self._closing: list[socket.socket] = []  # of flows that ended in this batch
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -127,6 +128,7 @@ class Engine:
         self.tcp.close()
         for flow in list(self.flows):
             self.close_flow(flow, rst_peer=False)
+        self._close_sockets()  # a batch that ended without its settle (an exception)
         self.forwards.close()
         self.link.close()
 
@@ -215,6 +217,13 @@ class Engine:
             self.link.end_batch()
             if not more:
                 break
+        self._close_sockets()
+
+    def _close_sockets(self) -> None:
+        """Close the sockets of flows that ended in this batch (`close_flow`)."""
+        closing, self._closing = self._closing, []
+        for sock in closing:
+            sock.close()
 
     # -- guest frames ---------------------------------------------------------------------------
 
@@ -357,7 +366,9 @@ class Engine:
 
     # -- flows: the end, and timers -------------------------------------------------------------
 
-    def close_flow(self, flow: Flow, rst_peer: bool) -> None:
+    def close_flow(self, flow: Flow, rst_peer: bool, after_flush: bool = False) -> None:
+        """The flow ends now; `after_flush`: its socket closes at the end of `settle`,
+        once the batch's frames are with qemu (the caller is a callback, which settles)."""
         sock = flow.sock
         owned = self._halves[flow.key[0]].release(flow)
         if sock is not None:
@@ -367,7 +378,10 @@ class Engine:
                     with contextlib.suppress(OSError):
                         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                                         struct.pack("ii", 1, 0))
-                sock.close()
+                if after_flush:
+                    self._closing.append(sock)
+                else:
+                    sock.close()
             flow.sock = None
         self.link.forget(flow)
         self.forwards.flow_closed(flow)
@@ -399,8 +413,6 @@ class Engine:
         if at is not None and at < self._timer.when:
             self._timer.arm(at)
         self.settle(now)
-
-    # -- router advertisements ------------------------------------------------------------------
 
     def _trim_buffers(self) -> None:
         self.link.trim()

@@ -45,7 +45,6 @@ log = logging.getLogger("passtd.engine")
 ACK_DELAY = 0.0005  # how long a small ACK waits for host data to carry it
 WRITE_CHUNK = 1024  # iovecs per sendmsg (IOV_MAX)
 
-
 TCP_ESTABLISHED = 1  # tcpi_state, the first byte of struct tcp_info (linux/tcp.h)
 
 
@@ -218,12 +217,15 @@ class TcpSockets:
         sock = conn.sock
         written = 0
         try:
-            for i in range(0, len(views), WRITE_CHUNK):
-                chunk = views[i : i + WRITE_CHUNK]
-                n = sock.send(chunk[0]) if len(chunk) == 1 else sock.sendmsg(chunk)
-                written += n
-                if n < sum(map(len, chunk)):
-                    break
+            if len(views) == 1:  # a request, or one segment: no chunks to cut
+                written = sock.send(views[0])
+            else:
+                for i in range(0, len(views), WRITE_CHUNK):
+                    chunk = views[i : i + WRITE_CHUNK]
+                    n = sock.send(chunk[0]) if len(chunk) == 1 else sock.sendmsg(chunk)
+                    written += n
+                    if n < sum(map(len, chunk)):
+                        break
         except (BlockingIOError, InterruptedError):
             pass
         except OSError as e:
@@ -263,7 +265,8 @@ class TcpSockets:
             if conn.discard and not actions & tcp.A_RST_PEER:
                 # bytes left in the receive queue would turn the kernel's FIN into a RST
                 self.host.drop_acknowledged(conn)
-            self.ctx.close_flow(conn, bool(actions & tcp.A_RST_PEER))
+            # close() (~10 us) after the batch's frames: a SYN-ACK in it (crr) goes first
+            self.ctx.close_flow(conn, bool(actions & tcp.A_RST_PEER), True)
             return
         if actions & tcp.A_DISCARD:
             self._discard_due[conn] = None  # once per flow and batch, before its next read
@@ -282,10 +285,11 @@ class TcpSockets:
                 self._control(conn, control, now)
         if actions & tcp.A_WAIT_WRITABLE:
             self.ctx.readiness.write(conn, self._host_writable)
-        if actions & tcp.A_REWIND or (actions & tcp.A_RESUME and conn.read_pending):
-            self._resume[conn] = None  # tcp_peek.py: Wakeups
-        elif actions & tcp.A_ESTABLISHED:
-            self.host.await_data(conn)  # data already queued makes the registration an edge
+        if actions & (tcp.A_REWIND | tcp.A_ESTABLISHED) or (
+                actions & tcp.A_RESUME and conn.read_pending):
+            # tcp_peek.py: Wakeups. Once established, read (a read that finds nothing
+            # registers): what the peer did meanwhile (crr: close) saves a wakeup
+            self._resume[conn] = None
         if actions & tcp.A_DUPACK:
             # not coalesced, and with the window unchanged: the guest counts only exact
             # duplicates towards a fast retransmission
@@ -315,13 +319,11 @@ class TcpSockets:
     # -- ACKs ---------------------------------------------------------------------------------
 
     def _delay_ack(self, conn: TcpConn) -> None:
-        """ACK a little data a moment later: a reply from the host carries it, and the
-        guest (and qemu) handle one frame instead of two per request. Bulk data is
-        acknowledged at once (tcp.ACK_EVERY). The deadline is armed when the batch settles,
-        if a reply has not carried the ACK by then; in request/response the reply comes in
-        the next wakeup, so it is armed and disarmed once per request: a poller.Deadline,
-        which costs two attribute writes where a timer's call_later and cancel (a heap
-        entry each) cost more than the ACK."""
+        """ACK a little data a moment later: a host reply carries it, and the guest (and
+        qemu) handle one frame, not two, per request; bulk data is acknowledged at once
+        (tcp.ACK_EVERY). The deadline, armed at the batch's end if no reply carried the
+        ACK, is armed and disarmed once per request: a poller.Deadline, two attribute
+        writes, where a timer's call_later and cancel would cost more than the ACK."""
         self._acks_delayed[conn] = None
 
     def _acked(self, conn: TcpConn) -> None:

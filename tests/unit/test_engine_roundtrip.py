@@ -33,9 +33,10 @@ def harness() -> Iterator[EngineHarness]:
         yield h
 
 
-def syn(dport: int, seq: int = 1000, options: list | None = None) -> bytes:
+def syn(dport: int, seq: int = 1000, options: list | None = None, sport: int = 40000
+        ) -> bytes:
     return bytes(Ether(src=GUEST_MAC, dst=OUR_MAC) / IP(src=GUEST, dst=GATEWAY)
-                 / TCP(sport=40000, dport=dport, flags="S", seq=seq, window=64240,
+                 / TCP(sport=sport, dport=dport, flags="S", seq=seq, window=64240,
                        options=options or []))
 
 
@@ -98,6 +99,79 @@ def test_a_local_connect_done_inside_connect_is_answered_in_the_same_batch(
     harness.run(0.0)  # the read and its batch, no time for a wait on writability
     (syn_ack,) = tcp_replies(harness.receive())
     assert str(syn_ack.flags) == "SA" and harness.loop.poller.writers_added == writers_before
+
+
+def test_what_the_peer_did_before_the_handshake_ended_is_read_with_the_guests_ack(
+        harness: EngineHarness, server: socket.socket) -> None:
+    """crr's shape: the server accepts and closes while our SYN-ACK and the guest's ACK
+    cross. The flow reads its socket in the batch of that ACK: the FIN goes out with it,
+    not one registration and one wakeup later (tcp_sock.py, execute)."""
+    port = server.getsockname()[1]
+    (syn_ack,) = tcp_replies(harness.roundtrip(syn(port), seconds=0.05))
+    peer, _ = server.accept()
+    peer.close()
+    harness.send(guest_segment(port, syn_ack.seq + 1, 64240))
+    harness.run(0.0)  # the read and its batch, no time for a wakeup of the flow's socket
+    (fin,) = tcp_replies(harness.receive())
+    assert str(fin.flags) == "FA" and fin.seq == syn_ack.seq + 1 and fin.ack == 1001
+
+
+class CloseWatch:
+    """HostSockets whose TCP sockets note, as they close, what qemu could read by then."""
+
+    def __init__(self) -> None:
+        self.qemu: socket.socket | None = None
+        self.readable_at_close: list[bytes] = []
+
+    def stream(self, af: socket.AddressFamily) -> socket.socket:
+        watch = self
+
+        class Watched(socket.socket):
+            def close(self) -> None:
+                assert watch.qemu is not None
+                try:
+                    watch.readable_at_close.append(watch.qemu.recv(1 << 16, socket.MSG_PEEK))
+                except BlockingIOError:
+                    watch.readable_at_close.append(b"")
+                super().close()
+
+        return Watched(af, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+
+    def datagram(self, af: socket.AddressFamily) -> socket.socket:
+        return socket.socket(af, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+
+    def ping(self, af: socket.AddressFamily) -> socket.socket:
+        raise OSError("not in this test")
+
+
+def test_a_flow_ending_in_a_batch_closes_its_socket_after_the_batchs_frames_went_out(
+        server: socket.socket) -> None:
+    """crr's shape: the guest's FIN for one connection and its SYN for the next in one
+    read. The old socket's close() (its FIN to the peer, work in the kernel) waits until
+    the batch's frames, the next SYN-ACK among them, are with qemu (loop.py, settle)."""
+    watch = CloseWatch()
+    with engine_harness(SETTINGS, watch) as harness:
+        watch.qemu = harness.qemu
+        port = server.getsockname()[1]
+        (syn_ack,) = tcp_replies(harness.roundtrip(syn(port), seconds=0.05))
+        peer, _ = server.accept()
+        peer.close()
+        (fin,) = tcp_replies(harness.roundtrip(guest_segment(port, syn_ack.seq + 1, 64240),
+                                               seconds=0.05))
+        guest_fin = bytes(Ether(src=GUEST_MAC, dst=OUR_MAC) / IP(src=GUEST, dst=GATEWAY)
+                          / TCP(sport=40000, dport=port, flags="FA", seq=1001,
+                                ack=fin.seq + 1, window=64240))
+        harness.send(guest_fin, syn(port, sport=40001))
+        harness.run(0.0)
+        (at_close,) = watch.readable_at_close
+        frames, rest = [], at_close
+        while len(rest) >= 4:
+            (length,) = struct.unpack_from("!I", rest)
+            frames.append(rest[4 : 4 + length])
+            rest = rest[4 + length :]
+        assert [(t.dport, str(t.flags)) for t in tcp_replies(frames)] == \
+            [(40000, "A"), (40001, "SA")]
+        assert harness.engine.flow_count == 1
 
 
 def connected(harness: EngineHarness, server: socket.socket, window: int
