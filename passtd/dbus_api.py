@@ -548,23 +548,30 @@ class BusExport:
         except Exception:
             log.exception("cannot announce changed properties %s", sorted(names))
 
-    def engine_event(self, kind: str, describe: Callable[[], dict[str, Any]]) -> None:
-        """A flow or forward came or went (engine/loop.py's on_event): signal it, flows
-        batched. Never raises: it runs inside the data path's callbacks."""
+    def engine_events(self, events: list[tuple[str, Callable[[], dict[str, Any]]]]) -> None:
+        """Flows or forwards came or went (engine/loop.py's on_events, flows once per
+        batch of the engine's): signal them, flows batched further. Never raises: it runs
+        inside the data path's callbacks."""
         if self._closing or not self.connected:
             return
-        try:
-            if kind == "forward-added":
-                self.interface.ForwardAdded(describe())
-            elif kind == "forward-removed":
-                self.interface.ForwardRemoved(describe())
-            elif kind in self.flow_batches:
-                now = self.loop.time()
-                if self.flow_batches[kind].add(describe, now):
-                    self._signal_flows(kind, now)
+        now = None
+        for kind, describe in events:
+            try:
+                if kind == "forward-added":
+                    self.interface.ForwardAdded(describe())
+                elif kind == "forward-removed":
+                    self.interface.ForwardRemoved(describe())
+                elif (batch := self.flow_batches.get(kind)) is not None:
+                    now = self.loop.time() if now is None else now
+                    if batch.add(describe, now):
+                        self._signal_flows(kind, now)
+            except Exception:
+                log.exception("cannot signal %s", kind)
+        if now is not None:
+            try:
                 self._arm_flows()
-        except Exception:
-            log.exception("cannot signal %s", kind)
+            except Exception:
+                log.exception("cannot time the next flow signals")
 
     def _signal_flows(self, kind: str, now: float) -> None:
         flows, omitted = self.flow_batches[kind].take(now)
@@ -573,9 +580,11 @@ class BusExport:
         signal(flows, omitted)
 
     def _arm_flows(self) -> None:
+        if self._flow_timer is not None:  # (most calls, under many flows: checked first)
+            return
         when = min((at for batch in self.flow_batches.values()
                     if (at := batch.wakeup()) is not None), default=None)
-        if when is None or self._flow_timer is not None:
+        if when is None:
             return
         self._flow_timer = self.loop.call_at(when, self._flush_flows)
 

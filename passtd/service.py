@@ -345,14 +345,13 @@ class Instance:
             self.listener = bind_listener(self.cfg.socket)
             self.own_socket_path = self.cfg.socket
             log.info("listening for qemu on %s", self.cfg.socket)
-        engine = Engine(settings, main, on_change=self._on_change)
+        engine = Engine(settings, main)
         self.engine = engine
         if state is not None:
             engine.inherit(state, inherited)
         else:
             close_sockets(inherited, reset=True)
         engine.on_client = self._client_changed
-        engine.on_event = self._on_event
         if self.cfg.qemu_cgroup is not None:
             engine.accept_peer = CgroupPeerCheck(self.cfg.qemu_cgroup)
             log.info("adopting qemu only from cgroup %s", self.cfg.qemu_cgroup)
@@ -424,6 +423,9 @@ class Instance:
     async def _export_bus(self, dbus_api: Any) -> None:
         try:  # a bus that is not there yet is retried in the background
             self.bus = await dbus_api.export(self)
+            if self.engine is not None:  # straight to the API: no call through here
+                self.engine.news.on_change = self.bus.properties_changed
+                self.engine.news.on_events = self.bus.engine_events
         except Exception as e:  # the data path must not depend on the bus
             log.error("D-Bus API not available on the %s bus: %s; running without it",
                       self.cfg.bus, e)
@@ -520,16 +522,6 @@ class Instance:
             self.stored_client = sock
             sd_notify(f"FDSTORE=1\nFDNAME={FD_NAME_QEMU}", [sock.fileno()])
         self._status()
-
-    def _on_event(self, kind: str, describe: Callable[[], dict[str, Any]]) -> None:
-        if self.bus is not None:
-            self.bus.engine_event(kind, describe)
-
-    def _on_change(self, names: set[str]) -> None:
-        if self.bus is not None:
-            self.bus.properties_changed(names)
-        if names & {"GuestConnected"}:
-            self._status()
 
     def _status(self) -> None:
         if self.engine is not None:

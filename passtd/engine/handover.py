@@ -309,8 +309,6 @@ class Handover:
             self.ctx.link.input_watch = lambda at: log.info(
                 "first guest frame %.0f ms after the previous process's last",
                 (at - written_at) * 1000)
-        if resumed:
-            self.ctx.changed("FlowCount")
 
     def _flow(self, entry: dict[str, Any]) -> Flow:
         proto = entry["proto"]

@@ -72,7 +72,6 @@ class IcmpSockets:
         ctx.flows.add(flow)
         ctx.schedule(flow)  # it expires even if its first request cannot be sent
         ctx.readiness.read(flow, self._readable)
-        ctx.changed("FlowCount")
         return flow
 
     def timer(self, flow: icmp.PingFlow, now: float) -> None:

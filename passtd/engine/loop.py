@@ -42,6 +42,7 @@ from .handover import Handover
 from .icmp_sock import IcmpSockets
 from .link import GuestLink, PeerVerdict, peer_pid
 from .mainloop import MainLoop
+from .news import News
 from .settings import EngineSettings
 from .sockets import HostSockets, KernelSockets
 from .tcp import TcpConn
@@ -60,16 +61,12 @@ class Engine:
     """One instance's translator: a qemu client, flows, forwards and timers."""
 
     def __init__(self, settings: EngineSettings, loop: MainLoop,
-                 on_change: Callable[[set[str]], None] | None = None,
                  sockets: HostSockets | None = None) -> None:
         self.settings = settings
         self.net = settings.net
         self.loop = loop
-        self.on_change = on_change  # property names that changed (D-Bus PropertiesChanged)
         self.on_client: Callable[[socket.socket | None], None] | None = None
-        # "flow-opened", "flow-closed", "forward-added", "forward-removed", with a call
-        # that describes the flow or forward as the API lists it (only if wanted: it costs)
-        self.on_event: Callable[[str, Callable[[], dict[str, Any]]], None] | None = None
+        self.news = News()  # for the service to hear (news.py): set its on_change, on_events
         self.drop_log = RateLimitedLog()
         self.trim = BufferTrim(self.loop, self._trim_buffers)
         self.link = GuestLink(self.loop, settings.pcap, settings.pcap_size,
@@ -82,10 +79,10 @@ class Engine:
         ctx.schedule = self._schedule
         ctx.close_flow = self.close_flow
         ctx.settle = self.settle
-        ctx.changed = self._changed
+        ctx.changed = self.news.changed
         ctx.buffers_used = self.trim.used
         self.flows: FlowTable = ctx.flows
-        self.flows.on_add = lambda flow: self._event("flow-opened", flow)
+        self.flows.on_add = self.news.flow_opened
         self.tcp = TcpSockets(ctx)
         self.udp = UdpSockets(ctx, lambda port: self.forwards.takes_udp_port(port))
         self.forwards = Forwards(self.loop, self.net, ctx.sockets, settings.max_listeners,
@@ -100,7 +97,7 @@ class Engine:
         self.handover = Handover(ctx, self.forwards, self._halves)
         self._timer = self.loop.poller.deadline(self._on_timer)  # the earliest flow deadline
         self._dhcpv6_duid = dhcpv6.server_duid(self.net.mac)
-        self.guest = GuestIdentity(self.net, ctx.seen, self.drop_log, self._changed)
+        self.guest = GuestIdentity(self.net, ctx.seen, self.drop_log, self.news.changed)
         self.adverts = RouterAdvertiser(self.loop, self.net, self.link,
                                         self.guest.foreign_prefixes)
         self.guest.on_foreign_prefix = self.adverts.soon
@@ -171,17 +168,6 @@ class Engine:
         self.link.accept_peer = check
         self.link.recheck_held()  # connections waiting for a verdict get the new one
 
-    def _changed(self, *names: str) -> None:
-        if self.on_change is not None:
-            self.on_change(set(names))
-
-    def _event(self, kind: str, item: Flow | Forward) -> None:
-        if self.on_event is not None:
-            if isinstance(item, Forward):
-                self.on_event(kind, item.describe)
-            else:
-                self.on_event(kind, lambda: item.describe(self.loop.time()))
-
     def _client_changed(self, sock: socket.socket | None, why: str) -> None:
         if sock is not None:
             log.info("guest connected (qemu pid %s)", peer_pid(sock),
@@ -195,7 +181,7 @@ class Engine:
             self.adverts.stop()
         if self.on_client:
             self.on_client(sock)
-        self._changed("GuestConnected")
+        self.news.changed("GuestConnected")
 
     def _qemu_refused(self, why: str) -> None:
         waiting = "" if self.link.connected else "; still waiting for the guest's qemu"
@@ -218,6 +204,7 @@ class Engine:
             if not more:
                 break
         self._close_sockets()
+        self.news.report(len(self.flows), self.loop.time)
 
     def _close_sockets(self) -> None:
         """Close the sockets of flows that ended in this batch (`close_flow`)."""
@@ -385,14 +372,13 @@ class Engine:
             flow.sock = None
         self.link.forget(flow)
         self.forwards.flow_closed(flow)
-        self._event("flow-closed", flow)
+        self.news.flow_closed(flow)
         self.flows.remove(flow)
         flow.deadline = None
         self.timers.cancel(flow)
         if log.isEnabledFor(logging.DEBUG):  # (fields cost more than the call)
             log.debug("%r: closed", flow, extra=events.fields(
                 flow_id=flow.id, forward_id=flow.forward_id, guest=flow.guest_addr))
-        self._changed("FlowCount")
 
     def _schedule(self, flow: Flow) -> None:
         if self.timers.schedule(flow) and flow.deadline is not None \
@@ -427,7 +413,8 @@ class Engine:
                 log.debug("%r: gives its host port to forward %s", flow, format_rule(rule))
                 self.close_flow(flow, rst_peer=False)
         fwd = self.forwards.add(rule, origin)
-        self._event("forward-added", fwd)
+        self.news.report(len(self.flows), self.loop.time)  # UDP flows that gave way
+        self.news.forward_event("forward-added", fwd.describe)
         return fwd
 
     def remove_forward(self, forward_id: int) -> Forward:
@@ -436,7 +423,8 @@ class Engine:
         fwd = self.forwards.remove(forward_id)
         for flow in self.udp.flows_of_forward(fwd.id):
             self.close_flow(flow, rst_peer=False)
-        self._event("forward-removed", fwd)
+        self.news.report(len(self.flows), self.loop.time)
+        self.news.forward_event("forward-removed", fwd.describe)
         return fwd
 
     # -- what the service and D-Bus API read ----------------------------------------------------

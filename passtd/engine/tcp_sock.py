@@ -159,7 +159,6 @@ class TcpSockets:
                                       hold_budget=self._hold_budget)
         conn.sock = sock
         ctx.flows.add(conn)
-        ctx.changed("FlowCount")
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%r: connecting to %s", conn, target, extra=events.fields(
                 flow_id=conn.id, guest=conn.guest_addr))
@@ -427,7 +426,6 @@ class TcpSockets:
         conn.forward_id = fwd.id
         ctx.flows.add(conn)
         fwd.connections += 1
-        ctx.changed("FlowCount")
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%r: accepted through forward %d", conn, fwd.id, extra=events.fields(
                 flow_id=conn.id, forward_id=fwd.id, guest=conn.guest_addr))

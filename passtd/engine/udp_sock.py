@@ -113,7 +113,6 @@ class UdpSockets:
         ctx.flows.add(flow)
         ctx.schedule(flow)  # it expires even if its first datagram cannot be sent
         ctx.readiness.read(flow, self._host_readable)
-        ctx.changed("FlowCount")
         return flow
 
     def _may_keep(self, port: int) -> bool:
@@ -202,7 +201,6 @@ class UdpSockets:
                 flow.forward_id = fwd.id
                 ctx.flows.add(flow)
                 fwd.connections += 1
-                ctx.changed("FlowCount")
             self._to_guest(flow, data, now)
         ctx.settle(now)
 

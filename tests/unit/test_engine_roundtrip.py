@@ -174,6 +174,39 @@ def test_a_flow_ending_in_a_batch_closes_its_socket_after_the_batchs_frames_went
         assert harness.engine.flow_count == 1
 
 
+def test_flows_opened_and_closed_are_told_once_per_batch(
+        harness: EngineHarness, server: socket.socket) -> None:
+    """The flow events and FlowCount reach the service (D-Bus) once per batch, not once
+    per flow (news.py): a batch that closes one flow and opens the next
+    makes one on_events call with both, and FlowCount, back where it was, is not told."""
+    told: list[list[tuple[str, dict]]] = []
+    changed: list[set[str]] = []
+    harness.engine.news.on_events = lambda events: told.append(
+        [(kind, describe()) for kind, describe in events])
+    harness.engine.news.on_change = changed.append
+    port = server.getsockname()[1]
+    (syn_ack,) = tcp_replies(harness.roundtrip(syn(port), seconds=0.05))
+    assert [[kind for kind, _ in events] for events in told] == [["flow-opened"]]
+    assert [names for names in changed if "FlowCount" in names] == [{"FlowCount"}]
+    peer, _ = server.accept()
+    peer.close()
+    (fin,) = tcp_replies(harness.roundtrip(guest_segment(port, syn_ack.seq + 1, 64240),
+                                           seconds=0.05))
+    told.clear()
+    changed.clear()
+    harness.send(bytes(Ether(src=GUEST_MAC, dst=OUR_MAC) / IP(src=GUEST, dst=GATEWAY)
+                       / TCP(sport=40000, dport=port, flags="FA", seq=1001,
+                             ack=fin.seq + 1, window=64240)),
+                 syn(port, sport=40001))
+    harness.run(0.0)
+    (events,) = told
+    assert [(kind, d["guest_port"]) for kind, d in events] == \
+        [("flow-closed", 40000), ("flow-opened", 40001)]
+    assert not [names for names in changed if "FlowCount" in names]  # 1 before, 1 after
+    harness.engine.news.on_events = None
+    harness.engine.news.on_change = None
+
+
 def connected(harness: EngineHarness, server: socket.socket, window: int
               ) -> tuple[socket.socket, int]:
     """A flow to `server` through the engine (no window scaling: the guest's window is

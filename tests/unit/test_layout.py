@@ -20,7 +20,7 @@ ENGINE = Path(__file__).resolve().parents[2] / "passtd" / "engine"
 LIMIT, TCP_LIMIT = 500, 690
 HALVES = {"tcp_sock", "tcp_peek", "udp_sock", "icmp_sock"}
 PARTS = {"link", "forwards", "timers", "guest", "context", "sockets", "handover", "poller",
-         "mainloop", "aioloop", "netlink"}
+         "mainloop", "aioloop", "netlink", "news"}
 CORES = {"tcp", "tcp_seg", "tcp_hold", "tcp_run", "udp", "icmp", "arp", "dhcp", "dhcpv6", "ndp",
          "packet", "checksum", "tap", "tcp_buf", "flow", "nat", "addrs", "fwd", "settings",
          "events"}
