@@ -549,7 +549,7 @@ class BusExport:
             log.exception("cannot announce changed properties %s", sorted(names))
 
     def engine_events(self, events: list[tuple[str, Callable[[], dict[str, Any]]]]) -> None:
-        """Flows or forwards came or went (engine/loop.py's on_events, flows once per
+        """Flows or forwards came or went (engine/news.py's on_events, flows once per
         batch of the engine's): signal them, flows batched further. Never raises: it runs
         inside the data path's callbacks."""
         if self._closing or not self.connected:
