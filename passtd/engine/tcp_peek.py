@@ -116,7 +116,8 @@ class HostData:
         for _ in range(READ_ROUNDS):
             budget = conn.send_budget()
             if budget <= 0:
-                # stays registered: new data runs this again, which stops here (no syscall)
+                # read_pending stays set: the guest's next ACK or window update reads
+                # again (A_RESUME); if registered, new data runs this, which stops here
                 if not conn.zero_window:
                     conn.window_closed(now)
                     ctx.schedule(conn)
