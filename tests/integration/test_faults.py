@@ -45,8 +45,22 @@ def test_qemu_leaves_mid_transfer_and_the_transfer_resumes(program_factory, gues
                 log=guest.workdir / "srv.log")
     guest.wait_listening(22)
     client = netprog_bg(lab_host, "tcp-client", "--host", "127.0.0.1", "--port", "10022",
-                        "--send", str(64 * MIB), "--reply", str(64 * MIB), "--timeout", "120")
-    lab.wait_for(lambda: _flow_bytes(prog) > 8 * MIB, 60, "the transfer to get going")
+                        "--send", str(64 * MIB), "--reply", str(64 * MIB), "--timeout", "120",
+                        # 5 ms per 64 KiB: 5 s of sending, so the outage falls inside it (at
+                        # full speed the whole exchange can end between two looks at it)
+                        "--send-pause", "0.005")
+
+    def going() -> bool:
+        if client.poll() is not None:
+            raise AssertionError(f"the client ended before the outage: {client.communicate()}")
+        return _flow_bytes(prog) > 8 * MIB
+
+    try:
+        lab.wait_for(going, 60, "the transfer to get going")
+    except TimeoutError as e:  # what a stall looked like, for the next one to be diagnosed
+        raise AssertionError(f"{e}\nclient exit: {client.poll()}\ninstance's sockets:\n"
+                             f"{_sockets(prog)}\ninstance's log:\n{prog.log_text()[-4000:]}"
+                             ) from None
     guest.disconnect()
     time.sleep(3)
     guest.connect()
@@ -57,13 +71,18 @@ def test_qemu_leaves_mid_transfer_and_the_transfer_resumes(program_factory, gues
 
 def _flow_bytes(prog: lab.Program) -> int:
     """Bytes the guest received so far, from the instance's socket queues (ss)."""
-    res = subprocess.run(["ss", "-N", _netns_of(prog.pid), "-tin", "state", "established"],
-                         capture_output=True, text=True)
     total = 0
-    for word in res.stdout.split():
+    for word in _sockets(prog, "established").split():
         if word.startswith("bytes_acked:"):
             total = max(total, int(word.split(":")[1]))
     return total
+
+
+def _sockets(prog: lab.Program, *state: str) -> str:
+    """`ss -tin` in the instance's namespace (queues, windows, bytes acknowledged)."""
+    states = ["state", *state] if state else []
+    return subprocess.run(["ss", "-N", _netns_of(prog.pid), "-tin", *states],
+                          capture_output=True, text=True).stdout
 
 
 def _netns_of(pid: int) -> str:
