@@ -173,8 +173,10 @@ def tcp_probe(args: argparse.Namespace) -> int:
 
 
 def udp_burst(args: argparse.Namespace) -> int:
+    # numeric only: a lab never looks names up (a lookup behind its dead end waits)
     family, kind, proto, _, addr = socket.getaddrinfo(args.host, args.port,
-                                                      type=socket.SOCK_DGRAM)[0]
+                                                      type=socket.SOCK_DGRAM,
+                                                      flags=socket.AI_NUMERICHOST)[0]
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     sock.connect(addr)  # getaddrinfo resolves a "%iface" scope for link-local peers
