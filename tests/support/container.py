@@ -366,8 +366,16 @@ class Container:
                 nspawn.kill()  # its PID 1 dies with it, and the namespaces with that
                 nspawn.wait()
         for proc in self._spawned:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(1)  # they lived in the container: gone with it
+            # what they ran died with the container, but nsenter (outside it) may be left
+            # stopped: it stops itself when its child stops, and systemd-shutdown stops
+            # every process (SIGSTOP) before killing it; stopped, it never reaps the child
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGCONT)
+            try:
+                proc.wait(1)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         self._spawned.clear()
         self.pid1 = None
         _remove_nspawn_leftovers(self.machine)
