@@ -26,13 +26,13 @@ import ipaddress
 import logging
 import re
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
-OUR_MAC = bytes.fromhex("9a559a559a55")  # passt's default since 2024: not the host's MAC
-DEFAULT_MTU = 65520  # 802.3 maximum (65535) minus the Ethernet header, 32-bit aligned
-IP6_GATEWAY_LL_DEFAULT = ipaddress.IPv6Address("fe80::1")
+OUR_MAC: Final = bytes.fromhex("9a559a559a55")  # passt's default since 2024: not the host's MAC
+DEFAULT_MTU: Final = 65520  # 802.3 maximum (65535) minus the Ethernet header, 32-bit aligned
+IP6_GATEWAY_LL_DEFAULT: Final = ipaddress.IPv6Address("fe80::1")
 
-MAXNS = 3  # nameservers a resolver uses (resolv.h), and so the most we tell the guest
+MAXNS: Final = 3  # nameservers a resolver uses (resolv.h), and so the most we tell the guest
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 log = logging.getLogger("passtd.engine")
 
@@ -119,7 +119,7 @@ class HostAddresses(NamedTuple):
     gateway6: ipaddress.IPv6Address | None = None
 
 
-_MAC_TEXT = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}")
+_MAC_TEXT: Final = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}")
 
 
 def parse_mac(text: str) -> bytes | None:

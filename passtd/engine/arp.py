@@ -17,18 +17,19 @@ non-IPv4 hardware/protocol types.
 from __future__ import annotations
 
 import struct
+from typing import Final
 
 from . import packet
 from .addrs import NetConfig
 
-ARPHRD_ETHER = 1
-ARPOP_REQUEST = 1
-ARPOP_REPLY = 2
+ARPHRD_ETHER: Final = 1
+ARPOP_REQUEST: Final = 1
+ARPOP_REPLY: Final = 2
 
 # hardware type, protocol type, hardware/protocol address lengths, opcode
-ARP_HEADER = struct.Struct("!HHBBH")
+ARP_HEADER: Final = struct.Struct("!HHBBH")
 # sender MAC, sender IPv4, target MAC, target IPv4 (Ethernet/IPv4 only)
-ARP_BODY = struct.Struct("!6s4s6s4s")
+ARP_BODY: Final = struct.Struct("!6s4s6s4s")
 
 
 def reply(cfg: NetConfig, frame: memoryview) -> bytes | None:

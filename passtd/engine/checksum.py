@@ -31,11 +31,11 @@ import contextlib
 import mmap
 import os
 from types import ModuleType
-from typing import Protocol
+from typing import Final, Protocol
 
 from . import NATIVE_WANTED
 
-_NUMPY_MIN = 1024  # below this many bytes the bigint fold is faster than a numpy call
+_NUMPY_MIN: Final = 1024  # below this many bytes the bigint fold is faster than a numpy call
 _FOLD_MASKS: dict[int, int] = {}
 _numpy: ModuleType | None = None
 
@@ -54,7 +54,7 @@ if NATIVE_WANTED:
         from . import _csum
 
         _native = _csum
-ENGINE = "native" if _native is not None else "python"  # which one this process runs
+ENGINE: Final = "native" if _native is not None else "python"  # which one this process runs
 
 
 def _np() -> ModuleType:

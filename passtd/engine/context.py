@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from . import events
 from .addrs import GuestSeen, NetConfig
@@ -37,7 +37,7 @@ log = logging.getLogger("passtd.engine")
 # parse; something the guest may not do (or that passtd does not carry); a queue that was
 # full; a limit (flows, descriptors, ping_group_range); an error of a host socket.
 # Categories not listed (notes, not drops) are not counted as drops.
-DROP_REASONS = {
+DROP_REASONS: Final = {
     "malformed": "malformed", "malformed-tcp": "malformed", "bad-tcp4": "malformed",
     "bad-tcp6": "malformed",
     "spoofed": "policy", "martian": "policy", "udp-dst": "policy", "proto": "policy",
@@ -48,7 +48,7 @@ DROP_REASONS = {
     "udp-send": "host_errors", "udp-recv": "host_errors", "udp-listen": "host_errors",
     "udp-connect": "host_errors", "ping-send": "host_errors", "ping-recv": "host_errors",
 }
-DROP_KINDS = ("malformed", "policy", "backlog", "limits", "host_errors")
+DROP_KINDS: Final = ("malformed", "policy", "backlog", "limits", "host_errors")
 
 
 class RateLimitedLog:

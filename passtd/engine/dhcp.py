@@ -26,51 +26,53 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Sequence
+from typing import Final
 
 from . import packet
 from .addrs import Ip4Config, NetConfig
 
-SERVER_PORT = 67
-CLIENT_PORT = 68
+SERVER_PORT: Final = 67
+CLIENT_PORT: Final = 68
 
-BOOTREQUEST = 1
-BOOTREPLY = 2
-HTYPE_ETHER = 1
-FLAG_BROADCAST = 0x8000
-MAGIC_COOKIE = b"\x63\x82\x53\x63"
+BOOTREQUEST: Final = 1
+BOOTREPLY: Final = 2
+HTYPE_ETHER: Final = 1
+FLAG_BROADCAST: Final = 0x8000
+MAGIC_COOKIE: Final[bytes] = b"\x63\x82\x53\x63"
 
 # op, htype, hlen, hops, xid, secs, flags, ciaddr, yiaddr, siaddr, giaddr, chaddr, sname, file
-BOOTP = struct.Struct("!BBBBIHH4s4s4s4s16s64s128s")
-OPTIONS_OFFSET = BOOTP.size + len(MAGIC_COOKIE)
-BOOTP_MIN_LEN = 300  # RFC 951's fixed 64-byte vendor area; RFC 1542 relays drop shorter
-MIN_MAX_MESSAGE = 576  # RFC 2131 2: every client accepts this much (IP and UDP headers included)
-IP_UDP_HLEN = packet.IPV4_HLEN + packet.UDP_HLEN
+BOOTP: Final = struct.Struct("!BBBBIHH4s4s4s4s16s64s128s")
+OPTIONS_OFFSET: Final = BOOTP.size + len(MAGIC_COOKIE)
+BOOTP_MIN_LEN: Final = 300  # RFC 951's fixed 64-byte vendor area; RFC 1542 relays drop shorter
+# RFC 2131 2: every client accepts this much (IP and UDP headers included)
+MIN_MAX_MESSAGE: Final = 576
+IP_UDP_HLEN: Final = packet.IPV4_HLEN + packet.UDP_HLEN
 
-OPT_PAD = 0
-OPT_NETMASK = 1
-OPT_ROUTER = 3
-OPT_DNS = 6
-OPT_HOSTNAME = 12
-OPT_MTU = 26
-OPT_LEASE_TIME = 51
-OPT_MESSAGE_TYPE = 53
-OPT_SERVER_ID = 54
-OPT_PARAMETER_LIST = 55
-OPT_MAX_MESSAGE = 57
-OPT_RAPID_COMMIT = 80
-OPT_SEARCH = 119
-OPT_CLASSLESS_ROUTES = 121
-OPT_END = 255
+OPT_PAD: Final = 0
+OPT_NETMASK: Final = 1
+OPT_ROUTER: Final = 3
+OPT_DNS: Final = 6
+OPT_HOSTNAME: Final = 12
+OPT_MTU: Final = 26
+OPT_LEASE_TIME: Final = 51
+OPT_MESSAGE_TYPE: Final = 53
+OPT_SERVER_ID: Final = 54
+OPT_PARAMETER_LIST: Final = 55
+OPT_MAX_MESSAGE: Final = 57
+OPT_RAPID_COMMIT: Final = 80
+OPT_SEARCH: Final = 119
+OPT_CLASSLESS_ROUTES: Final = 121
+OPT_END: Final = 255
 
-DHCPDISCOVER = 1
-DHCPOFFER = 2
-DHCPREQUEST = 3
-DHCPACK = 5
+DHCPDISCOVER: Final = 1
+DHCPOFFER: Final = 2
+DHCPREQUEST: Final = 3
+DHCPACK: Final = 5
 
-MAX_DNS_SERVERS = 3  # resolv.conf's MAXNS, as passt
-INFINITE_LEASE = b"\xff\xff\xff\xff"
-MANDATORY_OPTIONS = (OPT_MESSAGE_TYPE, OPT_SERVER_ID, OPT_LEASE_TIME)
-MAX_COMPRESSION_OFFSET = 0x3FFF  # a 14-bit pointer (RFC 1035 4.1.4)
+MAX_DNS_SERVERS: Final = 3  # resolv.conf's MAXNS, as passt
+INFINITE_LEASE: Final = b"\xff\xff\xff\xff"
+MANDATORY_OPTIONS: Final = (OPT_MESSAGE_TYPE, OPT_SERVER_ID, OPT_LEASE_TIME)
+MAX_COMPRESSION_OFFSET: Final = 0x3FFF  # a 14-bit pointer (RFC 1035 4.1.4)
 
 
 # -- DNS names in wire form (RFC 1035 3.1), shared with ndp.py and dhcpv6.py ---------------

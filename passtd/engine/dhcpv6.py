@@ -24,55 +24,55 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from . import packet
 from .addrs import Ip6Config, NetConfig
 from .dhcp import domain_name_wire, search_list_wire
 
-SERVER_PORT = 547
-CLIENT_PORT = 546
+SERVER_PORT: Final = 547
+CLIENT_PORT: Final = 546
 
-SOLICIT = 1
-ADVERTISE = 2
-REQUEST = 3
-CONFIRM = 4
-RENEW = 5
-REBIND = 6
-REPLY = 7
-INFORMATION_REQUEST = 11
+SOLICIT: Final = 1
+ADVERTISE: Final = 2
+REQUEST: Final = 3
+CONFIRM: Final = 4
+RENEW: Final = 5
+REBIND: Final = 6
+REPLY: Final = 7
+INFORMATION_REQUEST: Final = 11
 
-OPT_CLIENTID = 1
-OPT_SERVERID = 2
-OPT_IA_NA = 3
-OPT_IA_TA = 4
-OPT_IAADDR = 5
-OPT_STATUS_CODE = 13
-OPT_DNS_SERVERS = 23
-OPT_DOMAIN_LIST = 24
-OPT_IA_PD = 25
-OPT_CLIENT_FQDN = 39
+OPT_CLIENTID: Final = 1
+OPT_SERVERID: Final = 2
+OPT_IA_NA: Final = 3
+OPT_IA_TA: Final = 4
+OPT_IAADDR: Final = 5
+OPT_STATUS_CODE: Final = 13
+OPT_DNS_SERVERS: Final = 23
+OPT_DOMAIN_LIST: Final = 24
+OPT_IA_PD: Final = 25
+OPT_CLIENT_FQDN: Final = 39
 
-STATUS_SUCCESS = 0
-STATUS_NOADDRSAVAIL = 2
-STATUS_NOTONLINK = 4
-STATUS_MESSAGES = {
+STATUS_SUCCESS: Final = 0
+STATUS_NOADDRSAVAIL: Final = 2
+STATUS_NOTONLINK: Final = 4
+STATUS_MESSAGES: Final = {
     STATUS_SUCCESS: b"Addresses are appropriate for the link.",
     STATUS_NOADDRSAVAIL: b"No addresses available.",
     STATUS_NOTONLINK: b"Prefix not appropriate for link.",
 }
 
-FQDN_S = 0x01  # client: "server, update the AAAA record"
-FQDN_O = 0x02  # server: "we override your S bit" (we update nothing)
+FQDN_S: Final = 0x01  # client: "server, update the AAAA record"
+FQDN_O: Final = 0x02  # server: "we override your S bit" (we update nothing)
 
-DUID_LL = 3
-HWTYPE_ETHERNET = 1
-MAX_DUID_LEN = 2 + 128  # type code + at most 128 octets (RFC 8415 11.1)
-INFINITE = 0xFFFFFFFF
+DUID_LL: Final = 3
+HWTYPE_ETHERNET: Final = 1
+MAX_DUID_LEN: Final = 2 + 128  # type code + at most 128 octets (RFC 8415 11.1)
+INFINITE: Final = 0xFFFFFFFF
 
-OPTION_HEADER = struct.Struct("!HH")
-IA_NA_HEADER = struct.Struct("!III")  # IAID, T1, T2
-IAADDR = struct.Struct("!16sII")  # address, preferred and valid lifetimes
+OPTION_HEADER: Final = struct.Struct("!HH")
+IA_NA_HEADER: Final = struct.Struct("!III")  # IAID, T1, T2
+IAADDR: Final = struct.Struct("!16sII")  # address, preferred and valid lifetimes
 
 
 class _IaNa(NamedTuple):

@@ -13,20 +13,20 @@ Not done here: writing to the journal (passtd/journal.py), what is logged (each 
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
+from typing import Any, Final
 
 # MESSAGE_ID values (`journalctl MESSAGE_ID=...`)
-GUEST_CONNECTED = "744fa28770b9449b9eb14c85ef117029"
-GUEST_DISCONNECTED = "d43181e010534251879c91c459fc710f"
-FORWARD_ADDED = "fa0500b3b1694f38b7e5b54c2d1d8333"
-FORWARD_REMOVED = "7730f976aa524c789ea8dad9bb5f6ea5"
-LIMIT_REACHED = "f4dec564054b431380188cbe6f1caa2c"
-FLOWS_HANDED_OVER = "ab0ada1029f4401e85d46ee4aed1cc3e"
-FLOWS_TAKEN_OVER = "c12beabf54e243d0b9f2230e5f56f94c"
-QEMU_REFUSED = "a104e9c3cb4944ce9f27de7330f3884c"
-FOREIGN_ADDRESS = "4955805edfcb4b1aace54b3526db7df5"
+GUEST_CONNECTED: Final = "744fa28770b9449b9eb14c85ef117029"
+GUEST_DISCONNECTED: Final = "d43181e010534251879c91c459fc710f"
+FORWARD_ADDED: Final = "fa0500b3b1694f38b7e5b54c2d1d8333"
+FORWARD_REMOVED: Final = "7730f976aa524c789ea8dad9bb5f6ea5"
+LIMIT_REACHED: Final = "f4dec564054b431380188cbe6f1caa2c"
+FLOWS_HANDED_OVER: Final = "ab0ada1029f4401e85d46ee4aed1cc3e"
+FLOWS_TAKEN_OVER: Final = "c12beabf54e243d0b9f2230e5f56f94c"
+QEMU_REFUSED: Final = "a104e9c3cb4944ce9f27de7330f3884c"
+FOREIGN_ADDRESS: Final = "4955805edfcb4b1aace54b3526db7df5"
 
-MESSAGE_IDS = {
+MESSAGE_IDS: Final = {
     "GUEST_CONNECTED": GUEST_CONNECTED, "GUEST_DISCONNECTED": GUEST_DISCONNECTED,
     "FORWARD_ADDED": FORWARD_ADDED, "FORWARD_REMOVED": FORWARD_REMOVED,
     "LIMIT_REACHED": LIMIT_REACHED, "FLOWS_HANDED_OVER": FLOWS_HANDED_OVER,
@@ -34,7 +34,7 @@ MESSAGE_IDS = {
     "FOREIGN_ADDRESS": FOREIGN_ADDRESS,
 }
 
-JOURNAL = "journal"  # the LogRecord attribute the fields travel in
+JOURNAL: Final = "journal"  # the LogRecord attribute the fields travel in
 
 
 def fields(message_id: str | None = None, *, flow_id: int | None = None,

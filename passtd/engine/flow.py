@@ -23,16 +23,17 @@ from __future__ import annotations
 import bisect
 import ipaddress
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
-GUEST = "guest"  # the guest opened the flow
-HOST = "host"  # a host peer opened it, through a port forward
-COUNTER_MAX = (1 << 63) - 1  # counts (bytes, datagrams, retries), forward ids: none gets near
-ID_MASK = 0xFFFFFFFF  # flow ids wrap at 32 bits (D-Bus shows them as "u")
+GUEST: Final = "guest"  # the guest opened the flow
+HOST: Final = "host"  # a host peer opened it, through a port forward
+# counts (bytes, datagrams, retries), forward ids: none gets near
+COUNTER_MAX: Final = (1 << 63) - 1
+ID_MASK: Final = 0xFFFFFFFF  # flow ids wrap at 32 bits (D-Bus shows them as "u")
 
 FlowKey = tuple[int, bytes, int, bytes, int]
 
-A_CLOSE = 1 << 7  # from handle_timer: the flow is over (tcp.A_CLOSE is the same bit)
+A_CLOSE: Final = 1 << 7  # from handle_timer: the flow is over (tcp.A_CLOSE is the same bit)
 
 
 def addr_text(addr: bytes) -> str:

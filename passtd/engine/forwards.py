@@ -29,7 +29,7 @@ import errno
 import logging
 import socket
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Final
 
 from . import events
 from .addrs import NetConfig
@@ -41,10 +41,10 @@ from .sockets import HostSockets, family_of
 log = logging.getLogger("passtd.engine")
 
 PeerAddress = tuple[Any, ...]  # what accept() returns: (host, port[, flowinfo, scope])
-LISTEN_BACKLOG = 1024
-UDP_BUFFER = 4 << 20  # a burst of datagrams must not overflow a listener's receive queue
-ACCEPT_BATCH = 64  # connections accepted per wakeup of a listener
-ACCEPT_PAUSE = 0.5  # seconds a listener rests after accept() ran out of descriptors
+LISTEN_BACKLOG: Final = 1024
+UDP_BUFFER: Final = 4 << 20  # a burst of datagrams must not overflow a listener's receive queue
+ACCEPT_BATCH: Final = 64  # connections accepted per wakeup of a listener
+ACCEPT_PAUSE: Final = 0.5  # seconds a listener rests after accept() ran out of descriptors
 
 
 class ForwardError(Exception):

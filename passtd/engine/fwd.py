@@ -41,18 +41,18 @@ import ipaddress
 import re
 from collections.abc import Iterable
 from itertools import pairwise
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
-PORT_RANGE_SYSCTL = "/proc/sys/net/ipv4/ip_local_port_range"
-RESERVED_PORTS_SYSCTL = "/proc/sys/net/ipv4/ip_local_reserved_ports"
-EPHEMERAL_RANGE_FALLBACK = (32768, 60999)  # Linux's default ip_local_port_range
-MAX_PORT = 65535
-IFNAMSIZ = 16  # interface names are at most IFNAMSIZ - 1 bytes
-PROTOCOLS = ("tcp", "udp")
-_OPTION = {"tcp": "-t", "udp": "-u"}
+PORT_RANGE_SYSCTL: Final = "/proc/sys/net/ipv4/ip_local_port_range"
+RESERVED_PORTS_SYSCTL: Final = "/proc/sys/net/ipv4/ip_local_reserved_ports"
+EPHEMERAL_RANGE_FALLBACK: Final = (32768, 60999)  # Linux's default ip_local_port_range
+MAX_PORT: Final = 65535
+IFNAMSIZ: Final = 16  # interface names are at most IFNAMSIZ - 1 bytes
+PROTOCOLS: Final = ("tcp", "udp")
+_OPTION: Final = {"tcp": "-t", "udp": "-u"}
 
-_DIGITS = re.compile(r"[0-9]+")
-_PORT_THEN_COLON = re.compile(r"[0-9]+(?:-[0-9]+)?:")
+_DIGITS: Final = re.compile(r"[0-9]+")
+_PORT_THEN_COLON: Final = re.compile(r"[0-9]+(?:-[0-9]+)?:")
 
 
 class SpecError(ValueError):

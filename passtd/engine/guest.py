@@ -37,6 +37,7 @@ import logging
 import random
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Final
 
 from . import events, nat, ndp, packet
 from .addrs import GuestSeen, NetConfig
@@ -45,7 +46,7 @@ from .flow import addr_text
 from .link import GuestLink
 from .mainloop import MainLoop, Timer
 
-FOREIGN_PREFIXES_MAX = 4
+FOREIGN_PREFIXES_MAX: Final = 4
 
 
 class GuestIdentity:

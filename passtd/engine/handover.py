@@ -56,7 +56,7 @@ import math
 import socket
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from . import events, packet
 from .context import EngineContext, SocketHalf
@@ -69,10 +69,10 @@ from .udp import UdpFlow
 
 log = logging.getLogger("passtd.engine")
 
-FORMAT = 1  # what this version writes
-FORMATS = {1}  # what it reads
+FORMAT: Final = 1  # what this version writes
+FORMATS: Final = {1}  # what it reads
 
-_SCALARS = (int, float, str, bool, type(None))
+_SCALARS: Final = (int, float, str, bool, type(None))
 
 
 class HandoverError(Exception):

@@ -18,26 +18,27 @@ the host network for TCP (the host socket's error becomes a RST instead).
 from __future__ import annotations
 
 import struct
+from typing import Final
 
 from . import packet
 from .flow import A_CLOSE, Flow, FlowKey
 
-ICMP_ECHO_REPLY = 0
-ICMP_DEST_UNREACH = 3
-ICMP_ECHO_REQUEST = 8
-ICMP_PORT_UNREACH = 3
-ICMP_HOST_UNREACH = 1
-ICMP_ADMIN_PROHIBITED = 13
+ICMP_ECHO_REPLY: Final = 0
+ICMP_DEST_UNREACH: Final = 3
+ICMP_ECHO_REQUEST: Final = 8
+ICMP_PORT_UNREACH: Final = 3
+ICMP_HOST_UNREACH: Final = 1
+ICMP_ADMIN_PROHIBITED: Final = 13
 
-ICMPV6_DEST_UNREACH = 1
-ICMPV6_ECHO_REQUEST = 128
-ICMPV6_ECHO_REPLY = 129
-ICMPV6_PORT_UNREACH = 4
-ICMPV6_ADDR_UNREACH = 3
-ICMPV6_ADMIN_PROHIBITED = 1
+ICMPV6_DEST_UNREACH: Final = 1
+ICMPV6_ECHO_REQUEST: Final = 128
+ICMPV6_ECHO_REPLY: Final = 129
+ICMPV6_PORT_UNREACH: Final = 4
+ICMPV6_ADDR_UNREACH: Final = 3
+ICMPV6_ADMIN_PROHIBITED: Final = 1
 
-DEFAULT_TIMEOUT = 60.0
-_ECHO = struct.Struct("!BBHHH")
+DEFAULT_TIMEOUT: Final = 60.0
+_ECHO: Final = struct.Struct("!BBHHH")
 
 
 class PingFlow(Flow):

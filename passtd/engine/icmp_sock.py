@@ -14,12 +14,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+from typing import Final
 
 from . import icmp, nat, packet
 from .context import EngineContext
 from .flow import FlowKey
 
-UDP_BATCH = 64  # replies read from one socket per wakeup
+UDP_BATCH: Final = 64  # replies read from one socket per wakeup
 
 
 class IcmpSockets:

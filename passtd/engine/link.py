@@ -31,6 +31,7 @@ import socket
 import struct
 import termios
 from collections.abc import Callable
+from typing import Final
 
 from .flow import Flow
 from .mainloop import MainLoop, Timer
@@ -39,15 +40,15 @@ from .tap import FrameReader, FramingError, TapOutput
 
 log = logging.getLogger("passtd.engine")
 
-TAP_BUFFER = 4 << 20  # qemu socket buffers (passt asks for INT_MAX/2; wmem_max caps it)
-TAP_SLACK = 64 << 10  # skb overhead the qemu socket's buffer accounting adds to our bytes
-TAP_SEND_OVERHEAD = 2048  # what one sendmsg may add to that accounting beyond its bytes
-HANDOVER_TIMEOUT = 1.0  # seconds to finish a frame half sent to qemu when stopping
-TRIM_WORTHY = 256 << 10  # a read this size dirties enough buffer pages to give back later
-PEER_RECHECK = 0.25  # seconds between two questions about a held connection
-PEER_HELD_MAX = 8  # connections held at once; more are refused (each costs a descriptor)
-_OUTQ = struct.Struct("i")
-_OUTQ_ARG = bytes(_OUTQ.size)
+TAP_BUFFER: Final = 4 << 20  # qemu socket buffers (passt asks for INT_MAX/2; wmem_max caps it)
+TAP_SLACK: Final = 64 << 10  # skb overhead the qemu socket's buffer accounting adds to our bytes
+TAP_SEND_OVERHEAD: Final = 2048  # what one sendmsg may add to that accounting beyond its bytes
+HANDOVER_TIMEOUT: Final = 1.0  # seconds to finish a frame half sent to qemu when stopping
+TRIM_WORTHY: Final = 256 << 10  # a read this size dirties enough buffer pages to give back later
+PEER_RECHECK: Final = 0.25  # seconds between two questions about a held connection
+PEER_HELD_MAX: Final = 8  # connections held at once; more are refused (each costs a descriptor)
+_OUTQ: Final = struct.Struct("i")
+_OUTQ_ARG: Final = bytes(_OUTQ.size)
 
 
 class Undecided:
@@ -288,6 +289,14 @@ class GuestLink:
         if self.pcap:
             self.pcap.write(frame, now)
         self.out.frame(frame)
+
+    def send_prefixed(self, frame: bytes, now: float) -> None:
+        """Queue one frame that starts with its length prefix (tcp_buf.control_frame)."""
+        if self.client is None:
+            return
+        if self.pcap:
+            self.pcap.write_framed(frame, now)
+        self.out.prefixed(frame)
 
     def send_framed(self, frames: memoryview, count: int, now: float) -> None:
         """Queue `count` frames that already carry their length prefixes (tcp_buf.py's

@@ -30,7 +30,7 @@ import logging
 import socket
 import struct
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from . import arp, dhcp, dhcpv6, events, ndp, packet, tcp, tcp_run
 from .context import BufferTrim, EngineContext, RateLimitedLog, SocketHalf
@@ -53,8 +53,8 @@ from .udp_sock import UdpSockets
 log = logging.getLogger("passtd.engine")
 
 # Ethernet + IPv4 (no options) + TCP, and Ethernet + IPv6 + TCP, read in one unpack
-_FAST4 = struct.Struct("!BBHHHBBH4s4sHHIIBBH")
-_FAST6 = struct.Struct("!IHBB16s16sHHIIBBH")
+_FAST4: Final = struct.Struct("!BBHHHBBH4s4sHHIIBBH")
+_FAST6: Final = struct.Struct("!IHBB16s16sHHIIBBH")
 
 
 class Engine:

@@ -40,13 +40,13 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from .poller import Poller
 
 log = logging.getLogger("passtd.loop")
 
-_CLEANUP_AT = 64  # heap size from which cancelled timers are weeded out
+_CLEANUP_AT: Final = 64  # heap size from which cancelled timers are weeded out
 
 
 class Timer:

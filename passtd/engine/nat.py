@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
+from typing import Final
 
 from . import packet
 from .addrs import GuestSeen, Ip4Config, Ip6Config, NetConfig
@@ -30,7 +31,7 @@ from .flow import addr_text
 from .fwd import ForwardRule
 from .settings import EngineSettings
 
-DNS_PORTS = (53, 853)  # DNS and DNS over TLS: what a DNS redirection applies to, as in passt
+DNS_PORTS: Final = (53, 853)  # DNS and DNS over TLS: what a DNS redirection applies to, as in passt
 
 SockAddr = tuple[str, int] | tuple[str, int, int, int]
 

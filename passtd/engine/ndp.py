@@ -30,45 +30,48 @@ from __future__ import annotations
 import random
 import struct
 from collections.abc import Sequence
+from typing import Final
 
 from . import packet
 from .addrs import Ip6Config, NetConfig
 from .dhcp import search_list_wire
 
-ICMP6_RS = 133
-ICMP6_RA = 134
-ICMP6_NS = 135
-ICMP6_NA = 136
+ICMP6_RS: Final = 133
+ICMP6_RA: Final = 134
+ICMP6_NS: Final = 135
+ICMP6_NA: Final = 136
 
-NDP_HOP_LIMIT = 255  # RFC 4861: anything less may have come through a router
-NA_ROUTER = 0x80000000
-NA_SOLICITED = 0x40000000
-NA_OVERRIDE = 0x20000000
-RA_MANAGED = 0x80
-PREFIX_ON_LINK = 0x80
-PREFIX_AUTONOMOUS = 0x40
-SLAAC_PREFIX_LEN = 64  # RFC 4862 with RFC 2464 interface identifiers
-ROUTER_LIFETIME = 65535  # the maximum (RFC 8319)
-RA_CUR_HOP_LIMIT = 255  # what passt advertises
-INFINITE = 0xFFFFFFFF
-DEPRECATED_VALID_LIFETIME = 7200  # seconds: RFC 4862 5.5.3 (e), two hours
-MAX_RTR_ADV_INTERVAL = 600  # seconds, RFC 4861 6.2.1 default
-IPV6_MIN_MTU = 1280  # RAs are kept within it, whatever the search list
+NDP_HOP_LIMIT: Final = 255  # RFC 4861: anything less may have come through a router
+NA_ROUTER: Final = 0x80000000
+NA_SOLICITED: Final = 0x40000000
+NA_OVERRIDE: Final = 0x20000000
+RA_MANAGED: Final = 0x80
+PREFIX_ON_LINK: Final = 0x80
+PREFIX_AUTONOMOUS: Final = 0x40
+SLAAC_PREFIX_LEN: Final = 64  # RFC 4862 with RFC 2464 interface identifiers
+ROUTER_LIFETIME: Final = 65535  # the maximum (RFC 8319)
+RA_CUR_HOP_LIMIT: Final = 255  # what passt advertises
+INFINITE: Final = 0xFFFFFFFF
+DEPRECATED_VALID_LIFETIME: Final = 7200  # seconds: RFC 4862 5.5.3 (e), two hours
+MAX_RTR_ADV_INTERVAL: Final = 600  # seconds, RFC 4861 6.2.1 default
+IPV6_MIN_MTU: Final = 1280  # RAs are kept within it, whatever the search list
 
-OPT_SOURCE_LL = 1
-OPT_TARGET_LL = 2
-OPT_PREFIX_INFO = 3
-OPT_MTU = 5
-OPT_RDNSS = 25
-OPT_DNSSL = 31
+OPT_SOURCE_LL: Final = 1
+OPT_TARGET_LL: Final = 2
+OPT_PREFIX_INFO: Final = 3
+OPT_MTU: Final = 5
+OPT_RDNSS: Final = 25
+OPT_DNSSL: Final = 31
 
-NS_HEADER = struct.Struct("!BBHI16s")  # type, code, checksum, reserved, target
-RS_HLEN = 8  # type, code, checksum, reserved
-NS_HLEN = NS_HEADER.size
-RA_BODY = struct.Struct("!BBHII")  # cur hop limit, flags, router lifetime, reachable, retrans
-PREFIX_INFO = struct.Struct("!BBBBIII16s")
-MTU_OPTION = struct.Struct("!BBHI")
-DNS_OPTION_HEADER = struct.Struct("!BBHI")  # RDNSS and DNSSL: type, length, reserved, lifetime
+NS_HEADER: Final = struct.Struct("!BBHI16s")  # type, code, checksum, reserved, target
+RS_HLEN: Final = 8  # type, code, checksum, reserved
+NS_HLEN: Final = NS_HEADER.size
+# cur hop limit, flags, router lifetime, reachable, retrans
+RA_BODY: Final = struct.Struct("!BBHII")
+PREFIX_INFO: Final = struct.Struct("!BBBBIII16s")
+MTU_OPTION: Final = struct.Struct("!BBHI")
+# RDNSS and DNSSL: type, length, reserved, lifetime
+DNS_OPTION_HEADER: Final = struct.Struct("!BBHI")
 
 
 def reply(cfg: NetConfig, pkt: packet.Packet,

@@ -46,14 +46,14 @@ import os
 import socket
 import struct
 from collections.abc import Callable
-from typing import NamedTuple, TypeVar
+from typing import Final, NamedTuple, TypeVar
 
 from .addrs import HostAddresses, IPAddress
 
 # <linux/netlink.h>
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
-NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
+NLA_TYPE_MASK: Final = 0x3FFF  # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
 SOL_NETLINK, NETLINK_GET_STRICT_CHK = 270, 12
 # <linux/rtnetlink.h>
 RTM_NEWADDR, RTM_GETADDR, RTM_NEWROUTE, RTM_GETROUTE = 20, 22, 24, 26
@@ -63,18 +63,18 @@ RTA_OIF, RTA_GATEWAY, RTA_MULTIPATH, RTA_TABLE = 4, 5, 9, 15
 IFA_ADDRESS, IFA_LOCAL, IFA_FLAGS = 1, 2, 8
 IFA_F_DEPRECATED, IFA_F_TENTATIVE = 0x20, 0x40
 
-NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
-RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, protocol,
+NLMSGHDR: Final = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
+RTMSG: Final = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, protocol,
 #                                      scope, type, flags
-IFADDRMSG = struct.Struct("=BBBBI")  # family, prefix length, flags, scope, ifindex
-RTATTR = struct.Struct("=HH")  # length, type
-RTNEXTHOP = struct.Struct("=HBBi")  # length, flags, hops, ifindex
-U32 = struct.Struct("=I")
-I32 = struct.Struct("=i")
+IFADDRMSG: Final = struct.Struct("=BBBBI")  # family, prefix length, flags, scope, ifindex
+RTATTR: Final = struct.Struct("=HH")  # length, type
+RTNEXTHOP: Final = struct.Struct("=HBBi")  # length, flags, hops, ifindex
+U32: Final = struct.Struct("=I")
+I32: Final = struct.Struct("=i")
 
-BUFSIZE = 65536  # a dump datagram: at most the page size or 8 KiB, the kernel's docs say
-TIMEOUT = 5.0  # seconds one recv may wait for the kernel
-SEQ = 1  # a socket asks one question: its sequence number
+BUFSIZE: Final = 65536  # a dump datagram: at most the page size or 8 KiB, the kernel's docs say
+TIMEOUT: Final = 5.0  # seconds one recv may wait for the kernel
+SEQ: Final = 1  # a socket asks one question: its sequence number
 
 log = logging.getLogger("passtd.engine")
 T = TypeVar("T")

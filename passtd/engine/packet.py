@@ -17,46 +17,47 @@ destination options, jumbograms.
 from __future__ import annotations
 
 import struct
+from typing import Final
 
 from . import checksum
 
-ETH_HLEN = 14
-ETH_P_IP = 0x0800
-ETH_P_ARP = 0x0806
-ETH_P_IPV6 = 0x86DD
-ETH_BROADCAST = b"\xff" * 6
-ETH_MIN_FRAME = 60  # 802.3 minimum without FCS: we pad frames for the guest to this
+ETH_HLEN: Final = 14
+ETH_P_IP: Final = 0x0800
+ETH_P_ARP: Final = 0x0806
+ETH_P_IPV6: Final = 0x86DD
+ETH_BROADCAST: Final = b"\xff" * 6
+ETH_MIN_FRAME: Final = 60  # 802.3 minimum without FCS: we pad frames for the guest to this
 
-IPPROTO_ICMP = 1
-IPPROTO_TCP = 6
-IPPROTO_UDP = 17
-IPPROTO_ICMPV6 = 58
-IPV6_EXT_SKIPPABLE = (0, 43, 60)  # hop-by-hop, routing, destination options
-IPV6_FRAGMENT = 44
+IPPROTO_ICMP: Final = 1
+IPPROTO_TCP: Final = 6
+IPPROTO_UDP: Final = 17
+IPPROTO_ICMPV6: Final = 58
+IPV6_EXT_SKIPPABLE: Final = (0, 43, 60)  # hop-by-hop, routing, destination options
+IPV6_FRAGMENT: Final = 44
 
-IPV4_HLEN = 20
-IPV6_HLEN = 40
-UDP_HLEN = 8
-TCP_HLEN = 20
+IPV4_HLEN: Final = 20
+IPV6_HLEN: Final = 40
+UDP_HLEN: Final = 8
+TCP_HLEN: Final = 20
 
-TCP_FIN = 0x01
-TCP_SYN = 0x02
-TCP_RST = 0x04
-TCP_PSH = 0x08
-TCP_ACK = 0x10
+TCP_FIN: Final = 0x01
+TCP_SYN: Final = 0x02
+TCP_RST: Final = 0x04
+TCP_PSH: Final = 0x08
+TCP_ACK: Final = 0x10
 
-ETH = struct.Struct("!6s6sH")
-IPV4 = struct.Struct("!BBHHHBBH4s4s")
-IPV6 = struct.Struct("!IHBB16s16s")
-UDP = struct.Struct("!HHHH")
-TCP = struct.Struct("!HHIIBBHHH")
-ICMP_ECHO = struct.Struct("!BBHHH")
+ETH: Final = struct.Struct("!6s6sH")
+IPV4: Final = struct.Struct("!BBHHHBBH4s4s")
+IPV6: Final = struct.Struct("!IHBB16s16s")
+UDP: Final = struct.Struct("!HHHH")
+TCP: Final = struct.Struct("!HHIIBBHHH")
+ICMP_ECHO: Final = struct.Struct("!BBHHH")
 
-IP4_ANY = bytes(4)
-IP4_BROADCAST = b"\xff" * 4
-IP6_ANY = bytes(16)
-IP6_ALL_NODES = bytes.fromhex("ff020000000000000000000000000001")
-IP6_ALL_ROUTERS = bytes.fromhex("ff020000000000000000000000000002")
+IP4_ANY: Final = bytes(4)
+IP4_BROADCAST: Final = b"\xff" * 4
+IP6_ANY: Final = bytes(16)
+IP6_ALL_NODES: Final = bytes.fromhex("ff020000000000000000000000000001")
+IP6_ALL_ROUTERS: Final = bytes.fromhex("ff020000000000000000000000000002")
 
 
 class Malformed(ValueError):
@@ -217,30 +218,6 @@ def icmp6_message(src: bytes, dst: bytes, msg_type: int, code: int,
     return bytes((msg_type, code)) + csum.to_bytes(2, "big") + bytes(body)
 
 
-def tcp_segment(
-    src: bytes,
-    dst: bytes,
-    sport: int,
-    dport: int,
-    seq: int,
-    ack: int,
-    flags: int,
-    window: int,
-    options: bytes = b"",
-    payload: bytes | memoryview = b"",
-) -> bytes:
-    """A TCP header (+ options and payload) with its checksum, for control segments."""
-    hlen = TCP_HLEN + len(options)
-    length = hlen + len(payload)
-    hdr = TCP.pack(sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, (hlen // 4) << 4, flags,
-                   min(window, 0xFFFF), 0, 0) + options
-    csum = checksum.finish(
-        checksum.pseudo(src, dst, IPPROTO_TCP, length) + checksum.partial(hdr)
-        + checksum.partial(payload)
-    )
-    return hdr[:16] + csum.to_bytes(2, "big") + hdr[18:] + bytes(payload)
-
-
 def is_ipv4_multicast_or_broadcast(addr: bytes) -> bool:
     return addr[0] >= 224 or addr == IP4_BROADCAST
 
@@ -261,7 +238,7 @@ def is_ipv6_multicast(addr: bytes) -> bool:
     return addr[0] == 0xFF
 
 
-_V4_MAPPED = bytes(10) + b"\xff\xff"
+_V4_MAPPED: Final = bytes(10) + b"\xff\xff"
 
 
 def is_ipv6_v4_mapped(addr: bytes) -> bool:

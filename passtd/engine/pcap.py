@@ -36,14 +36,15 @@ import logging
 import os
 import stat
 import struct
+from typing import Final
 
 log = logging.getLogger("passtd.engine")
 
-_GLOBAL = struct.Struct("<IHHiIII")
-_RECORD = struct.Struct("<IIII")
-LINKTYPE_ETHERNET = 1
-SNAPLEN = 65535 + 14
-BUFFER = 1 << 20  # bytes gathered before a write(2), unless the loop flushes first
+_GLOBAL: Final = struct.Struct("<IHHiIII")
+_RECORD: Final = struct.Struct("<IIII")
+LINKTYPE_ETHERNET: Final = 1
+SNAPLEN: Final = 65535 + 14
+BUFFER: Final = 1 << 20  # bytes gathered before a write(2), unless the loop flushes first
 
 
 class CaptureRefused(Exception):

@@ -56,15 +56,15 @@ import selectors
 import time
 import types
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Final
 
-_IN = select.EPOLLIN
-_OUT = select.EPOLLOUT
-_EDGE = select.EPOLLET | select.EPOLLRDHUP
+_IN: Final = select.EPOLLIN
+_OUT: Final = select.EPOLLOUT
+_EDGE: Final = select.EPOLLET | select.EPOLLRDHUP
 # what asyncio's selector reports as readable / writable (selectors.EpollSelector): an error
 # or a hang-up wakes both sides, so that each finds out from its own call
-_READABLE = ~_OUT
-_WRITABLE = ~_IN
+_READABLE: Final = ~_OUT
+_WRITABLE: Final = ~_IN
 
 
 class Watch:

@@ -25,11 +25,12 @@ from __future__ import annotations
 import mmap
 import struct
 from collections.abc import Iterator
+from typing import Final
 
-MIN_FRAME = 14
-MAX_FRAME = 65535
-_LEN = struct.Struct("!I")
-IOV_MAX = 1024
+MIN_FRAME: Final = 14
+MAX_FRAME: Final = 65535
+_LEN: Final = struct.Struct("!I")
+IOV_MAX: Final = 1024
 
 
 class FramingError(Exception):
@@ -109,11 +110,15 @@ class TapOutput:
 
     def frame(self, frame: bytes) -> None:
         """Queue one frame (the length prefix is added here)."""
+        self.prefixed(_LEN.pack(len(frame)) + frame)
+
+    def prefixed(self, frame: bytes) -> None:
+        """Queue one frame that starts with its length prefix."""
         if len(self.backlog) > self.backlog_limit:
             self.dropped += 1
             return
         self.frames_queued += 1
-        self.iov.append(_LEN.pack(len(frame)) + frame)
+        self.iov.append(frame)
 
     def framed(self, data: memoryview, count: int) -> None:
         """Queue `count` frames that already carry their length prefixes (a tcp_buf

@@ -47,6 +47,8 @@ control), and TCP_WINDOW_CLAMP (it can lock the window at zero: passt bug 74).
 
 from __future__ import annotations
 
+from typing import Final
+
 from .flow import A_CLOSE as FLOW_CLOSE
 from .flow import COUNTER_MAX, Flow, FlowKey
 from .packet import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
@@ -55,60 +57,61 @@ from .tcp_seg import MAX_WSCALE, Segment, seq_diff, syn_options
 from .tcp_seg import SEQ_MASK as _SEQ_MASK
 
 # -- events: the connection state is the set of these that happened ------------------------
-SOCK_ACCEPTED = 1 << 0  # host opened (forward): SYN sent to the guest
-TAP_SYN_RCVD = 1 << 1  # guest opened: its SYN seen, host connect() in progress
-TAP_SYN_ACK_SENT = 1 << 2  # guest opened: connect() done, our SYN-ACK sent
-ESTABLISHED = 1 << 3
-SOCK_FIN_RCVD = 1 << 4  # host peer shut its side (EOF on the socket)
-SOCK_FIN_SENT = 1 << 5  # we shut the socket's write side (after the guest's FIN)
-TAP_FIN_RCVD = 1 << 6  # guest FIN received (and everything before it)
-TAP_FIN_SENT = 1 << 7  # FIN sent to the guest
-TAP_FIN_ACKED = 1 << 8  # ... and acknowledged
-CLOSED = 1 << 9
+SOCK_ACCEPTED: Final = 1 << 0  # host opened (forward): SYN sent to the guest
+TAP_SYN_RCVD: Final = 1 << 1  # guest opened: its SYN seen, host connect() in progress
+TAP_SYN_ACK_SENT: Final = 1 << 2  # guest opened: connect() done, our SYN-ACK sent
+ESTABLISHED: Final = 1 << 3
+SOCK_FIN_RCVD: Final = 1 << 4  # host peer shut its side (EOF on the socket)
+SOCK_FIN_SENT: Final = 1 << 5  # we shut the socket's write side (after the guest's FIN)
+TAP_FIN_RCVD: Final = 1 << 6  # guest FIN received (and everything before it)
+TAP_FIN_SENT: Final = 1 << 7  # FIN sent to the guest
+TAP_FIN_ACKED: Final = 1 << 8  # ... and acknowledged
+CLOSED: Final = 1 << 9
 
 # -- actions: what the event loop must do after a call --------------------------------------
-A_ACK = 1 << 0  # send an ACK (current window) to the guest
-A_SHUT_WR = 1 << 1  # shutdown(SHUT_WR) the host socket
-A_DISCARD = 1 << 2  # drop `discard` acknowledged bytes from the socket's receive queue
+A_ACK: Final = 1 << 0  # send an ACK (current window) to the guest
+A_SHUT_WR: Final = 1 << 1  # shutdown(SHUT_WR) the host socket
+A_DISCARD: Final = 1 << 2  # drop `discard` acknowledged bytes from the socket's receive queue
 # (they add up over several segments until the loop drops them and zeroes `discard`)
-A_REWIND = 1 << 3  # retransmit: the next read peeks from the last acknowledged byte
-A_RESUME = 1 << 4  # the guest can take data again: read the host socket
-A_RST_GUEST = 1 << 5  # send a RST to the guest
-A_RST_PEER = 1 << 6  # close the socket with SO_LINGER 0 (RST to the host peer)
-A_CLOSE = FLOW_CLOSE  # the flow is over: close the socket and forget the flow (flow.py)
-A_SYN_ACK = 1 << 8  # send our SYN-ACK to the guest
-A_SYN = 1 << 9  # send our SYN to the guest
-A_FIN = 1 << 10  # send FIN to the guest
-A_KEEPALIVE = 1 << 11  # send a keepalive probe (sequence one below) to the guest
-A_SOCK_KEEPALIVE = 1 << 12  # enable SO_KEEPALIVE on the host socket
-A_WAIT_WRITABLE = 1 << 13  # the socket refused data: tell us when it has room again
-A_ESTABLISHED = 1 << 14  # handshake done: start reading the host socket
-A_ACK_DELAYED = 1 << 15  # an ACK is due but may wait a moment for data to carry it
-A_HOLD = 1 << 16  # keep this segment's payload aside with `hold`: it came after a gap
-A_RELEASE = 1 << 17  # held data is in order now: write `released`, then `commit` again
-A_DUPACK = 1 << 18  # a duplicate ACK, now: one per segment past a gap (RFC 5681 3.2)
-A_ABORT = A_RST_GUEST | A_RST_PEER | A_CLOSE
+A_REWIND: Final = 1 << 3  # retransmit: the next read peeks from the last acknowledged byte
+A_RESUME: Final = 1 << 4  # the guest can take data again: read the host socket
+A_RST_GUEST: Final = 1 << 5  # send a RST to the guest
+A_RST_PEER: Final = 1 << 6  # close the socket with SO_LINGER 0 (RST to the host peer)
+A_CLOSE: Final = FLOW_CLOSE  # the flow is over: close the socket and forget the flow (flow.py)
+A_SYN_ACK: Final = 1 << 8  # send our SYN-ACK to the guest
+A_SYN: Final = 1 << 9  # send our SYN to the guest
+A_FIN: Final = 1 << 10  # send FIN to the guest
+A_KEEPALIVE: Final = 1 << 11  # send a keepalive probe (sequence one below) to the guest
+A_SOCK_KEEPALIVE: Final = 1 << 12  # enable SO_KEEPALIVE on the host socket
+A_WAIT_WRITABLE: Final = 1 << 13  # the socket refused data: tell us when it has room again
+A_ESTABLISHED: Final = 1 << 14  # handshake done: start reading the host socket
+A_ACK_DELAYED: Final = 1 << 15  # an ACK is due but may wait a moment for data to carry it
+A_HOLD: Final = 1 << 16  # keep this segment's payload aside with `hold`: it came after a gap
+A_RELEASE: Final = 1 << 17  # held data is in order now: write `released`, then `commit` again
+A_DUPACK: Final = 1 << 18  # a duplicate ACK, now: one per segment past a gap (RFC 5681 3.2)
+A_ABORT: Final = A_RST_GUEST | A_RST_PEER | A_CLOSE
 
 # -- timers ---------------------------------------------------------------------------------
-T_NONE = 0
-T_CONNECT = 1  # host connect() for a guest SYN takes too long
-T_HANDSHAKE = 2  # our SYN or SYN-ACK was not answered: send it again
-T_RTO = 3  # data or FIN in flight and not acknowledged: retransmit
-T_PROBE = 4  # the guest's window is shut and nothing is in flight: probe it
-T_KEEPALIVE = 5  # no guest activity for a while: keepalive probe, or reset if idle too long
+T_NONE: Final = 0
+T_CONNECT: Final = 1  # host connect() for a guest SYN takes too long
+T_HANDSHAKE: Final = 2  # our SYN or SYN-ACK was not answered: send it again
+T_RTO: Final = 3  # data or FIN in flight and not acknowledged: retransmit
+T_PROBE: Final = 4  # the guest's window is shut and nothing is in flight: probe it
+T_KEEPALIVE: Final = 5  # no guest activity for a while: keepalive probe, or reset if idle too long
 
-CONNECT_TIMEOUT = 10.0  # passt's SYN_TIMEOUT
-RTO_INITIAL = 1.0
-RTO_MAX = 60.0
-MAX_RETRIES = 7  # then reset (passt: TCP_MAX_RETRANS)
-HANDSHAKE_RETRIES = 6
-KEEPALIVE_INTERVAL = 30.0  # tap-side silence before we probe the guest
-DEFAULT_IDLE_TIMEOUT = 7200.0
-DUPACK_THRESHOLD = 3
-ACK_EVERY = 2  # segments' worth of unacknowledged guest data that is ACKed at once (RFC 9293)
+CONNECT_TIMEOUT: Final = 10.0  # passt's SYN_TIMEOUT
+RTO_INITIAL: Final = 1.0
+RTO_MAX: Final = 60.0
+MAX_RETRIES: Final = 7  # then reset (passt: TCP_MAX_RETRANS)
+HANDSHAKE_RETRIES: Final = 6
+KEEPALIVE_INTERVAL: Final = 30.0  # tap-side silence before we probe the guest
+DEFAULT_IDLE_TIMEOUT: Final = 7200.0
+DUPACK_THRESHOLD: Final = 3
+# segments' worth of unacknowledged guest data that is ACKed at once (RFC 9293)
+ACK_EVERY: Final = 2
 
-OUR_WSCALE = 8  # windows we advertise go up to 16 MiB: above a big socket send buffer
-DEFAULT_GUEST_MSS = 536  # RFC 9293 default when the SYN carries no MSS option
+OUR_WSCALE: Final = 8  # windows we advertise go up to 16 MiB: above a big socket send buffer
+DEFAULT_GUEST_MSS: Final = 536  # RFC 9293 default when the SYN carries no MSS option
 
 
 class TcpConn(Flow):

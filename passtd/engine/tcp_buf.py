@@ -14,26 +14,32 @@ arithmetic. IPv4 header checksums start from a per-batch constant.
 The slot area is an anonymous mmap, so pages a workload never touches (large MSS slots at
 a small MTU) cost no resident memory.
 
-Not done here: retransmission bookkeeping (tcp.py decides, the loop rewinds the peek), and
-frames for control segments (packet.tcp_segment builds those one at a time).
+Control segments (SYN-ACK, ACK, FIN, RST: no payload) are framed by `control_frame`, the
+same layout with its options after the TCP header, built with one pack and the same
+arithmetic sums: a connection sends three of them (crr), and building each from the
+generic codecs of packet.py cost more than the rest of its path.
+
+Not done here: retransmission bookkeeping (tcp.py decides, the loop rewinds the peek).
 """
 
 from __future__ import annotations
 
 import mmap
 import struct
+from typing import Final
 
 from . import checksum
-from .packet import ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, TCP_ACK, TCP_PSH
+from .packet import ETH_HLEN, ETH_MIN_FRAME, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, TCP_ACK, TCP_PSH
 
-BATCH_BYTES = 4 << 20  # payload bytes per batch at most (bounds latency for other flows too)
-MAX_FRAMES = 1023  # recvmsg_into takes at most IOV_MAX (1024) buffers
+BATCH_BYTES: Final = 4 << 20  # payload bytes per batch at most (bounds latency for other flows too)
+MAX_FRAMES: Final = 1023  # recvmsg_into takes at most IOV_MAX (1024) buffers
 
-_HDR4 = struct.Struct("!I6s6sHBBHHHBBH4s4sHHIIBBHHH")
-_HDR6 = struct.Struct("!I6s6sHIHBB16s16sHHIIBBHHH")
-HLEN4 = _HDR4.size - 4  # Ethernet + IPv4 + TCP: 54
-HLEN6 = _HDR6.size - 4  # Ethernet + IPv6 + TCP: 74
-_DOFF = (20 // 4) << 4
+_HDR4: Final = struct.Struct("!I6s6sHBBHHHBBH4s4sHHIIBBHHH")
+_HDR6: Final = struct.Struct("!I6s6sHIHBB16s16sHHIIBBHHH")
+HLEN4: Final = _HDR4.size - 4  # Ethernet + IPv4 + TCP: 54
+HLEN6: Final = _HDR6.size - 4  # Ethernet + IPv6 + TCP: 74
+_DOFF: Final = (20 // 4) << 4
+_PADDING: Final = bytes(ETH_MIN_FRAME)
 
 
 class TcpFrameBatch:
@@ -113,3 +119,37 @@ class TcpFrameBatch:
                      sport, dport, seg_seq, ack, _DOFF, flags, window, tcp_csum, 0)
         end = (count - 1) * stride + head + (mss if last == 0 else last)
         return mem[:end]
+
+
+def control_frame(src_mac: bytes, dst_mac: bytes, src: bytes, dst: bytes, sport: int,
+                  dport: int, seq: int, ack: int, flags: int, window: int,
+                  options: bytes = b"") -> bytes:
+    """A TCP segment without payload as one frame, its length prefix first (for
+    link.send_prefixed); `options` a multiple of 4 bytes, as tcp_seg builds them. Padded
+    to the Ethernet minimum, as packet.ip_frame pads."""
+    seq &= 0xFFFFFFFF
+    ack &= 0xFFFFFFFF
+    window = min(window, 0xFFFF)
+    tcp_len = 20 + len(options)
+    doff = (tcp_len // 4) << 4
+    addr_sum = checksum.pseudo(src, dst, 0, 0)
+    total = (addr_sum + IPPROTO_TCP + tcp_len + sport + dport + (seq >> 16) + (seq & 0xFFFF)
+             + (ack >> 16) + (ack & 0xFFFF) + (doff << 8) + flags + window)
+    if options:
+        total += checksum.partial(options)
+    tcp_csum = checksum.finish(total)
+    if len(src) == 4:
+        ip_len = 20 + tcp_len
+        ip_csum = checksum.finish(0x4500 + ip_len + 0x4000 + (255 << 8 | IPPROTO_TCP) + addr_sum)
+        length = max(ETH_HLEN + ip_len, ETH_MIN_FRAME)
+        head = _HDR4.pack(length, dst_mac, src_mac, ETH_P_IP, 0x45, 0, ip_len, 0, 0x4000, 255,
+                          IPPROTO_TCP, ip_csum, src, dst, sport, dport, seq, ack, doff, flags,
+                          window, tcp_csum, 0)
+    else:
+        length = ETH_HLEN + 40 + tcp_len
+        head = _HDR6.pack(length, dst_mac, src_mac, ETH_P_IPV6, 0x60000000, tcp_len,
+                          IPPROTO_TCP, 255, src, dst, sport, dport, seq, ack, doff, flags,
+                          window, tcp_csum, 0)
+    frame = head + options
+    short = length + 4 - len(frame)
+    return frame + _PADDING[:short] if short > 0 else frame

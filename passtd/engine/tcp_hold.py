@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import bisect
 import struct
+from typing import Final
 
 from .tcp_seg import SEQ_MASK, seq_diff
 
-HOLD_MAX = 1 << 20  # bytes of out-of-order guest data held per flow
-HOLD_TOTAL_MAX = 64 << 20  # ... and by all the flows of one instance (HoldBudget)
-SACK_BLOCKS_MAX = 4  # all that fits in our ACKs, which carry no other option
+HOLD_MAX: Final = 1 << 20  # bytes of out-of-order guest data held per flow
+HOLD_TOTAL_MAX: Final = 64 << 20  # ... and by all the flows of one instance (HoldBudget)
+SACK_BLOCKS_MAX: Final = 4  # all that fits in our ACKs, which carry no other option
 
 
 class HoldBudget:

@@ -36,6 +36,7 @@ import select
 import socket
 import struct
 from collections.abc import Callable
+from typing import Final
 
 from .context import EngineContext
 from .link import TAP_SLACK, TRIM_WORTHY
@@ -45,13 +46,13 @@ from .tcp_seg import seq_diff
 
 log = logging.getLogger("passtd.engine")
 
-SO_PEEK_OFF = 42
-SO_MEMINFO = 55
-_MEMINFO = struct.Struct("9I")
-SK_MEMINFO_SNDBUF = 3
-SK_MEMINFO_WMEM_QUEUED = 5
-READ_ROUNDS = 4  # batches read from one socket per wakeup before yielding to other flows
-DISCARD_AREA = 16 << 20
+SO_PEEK_OFF: Final = 42
+SO_MEMINFO: Final = 55
+_MEMINFO: Final = struct.Struct("9I")
+SK_MEMINFO_SNDBUF: Final = 3
+SK_MEMINFO_WMEM_QUEUED: Final = 5
+READ_ROUNDS: Final = 4  # batches read from one socket per wakeup before yielding to other flows
+DISCARD_AREA: Final = 16 << 20
 
 
 def probe_peek_off() -> bool:

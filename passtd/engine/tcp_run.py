@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from . import NATIVE_WANTED
 from .packet import ETH_P_IP, ETH_P_IPV6, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
@@ -46,10 +46,10 @@ if TYPE_CHECKING:
     from .tap import FrameReader
     from .tcp import TcpConn
 
-_LEN = struct.Struct("!I")
-_TCP = struct.Struct("!4sIIBBH")  # ports, seq, ack, data offset, flags, window
-_FRAG = struct.Struct("!H")
-ROOM = 4 + 54  # a length word and the smallest IPv4/TCP frame: less left, nothing to gather
+_LEN: Final = struct.Struct("!I")
+_TCP: Final = struct.Struct("!4sIIBBH")  # ports, seq, ack, data offset, flags, window
+_FRAG: Final = struct.Struct("!H")
+ROOM: Final = 4 + 54  # a length word and the smallest IPv4/TCP frame: less left, nothing to gather
 
 
 def _headers(mem: memoryview, off: int, length: int) -> tuple[bytes, int, int] | None:

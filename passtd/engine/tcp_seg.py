@@ -4,7 +4,7 @@ Design: tcp.py's `TcpConn` decides every segment a flow sends; this module holds
 decisions are made of and what the engine needs before a flow exists:
 
 - `Segment`: a whole control segment for the guest (flags, seq, ack, window field,
-  options), as `TcpConn.control` returns it and `packet.tcp_segment` builds it. The socket
+  options), as `TcpConn.control` returns it and `tcp_buf.control_frame` frames it. The socket
   half (tcp_sock.py) only addresses and sends it.
 - `initial_sequence`: RFC 6528, a keyed hash of the connection plus a 4-microsecond clock.
 - `our_mss`: the largest segment our frames carry for the link's MTU.
@@ -19,14 +19,14 @@ and headers (packet.py, tcp_buf.py).
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from .packet import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 
-SEQ_MASK = 0xFFFFFFFF
-MAX_WSCALE = 14
-MAX_FRAME = 65535 - 14  # the largest IP packet an Ethernet frame of ours carries
-_OPT_MSS = struct.Struct("!BBH")
+SEQ_MASK: Final = 0xFFFFFFFF
+MAX_WSCALE: Final = 14
+MAX_FRAME: Final = 65535 - 14  # the largest IP packet an Ethernet frame of ours carries
+_OPT_MSS: Final = struct.Struct("!BBH")
 
 
 class Segment(NamedTuple):
@@ -45,7 +45,7 @@ class SynOptions(NamedTuple):
     sack: bool  # SACK permitted (RFC 2018)
 
 
-NO_SYN_OPTIONS = SynOptions(None, None, False)
+NO_SYN_OPTIONS: Final = SynOptions(None, None, False)
 
 
 def seq_diff(a: int, b: int) -> int:

@@ -30,22 +30,23 @@ import os
 import socket
 import struct
 from collections.abc import Sequence
-from typing import cast
+from typing import Final, cast
 
 from . import events, nat, packet, tcp, tcp_seg
 from .context import EngineContext
 from .flow import Flow, FlowKey, addr_text
 from .forwards import Forward, PeerAddress
 from .tcp import TcpConn
+from .tcp_buf import control_frame
 from .tcp_hold import HoldBudget, Reassembly
 from .tcp_peek import HostData, free_space
 
 log = logging.getLogger("passtd.engine")
 
-ACK_DELAY = 0.0005  # how long a small ACK waits for host data to carry it
-WRITE_CHUNK = 1024  # iovecs per sendmsg (IOV_MAX)
+ACK_DELAY: Final = 0.0005  # how long a small ACK waits for host data to carry it
+WRITE_CHUNK: Final = 1024  # iovecs per sendmsg (IOV_MAX)
 
-TCP_ESTABLISHED = 1  # tcpi_state, the first byte of struct tcp_info (linux/tcp.h)
+TCP_ESTABLISHED: Final = 1  # tcpi_state, the first byte of struct tcp_info (linux/tcp.h)
 
 
 def _tcp_state(sock: socket.socket) -> int:
@@ -121,10 +122,9 @@ class TcpSockets:
         if seg is None:
             return
         sport, dport = struct.unpack_from("!HH", pkt.l4)
-        l4 = packet.tcp_segment(pkt.dst, pkt.src, dport, sport, seg.seq, seg.ack, seg.flags,
-                                seg.window, seg.options)
-        self.ctx.link.send(packet.ip_frame(pkt.src_mac, self.ctx.net.mac, pkt.dst, pkt.src,
-                                           packet.IPPROTO_TCP, l4), now)
+        self.ctx.link.send_prefixed(control_frame(self.ctx.net.mac, pkt.src_mac, pkt.dst, pkt.src,
+                                                  dport, sport, seg.seq, seg.ack, seg.flags,
+                                                  seg.window, seg.options), now)
 
     def _guest_syn(self, pkt: packet.Packet, key: FlowKey, seq: int, window: int,
                    opts: tcp_seg.SynOptions, now: float) -> None:
@@ -302,11 +302,11 @@ class TcpSockets:
     def _control(self, conn: TcpConn, action: int, now: float, free: int | None = None) -> None:
         """Send the guest the segment `conn.control` builds for `action`."""
         seg = conn.control(action, free)
-        l4 = packet.tcp_segment(conn.peer_addr, conn.guest_addr, conn.peer_port, conn.guest_port,
-                                seg.seq, seg.ack, seg.flags, seg.window, seg.options)
         ctx = self.ctx
-        ctx.link.send(packet.ip_frame(ctx.guest_mac, ctx.net.mac, conn.peer_addr,
-                                      conn.guest_addr, packet.IPPROTO_TCP, l4), now)
+        ctx.link.send_prefixed(control_frame(ctx.net.mac, ctx.guest_mac, conn.peer_addr,
+                                             conn.guest_addr, conn.peer_port, conn.guest_port,
+                                             seg.seq, seg.ack, seg.flags, seg.window,
+                                             seg.options), now)
         self._acked(conn)
 
     def timer(self, conn: TcpConn, now: float) -> None:

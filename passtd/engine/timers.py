@@ -24,11 +24,11 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from typing import Any
+from typing import Any, Final
 
 from .flow import Flow
 
-STALE_TIMERS_MAX = 4096  # stale heap entries tolerated before a rebuild
+STALE_TIMERS_MAX: Final = 4096  # stale heap entries tolerated before a rebuild
 
 
 class FlowTimers:

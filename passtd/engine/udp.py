@@ -41,13 +41,13 @@ UDP-Lite, and GSO/GRO batching.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from .flow import A_CLOSE, COUNTER_MAX, Flow, FlowKey
 
-DEFAULT_TIMEOUT = 30.0
-DEFAULT_STREAM_TIMEOUT = 120.0
-FIRST_UNPRIVILEGED_PORT = 1024
+DEFAULT_TIMEOUT: Final = 30.0
+DEFAULT_STREAM_TIMEOUT: Final = 120.0
+FIRST_UNPRIVILEGED_PORT: Final = 1024
 
 
 class SourcePortRule(NamedTuple):

@@ -18,6 +18,7 @@ import errno
 import logging
 import socket
 from collections.abc import Callable
+from typing import Final
 
 from . import icmp, nat, packet
 from .context import EngineContext
@@ -27,8 +28,8 @@ from .udp import UdpFlow
 
 log = logging.getLogger("passtd.engine")
 
-UDP_BATCH = 64  # datagrams read from one socket per wakeup
-UDP_BUFFER = 4 << 20  # a burst of replies must not overflow a flow's receive queue
+UDP_BATCH: Final = 64  # datagrams read from one socket per wakeup
+UDP_BUFFER: Final = 4 << 20  # a burst of replies must not overflow a flow's receive queue
 
 
 class UdpSockets:

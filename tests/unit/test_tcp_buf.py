@@ -8,7 +8,8 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
-from passtd.engine.tcp_buf import TcpFrameBatch
+from passtd.engine import tcp_seg
+from passtd.engine.tcp_buf import TcpFrameBatch, control_frame
 
 OUR_MAC = bytes.fromhex("9a559a559a55")
 GUEST_MAC = bytes.fromhex("525400123456")
@@ -26,6 +27,18 @@ def split_frames(data: bytes) -> list[bytes]:
         pos += 4 + length
     assert pos == len(data)
     return frames
+
+
+def assert_checksums(layer: IP | IPv6, family: int) -> None:
+    """scapy recomputes both checksums from scratch: they must match ours."""
+    blank = layer.copy()
+    del blank[TCP].chksum
+    if family == 4:
+        del blank.chksum
+    rebuilt = blank.__class__(bytes(blank))
+    assert rebuilt[TCP].chksum == layer[TCP].chksum
+    if family == 4:
+        assert rebuilt.chksum == layer.chksum
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -57,15 +70,7 @@ def test_batch_frames_are_valid_and_carry_the_stream(family: int, mss: int, nbyt
         assert tcp.seq == (seq + i * mss) & 0xFFFFFFFF
         assert tcp.ack == 777 and tcp.window == 1234
         assert tcp.flags == ("PA" if i == len(frames) - 1 else "A")
-        # scapy recomputes both checksums from scratch: they must match ours
-        blank = layer.copy()
-        del blank[TCP].chksum
-        if family == 4:
-            del blank.chksum
-        rebuilt = blank.__class__(bytes(blank))
-        assert rebuilt[TCP].chksum == tcp.chksum
-        if family == 4:
-            assert rebuilt.chksum == layer.chksum
+        assert_checksums(layer, family)
         stream += bytes(tcp.payload)
     assert stream == payload
 
@@ -76,3 +81,35 @@ def test_views_follow_the_mss_and_stay_within_the_area() -> None:
     assert len(small) == 1023 and all(len(v) == 1460 for v in small)
     big = batch.views(65480)
     assert len(big) >= 64 and all(len(v) == 65480 for v in big)
+
+
+SYN_ACK_OPTIONS = tcp_seg.syn_options(1460, 7, True)
+SACK_OPTIONS = b"\x01\x01" + bytes([5, 10]) + struct.pack("!II", 5000, 6000)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize(("flags", "options"), [
+    ("SA", SYN_ACK_OPTIONS), ("A", b""), ("FA", b""), ("RA", b""), ("A", SACK_OPTIONS)])
+def test_control_frames_are_valid_padded_and_carry_their_fields(family: int, flags: str,
+                                                                 options: bytes) -> None:
+    src, dst = ADDRS[family]
+    flag_bits = int(TCP(flags=flags).flags)
+    data = control_frame(OUR_MAC, GUEST_MAC, src, dst, 80, 40000, 0x1_0000_0005, 0xFFFFFFFF,
+                         flag_bits, 70000, options)
+    (raw,) = split_frames(data)
+    assert len(raw) >= 60  # the Ethernet minimum: a bare IPv4 ACK is 54 bytes, padded
+    pkt = Ether(raw)
+    assert pkt.src == OUR_MAC.hex(":") and pkt.dst == GUEST_MAC.hex(":")
+    layer = pkt[IP] if family == 4 else pkt[IPv6]
+    if family == 4:
+        assert layer.ttl == 255 and layer.flags == "DF" and layer.len == 40 + len(options)
+        assert len(raw) == max(60, 14 + layer.len)
+    else:
+        assert layer.hlim == 255 and layer.plen == 20 + len(options)
+        assert len(raw) == 54 + layer.plen
+    tcp = pkt[TCP]
+    assert (tcp.sport, tcp.dport, tcp.seq, tcp.ack) == (80, 40000, 5, 0xFFFFFFFF)
+    assert tcp.flags == flags and tcp.window == 0xFFFF  # the field holds 16 bits
+    assert tcp.dataofs == 5 + len(options) // 4 and not bytes(tcp.payload).strip(b"\0")
+    assert bytes(raw[54 if family == 4 else 74 :][: len(options)]) == options
+    assert_checksums(layer, family)
