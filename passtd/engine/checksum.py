@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import struct
 from types import ModuleType
 from typing import Final, Protocol
 
@@ -37,6 +38,7 @@ from . import NATIVE_WANTED
 
 _NUMPY_MIN: Final = 1024  # below this many bytes the bigint fold is faster than a numpy call
 _FOLD_MASKS: dict[int, int] = {}
+_ADDR6_WORDS: Final = struct.Struct("!8I")  # two IPv6 addresses
 _numpy: ModuleType | None = None
 
 
@@ -176,14 +178,12 @@ def pseudo4(src: bytes, dst: bytes, proto: int, length: int) -> int:
 
 
 def pseudo6(src: bytes, dst: bytes, proto: int, length: int) -> int:
-    """Partial sum of the IPv6 pseudo-header (RFC 8200 section 8.1)."""
-    return (
-        _fold_bigint(int.from_bytes(src, "big"))
-        + _fold_bigint(int.from_bytes(dst, "big"))
-        + (length >> 16)
-        + (length & 0xFFFF)
-        + proto
-    )
+    """Partial sum of the IPv6 pseudo-header (RFC 8200 section 8.1). The addresses are
+    summed as 32-bit words: as 128-bit integers, folding them cost ~8000 instructions in
+    the compiled engine (big-integer arithmetic), a tenth of an IPv6 request/response."""
+    words: tuple[int, ...] = _ADDR6_WORDS.unpack(src + dst)
+    total = sum(words)
+    return (total >> 16) + (total & 0xFFFF) + (length >> 16) + (length & 0xFFFF) + proto
 
 
 def pseudo(src: bytes, dst: bytes, proto: int, length: int) -> int:

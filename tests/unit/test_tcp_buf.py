@@ -1,6 +1,7 @@
 """Host->guest TCP frame batches, checked with scapy as an independent decoder."""
 
 import os
+import socket
 import struct
 
 import pytest
@@ -113,3 +114,18 @@ def test_control_frames_are_valid_padded_and_carry_their_fields(family: int, fla
     assert tcp.dataofs == 5 + len(options) // 4 and not bytes(tcp.payload).strip(b"\0")
     assert bytes(raw[54 if family == 4 else 74 :][: len(options)]) == options
     assert_checksums(layer, family)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_batch_read_for_another_flow_sums_that_flows_addresses(family: int) -> None:
+    batch = TcpFrameBatch(family)
+    batch.views(1460)[0][:3] = b"abc"
+    first = ADDRS[family]
+    other = tuple(bytes([a[0] ^ 1, *a[1:-1], a[-1] ^ 0x80]) for a in first)
+    for src, dst in (first, other, first):
+        (raw,) = split_frames(bytes(batch.build(3, 1460, OUR_MAC, GUEST_MAC, src, dst, 80,
+                                                40000, 1, 2, 3)))
+        layer = Ether(raw)[IP] if family == 4 else Ether(raw)[IPv6]
+        af = socket.AF_INET if family == 4 else socket.AF_INET6
+        assert (socket.inet_pton(af, layer.src), socket.inet_pton(af, layer.dst)) == (src, dst)
+        assert_checksums(layer, family)
