@@ -329,7 +329,7 @@ class GuestLink:
         while out.pending():
             batch = out.take()
             try:
-                n = sock.sendmsg(batch)
+                n = sock.send(batch[0]) if len(batch) == 1 else sock.sendmsg(batch)
             except (BlockingIOError, InterruptedError):
                 n = 0
             except OSError as e:

@@ -208,9 +208,10 @@ class Engine:
 
     def _close_sockets(self) -> None:
         """Close the sockets of flows that ended in this batch (`close_flow`)."""
-        closing, self._closing = self._closing, []
-        for sock in closing:
-            sock.close()
+        if self._closing:
+            closing, self._closing = self._closing, []
+            for sock in closing:
+                sock.close()
 
     # -- guest frames ---------------------------------------------------------------------------
 
@@ -226,7 +227,8 @@ class Engine:
         run: TcpConn | None = None  # the flow whose consecutive segments are gathered
         views: list[memoryview] = []
         last_src_mac_at = -1
-        for off, length in reader.frames():
+        while (off := reader.next_frame()) >= 0:
+            length = reader.frame_len
             if pcap:
                 pcap.write(mem[off : off + length], now)
             last_src_mac_at = off
@@ -285,7 +287,7 @@ class Engine:
         if run is not None:
             tcp_half.end_run(run, views, now)
         if last_src_mac_at >= 0:
-            self.guest.learn_mac(bytes(buf[last_src_mac_at + 6 : last_src_mac_at + 12]))
+            self.guest.learn_mac(buf[last_src_mac_at + 6 : last_src_mac_at + 12])  # (bytes)
 
     def _tcp_frame(self, frame: memoryview, conn: TcpConn | None, now: float) -> None:
         """A TCP segment the fast path leaves to the socket half's full parse."""

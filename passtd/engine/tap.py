@@ -1,8 +1,8 @@
 """The tap side: qemu's stream framing, in and out.
 
 Design: qemu's `-netdev stream` (and `-netdev socket`) put a 4-byte big-endian length in
-front of every Ethernet frame. Input is read into one large preallocated buffer; `frames`
-walks the complete frames in place (offsets, no copies) and whatever follows the last
+front of every Ethernet frame. Input is read into one large preallocated buffer;
+`next_frame` walks the complete frames in place (offsets, no copies) and whatever follows the last
 complete frame, a cut length word or a cut frame, is moved to the front before the next
 read. qemu under load writes frames in arbitrary pieces, and any split must survive: the
 reference passt (2023) was seen to lose its framing there under qemu, we must not.
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import mmap
 import struct
-from collections.abc import Iterator
 from typing import Final
 
 MIN_FRAME: Final = 14
@@ -49,6 +48,7 @@ class FrameReader:
         self.mem = memoryview(self.buf)
         self.start = 0  # first unconsumed byte
         self.end = 0  # end of valid data
+        self.frame_len = 0  # of the frame `next_frame` gave last
 
     def space(self) -> memoryview:
         """Where the next read goes; moves a leftover partial frame to the front first."""
@@ -63,24 +63,27 @@ class FrameReader:
     def commit(self, nbytes: int) -> None:
         self.end += nbytes
 
-    def frames(self) -> Iterator[tuple[int, int]]:
-        """(offset, length) of each complete frame in `buf`; consumed as it is yielded.
+    def next_frame(self) -> int:
+        """The offset in `buf` of the next complete frame, consumed, its length in
+        `frame_len`; -1 when no complete frame is left.
 
-        Between two frames the consumer may take further frames itself (`skip`).
+        Between two frames the consumer may take further frames itself (`skip`). (A
+        method, not a generator: resuming a generator and boxing its (offset, length)
+        cost more than a request's own parse.)
         """
-        buf = self.buf
-        unpack = _LEN.unpack_from
-        end = self.end
-        while end - (pos := self.start) >= 4:
-            (length,) = unpack(buf, pos)
-            if length < MIN_FRAME or length > MAX_FRAME:
-                self.start = self.end = 0
-                raise FramingError(f"frame length {length} out of range {MIN_FRAME}..{MAX_FRAME}")
-            if end - pos - 4 < length:
-                break
-            self.start = pos + 4 + length
-            self.frames_read += 1
-            yield pos + 4, length
+        pos = self.start
+        if self.end - pos < 4:
+            return -1
+        (length,) = _LEN.unpack_from(self.buf, pos)
+        if length < MIN_FRAME or length > MAX_FRAME:
+            self.start = self.end = 0
+            raise FramingError(f"frame length {length} out of range {MIN_FRAME}..{MAX_FRAME}")
+        if self.end - pos - 4 < length:
+            return -1
+        self.start = pos + 4 + length
+        self.frames_read += 1
+        self.frame_len = length
+        return pos + 4
 
     def skip(self, pos: int, count: int) -> None:
         """The consumer took the `count` complete frames up to `pos` (tcp_run.gather)."""
@@ -127,9 +130,12 @@ class TapOutput:
         self.iov.append(data)
 
     def take(self) -> list[bytes | bytearray | memoryview]:
-        """The buffers for the next sendmsg: the backlog first, at most IOV_MAX in all."""
+        """The buffers for the next sendmsg: the backlog first, at most IOV_MAX in all
+        (without a backlog, the queue itself: no copy for the common flush)."""
         if self.backlog:
             return [self.backlog, *self.iov[: IOV_MAX - 1]]
+        if len(self.iov) <= IOV_MAX:
+            return self.iov
         return self.iov[:IOV_MAX]
 
     def sent(self, batch: list[bytes | bytearray | memoryview], nbytes: int) -> bool:
@@ -138,13 +144,19 @@ class TapOutput:
         On a short send, the rest of the batch and everything queued after it is copied
         into the backlog: callers reuse their buffers as soon as the flush returns.
         """
+        size = 0
+        for buf in batch:
+            size += len(buf)
+        if batch is self.iov and nbytes == size:  # all of it: the common case
+            self.iov = []
+            return True
         queued = len(batch)
         if self.backlog:
             queued -= 1
             self.backlog = bytearray()
         rest = self.iov[queued:]
-        del self.iov[:]
-        if nbytes == sum(map(len, batch)):
+        self.iov = []
+        if nbytes == size:
             self.iov = rest
             return True
         backlog = bytearray()

@@ -45,7 +45,7 @@ log = logging.getLogger("passtd.engine")
 
 ACK_DELAY: Final = 0.0005  # how long a small ACK waits for host data to carry it
 WRITE_CHUNK: Final = 1024  # iovecs per sendmsg (IOV_MAX)
-
+_CONTROLS: Final = tcp.A_SYN_ACK | tcp.A_SYN | tcp.A_FIN | tcp.A_KEEPALIVE
 TCP_ESTABLISHED: Final = 1  # tcpi_state, the first byte of struct tcp_info (linux/tcp.h)
 
 
@@ -276,12 +276,11 @@ class TcpSockets:
                 sock.shutdown(socket.SHUT_WR)
         if actions & tcp.A_SOCK_KEEPALIVE:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        for control in (tcp.A_SYN_ACK, tcp.A_SYN):
-            if actions & control:
-                self._control(conn, control, now, free_space(sock))
-        for control in (tcp.A_FIN, tcp.A_KEEPALIVE):
-            if actions & control:
-                self._control(conn, control, now)
+        if actions & _CONTROLS:  # (a request's actions have none: no tuple walked)
+            for control in (tcp.A_SYN_ACK, tcp.A_SYN, tcp.A_FIN, tcp.A_KEEPALIVE):
+                if actions & control:  # a SYN tells the window: our send buffer's room
+                    opening = control in (tcp.A_SYN_ACK, tcp.A_SYN)
+                    self._control(conn, control, now, free_space(sock) if opening else None)
         if actions & tcp.A_WAIT_WRITABLE:
             self.ctx.readiness.write(conn, self._host_writable)
         if actions & (tcp.A_REWIND | tcp.A_ESTABLISHED) or (
@@ -455,17 +454,20 @@ class TcpSockets:
 
     def settle(self, now: float) -> bool:
         """Do the once-per-flow work the batch asked for; True if that asked for more."""
-        discards, self._discard_due = self._discard_due, {}
-        for conn in discards:
-            if conn.sock is not None:
-                self.host.drop_acknowledged(conn)
-        acks, self._ack_due = self._ack_due, {}
-        for conn in acks:
-            if conn.sock is not None:
-                self._send_ack(conn, now)
-        resume, self._resume = self._resume, {}
-        for conn in resume:
-            self._read(conn, now)
+        if self._discard_due:  # (a new set only after work: most settles have none)
+            discards, self._discard_due = self._discard_due, {}
+            for conn in discards:
+                if conn.sock is not None:
+                    self.host.drop_acknowledged(conn)
+        if self._ack_due:
+            acks, self._ack_due = self._ack_due, {}
+            for conn in acks:
+                if conn.sock is not None:
+                    self._send_ack(conn, now)
+        if self._resume:
+            resume, self._resume = self._resume, {}
+            for conn in resume:
+                self._read(conn, now)
         if self._acks_delayed and not self._ack_deadline.armed:
             self._ack_deadline.arm(now + ACK_DELAY)
         return bool(self._ack_due or self._resume or self._discard_due)

@@ -107,7 +107,8 @@ def run_framing(data: bytes) -> None:
         reader.commit(n)
         pos += n
         try:
-            for off, length in reader.frames():
+            while (off := reader.next_frame()) >= 0:
+                length = reader.frame_len
                 assert off >= 0 and off + length <= reader.end <= len(reader.buf)
                 got.append(bytes(reader.buf[off : off + length]))
         except FramingError:

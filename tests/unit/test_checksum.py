@@ -116,6 +116,21 @@ def test_native_refuses_rows_outside_the_buffer(args: tuple[int, int, int, int])
     assert _native().sum_rows(bytes(10), 0, 4, 0, 4) == []
 
 
+@pytest.mark.parametrize("args", [(), ("abc",), (bytes(4), "1"), (bytes(4), 0, 1, 2),
+                                  (bytes(4), 1.0)])
+def test_native_refuses_wrong_arguments(args: tuple[object, ...]) -> None:
+    with pytest.raises(TypeError):
+        _native().partial(*args)
+    with pytest.raises(TypeError):
+        _native().sum_rows(*args)
+
+
+def test_native_sums_a_long_region_as_a_short_one() -> None:
+    """Past the length where the GIL is released, the same sum."""
+    buf = os.urandom(70000)
+    assert checksum.finish(_native().partial(buf, 1, 69999)) == reference(buf[1:])
+
+
 def test_the_engine_in_use_is_said() -> None:
     assert checksum.ENGINE in ("native", "python")
     if os.environ.get("PASSTD_NATIVE") == "0":

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from passtd.engine.tap import FrameReader, FramingError, TapOutput
+from passtd.engine.tap import IOV_MAX, FrameReader, FramingError, TapOutput
 
 
 def framed(frames: list[bytes]) -> bytes:
@@ -23,7 +23,8 @@ def feed(reader: FrameReader, data: bytes, cuts: list[int]) -> list[bytes]:
         space = reader.space()
         space[: len(piece)] = piece
         reader.commit(len(piece))
-        out += [bytes(reader.buf[off : off + n]) for off, n in reader.frames()]
+        while (off := reader.next_frame()) >= 0:
+            out.append(bytes(reader.buf[off : off + reader.frame_len]))
     return out
 
 
@@ -52,10 +53,9 @@ def test_bad_length_is_a_framing_error(length: int) -> None:
     space = reader.space()
     space[: len(data)] = data
     reader.commit(len(data))
-    frames = reader.frames()
-    assert next(frames)[1] == 20
+    assert reader.next_frame() == 4 and reader.frame_len == 20
     with pytest.raises(FramingError):
-        next(frames)
+        reader.next_frame()
 
 
 def test_output_keeps_the_unsent_rest_in_order() -> None:
@@ -73,3 +73,27 @@ def test_output_keeps_the_unsent_rest_in_order() -> None:
     assert rest == expected[10:] + struct.pack("!I", 14) + b"d" * 14
     assert out.sent(batch, len(rest))
     assert not out.pending()
+
+
+def test_output_sent_in_full_starts_a_new_queue() -> None:
+    """Without a backlog `take` hands out the queue itself (no copy per flush): once sent,
+    what is queued next goes to a new one, and the batch sent is left as it was."""
+    out = TapOutput()
+    out.frame(b"a" * 20)
+    out.frame(b"b" * 30)
+    batch = out.take()
+    assert out.sent(batch, 24 + 34)
+    assert not out.pending() and not out.congested
+    out.frame(b"c" * 14)
+    assert [bytes(b)[4:5] for b in batch] == [b"a", b"b"]
+    assert [bytes(b) for b in out.take()] == [struct.pack("!I", 14) + b"c" * 14]
+
+
+def test_output_takes_at_most_iov_max_buffers() -> None:
+    out = TapOutput()
+    for _ in range(IOV_MAX + 3):
+        out.frame(b"x" * 14)
+    batch = out.take()
+    assert len(batch) == IOV_MAX
+    assert out.sent(batch, IOV_MAX * 18)
+    assert len(out.take()) == 3
