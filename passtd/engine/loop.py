@@ -222,8 +222,6 @@ class Engine:
         by_key = self.flows.by_key
         pcap = self.link.pcap
         tcp_half = self.tcp
-        fast4 = _FAST4.unpack_from
-        fast6 = _FAST6.unpack_from
         run: TcpConn | None = None  # the flow whose consecutive segments are gathered
         views: list[memoryview] = []
         last_src_mac_at = -1
@@ -236,7 +234,7 @@ class Engine:
             if ethertype == packet.ETH_P_IP and buf[off + 14] == 0x45 and buf[off + 23] == 6 \
                     and length >= 54:
                 (_vihl, _tos, total, _ident, frag, _ttl, _proto, _csum, src, dst,
-                 sport, dport, seq, ack, doff, flags, window) = fast4(buf, off + 14)
+                 sport, dport, seq, ack, doff, flags, window) = _FAST4.unpack_from(buf, off + 14)
                 thl = (doff >> 4) << 2
                 if frag & 0x3FFF or total + 14 > length or thl < 20 or thl + 20 > total:
                     self.drop_log(logging.DEBUG, "bad-tcp4", "dropped malformed IPv4/TCP frame")
@@ -245,7 +243,7 @@ class Engine:
                 end = off + 14 + total
             elif ethertype == packet.ETH_P_IPV6 and buf[off + 20] == 6 and length >= 74:
                 (vtcfl, plen, _nh, _hop, src, dst,
-                 sport, dport, seq, ack, doff, flags, window) = fast6(buf, off + 14)
+                 sport, dport, seq, ack, doff, flags, window) = _FAST6.unpack_from(buf, off + 14)
                 thl = (doff >> 4) << 2
                 if vtcfl >> 28 != 6 or plen + 54 > length or thl < 20 or thl > plen:
                     self.drop_log(logging.DEBUG, "bad-tcp6", "dropped malformed IPv6/TCP frame")

@@ -47,8 +47,8 @@ class TcpFrameBatch:
 
     def __init__(self, family: int) -> None:
         self.family = family
-        self.hdr = _HDR4 if family == 4 else _HDR6
-        self.head = self.hdr.size  # length prefix + headers before each payload
+        # length prefix + headers before each payload
+        self.head = (_HDR4 if family == 4 else _HDR6).size
         self.size = BATCH_BYTES + MAX_FRAMES * self.head
         self.area = mmap.mmap(-1, self.size)
         self.mem = memoryview(self.area)
@@ -80,7 +80,8 @@ class TcpFrameBatch:
         head = self.head
         stride = head + mss
         mem = self.mem
-        full, last = divmod(nbytes, mss)
+        full = nbytes // mss
+        last = nbytes - full * mss
         count = full + (1 if last else 0)
         if full and mss % 4 == 0:
             sums = checksum.sum_rows(mem, head, stride, full, mss)
@@ -94,7 +95,6 @@ class TcpFrameBatch:
         ports = sport + dport
         fixed = self._addr_sum + IPPROTO_TCP + ports + (_DOFF << 8) + TCP_ACK + window
         fixed += (ack >> 16) + (ack & 0xFFFF)
-        pack = self.hdr.pack_into
         if self.family == 4:
             ip_fixed = 0x4500 + 0x4000 + (255 << 8 | IPPROTO_TCP) + self._addr_sum
             for i in range(count):
@@ -108,9 +108,10 @@ class TcpFrameBatch:
                     fixed + tcp_len + (seg_seq >> 16) + (seg_seq & 0xFFFF) + sums[i]
                     + (flags - TCP_ACK)
                 )
-                pack(mem, i * stride, ETH_HLEN + ip_len, dst_mac, src_mac, ETH_P_IP,
-                     0x45, 0, ip_len, 0, 0x4000, 255, IPPROTO_TCP, ip_csum, src, dst,
-                     sport, dport, seg_seq, ack, _DOFF, flags, window, tcp_csum, 0)
+                _HDR4.pack_into(mem, i * stride, ETH_HLEN + ip_len, dst_mac, src_mac, ETH_P_IP,
+                                0x45, 0, ip_len, 0, 0x4000, 255, IPPROTO_TCP, ip_csum, src,
+                                dst, sport, dport, seg_seq, ack, _DOFF, flags, window,
+                                tcp_csum, 0)
         else:
             vtcfl = 0x60000000 | (flow_label & 0xFFFFF)
             for i in range(count):
@@ -122,9 +123,9 @@ class TcpFrameBatch:
                     fixed + tcp_len + (seg_seq >> 16) + (seg_seq & 0xFFFF) + sums[i]
                     + (flags - TCP_ACK)
                 )
-                pack(mem, i * stride, ETH_HLEN + 40 + tcp_len, dst_mac, src_mac, ETH_P_IPV6,
-                     vtcfl, tcp_len, IPPROTO_TCP, 255, src, dst,
-                     sport, dport, seg_seq, ack, _DOFF, flags, window, tcp_csum, 0)
+                _HDR6.pack_into(mem, i * stride, ETH_HLEN + 40 + tcp_len, dst_mac, src_mac,
+                                ETH_P_IPV6, vtcfl, tcp_len, IPPROTO_TCP, 255, src, dst,
+                                sport, dport, seg_seq, ack, _DOFF, flags, window, tcp_csum, 0)
         end = (count - 1) * stride + head + (mss if last == 0 else last)
         return mem[:end]
 
