@@ -34,8 +34,22 @@ from .packet import ETH_HLEN, ETH_MIN_FRAME, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, 
 BATCH_BYTES: Final = 4 << 20  # payload bytes per batch at most (bounds latency for other flows too)
 MAX_FRAMES: Final = 1023  # recvmsg_into takes at most IOV_MAX (1024) buffers
 
-_HDR4: Final = struct.Struct("!I6s6sHBBHHHBBH4s4sHHIIBBHHH")
-_HDR6: Final = struct.Struct("!I6s6sHIHBB16s16sHHIIBBHHH")
+# A frame's headers as few values as possible, as the number of values is what a pack
+# costs (per reply of a request/response, most of building its frame): the bytes a flow
+# keeps and the constants next to them go in as byte strings, built once per flow.
+# IPv4: [length][Ethernet: MACs, type; IPv4: 0x45 0][total length][id 0, DF, TTL 255,
+# TCP][header checksum][addresses, ports][seq][ack][data offset, flags][window][checksum]
+# [urgent pointer]
+_HDR4: Final = struct.Struct("!I16sH6sH12sIIHHHH")
+# IPv6: [length][Ethernet; IPv6: version 6, flow label 0][payload length][TCP, hop limit
+# 255, addresses, ports][seq][ack][data offset, flags][window][checksum][urgent pointer]
+_HDR6: Final = struct.Struct("!I18sH38sIIHHHH")
+_PORTS: Final = struct.Struct("!HH")
+_AFTER_MACS4: Final = ETH_P_IP.to_bytes(2, "big") + b"\x45\x00"
+_AFTER_MACS6: Final = ETH_P_IPV6.to_bytes(2, "big") + b"\x60\x00\x00\x00"
+_IP4_MIDDLE: Final = b"\x00\x00\x40\x00\xff" + bytes([IPPROTO_TCP])
+_IP6_BEFORE_ADDRS: Final = bytes([IPPROTO_TCP, 255])
+_IP4_FIXED_SUM: Final = 0x4500 + 0x4000 + (255 << 8 | IPPROTO_TCP)  # of the constants above
 HLEN4: Final = _HDR4.size - 4  # Ethernet + IPv4 + TCP: 54
 HLEN6: Final = _HDR6.size - 4  # Ethernet + IPv6 + TCP: 74
 _DOFF: Final = (20 // 4) << 4
@@ -59,6 +73,11 @@ class TcpFrameBatch:
         # instructions)
         self._src = self._dst = b""
         self._addr_sum = 0
+        # the same for the header bytes a flow keeps (a pack of fewer values)
+        self._src_mac = self._dst_mac = b""
+        self._frame_start = b""
+        self._sport = self._dport = -1
+        self._flow = b""
 
     def views(self, mss: int) -> list[memoryview]:
         """Payload areas for segments of `mss` bytes (cached while the MSS is the same)."""
@@ -71,8 +90,7 @@ class TcpFrameBatch:
         return self._views
 
     def build(self, nbytes: int, mss: int, src_mac: bytes, dst_mac: bytes, src: bytes,
-              dst: bytes, sport: int, dport: int, seq: int, ack: int, window: int,
-              flow_label: int = 0) -> memoryview:
+              dst: bytes, sport: int, dport: int, seq: int, ack: int, window: int) -> memoryview:
         """Write headers for `nbytes` of payload already read into `views(mss)`.
 
         Returns the frames, length prefixes included, ready for one send().
@@ -89,14 +107,21 @@ class TcpFrameBatch:
             sums = [checksum.partial(mem, i * stride + head, mss) for i in range(full)]
         if last:
             sums.append(checksum.partial(mem, full * stride + head, last))
-        if src is not self._src or dst is not self._dst:
-            self._src, self._dst = src, dst
-            self._addr_sum = checksum.pseudo(src, dst, 0, 0)
+        if src is not self._src or dst is not self._dst or sport != self._sport \
+                or dport != self._dport:
+            if src is not self._src or dst is not self._dst:
+                self._addr_sum = checksum.pseudo(src, dst, 0, 0)
+            self._src, self._dst, self._sport, self._dport = src, dst, sport, dport
+            self._flow = _flow_bytes(src, dst, sport, dport)
+        if src_mac is not self._src_mac or dst_mac is not self._dst_mac:
+            self._src_mac, self._dst_mac = src_mac, dst_mac
+            self._frame_start = _frame_start_bytes(src_mac, dst_mac, self.family)
+        start, flow = self._frame_start, self._flow
         ports = sport + dport
         fixed = self._addr_sum + IPPROTO_TCP + ports + (_DOFF << 8) + TCP_ACK + window
         fixed += (ack >> 16) + (ack & 0xFFFF)
         if self.family == 4:
-            ip_fixed = 0x4500 + 0x4000 + (255 << 8 | IPPROTO_TCP) + self._addr_sum
+            ip_fixed = _IP4_FIXED_SUM + self._addr_sum
             for i in range(count):
                 plen = mss if i < full else last
                 seg_seq = (seq + i * mss) & 0xFFFFFFFF
@@ -108,12 +133,10 @@ class TcpFrameBatch:
                     fixed + tcp_len + (seg_seq >> 16) + (seg_seq & 0xFFFF) + sums[i]
                     + (flags - TCP_ACK)
                 )
-                _HDR4.pack_into(mem, i * stride, ETH_HLEN + ip_len, dst_mac, src_mac, ETH_P_IP,
-                                0x45, 0, ip_len, 0, 0x4000, 255, IPPROTO_TCP, ip_csum, src,
-                                dst, sport, dport, seg_seq, ack, _DOFF, flags, window,
+                _HDR4.pack_into(mem, i * stride, ETH_HLEN + ip_len, start, ip_len, _IP4_MIDDLE,
+                                ip_csum, flow, seg_seq, ack, _DOFF << 8 | flags, window,
                                 tcp_csum, 0)
         else:
-            vtcfl = 0x60000000 | (flow_label & 0xFFFFF)
             for i in range(count):
                 plen = mss if i < full else last
                 seg_seq = (seq + i * mss) & 0xFFFFFFFF
@@ -123,11 +146,21 @@ class TcpFrameBatch:
                     fixed + tcp_len + (seg_seq >> 16) + (seg_seq & 0xFFFF) + sums[i]
                     + (flags - TCP_ACK)
                 )
-                _HDR6.pack_into(mem, i * stride, ETH_HLEN + 40 + tcp_len, dst_mac, src_mac,
-                                ETH_P_IPV6, vtcfl, tcp_len, IPPROTO_TCP, 255, src, dst,
-                                sport, dport, seg_seq, ack, _DOFF, flags, window, tcp_csum, 0)
+                _HDR6.pack_into(mem, i * stride, ETH_HLEN + 40 + tcp_len, start, tcp_len, flow,
+                                seg_seq, ack, _DOFF << 8 | flags, window, tcp_csum, 0)
         end = (count - 1) * stride + head + (mss if last == 0 else last)
         return mem[:end]
+
+
+def _frame_start_bytes(src_mac: bytes, dst_mac: bytes, family: int) -> bytes:
+    """Ethernet and the IP header's first constant bytes."""
+    return dst_mac + src_mac + (_AFTER_MACS4 if family == 4 else _AFTER_MACS6)
+
+
+def _flow_bytes(src: bytes, dst: bytes, sport: int, dport: int) -> bytes:
+    """Addresses and ports (IPv6: after the next header and hop limit)."""
+    flow = src + dst + _PORTS.pack(sport, dport)
+    return flow if len(src) == 4 else _IP6_BEFORE_ADDRS + flow
 
 
 def control_frame(src_mac: bytes, dst_mac: bytes, src: bytes, dst: bytes, sport: int,
@@ -147,18 +180,17 @@ def control_frame(src_mac: bytes, dst_mac: bytes, src: bytes, dst: bytes, sport:
     if options:
         total += checksum.partial(options)
     tcp_csum = checksum.finish(total)
+    flow = _flow_bytes(src, dst, sport, dport)
     if len(src) == 4:
         ip_len = 20 + tcp_len
-        ip_csum = checksum.finish(0x4500 + ip_len + 0x4000 + (255 << 8 | IPPROTO_TCP) + addr_sum)
+        ip_csum = checksum.finish(_IP4_FIXED_SUM + ip_len + addr_sum)
         length = max(ETH_HLEN + ip_len, ETH_MIN_FRAME)
-        head = _HDR4.pack(length, dst_mac, src_mac, ETH_P_IP, 0x45, 0, ip_len, 0, 0x4000, 255,
-                          IPPROTO_TCP, ip_csum, src, dst, sport, dport, seq, ack, doff, flags,
-                          window, tcp_csum, 0)
+        head = _HDR4.pack(length, _frame_start_bytes(src_mac, dst_mac, 4), ip_len, _IP4_MIDDLE,
+                          ip_csum, flow, seq, ack, doff << 8 | flags, window, tcp_csum, 0)
     else:
         length = ETH_HLEN + 40 + tcp_len
-        head = _HDR6.pack(length, dst_mac, src_mac, ETH_P_IPV6, 0x60000000, tcp_len,
-                          IPPROTO_TCP, 255, src, dst, sport, dport, seq, ack, doff, flags,
-                          window, tcp_csum, 0)
+        head = _HDR6.pack(length, _frame_start_bytes(src_mac, dst_mac, 6), tcp_len, flow, seq, ack,
+                          doff << 8 | flags, window, tcp_csum, 0)
     frame = head + options
     short = length + 4 - len(frame)
     return frame + _PADDING[:short] if short > 0 else frame

@@ -86,6 +86,7 @@ class HostData:
         # it for TCP, so its pages stay unmapped (without SO_PEEK_OFF: the re-peek lands here)
         self.scratch = memoryview(mmap.mmap(-1, DISCARD_AREA))
         self.peek_off = probe_peek_off()
+        self._edge_callback = self._edge  # (bound once: await_data runs after every read)
 
     def prepare(self, sock: socket.socket) -> None:
         """A new flow's socket: peeks continue after what the guest already has."""
@@ -144,7 +145,7 @@ class HostData:
                 in_flight = seq_diff(conn.snd_nxt, conn.snd_una)
                 bufs = [self.scratch[:in_flight], *bufs]
             try:
-                n = sock.recvmsg_into(bufs, 0, socket.MSG_PEEK)[0] - in_flight
+                n: int = sock.recvmsg_into(bufs, 0, socket.MSG_PEEK)[0] - in_flight
             except (BlockingIOError, InterruptedError):
                 conn.read_pending = False
                 self.await_data(conn)
@@ -188,7 +189,7 @@ class HostData:
 
     def await_data(self, conn: TcpConn) -> None:
         """Be woken for host data that arrives from now on (see Wakeups above)."""
-        self.ctx.readiness.read(conn, self._edge, edge=True)
+        self.ctx.readiness.read(conn, self._edge_callback, edge=True)
 
     def _edge(self, conn: TcpConn, events: int) -> None:
         if events & select.EPOLLRDHUP:

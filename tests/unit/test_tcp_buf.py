@@ -117,15 +117,25 @@ def test_control_frames_are_valid_padded_and_carry_their_fields(family: int, fla
 
 
 @pytest.mark.parametrize("family", [4, 6])
-def test_a_batch_read_for_another_flow_sums_that_flows_addresses(family: int) -> None:
+def test_a_batch_read_for_another_flow_carries_that_flows_header(family: int) -> None:
+    """A batch keeps the header bytes and address sum of the flow it built last: flows
+    that differ in addresses, in ports only, or in the guest's MAC (learned anew) each
+    get their own, with valid checksums."""
     batch = TcpFrameBatch(family)
     batch.views(1460)[0][:3] = b"abc"
     first = ADDRS[family]
     other = tuple(bytes([a[0] ^ 1, *a[1:-1], a[-1] ^ 0x80]) for a in first)
-    for src, dst in (first, other, first):
-        (raw,) = split_frames(bytes(batch.build(3, 1460, OUR_MAC, GUEST_MAC, src, dst, 80,
+    new_mac = bytes.fromhex("525400abcdef")
+    for (src, dst), sport, mac in ((first, 80, GUEST_MAC), (other, 80, GUEST_MAC),
+                                   (first, 80, GUEST_MAC), (first, 8080, GUEST_MAC),
+                                   (first, 8080, new_mac), (first, 80, GUEST_MAC)):
+        (raw,) = split_frames(bytes(batch.build(3, 1460, OUR_MAC, mac, src, dst, sport,
                                                 40000, 1, 2, 3)))
-        layer = Ether(raw)[IP] if family == 4 else Ether(raw)[IPv6]
+        frame = Ether(raw)
+        assert (frame.src, frame.dst) == (OUR_MAC.hex(":"), mac.hex(":"))
+        layer = frame[IP] if family == 4 else frame[IPv6]
         af = socket.AF_INET if family == 4 else socket.AF_INET6
         assert (socket.inet_pton(af, layer.src), socket.inet_pton(af, layer.dst)) == (src, dst)
+        assert (layer[TCP].sport, layer[TCP].dport) == (sport, 40000)
+        assert bytes(layer[TCP].payload) == b"abc"
         assert_checksums(layer, family)
