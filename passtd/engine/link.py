@@ -36,7 +36,7 @@ from typing import Final
 from .flow import Flow
 from .mainloop import MainLoop, Timer
 from .pcap import PcapWriter
-from .tap import FrameReader, FramingError, TapOutput
+from .tap import FrameReader, FramingError, TapOutput, with_prefix
 
 log = logging.getLogger("passtd.engine")
 
@@ -284,11 +284,7 @@ class GuestLink:
 
     def send(self, frame: bytes, now: float) -> None:
         """Queue one frame for the guest (flushed when the engine settles)."""
-        if self.client is None:
-            return
-        if self.pcap:
-            self.pcap.write(frame, now)
-        self.out.frame(frame)
+        self.send_prefixed(with_prefix(frame), now)
 
     def send_prefixed(self, frame: bytes, now: float) -> None:
         """Queue one frame that starts with its length prefix (tcp_buf.control_frame)."""

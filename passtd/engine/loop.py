@@ -285,7 +285,8 @@ class Engine:
         if run is not None:
             tcp_half.end_run(run, views, now)
         if last_src_mac_at >= 0:
-            self.guest.learn_mac(buf[last_src_mac_at + 6 : last_src_mac_at + 12])  # (bytes)
+            # (a slice of the mmap is bytes already)
+            self.guest.learn_mac(buf[last_src_mac_at + 6 : last_src_mac_at + 12])
 
     def _tcp_frame(self, frame: memoryview, conn: TcpConn | None, now: float) -> None:
         """A TCP segment the fast path leaves to the socket half's full parse."""

@@ -2,10 +2,11 @@
 
 Design: qemu's `-netdev stream` (and `-netdev socket`) put a 4-byte big-endian length in
 front of every Ethernet frame. Input is read into one large preallocated buffer;
-`next_frame` walks the complete frames in place (offsets, no copies) and whatever follows the last
-complete frame, a cut length word or a cut frame, is moved to the front before the next
-read. qemu under load writes frames in arbitrary pieces, and any split must survive: the
-reference passt (2023) was seen to lose its framing there under qemu, we must not.
+`next_frame` walks the complete frames in place (offsets, no copies) and whatever follows
+the last complete frame, a cut length word or a cut frame, is moved to the front before
+the next read. qemu under load writes frames in arbitrary pieces, and any split must
+survive: the reference passt (2023) was seen to lose its framing there under qemu, we
+must not.
 
 A length below 14 (an Ethernet header) or above 65535 means the stream is not what we
 think it is: `FramingError`, and the loop drops that client (never the process).
@@ -30,6 +31,11 @@ MIN_FRAME: Final = 14
 MAX_FRAME: Final = 65535
 _LEN: Final = struct.Struct("!I")
 IOV_MAX: Final = 1024
+
+
+def with_prefix(frame: bytes) -> bytes:
+    """The frame as qemu reads it: its length first."""
+    return _LEN.pack(len(frame)) + frame
 
 
 class FramingError(Exception):
@@ -110,10 +116,6 @@ class TapOutput:
 
     def pending(self) -> bool:
         return bool(self.iov or self.backlog)
-
-    def frame(self, frame: bytes) -> None:
-        """Queue one frame (the length prefix is added here)."""
-        self.prefixed(_LEN.pack(len(frame)) + frame)
 
     def prefixed(self, frame: bytes) -> None:
         """Queue one frame that starts with its length prefix."""

@@ -68,16 +68,15 @@ class TcpFrameBatch:
         self.mem = memoryview(self.area)
         self._mss = 0
         self._views: list[memoryview] = []
-        # the addresses' pseudo-header sum, for the flow read last (a flow keeps the same
-        # bytes objects: an identity check, where an IPv6 sum costs a few thousand
-        # instructions)
+        # what the flow read last keeps, built once for its frames: the addresses'
+        # pseudo-header sum and the addresses and ports as header bytes (a flow keeps the
+        # same bytes objects: an identity check); the MACs likewise
         self._src = self._dst = b""
+        self._sport = self._dport = -1
         self._addr_sum = 0
-        # the same for the header bytes a flow keeps (a pack of fewer values)
+        self._flow = b""
         self._src_mac = self._dst_mac = b""
         self._frame_start = b""
-        self._sport = self._dport = -1
-        self._flow = b""
 
     def views(self, mss: int) -> list[memoryview]:
         """Payload areas for segments of `mss` bytes (cached while the MSS is the same)."""
@@ -109,9 +108,8 @@ class TcpFrameBatch:
             sums.append(checksum.partial(mem, full * stride + head, last))
         if src is not self._src or dst is not self._dst or sport != self._sport \
                 or dport != self._dport:
-            if src is not self._src or dst is not self._dst:
-                self._addr_sum = checksum.pseudo(src, dst, 0, 0)
             self._src, self._dst, self._sport, self._dport = src, dst, sport, dport
+            self._addr_sum = checksum.pseudo(src, dst, 0, 0)
             self._flow = _flow_bytes(src, dst, sport, dport)
         if src_mac is not self._src_mac or dst_mac is not self._dst_mac:
             self._src_mac, self._dst_mac = src_mac, dst_mac

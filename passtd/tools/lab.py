@@ -171,10 +171,12 @@ def passtd_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{path}" if path else root}
 
 
-def terminate(proc: subprocess.Popen[Any], timeout: float = 5.0, *, group: bool = False) -> int:
-    """SIGTERM `proc` (its whole session with `group`), SIGKILL after `timeout`; reap it."""
+def terminate(proc: subprocess.Popen[Any], timeout: float = 5.0, *, group: bool = False,
+              sig: int = signal.SIGTERM) -> int:
+    """Send `proc` `sig` (its whole session with `group`), SIGKILL after `timeout`; reap
+    it. `sig` is what lets it end: SIGTERM, or SIGCONT for one that was stopped."""
     if proc.poll() is None:
-        _signal(proc, signal.SIGTERM, group)
+        _signal(proc, sig, group)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -66,6 +66,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from passtd.tools.lab import terminate
+
 LOG = logging.getLogger(__name__)
 
 WORK_ROOT = Path(tempfile.gettempdir()) / "passtd-ct"
@@ -369,13 +371,7 @@ class Container:
             # what they ran died with the container, but nsenter (outside it) may be left
             # stopped: it stops itself when its child stops, and systemd-shutdown stops
             # every process (SIGSTOP) before killing it; stopped, it never reaps the child
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGCONT)
-            try:
-                proc.wait(1)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            terminate(proc, 1.0, sig=signal.SIGCONT)
         self._spawned.clear()
         self.pid1 = None
         _remove_nspawn_leftovers(self.machine)

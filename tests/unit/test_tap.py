@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from passtd.engine.tap import IOV_MAX, FrameReader, FramingError, TapOutput
+from passtd.engine.tap import IOV_MAX, FrameReader, FramingError, TapOutput, with_prefix
 
 
 def framed(frames: list[bytes]) -> bytes:
@@ -60,14 +60,14 @@ def test_bad_length_is_a_framing_error(length: int) -> None:
 
 def test_output_keeps_the_unsent_rest_in_order() -> None:
     out = TapOutput()
-    out.frame(b"a" * 20)
+    out.prefixed(with_prefix(b"a" * 20))
     out.framed(memoryview(struct.pack("!I", 30) + b"b" * 30), 1)
-    out.frame(b"c" * 40)
+    out.prefixed(with_prefix(b"c" * 40))
     batch = out.take()
     expected = b"".join(bytes(b) for b in batch)
     assert not out.sent(batch, 10)  # a short send: congested
     assert out.congested
-    out.frame(b"d" * 14)
+    out.prefixed(with_prefix(b"d" * 14))
     batch = out.take()
     rest = b"".join(bytes(b) for b in batch)
     assert rest == expected[10:] + struct.pack("!I", 14) + b"d" * 14
@@ -79,12 +79,12 @@ def test_output_sent_in_full_starts_a_new_queue() -> None:
     """Without a backlog `take` hands out the queue itself (no copy per flush): once sent,
     what is queued next goes to a new one, and the batch sent is left as it was."""
     out = TapOutput()
-    out.frame(b"a" * 20)
-    out.frame(b"b" * 30)
+    out.prefixed(with_prefix(b"a" * 20))
+    out.prefixed(with_prefix(b"b" * 30))
     batch = out.take()
     assert out.sent(batch, 24 + 34)
     assert not out.pending() and not out.congested
-    out.frame(b"c" * 14)
+    out.prefixed(with_prefix(b"c" * 14))
     assert [bytes(b)[4:5] for b in batch] == [b"a", b"b"]
     assert [bytes(b) for b in out.take()] == [struct.pack("!I", 14) + b"c" * 14]
 
@@ -92,7 +92,7 @@ def test_output_sent_in_full_starts_a_new_queue() -> None:
 def test_output_takes_at_most_iov_max_buffers() -> None:
     out = TapOutput()
     for _ in range(IOV_MAX + 3):
-        out.frame(b"x" * 14)
+        out.prefixed(with_prefix(b"x" * 14))
     batch = out.take()
     assert len(batch) == IOV_MAX
     assert out.sent(batch, IOV_MAX * 18)
