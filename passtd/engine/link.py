@@ -287,7 +287,7 @@ class GuestLink:
         self.send_prefixed(with_prefix(frame), now)
 
     def send_prefixed(self, frame: bytes, now: float) -> None:
-        """Queue one frame that starts with its length prefix (tcp_buf.control_frame)."""
+        """Queue one frame that starts with its length prefix (tcp_buf.ControlFrames)."""
         if self.client is None:
             return
         if self.pcap:

@@ -14,10 +14,11 @@ arithmetic. IPv4 header checksums start from a per-batch constant.
 The slot area is an anonymous mmap, so pages a workload never touches (large MSS slots at
 a small MTU) cost no resident memory.
 
-Control segments (SYN-ACK, ACK, FIN, RST: no payload) are framed by `control_frame`, the
+Control segments (SYN-ACK, ACK, FIN, RST: no payload) are framed by `ControlFrames`, the
 same layout with its options after the TCP header, built with one pack and the same
 arithmetic sums: a connection sends three of them (crr), and building each from the
-generic codecs of packet.py cost more than the rest of its path.
+generic codecs of packet.py cost more than the rest of its path. Both keep what a flow's
+frames repeat (`FlowHeader`) while frames go to the same flow.
 
 Not done here: retransmission bookkeeping (tcp.py decides, the loop rewinds the peek).
 """
@@ -56,6 +57,34 @@ _DOFF: Final = (20 // 4) << 4
 _PADDING: Final = bytes(ETH_MIN_FRAME)
 
 
+class FlowHeader:
+    """What the frames of the flow framed last repeat, built once for them: the addresses'
+    pseudo-header sum, the addresses and ports as header bytes, Ethernet with the IP
+    header's first bytes. A flow keeps the same bytes objects, so an identity check tells
+    a new flow (or a MAC learned anew)."""
+
+    def __init__(self) -> None:
+        self.src = self.dst = b""
+        self.sport = self.dport = -1
+        self.addr_sum = 0
+        self.flow = b""
+        self.src_mac = self.dst_mac = b""
+        self.frame_start = b""
+
+    def update(self, src_mac: bytes, dst_mac: bytes, src: bytes, dst: bytes, sport: int,
+               dport: int) -> None:
+        if src is not self.src or dst is not self.dst or sport != self.sport \
+                or dport != self.dport:
+            if len(src) != len(self.src):  # another family: other bytes after the MACs
+                self.src_mac = b""
+            self.src, self.dst, self.sport, self.dport = src, dst, sport, dport
+            self.addr_sum = checksum.pseudo(src, dst, 0, 0)
+            self.flow = _flow_bytes(src, dst, sport, dport)
+        if src_mac is not self.src_mac or dst_mac is not self.dst_mac:
+            self.src_mac, self.dst_mac = src_mac, dst_mac
+            self.frame_start = _frame_start_bytes(src_mac, dst_mac, 4 if len(src) == 4 else 6)
+
+
 class TcpFrameBatch:
     """Slots for one address family; `views(mss)` gives the payload buffers to read into."""
 
@@ -68,15 +97,7 @@ class TcpFrameBatch:
         self.mem = memoryview(self.area)
         self._mss = 0
         self._views: list[memoryview] = []
-        # what the flow read last keeps, built once for its frames: the addresses'
-        # pseudo-header sum and the addresses and ports as header bytes (a flow keeps the
-        # same bytes objects: an identity check); the MACs likewise
-        self._src = self._dst = b""
-        self._sport = self._dport = -1
-        self._addr_sum = 0
-        self._flow = b""
-        self._src_mac = self._dst_mac = b""
-        self._frame_start = b""
+        self._header = FlowHeader()  # of the flow read last
 
     def views(self, mss: int) -> list[memoryview]:
         """Payload areas for segments of `mss` bytes (cached while the MSS is the same)."""
@@ -106,20 +127,14 @@ class TcpFrameBatch:
             sums = [checksum.partial(mem, i * stride + head, mss) for i in range(full)]
         if last:
             sums.append(checksum.partial(mem, full * stride + head, last))
-        if src is not self._src or dst is not self._dst or sport != self._sport \
-                or dport != self._dport:
-            self._src, self._dst, self._sport, self._dport = src, dst, sport, dport
-            self._addr_sum = checksum.pseudo(src, dst, 0, 0)
-            self._flow = _flow_bytes(src, dst, sport, dport)
-        if src_mac is not self._src_mac or dst_mac is not self._dst_mac:
-            self._src_mac, self._dst_mac = src_mac, dst_mac
-            self._frame_start = _frame_start_bytes(src_mac, dst_mac, self.family)
-        start, flow = self._frame_start, self._flow
+        header = self._header
+        header.update(src_mac, dst_mac, src, dst, sport, dport)
+        start, flow, addr_sum = header.frame_start, header.flow, header.addr_sum
         ports = sport + dport
-        fixed = self._addr_sum + IPPROTO_TCP + ports + (_DOFF << 8) + TCP_ACK + window
+        fixed = addr_sum + IPPROTO_TCP + ports + (_DOFF << 8) + TCP_ACK + window
         fixed += (ack >> 16) + (ack & 0xFFFF)
         if self.family == 4:
-            ip_fixed = _IP4_FIXED_SUM + self._addr_sum
+            ip_fixed = _IP4_FIXED_SUM + addr_sum
             for i in range(count):
                 plen = mss if i < full else last
                 seg_seq = (seq + i * mss) & 0xFFFFFFFF
@@ -161,34 +176,41 @@ def _flow_bytes(src: bytes, dst: bytes, sport: int, dport: int) -> bytes:
     return flow if len(src) == 4 else _IP6_BEFORE_ADDRS + flow
 
 
-def control_frame(src_mac: bytes, dst_mac: bytes, src: bytes, dst: bytes, sport: int,
-                  dport: int, seq: int, ack: int, flags: int, window: int,
-                  options: bytes = b"") -> bytes:
-    """A TCP segment without payload as one frame, its length prefix first (for
-    link.send_prefixed); `options` a multiple of 4 bytes, as tcp_seg builds them. Padded
-    to the Ethernet minimum, as packet.ip_frame pads."""
-    seq &= 0xFFFFFFFF
-    ack &= 0xFFFFFFFF
-    window = min(window, 0xFFFF)
-    tcp_len = 20 + len(options)
-    doff = (tcp_len // 4) << 4
-    addr_sum = checksum.pseudo(src, dst, 0, 0)
-    total = (addr_sum + IPPROTO_TCP + tcp_len + sport + dport + (seq >> 16) + (seq & 0xFFFF)
-             + (ack >> 16) + (ack & 0xFFFF) + (doff << 8) + flags + window)
-    if options:
-        total += checksum.partial(options)
-    tcp_csum = checksum.finish(total)
-    flow = _flow_bytes(src, dst, sport, dport)
-    if len(src) == 4:
-        ip_len = 20 + tcp_len
-        ip_csum = checksum.finish(_IP4_FIXED_SUM + ip_len + addr_sum)
-        length = max(ETH_HLEN + ip_len, ETH_MIN_FRAME)
-        head = _HDR4.pack(length, _frame_start_bytes(src_mac, dst_mac, 4), ip_len, _IP4_MIDDLE,
-                          ip_csum, flow, seq, ack, doff << 8 | flags, window, tcp_csum, 0)
-    else:
-        length = ETH_HLEN + 40 + tcp_len
-        head = _HDR6.pack(length, _frame_start_bytes(src_mac, dst_mac, 6), tcp_len, flow, seq, ack,
-                          doff << 8 | flags, window, tcp_csum, 0)
-    frame = head + options
-    short = length + 4 - len(frame)
-    return frame + _PADDING[:short] if short > 0 else frame
+class ControlFrames:
+    """TCP segments without payload, each as one frame."""
+
+    def __init__(self) -> None:
+        self._header = FlowHeader()  # of the flow framed last (crr: three frames each)
+
+    def frame(self, src_mac: bytes, dst_mac: bytes, src: bytes, dst: bytes, sport: int,
+              dport: int, seq: int, ack: int, flags: int, window: int,
+              options: bytes = b"") -> bytes:
+        """The segment as one frame, its length prefix first (for link.send_prefixed);
+        `options` a multiple of 4 bytes, as tcp_seg builds them. Padded to the Ethernet
+        minimum, as packet.ip_frame pads."""
+        seq &= 0xFFFFFFFF
+        ack &= 0xFFFFFFFF
+        window = min(window, 0xFFFF)
+        tcp_len = 20 + len(options)
+        doff = (tcp_len // 4) << 4
+        header = self._header
+        header.update(src_mac, dst_mac, src, dst, sport, dport)
+        addr_sum = header.addr_sum
+        total = (addr_sum + IPPROTO_TCP + tcp_len + sport + dport + (seq >> 16)
+                 + (seq & 0xFFFF) + (ack >> 16) + (ack & 0xFFFF) + (doff << 8) + flags + window)
+        if options:
+            total += checksum.partial(options)
+        tcp_csum = checksum.finish(total)
+        if len(src) == 4:
+            ip_len = 20 + tcp_len
+            ip_csum = checksum.finish(_IP4_FIXED_SUM + ip_len + addr_sum)
+            length = max(ETH_HLEN + ip_len, ETH_MIN_FRAME)
+            head = _HDR4.pack(length, header.frame_start, ip_len, _IP4_MIDDLE, ip_csum,
+                              header.flow, seq, ack, doff << 8 | flags, window, tcp_csum, 0)
+        else:
+            length = ETH_HLEN + 40 + tcp_len
+            head = _HDR6.pack(length, header.frame_start, tcp_len, header.flow, seq, ack,
+                              doff << 8 | flags, window, tcp_csum, 0)
+        frame = head + options
+        short = length + 4 - len(frame)
+        return frame + _PADDING[:short] if short > 0 else frame

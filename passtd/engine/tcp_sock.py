@@ -37,7 +37,7 @@ from .context import EngineContext
 from .flow import Flow, FlowKey, addr_text
 from .forwards import Forward, PeerAddress
 from .tcp import TcpConn
-from .tcp_buf import control_frame
+from .tcp_buf import ControlFrames
 from .tcp_hold import HoldBudget, Reassembly
 from .tcp_peek import HostData, free_space
 
@@ -63,6 +63,7 @@ class TcpSockets:
         self.host = HostData(ctx, self._host_readable)
         self._isn_secret = os.urandom(16)
         self._hold_budget = HoldBudget()  # out-of-order guest data, all flows together
+        self._frames = ControlFrames()
         # once per flow and batch, at the end of it (settle)
         self._discard_due: dict[TcpConn, None] = {}
         self._ack_due: dict[TcpConn, None] = {}
@@ -122,9 +123,9 @@ class TcpSockets:
         if seg is None:
             return
         sport, dport = struct.unpack_from("!HH", pkt.l4)
-        self.ctx.link.send_prefixed(control_frame(self.ctx.net.mac, pkt.src_mac, pkt.dst, pkt.src,
-                                                  dport, sport, seg.seq, seg.ack, seg.flags,
-                                                  seg.window, seg.options), now)
+        self.ctx.link.send_prefixed(self._frames.frame(
+            self.ctx.net.mac, pkt.src_mac, pkt.dst, pkt.src, dport, sport, seg.seq, seg.ack,
+            seg.flags, seg.window, seg.options), now)
 
     def _guest_syn(self, pkt: packet.Packet, key: FlowKey, seq: int, window: int,
                    opts: tcp_seg.SynOptions, now: float) -> None:
@@ -302,10 +303,9 @@ class TcpSockets:
         """Send the guest the segment `conn.control` builds for `action`."""
         seg = conn.control(action, free)
         ctx = self.ctx
-        ctx.link.send_prefixed(control_frame(ctx.net.mac, ctx.guest_mac, conn.peer_addr,
-                                             conn.guest_addr, conn.peer_port, conn.guest_port,
-                                             seg.seq, seg.ack, seg.flags, seg.window,
-                                             seg.options), now)
+        ctx.link.send_prefixed(self._frames.frame(
+            ctx.net.mac, ctx.guest_mac, conn.peer_addr, conn.guest_addr, conn.peer_port,
+            conn.guest_port, seg.seq, seg.ack, seg.flags, seg.window, seg.options), now)
         self._acked(conn)
 
     def timer(self, conn: TcpConn, now: float) -> None:

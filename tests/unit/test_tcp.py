@@ -388,8 +388,8 @@ def test_acks_fins_keepalives_and_resets_carry_the_connection_s_numbers() -> Non
     assert conn.control(tcp.A_ACK, free=512).window == 512 >> tcp.OUR_WSCALE
     assert conn.control(tcp.A_KEEPALIVE).seq == OUR_ISN  # one below: the guest answers
     assert conn.on_host_eof(1.0) == tcp.A_FIN
-    assert conn.control(tcp.A_FIN)[:3] == (TCP_FIN | TCP_ACK, OUR_ISN + 1, GUEST_ISN + 1)
-    assert conn.control(tcp.A_RST_GUEST)[:2] == (TCP_RST | TCP_ACK, OUR_ISN + 2)
+    assert conn.control(tcp.A_FIN).fields()[:3] == (TCP_FIN | TCP_ACK, OUR_ISN + 1, GUEST_ISN + 1)
+    assert conn.control(tcp.A_RST_GUEST).fields()[:2] == (TCP_RST | TCP_ACK, OUR_ISN + 2)
 
 
 def test_segments_for_no_connection_get_the_rfc_9293_reset() -> None:

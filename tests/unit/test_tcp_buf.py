@@ -10,7 +10,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
 from passtd.engine import tcp_seg
-from passtd.engine.tcp_buf import TcpFrameBatch, control_frame
+from passtd.engine.tcp_buf import ControlFrames, TcpFrameBatch
 
 OUR_MAC = bytes.fromhex("9a559a559a55")
 GUEST_MAC = bytes.fromhex("525400123456")
@@ -95,8 +95,8 @@ def test_control_frames_are_valid_padded_and_carry_their_fields(family: int, fla
                                                                  options: bytes) -> None:
     src, dst = ADDRS[family]
     flag_bits = int(TCP(flags=flags).flags)
-    data = control_frame(OUR_MAC, GUEST_MAC, src, dst, 80, 40000, 0x1_0000_0005, 0xFFFFFFFF,
-                         flag_bits, 70000, options)
+    data = ControlFrames().frame(OUR_MAC, GUEST_MAC, src, dst, 80, 40000, 0x1_0000_0005,
+                                 0xFFFFFFFF, flag_bits, 70000, options)
     (raw,) = split_frames(data)
     assert len(raw) >= 60  # the Ethernet minimum: a bare IPv4 ACK is 54 bytes, padded
     pkt = Ether(raw)
@@ -138,4 +138,27 @@ def test_a_batch_read_for_another_flow_carries_that_flows_header(family: int) ->
         assert (socket.inet_pton(af, layer.src), socket.inet_pton(af, layer.dst)) == (src, dst)
         assert (layer[TCP].sport, layer[TCP].dport) == (sport, 40000)
         assert bytes(layer[TCP].payload) == b"abc"
+        assert_checksums(layer, family)
+
+
+def test_control_frames_in_turn_for_flows_of_both_families_carry_each_flows_header() -> None:
+    """ControlFrames keeps the header bytes of the flow it framed last: frames for another
+    family, other addresses, other ports or a MAC learned anew each get their own."""
+    frames = ControlFrames()
+    new_mac = bytes.fromhex("525400abcdef")
+    four, six = ADDRS[4], ADDRS[6]
+    other = tuple(bytes([a[0] ^ 1, *a[1:]]) for a in four)
+    for (src, dst), sport, mac in ((four, 80, GUEST_MAC), (six, 80, GUEST_MAC),
+                                   (four, 80, GUEST_MAC), (other, 80, GUEST_MAC),
+                                   (other, 8080, GUEST_MAC), (other, 8080, new_mac),
+                                   (six, 8080, new_mac), (four, 80, GUEST_MAC)):
+        family = 4 if len(src) == 4 else 6
+        (raw,) = split_frames(frames.frame(OUR_MAC, mac, src, dst, sport, 40000, 7, 9,
+                                           int(TCP(flags="FA").flags), 1000))
+        frame = Ether(raw)
+        assert (frame.src, frame.dst) == (OUR_MAC.hex(":"), mac.hex(":"))
+        layer = frame[IP] if family == 4 else frame[IPv6]
+        af = socket.AF_INET if family == 4 else socket.AF_INET6
+        assert (socket.inet_pton(af, layer.src), socket.inet_pton(af, layer.dst)) == (src, dst)
+        assert (layer[TCP].sport, layer[TCP].dport, layer[TCP].flags) == (sport, 40000, "FA")
         assert_checksums(layer, family)
