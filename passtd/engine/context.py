@@ -192,7 +192,15 @@ class SocketHalf(Protocol):
         `flow.sock` is None where its socket did not arrive."""
 
 
-def _unset(*_args: Any) -> None:
+class CloseFlow(Protocol):
+    """The engine's `close_flow`: the flow ends now. `rst_peer`: reset the host peer
+    rather than close gently; `after_flush`: close its socket only once the batch's frames
+    went out (for a caller inside a callback, which settles)."""
+
+    def __call__(self, flow: Flow, rst_peer: bool, after_flush: bool = False) -> None: ...
+
+
+def _unset(*_args: Any, **_kwargs: Any) -> None:
     raise RuntimeError("EngineContext: the engine did not wire this call")
 
 
@@ -214,9 +222,7 @@ class EngineContext:
         self.started_at = time.time()
         # filled in by the engine (loop.py)
         self.schedule: Callable[[Flow], None] = _unset
-        # (flow, reset the host peer, close its socket only after the batch's frames went
-        # out: for a caller inside a callback, which settles)
-        self.close_flow: Callable[[Flow, bool, bool], None] = _unset
+        self.close_flow: CloseFlow = _unset
         self.settle: Callable[[float], None] = _unset
         self.changed: Callable[..., None] = _unset
         self.buffers_used: Callable[[float], None] = _unset
@@ -230,7 +236,7 @@ class EngineContext:
         """The timer of a datagram flow (UDP, ping): it ends, or waits for its next
         deadline."""
         if flow.handle_timer(now) & A_CLOSE:
-            self.close_flow(flow, False, False)
+            self.close_flow(flow, rst_peer=False)
         else:
             self.schedule(flow)
 

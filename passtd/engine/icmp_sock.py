@@ -89,7 +89,7 @@ class IcmpSockets:
     def reset(self, flow: icmp.PingFlow, now: float) -> None:
         """A flow a restart cannot carry just ends."""
         if flow.sock is not None:
-            self.ctx.close_flow(flow, False, False)
+            self.ctx.close_flow(flow, rst_peer=False)
 
     def _readable(self, flow: icmp.PingFlow) -> None:
         ctx = self.ctx

@@ -266,7 +266,7 @@ class TcpSockets:
                 # bytes left in the receive queue would turn the kernel's FIN into a RST
                 self.host.drop_acknowledged(conn)
             # close() (~10 us) after the batch's frames: a SYN-ACK in it (crr) goes first
-            self.ctx.close_flow(conn, bool(actions & tcp.A_RST_PEER), True)
+            self.ctx.close_flow(conn, rst_peer=bool(actions & tcp.A_RST_PEER), after_flush=True)
             return
         if actions & tcp.A_DISCARD:
             self._discard_due[conn] = None  # once per flow and batch, before its next read

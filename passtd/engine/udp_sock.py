@@ -219,7 +219,7 @@ class UdpSockets:
     def reset(self, flow: UdpFlow, now: float) -> None:
         """A flow a restart cannot carry just ends (UDP has nothing to tell either side)."""
         if flow.sock is not None:
-            self.ctx.close_flow(flow, False, False)
+            self.ctx.close_flow(flow, rst_peer=False)
 
 
     def timer(self, flow: UdpFlow, now: float) -> None:
