@@ -2,6 +2,7 @@
 
 - passtd.engine._csum: the checksum's inner loop (checksum.py);
 - passtd.engine._tcp_run: the walk over a run of in-order guest segments (tcp_run.py);
+- passtd.engine._tcp_buf: the headers of host->guest TCP frames (tcp_buf.py);
 - the engine's own modules (passtd/engine/*.py) compiled by mypyc, where mypy (with
   mypyc) is importable here: setup.sh builds with its venv's (`--no-build-isolation`).
   The sources are the code: mypyc turns the same typed modules into C, and they stay
@@ -44,9 +45,11 @@ def compiled_engine() -> list[Extension]:
 
 
 setup(ext_modules=[
-    Extension("passtd.engine._csum", ["passtd/engine/_csum.c"], extra_compile_args=["-O3"],
-              optional=True),
+    Extension("passtd.engine._csum", ["passtd/engine/_csum.c"],
+              depends=["passtd/engine/_sum.h"], extra_compile_args=["-O3"], optional=True),
     Extension("passtd.engine._tcp_run", ["passtd/engine/_tcp_run.c"],
               extra_compile_args=["-O3"], optional=True),
+    Extension("passtd.engine._tcp_buf", ["passtd/engine/_tcp_buf.c"],
+              depends=["passtd/engine/_sum.h"], extra_compile_args=["-O3"], optional=True),
     *compiled_engine(),
 ])

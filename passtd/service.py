@@ -50,7 +50,7 @@ from . import config as config_mod
 from . import engine as engine_package
 from . import fd_handover, journal
 from .config import ConfigError, InstanceConfig
-from .engine import addrs, checksum, events, netlink, tcp_run
+from .engine import addrs, checksum, events, netlink, tcp_buf, tcp_run
 from .engine.addrs import Ip4Config, Ip6Config, NetConfig
 from .engine.flow import addr_text
 from .engine.forwards import ForwardError
@@ -385,6 +385,7 @@ class Instance:
         missing = [what for engine, what in (
             (checksum.ENGINE, "_csum.c: checksums, slower and ~15 MiB larger"),
             (tcp_run.ENGINE, "_tcp_run.c: guest->host runs, more CPU"),
+            (tcp_buf.ENGINE, "_tcp_buf.c: host->guest frames, more CPU and latency"),
             ("native" if engine_package.COMPILED else "python",
              f"the compiled engine (mypyc), {engine_package.INTERPRETED_WHY}: more CPU and "
              "latency per packet")) if engine != "native"]

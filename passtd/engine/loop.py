@@ -225,6 +225,18 @@ class Engine:
         run: TcpConn | None = None  # the flow whose consecutive segments are gathered
         views: list[memoryview] = []
         last_src_mac_at = -1
+        # ints, not the unpacked tuple's Any: compiled, their arithmetic is native, not boxed
+        total: int
+        frag: int
+        plen: int
+        vtcfl: int
+        sport: int
+        dport: int
+        seq: int
+        ack: int
+        doff: int
+        flags: int
+        window: int
         while (off := reader.next_frame()) >= 0:
             length = reader.frame_len
             if pcap:

@@ -7,9 +7,15 @@ writes all headers in place, and since full slots are contiguous the whole batch
 with a single send() on the qemu socket: one kernel copy in, one out, no Python objects
 per frame beyond a struct call.
 
-Checksums: the payload sums of all full-size segments come from one numpy call over a
-strided view (`checksum.sum_rows`); header and pseudo-header sums are small integer
-arithmetic. IPv4 header checksums start from a per-batch constant.
+Two engines write the headers, the same bytes: `_tcp_buf.write_headers` (C, built by
+setup.sh like `_csum`) and `write_headers_python` here, the reference (tests/unit/
+test_tcp_buf.py compares them; PASSTD_NATIVE=0 selects it). Why C: a reply of
+request/response is one frame, and the Python loop's pack and checksum calls for it,
+~5,700 instructions, ran between the instance's wakeup and its send to qemu, where every
+microsecond is the round trip's (docs/BENCHMARK.md, "Before the send"). The Python loop
+sums the payloads of full-size segments with one call over a strided view
+(`checksum.sum_rows`); header and pseudo-header sums are small integer arithmetic, IPv4
+header checksums start from a per-flow constant.
 
 The slot area is an anonymous mmap, so pages a workload never touches (large MSS slots at
 a small MTU) cost no resident memory.
@@ -25,11 +31,12 @@ Not done here: retransmission bookkeeping (tcp.py decides, the loop rewinds the 
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import struct
-from typing import Final
+from typing import Final, Protocol
 
-from . import checksum
+from . import NATIVE_WANTED, checksum
 from .packet import ETH_HLEN, ETH_MIN_FRAME, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, TCP_ACK, TCP_PSH
 
 BATCH_BYTES: Final = 4 << 20  # payload bytes per batch at most (bounds latency for other flows too)
@@ -115,54 +122,76 @@ class TcpFrameBatch:
 
         Returns the frames, length prefixes included, ready for one send().
         """
-        head = self.head
-        stride = head + mss
-        mem = self.mem
-        full = nbytes // mss
-        last = nbytes - full * mss
-        count = full + (1 if last else 0)
-        if full and mss % 4 == 0:
-            sums = checksum.sum_rows(mem, head, stride, full, mss)
-        else:
-            sums = [checksum.partial(mem, i * stride + head, mss) for i in range(full)]
-        if last:
-            sums.append(checksum.partial(mem, full * stride + head, last))
         header = self._header
         header.update(src_mac, dst_mac, src, dst, sport, dport)
-        start, flow, addr_sum = header.frame_start, header.flow, header.addr_sum
-        ports = sport + dport
-        fixed = addr_sum + IPPROTO_TCP + ports + (_DOFF << 8) + TCP_ACK + window
-        fixed += (ack >> 16) + (ack & 0xFFFF)
-        if self.family == 4:
-            ip_fixed = _IP4_FIXED_SUM + addr_sum
-            for i in range(count):
-                plen = mss if i < full else last
-                seg_seq = (seq + i * mss) & 0xFFFFFFFF
-                flags = TCP_ACK if i + 1 < count else TCP_ACK | TCP_PSH
-                tcp_len = 20 + plen
-                ip_len = 20 + tcp_len
-                ip_csum = checksum.finish(ip_fixed + ip_len)
-                tcp_csum = checksum.finish(
-                    fixed + tcp_len + (seg_seq >> 16) + (seg_seq & 0xFFFF) + sums[i]
-                    + (flags - TCP_ACK)
-                )
-                _HDR4.pack_into(mem, i * stride, ETH_HLEN + ip_len, start, ip_len, _IP4_MIDDLE,
-                                ip_csum, flow, seg_seq, ack, _DOFF << 8 | flags, window,
-                                tcp_csum, 0)
-        else:
-            for i in range(count):
-                plen = mss if i < full else last
-                seg_seq = (seq + i * mss) & 0xFFFFFFFF
-                flags = TCP_ACK if i + 1 < count else TCP_ACK | TCP_PSH
-                tcp_len = 20 + plen
-                tcp_csum = checksum.finish(
-                    fixed + tcp_len + (seg_seq >> 16) + (seg_seq & 0xFFFF) + sums[i]
-                    + (flags - TCP_ACK)
-                )
-                _HDR6.pack_into(mem, i * stride, ETH_HLEN + 40 + tcp_len, start, tcp_len, flow,
-                                seg_seq, ack, _DOFF << 8 | flags, window, tcp_csum, 0)
-        end = (count - 1) * stride + head + (mss if last == 0 else last)
-        return mem[:end]
+        end = write_headers(self.mem, self.head, mss, nbytes, header.frame_start, header.flow,
+                            header.addr_sum, seq, ack, window)
+        return self.mem[:end]
+
+
+def write_headers_python(mem: memoryview, head: int, mss: int, nbytes: int, start: bytes,
+                         flow: bytes, addr_sum: int, seq: int, ack: int, window: int) -> int:
+    """Write the headers of the frames holding `nbytes` of payload in slots of `head + mss`
+    bytes (the last one shorter if `nbytes` is not a multiple of `mss`); the end of the
+    last frame. `head` says the family (58: IPv4, 78: IPv6), `start` and `flow` are a
+    FlowHeader's bytes, `addr_sum` the addresses' partial sum; every frame ACKs `ack` and
+    offers `window`, the last one pushes. The reference for `_tcp_buf.write_headers`."""
+    stride = head + mss
+    full = nbytes // mss
+    last = nbytes - full * mss
+    count = full + (1 if last else 0)
+    if full and mss % 4 == 0:
+        sums = checksum.sum_rows(mem, head, stride, full, mss)
+    else:
+        sums = [checksum.partial(mem, i * stride + head, mss) for i in range(full)]
+    if last:
+        sums.append(checksum.partial(mem, full * stride + head, last))
+    sport, dport = _PORTS.unpack_from(flow, len(flow) - 4)
+    fixed = addr_sum + IPPROTO_TCP + sport + dport + (_DOFF << 8) + TCP_ACK + window
+    fixed += (ack >> 16) + (ack & 0xFFFF)
+    if head == _HDR4.size:
+        ip_fixed = _IP4_FIXED_SUM + addr_sum
+        for i in range(count):
+            plen = mss if i < full else last
+            seg_seq = (seq + i * mss) & 0xFFFFFFFF
+            flags = TCP_ACK if i + 1 < count else TCP_ACK | TCP_PSH
+            tcp_len = 20 + plen
+            ip_len = 20 + tcp_len
+            ip_csum = checksum.finish(ip_fixed + ip_len)
+            tcp_csum = checksum.finish(
+                fixed + tcp_len + (seg_seq >> 16) + (seg_seq & 0xFFFF) + sums[i]
+                + (flags - TCP_ACK)
+            )
+            _HDR4.pack_into(mem, i * stride, ETH_HLEN + ip_len, start, ip_len, _IP4_MIDDLE,
+                            ip_csum, flow, seg_seq, ack, _DOFF << 8 | flags, window, tcp_csum, 0)
+    else:
+        for i in range(count):
+            plen = mss if i < full else last
+            seg_seq = (seq + i * mss) & 0xFFFFFFFF
+            flags = TCP_ACK if i + 1 < count else TCP_ACK | TCP_PSH
+            tcp_len = 20 + plen
+            tcp_csum = checksum.finish(
+                fixed + tcp_len + (seg_seq >> 16) + (seg_seq & 0xFFFF) + sums[i]
+                + (flags - TCP_ACK)
+            )
+            _HDR6.pack_into(mem, i * stride, ETH_HLEN + 40 + tcp_len, start, tcp_len, flow,
+                            seg_seq, ack, _DOFF << 8 | flags, window, tcp_csum, 0)
+    return (count - 1) * stride + head + (mss if last == 0 else last)
+
+
+class _WriteHeaders(Protocol):
+    def __call__(self, mem: memoryview, head: int, mss: int, nbytes: int, start: bytes,
+                 flow: bytes, addr_sum: int, seq: int, ack: int, window: int, /) -> int: ...
+
+
+write_headers: _WriteHeaders = write_headers_python
+ENGINE = "python"  # which one this process runs
+if NATIVE_WANTED:
+    with contextlib.suppress(ImportError):  # not built here: the pure-Python path
+        from ._tcp_buf import write_headers as _native_write_headers
+
+        write_headers = _native_write_headers
+        ENGINE = "native"
 
 
 def _frame_start_bytes(src_mac: bytes, dst_mac: bytes, family: int) -> bytes:

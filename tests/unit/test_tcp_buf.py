@@ -3,14 +3,17 @@
 import os
 import socket
 import struct
+from collections.abc import Callable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
-from passtd.engine import tcp_seg
-from passtd.engine.tcp_buf import ControlFrames, TcpFrameBatch
+from passtd.engine import tcp_buf, tcp_seg
+from passtd.engine.tcp_buf import ControlFrames, FlowHeader, TcpFrameBatch, write_headers_python
 
 OUR_MAC = bytes.fromhex("9a559a559a55")
 GUEST_MAC = bytes.fromhex("525400123456")
@@ -162,3 +165,69 @@ def test_control_frames_in_turn_for_flows_of_both_families_carry_each_flows_head
         assert (socket.inet_pton(af, layer.src), socket.inet_pton(af, layer.dst)) == (src, dst)
         assert (layer[TCP].sport, layer[TCP].dport, layer[TCP].flags) == (sport, 40000, "FA")
         assert_checksums(layer, family)
+
+
+def _native_write_headers() -> Callable[..., int]:
+    try:
+        from passtd.engine import _tcp_buf
+    except ImportError:
+        pytest.skip("the native header writer is not built here (./setup.sh builds it)")
+    return _tcp_buf.write_headers
+
+
+@settings(max_examples=300, deadline=None)
+@given(family=st.sampled_from([4, 6]), mss=st.integers(1, 2000), nbytes=st.integers(1, 9000),
+       seq=st.integers(0, 0xFFFFFFFF), ack=st.integers(0, 0xFFFFFFFF),
+       window=st.integers(0, 0xFFFF), ports=st.tuples(st.integers(0, 0xFFFF),
+                                                      st.integers(0, 0xFFFF)),
+       seed=st.binary(min_size=1, max_size=64))
+def test_native_and_python_headers_are_the_same_bytes(
+        family: int, mss: int, nbytes: int, seq: int, ack: int, window: int,
+        ports: tuple[int, int], seed: bytes) -> None:
+    """Every slot, odd MSS and short last segment, sequence numbers wrapping: the C
+    writer and the Python reference leave the same bytes (and the same end)."""
+    write = _native_write_headers()
+    src, dst = ADDRS[family]
+    header = FlowHeader()
+    header.update(OUR_MAC, GUEST_MAC, src, dst, *ports)
+    head = 58 if family == 4 else 78
+    stride = head + mss
+    count = -(-nbytes // mss)
+    area = bytearray((seed * (count * stride // len(seed) + 1))[: count * stride + 5])
+    ours, theirs = bytearray(area), bytearray(area)
+    args = (head, mss, nbytes, header.frame_start, header.flow, header.addr_sum, seq, ack,
+            window)
+    assert write(memoryview(ours), *args) == write_headers_python(memoryview(theirs), *args)
+    assert ours == theirs
+
+
+def test_native_header_writer_refuses_what_does_not_fit() -> None:
+    """Arguments that would write outside the buffer, or are not one family's, raise
+    (no write at all); the buffer must be writable."""
+    write = _native_write_headers()
+    header = FlowHeader()
+    header.update(OUR_MAC, GUEST_MAC, *ADDRS[4], 1, 2)
+    start, flow, addr_sum = header.frame_start, header.flow, header.addr_sum
+    area = memoryview(bytearray(58 + 100))
+    with pytest.raises(ValueError):
+        write(area, 58, 100, 101, start, flow, addr_sum, 0, 0, 0)  # a second frame
+    with pytest.raises(ValueError):
+        write(area, 58, 1, (1 << 62), start, flow, addr_sum, 0, 0, 0)
+    with pytest.raises(ValueError):
+        write(area, 78, 80, 10, start, flow, addr_sum, 0, 0, 0)  # IPv4 bytes, IPv6 head
+    with pytest.raises(ValueError):
+        write(area, 58, 100, 0, start, flow, addr_sum, 0, 0, 0)
+    with pytest.raises(ValueError):
+        write(area, 58, 100, 10, start, flow, addr_sum, 1 << 32, 0, 0)
+    with pytest.raises(BufferError):
+        write(bytes(158), 58, 100, 10, start, flow, addr_sum, 0, 0, 0)
+    with pytest.raises(TypeError):
+        write(area, 58, 100, 10, bytearray(start), flow, addr_sum, 0, 0, 0)
+    assert not any(area)
+    assert write(area, 58, 100, 100, start, flow, addr_sum, 0, 0, 0) == 158
+
+
+def test_the_header_writer_in_use_is_said() -> None:
+    assert tcp_buf.ENGINE in ("native", "python")
+    if os.environ.get("PASSTD_NATIVE") == "0":
+        assert tcp_buf.write_headers is write_headers_python
