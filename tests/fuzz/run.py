@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 DEFAULT_DIR = Path("/var/tmp/passtd-fuzz")
-PURE = ("framing", "frame", "arp", "dhcp", "dhcpv6", "ndp", "tcp_run", "tcp")
+PURE = ("framing", "frame", "arp", "dhcp", "dhcpv6", "ndp", "tcp_run", "tcp_buf", "tcp")
 ALL = (*PURE, "engine")
 
 

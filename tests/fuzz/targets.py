@@ -21,6 +21,9 @@ Input layouts (first bytes select variants, the rest is what the guest sent):
   tcp_run   [first][cut][stream...]   length-prefixed frames, as in the read buffer; the run
             starts at frame `first` (its sequence number as the seed's), the read ends
             `cut` bytes early. Both engines of tcp_run.gather must agree.
+  tcp_buf   [family, MSS: 3][seq, ack: 8][window, ports: 6][payload...]   host data in a
+            batch's slots; both engines of tcp_buf.write_headers must write the same bytes,
+            and every frame must pass oracle.py.
 
 Wrapping the message bodies keeps the IP and UDP lengths right whatever the fuzzer inserts
 or deletes, so mutations reach the option parsers instead of dying on a length check.
@@ -32,7 +35,7 @@ import random
 import struct
 from collections.abc import Callable
 
-from passtd.engine import arp, dhcp, dhcpv6, icmp, ndp, packet, tcp_run, tcp_seg
+from passtd.engine import arp, dhcp, dhcpv6, icmp, ndp, packet, tcp_buf, tcp_run, tcp_seg
 from passtd.engine.addrs import NetConfig
 from passtd.engine.tap import MAX_FRAME, MIN_FRAME, FrameReader, FramingError
 
@@ -413,6 +416,62 @@ def _tcp_run_seeds() -> list[bytes]:
     return seeds
 
 
+# -- host->guest frame headers ------------------------------------------------------------------
+
+
+def _native_write_headers() -> Callable[..., int] | None:
+    try:
+        from passtd.engine._tcp_buf import write_headers
+    except ImportError:  # not built: the target still checks the Python writer's frames
+        return None
+    return write_headers
+
+
+_NATIVE_WRITE_HEADERS = _native_write_headers()
+_FLOW_ADDRS = {4: (frames.addr(frames.GW4), frames.addr(frames.GUEST4)),
+               6: (frames.addr(frames.GW6), frames.addr(frames.GUEST6))}
+
+
+def run_tcp_buf(data: bytes) -> None:
+    if len(data) < 18:
+        return
+    family = 6 if data[0] & 1 else 4
+    mss = 1 + int.from_bytes(data[1:3], "big") % 2048
+    seq, ack, window, sport, dport = struct.unpack_from("!IIHHH", data, 3)
+    payload = data[17:]
+    head = 58 if family == 4 else 78
+    stride = head + mss
+    count = -(-len(payload) // mss)
+    area = bytearray(count * stride)
+    for i in range(count):
+        chunk = payload[i * mss : (i + 1) * mss]
+        area[i * stride + head : i * stride + head + len(chunk)] = chunk
+    header = tcp_buf.FlowHeader()
+    header.update(frames.OUR_MAC, GUEST_MAC, *_FLOW_ADDRS[family], sport, dport)
+    args = (head, mss, len(payload), header.frame_start, header.flow, header.addr_sum, seq,
+            ack, window)
+    results = []
+    for write in (tcp_buf.write_headers_python, _NATIVE_WRITE_HEADERS):
+        if write is None:
+            continue
+        written = bytearray(area)
+        end = write(memoryview(written), *args)
+        results.append((end, bytes(written)))
+    assert len(set(results)) == 1, "the engines wrote different bytes"
+    end, written = results[0]
+    sent = oracle.split_stream(written[:end])
+    assert not sent[1] and len(sent[0]) == count, "the frames do not fill the batch"
+    for frame in sent[0]:
+        oracle.check_frame(frame, frames.OUR_MAC)
+
+
+def _tcp_buf_seeds() -> list[bytes]:
+    numbers = struct.pack("!IIHHH", 0xFFFFFFF0, 7000, 502, 15201, 40000)
+    return [b"\x00\x05\xb4" + numbers + bytes(range(256)) * 12,
+            b"\x01\x00\x07" + numbers + b"odd length",
+            b"\x00\x00\x00" + numbers + b"x"]
+
+
 def _prefixed(prefix: bytes, items: list[bytes]) -> list[bytes]:
     return [prefix + item for item in items]
 
@@ -461,6 +520,8 @@ TARGETS: dict[str, Target] = {
         ], max_len=512, dictionary=NDP_TOKENS, doc="NDP: NS/RS in, NA/RA out, options"),
         Target("tcp_run", run_tcp_run, _tcp_run_seeds, max_len=4096,
                doc="tcp_run.gather, C against Python: runs of in-order segments, mangled"),
+        Target("tcp_buf", run_tcp_buf, _tcp_buf_seeds, max_len=4096,
+               doc="tcp_buf.write_headers, C against Python: host data framed for the guest"),
         TCP_TARGET,
     )
 }
