@@ -59,9 +59,9 @@ say "installing passtd from $SRC into $VENV"
 "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip >/dev/null
 "$VENV/bin/pip" install -q --disable-pip-version-check "$SRC[systemd,libvirt,test]"
 # the checkout itself, rebuilt every time so the installed copy is this checkout, with the
-# native parts compiled if they can be (setup.py: passtd/engine/_csum.c and _tcp_run.c, and
-# the engine's modules by mypyc, which comes with mypy: hence this venv's, not an isolated
-# build's); about two minutes on two cores
+# native parts compiled if they can be (setup.py: passtd/engine/_csum.c, _tcp_run.c and
+# _tcp_buf.c, and the engine's modules by mypyc, which comes with mypy: hence this venv's,
+# not an isolated build's); about two minutes on two cores
 "$VENV/bin/pip" install -q --disable-pip-version-check "setuptools>=77"
 say "compiling the engine (mypyc) and installing it"
 "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps --force-reinstall \
