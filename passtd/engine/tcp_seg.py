@@ -19,7 +19,7 @@ and headers (packet.py, tcp_buf.py).
 from __future__ import annotations
 
 import struct
-from typing import Final, NamedTuple
+from typing import Final
 
 from .packet import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 
@@ -53,10 +53,20 @@ class Segment:
             *self.fields())
 
 
-class SynOptions(NamedTuple):
-    mss: int | None
-    wscale: int | None
-    sack: bool  # SACK permitted (RFC 2018)
+class SynOptions:
+    """What a SYN's options said. A compiled class, as Segment is: a NamedTuple made
+    per connection ran interpreted code."""
+
+    def __init__(self, mss: int | None, wscale: int | None, sack: bool) -> None:
+        self.mss = mss
+        self.wscale = wscale
+        self.sack = sack  # SACK permitted (RFC 2018)
+
+    def fields(self) -> tuple[int | None, int | None, bool]:
+        return self.mss, self.wscale, self.sack
+
+    def __repr__(self) -> str:
+        return "SynOptions(mss={}, wscale={}, sack={})".format(*self.fields())
 
 
 NO_SYN_OPTIONS: Final = SynOptions(None, None, False)

@@ -88,15 +88,15 @@ class TcpSockets:
             found = self.ctx.flows.get(key)  # (a TCP key: a TCP flow, if any)
             conn = found if isinstance(found, TcpConn) else None
         plen = len(l4) - thl
-        opts = tcp_seg.parse_options(l4[packet.TCP_HLEN : thl]) if flags & packet.TCP_SYN \
+        syn = tcp_seg.parse_options(l4[packet.TCP_HLEN : thl]) if flags & packet.TCP_SYN \
             else tcp_seg.NO_SYN_OPTIONS
         if conn is None:
             if flags & (packet.TCP_SYN | packet.TCP_ACK | packet.TCP_RST) == packet.TCP_SYN:
-                self._guest_syn(pkt, key, seq, window, opts, now)
+                self._guest_syn(pkt, key, seq, window, syn, now)
             else:
                 self._answer(pkt, tcp_seg.reset_for_unknown(flags, seq, ack, plen), now)
             return
-        actions = conn.on_segment(flags, seq, ack, window, plen, now, *opts)
+        actions = conn.on_segment(flags, seq, ack, window, plen, now, syn.mss, syn.wscale, syn.sack)
         if actions & tcp.A_HOLD:
             conn.hold(seq, bytes(l4[thl:]))
         written = 0
@@ -128,7 +128,7 @@ class TcpSockets:
             seg.flags, seg.window, seg.options), now)
 
     def _guest_syn(self, pkt: packet.Packet, key: FlowKey, seq: int, window: int,
-                   opts: tcp_seg.SynOptions, now: float) -> None:
+                   syn: tcp_seg.SynOptions, now: float) -> None:
         ctx = self.ctx
 
         def refuse(why: str) -> None:
@@ -156,7 +156,8 @@ class TcpSockets:
             return
         conn = TcpConn.from_guest_syn(key, now, self._isn(key, now),
                                       tcp_seg.our_mss(pkt.family, ctx.net.mtu), seq, window,
-                                      *opts, idle_timeout=ctx.settings.tcp_idle_timeout,
+                                      syn.mss, syn.wscale, syn.sack,
+                                      idle_timeout=ctx.settings.tcp_idle_timeout,
                                       hold_budget=self._hold_budget)
         conn.sock = sock
         ctx.flows.add(conn)
@@ -203,8 +204,7 @@ class TcpSockets:
             return
         now = self.ctx.loop.time()
         err = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        # ECONNRESET here is a peer that accepted and reset before we looked: the guest's
-        # handshake is not complete, so, as in passt, it sees a refused connection.
+        # ECONNRESET: the peer accepted and reset before we looked; as in passt, refused
         if err:
             log.debug("%r: connect: %s", conn, os.strerror(err))
             self.execute(conn, conn.host_refused(), now)

@@ -186,7 +186,7 @@ def _check_tcp_header(l4: memoryview) -> None:
     thl = (l4[12] >> 4) * 4
     if thl < packet.TCP_HLEN or thl > len(l4):
         return
-    mss, wscale, _sack = tcp_seg.parse_options(l4[packet.TCP_HLEN : thl])
+    mss, wscale, _sack = tcp_seg.parse_options(l4[packet.TCP_HLEN : thl]).fields()
     assert mss is None or 0 <= mss <= 0xFFFF
     assert wscale is None or 0 <= wscale <= tcp_seg.MAX_WSCALE
 
