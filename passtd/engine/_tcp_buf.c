@@ -135,9 +135,11 @@ static PyObject *write_headers(PyObject *self, PyObject *const *args, Py_ssize_t
 			     nbytes, stride, mem.len);
 		goto done;
 	}
-	/* the ports: the last four bytes of the flow's */
-	ports = ((uint32_t)(unsigned char)flow[flow_len - 4] << 8 | (unsigned char)flow[flow_len - 3]) +
-		((uint32_t)(unsigned char)flow[flow_len - 2] << 8 | (unsigned char)flow[flow_len - 1]);
+	{ /* the ports: the last four bytes of the flow's */
+		const unsigned char *p = (const unsigned char *)flow + flow_len - 4;
+
+		ports = ((uint32_t)p[0] << 8 | p[1]) + ((uint32_t)p[2] << 8 | p[3]);
+	}
 	fixed = (uint64_t)addr_sum + IPPROTO_TCP_ + ports + (DOFF << 8) + TH_ACK +
 		(uint64_t)window + ((uint64_t)ack >> 16) + ((uint64_t)ack & 0xffff);
 	ip_fixed = IP4_FIXED_SUM + (uint64_t)addr_sum;

@@ -96,7 +96,6 @@ class TcpFrameBatch:
     """Slots for one address family; `views(mss)` gives the payload buffers to read into."""
 
     def __init__(self, family: int) -> None:
-        self.family = family
         # length prefix + headers before each payload
         self.head = (_HDR4 if family == 4 else _HDR6).size
         self.size = BATCH_BYTES + MAX_FRAMES * self.head
