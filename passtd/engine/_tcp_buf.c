@@ -1,22 +1,25 @@
-/* _tcp_buf: tcp_buf.py's write_headers in C: the headers of a batch of host->guest frames.
+/* _tcp_buf: tcp_buf.py's frame writers in C: the headers of a batch of host->guest frames
+ * (write_headers) and a control segment's frame (control_frame).
  *
- * Design: the same writes as tcp_buf.write_headers_python, which is the reference and
- * says what each frame holds (the layout comments in tcp_buf.py). The payloads are already
- * in the slots (peeked there by tcp_peek.py); this fills, slot by slot, the length word,
- * Ethernet, IPv4 or IPv6 and TCP headers, summing each payload (_sum.h) for its checksum,
- * in one call over the buffer protocol. The flow's bytes (MACs, addresses, ports) and
- * the addresses' partial sum come from the caller, built once per flow
- * (tcp_buf.FlowHeader).
+ * Design: the same writes as tcp_buf.write_headers_python and control_frame_python, which
+ * are the reference and say what each frame holds (the layout comments in tcp_buf.py).
+ * write_headers: the payloads are already in the slots (peeked there by tcp_peek.py); it
+ * fills, slot by slot, the length word, Ethernet, IPv4 or IPv6 and TCP headers, summing
+ * each payload (_sum.h) for its checksum, in one call over the buffer protocol.
+ * control_frame returns a new bytes object: length word, headers, options, zeroes up to
+ * the Ethernet minimum. The flow's bytes (MACs, addresses, ports) and the addresses'
+ * partial sum come from the caller, built once per flow (tcp_buf.FlowHeader).
  *
  * Why it exists: the Python loop costs a pack of 12 values and a checksum call per frame,
  * about 5,700 instructions for a request/response reply of one frame, all of it between
  * the instance's wakeup and its send to qemu (docs/BENCHMARK.md, "Before the send").
- * setup.sh builds it; without it (or with PASSTD_NATIVE=0) tcp_buf.py runs the Python
- * loop, tested the same.
+ * A connection's three control segments (SYN-ACK, FIN, ACK: crr) cost about 3,900
+ * instructions each in Python, the SYN-ACK's before the send that the guest's connect()
+ * waits for. setup.sh builds it; without it (or with PASSTD_NATIVE=0) tcp_buf.py runs the
+ * Python twins, tested the same.
  *
- * Deliberately not done: any decision (sequence numbers, window and flags come from the
- * caller, who has them from tcp.py), control segments (tcp_buf.ControlFrames), checksum
- * offload.
+ * Deliberately not done: any decision (sequence numbers, window, flags and options come
+ * from the caller, who has them from tcp.py), checksum offload.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -26,6 +29,7 @@
 #include "_sum.h"
 
 #define ETH_HLEN 14
+#define ETH_MIN_FRAME 60 /* without the FCS */
 #define HEAD4 58 /* length word, Ethernet, IPv4, TCP */
 #define HEAD6 78 /* length word, Ethernet, IPv6, TCP */
 #define START4 16 /* MACs, ethertype, IPv4 version and TOS */
@@ -182,9 +186,99 @@ done:
 	return out;
 }
 
+PyDoc_STRVAR(control_frame_doc,
+	     "control_frame(start, flow, addr_sum, seq, ack, flags, window, options, /) -> bytes\n\n"
+	     "A segment without payload as one frame, its length word first (see\n"
+	     "tcp_buf.control_frame_python).");
+
+static PyObject *control_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+	long long addr_sum, seq, ack, flags, window;
+	Py_ssize_t start_len, flow_len, opt_len, length, ip_len, tcp_len;
+	const unsigned char *start, *flow, *options;
+	unsigned char *h, *tcp;
+	uint64_t total;
+	uint32_t doff;
+	PyObject *out;
+	int v4;
+
+	(void)self;
+	if (nargs != 8) {
+		PyErr_Format(PyExc_TypeError, "control_frame() takes 8 arguments (%zd given)",
+			     nargs);
+		return NULL;
+	}
+	if ((addr_sum = bounded(args[2], 1LL << 40, "addr_sum")) < 0 ||
+	    (seq = bounded(args[3], 0xffffffffLL, "seq")) < 0 ||
+	    (ack = bounded(args[4], 0xffffffffLL, "ack")) < 0 ||
+	    (flags = bounded(args[5], 0xff, "flags")) < 0 ||
+	    (window = bounded(args[6], 0xffff, "window")) < 0)
+		return NULL;
+	if (!PyBytes_Check(args[0]) || !PyBytes_Check(args[1]) || !PyBytes_Check(args[7])) {
+		PyErr_SetString(PyExc_TypeError, "start, flow and options must be bytes");
+		return NULL;
+	}
+	start = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+	start_len = PyBytes_GET_SIZE(args[0]);
+	flow = (const unsigned char *)PyBytes_AS_STRING(args[1]);
+	flow_len = PyBytes_GET_SIZE(args[1]);
+	options = (const unsigned char *)PyBytes_AS_STRING(args[7]);
+	opt_len = PyBytes_GET_SIZE(args[7]);
+	v4 = start_len == START4 && flow_len == FLOW4;
+	if (!v4 && !(start_len == START6 && flow_len == FLOW6)) {
+		PyErr_SetString(PyExc_ValueError, "start and flow are not those of IPv4 or IPv6");
+		return NULL;
+	}
+	if (opt_len % 4 || opt_len > 40) {
+		PyErr_Format(PyExc_ValueError, "%zd bytes of options: a multiple of 4, at most 40",
+			     opt_len);
+		return NULL;
+	}
+	tcp_len = 20 + opt_len;
+	doff = (uint32_t)(tcp_len / 4) << 4;
+	total = (uint64_t)addr_sum + IPPROTO_TCP_ + (uint64_t)tcp_len +
+		((uint32_t)flow[flow_len - 4] << 8 | flow[flow_len - 3]) +
+		((uint32_t)flow[flow_len - 2] << 8 | flow[flow_len - 1]) +
+		((uint64_t)seq >> 16) + ((uint64_t)seq & 0xffff) + ((uint64_t)ack >> 16) +
+		((uint64_t)ack & 0xffff) + (doff << 8) + (uint64_t)flags + (uint64_t)window +
+		sum_region(options, (size_t)opt_len);
+	ip_len = v4 ? 20 + tcp_len : tcp_len; /* IPv6: the payload length */
+	length = ETH_HLEN + (v4 ? ip_len : 40 + tcp_len);
+	if (length < ETH_MIN_FRAME)
+		length = ETH_MIN_FRAME; /* padded with zeroes, as packet.ip_frame pads */
+	out = PyBytes_FromStringAndSize(NULL, 4 + length);
+	if (out == NULL)
+		return NULL;
+	h = (unsigned char *)PyBytes_AS_STRING(out);
+	memset(h, 0, (size_t)(4 + length));
+	put32(h, (uint32_t)length);
+	if (v4) {
+		memcpy(h + 4, start, START4);
+		put16(h + 20, (uint32_t)ip_len);
+		memcpy(h + 22, ip4_middle, sizeof(ip4_middle));
+		put16(h + 28, finish(IP4_FIXED_SUM + (uint64_t)addr_sum + (uint64_t)ip_len));
+		memcpy(h + 30, flow, FLOW4);
+		tcp = h + 38;
+	} else {
+		memcpy(h + 4, start, START6);
+		put16(h + 22, (uint32_t)tcp_len);
+		memcpy(h + 24, flow, FLOW6);
+		tcp = h + 58;
+	}
+	put32(tcp + 4, (uint32_t)seq);
+	put32(tcp + 8, (uint32_t)ack);
+	put16(tcp + 12, doff << 8 | (uint32_t)flags);
+	put16(tcp + 14, (uint32_t)window);
+	put16(tcp + 16, finish(total));
+	memcpy(tcp + 20, options, (size_t)opt_len);
+	return out;
+}
+
 static PyMethodDef tcp_buf_methods[] = {
 	{"write_headers", (PyCFunction)(void (*)(void))write_headers, METH_FASTCALL,
 	 write_headers_doc},
+	{"control_frame", (PyCFunction)(void (*)(void))control_frame, METH_FASTCALL,
+	 control_frame_doc},
 	{NULL, NULL, 0, NULL},
 };
 

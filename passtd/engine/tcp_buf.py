@@ -7,9 +7,10 @@ writes all headers in place, and since full slots are contiguous the whole batch
 with a single send() on the qemu socket: one kernel copy in, one out, no Python objects
 per frame beyond a struct call.
 
-Two engines write the headers, the same bytes: `_tcp_buf.write_headers` (C, built by
-setup.sh like `_csum`) and `write_headers_python` here, the reference (tests/unit/
-test_tcp_buf.py compares them; PASSTD_NATIVE=0 selects it). Why C: a reply of
+Two engines write the frames, the same bytes: `_tcp_buf.write_headers` and
+`_tcp_buf.control_frame` (C, built by setup.sh like `_csum`) and their twins here,
+`write_headers_python` and `control_frame_python`, the reference (tests/unit/
+test_tcp_buf.py compares them; PASSTD_NATIVE=0 selects them). Why C: a reply of
 request/response is one frame, and the Python loop's pack and checksum calls for it,
 ~5,700 instructions, ran between the instance's wakeup and its send to qemu, where every
 microsecond is the round trip's (docs/BENCHMARK.md, "Before the send"). The Python loop
@@ -21,10 +22,10 @@ The slot area is an anonymous mmap, so pages a workload never touches (large MSS
 a small MTU) cost no resident memory.
 
 Control segments (SYN-ACK, ACK, FIN, RST: no payload) are framed by `ControlFrames`, the
-same layout with its options after the TCP header, built with one pack and the same
-arithmetic sums: a connection sends three of them (crr), and building each from the
-generic codecs of packet.py cost more than the rest of its path. Both keep what a flow's
-frames repeat (`FlowHeader`) while frames go to the same flow.
+same layout with its options after the TCP header and the same arithmetic sums: a
+connection sends three of them (crr), the SYN-ACK before the send the guest's connect()
+waits for, and in Python each cost ~3,900 instructions (the C call ~1,000). Both keep
+what a flow's frames repeat (`FlowHeader`) while frames go to the same flow.
 
 Not done here: retransmission bookkeeping (tcp.py decides, the loop rewinds the peek).
 """
@@ -178,18 +179,55 @@ def write_headers_python(mem: memoryview, head: int, mss: int, nbytes: int, star
     return (count - 1) * stride + head + (mss if last == 0 else last)
 
 
+def control_frame_python(start: bytes, flow: bytes, addr_sum: int, seq: int, ack: int,
+                         flags: int, window: int, options: bytes) -> bytes:
+    """A segment without payload as one frame, its length prefix first: `start` and `flow`
+    a FlowHeader's bytes (their lengths say the family), `addr_sum` the addresses' partial
+    sum, `options` at most 40 bytes, a multiple of 4. Padded to the Ethernet minimum, as
+    packet.ip_frame pads. The reference for `_tcp_buf.control_frame`."""
+    sport, dport = _PORTS.unpack_from(flow, len(flow) - 4)
+    tcp_len = 20 + len(options)
+    doff = (tcp_len // 4) << 4
+    total = (addr_sum + IPPROTO_TCP + tcp_len + sport + dport + (seq >> 16)
+             + (seq & 0xFFFF) + (ack >> 16) + (ack & 0xFFFF) + (doff << 8) + flags + window)
+    if options:
+        total += checksum.partial(options)
+    tcp_csum = checksum.finish(total)
+    if len(start) == len(_AFTER_MACS6) + 12:
+        length = ETH_HLEN + 40 + tcp_len
+        head = _HDR6.pack(length, start, tcp_len, flow, seq, ack, doff << 8 | flags, window,
+                          tcp_csum, 0)
+    else:
+        ip_len = 20 + tcp_len
+        ip_csum = checksum.finish(_IP4_FIXED_SUM + ip_len + addr_sum)
+        length = max(ETH_HLEN + ip_len, ETH_MIN_FRAME)
+        head = _HDR4.pack(length, start, ip_len, _IP4_MIDDLE, ip_csum, flow, seq, ack,
+                          doff << 8 | flags, window, tcp_csum, 0)
+    frame = head + options
+    short = length + 4 - len(frame)
+    return frame + _PADDING[:short] if short > 0 else frame
+
+
 class _WriteHeaders(Protocol):
     def __call__(self, mem: memoryview, head: int, mss: int, nbytes: int, start: bytes,
                  flow: bytes, addr_sum: int, seq: int, ack: int, window: int, /) -> int: ...
 
 
+class _ControlFrame(Protocol):
+    def __call__(self, start: bytes, flow: bytes, addr_sum: int, seq: int, ack: int,
+                 flags: int, window: int, options: bytes, /) -> bytes: ...
+
+
 write_headers: _WriteHeaders = write_headers_python
+control_frame: _ControlFrame = control_frame_python
 ENGINE = "python"  # which one this process runs
 if NATIVE_WANTED:
     with contextlib.suppress(ImportError):  # not built here: the pure-Python path
+        from ._tcp_buf import control_frame as _native_control_frame
         from ._tcp_buf import write_headers as _native_write_headers
 
         write_headers = _native_write_headers
+        control_frame = _native_control_frame
         ENGINE = "native"
 
 
@@ -214,31 +252,9 @@ class ControlFrames:
               dport: int, seq: int, ack: int, flags: int, window: int,
               options: bytes = b"") -> bytes:
         """The segment as one frame, its length prefix first (for link.send_prefixed);
-        `options` a multiple of 4 bytes, as tcp_seg builds them. Padded to the Ethernet
-        minimum, as packet.ip_frame pads."""
-        seq &= 0xFFFFFFFF
-        ack &= 0xFFFFFFFF
-        window = min(window, 0xFFFF)
-        tcp_len = 20 + len(options)
-        doff = (tcp_len // 4) << 4
+        `options` a multiple of 4 bytes, as tcp_seg builds them."""
         header = self._header
         header.update(src_mac, dst_mac, src, dst, sport, dport)
-        addr_sum = header.addr_sum
-        total = (addr_sum + IPPROTO_TCP + tcp_len + sport + dport + (seq >> 16)
-                 + (seq & 0xFFFF) + (ack >> 16) + (ack & 0xFFFF) + (doff << 8) + flags + window)
-        if options:
-            total += checksum.partial(options)
-        tcp_csum = checksum.finish(total)
-        if len(src) == 4:
-            ip_len = 20 + tcp_len
-            ip_csum = checksum.finish(_IP4_FIXED_SUM + ip_len + addr_sum)
-            length = max(ETH_HLEN + ip_len, ETH_MIN_FRAME)
-            head = _HDR4.pack(length, header.frame_start, ip_len, _IP4_MIDDLE, ip_csum,
-                              header.flow, seq, ack, doff << 8 | flags, window, tcp_csum, 0)
-        else:
-            length = ETH_HLEN + 40 + tcp_len
-            head = _HDR6.pack(length, header.frame_start, tcp_len, header.flow, seq, ack,
-                              doff << 8 | flags, window, tcp_csum, 0)
-        frame = head + options
-        short = length + 4 - len(frame)
-        return frame + _PADDING[:short] if short > 0 else frame
+        return control_frame(header.frame_start, header.flow, header.addr_sum,
+                             seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, flags, min(window, 0xFFFF),
+                             options)

@@ -46,7 +46,9 @@ log = logging.getLogger("passtd.engine")
 ACK_DELAY: Final = 0.0005  # how long a small ACK waits for host data to carry it
 WRITE_CHUNK: Final = 1024  # iovecs per sendmsg (IOV_MAX)
 _CONTROLS: Final = tcp.A_SYN_ACK | tcp.A_SYN | tcp.A_FIN | tcp.A_KEEPALIVE
-TCP_ESTABLISHED: Final = 1  # tcpi_state, the first byte of struct tcp_info (linux/tcp.h)
+# tcpi_state (TCP_INFO's first byte, linux/tcp.h) once connect() is done: ESTABLISHED, or
+# CLOSE_WAIT if the peer closed already (the guest gets its SYN-ACK, then the FIN)
+CONNECTED_STATES: Final = (1, 8)
 
 
 def _tcp_state(sock: socket.socket) -> int:
@@ -171,7 +173,7 @@ class TcpSockets:
             # to a local destination (the host's loopback, a forwarded port) the kernel has
             # usually run the whole handshake inside connect(): answer the guest in this
             # batch rather than one event loop turn later (crr: a turn per connection)
-            if _tcp_state(sock) == TCP_ESTABLISHED:
+            if _tcp_state(sock) in CONNECTED_STATES:
                 self.execute(conn, conn.host_connected(now), now)
             else:
                 ctx.readiness.write(conn, self._connect_done)
@@ -318,16 +320,14 @@ class TcpSockets:
 
     def _delay_ack(self, conn: TcpConn) -> None:
         """ACK a little data a moment later: a host reply carries it, and the guest (and
-        qemu) handle one frame, not two, per request; bulk data is acknowledged at once
-        (tcp.ACK_EVERY). The deadline, armed at the batch's end if no reply carried the
-        ACK, is armed and disarmed once per request: a poller.Deadline, two attribute
-        writes, where a timer's call_later and cancel would cost more than the ACK."""
+        qemu) handle one frame, not two, per request (bulk: tcp.ACK_EVERY). The deadline,
+        armed at the batch's end if no reply carried the ACK, is a poller.Deadline: two
+        attribute writes, where a timer's call_later and cancel would cost more."""
         self._acks_delayed[conn] = None
 
     def _acked(self, conn: TcpConn) -> None:
         """Our ACK of rcv_nxt went out, alone or with data: the flow's delayed ACK is moot,
-        and the timer goes once no flow waits (request/response would otherwise wake up
-        for nothing after every reply)."""
+        and the timer goes once no flow waits (else rr wakes up for nothing per reply)."""
         if conn in self._acks_delayed and conn.ack_sent == conn.rcv_nxt:
             del self._acks_delayed[conn]
             if not self._acks_delayed:

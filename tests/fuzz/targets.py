@@ -21,9 +21,10 @@ Input layouts (first bytes select variants, the rest is what the guest sent):
   tcp_run   [first][cut][stream...]   length-prefixed frames, as in the read buffer; the run
             starts at frame `first` (its sequence number as the seed's), the read ends
             `cut` bytes early. Both engines of tcp_run.gather must agree.
-  tcp_buf   [family, MSS: 3][seq, ack: 8][window, ports: 6][payload...]   host data in a
-            batch's slots; both engines of tcp_buf.write_headers must write the same bytes,
-            and every frame must pass oracle.py.
+  tcp_buf   [family+flags, MSS: 3][seq, ack: 8][window, ports: 6][payload...]   host data
+            in a batch's slots, and a control segment with the payload's first words as
+            options; both engines of tcp_buf.write_headers and of tcp_buf.control_frame
+            must write the same bytes, and every frame must pass oracle.py.
 
 Wrapping the message bodies keeps the IP and UDP lengths right whatever the fuzzer inserts
 or deletes, so mutations reach the option parsers instead of dying on a length check.
@@ -419,15 +420,15 @@ def _tcp_run_seeds() -> list[bytes]:
 # -- host->guest frame headers ------------------------------------------------------------------
 
 
-def _native_write_headers() -> Callable[..., int] | None:
+def _native_frame_writers() -> tuple[Callable[..., int] | None, Callable[..., bytes] | None]:
     try:
-        from passtd.engine._tcp_buf import write_headers
-    except ImportError:  # not built: the target still checks the Python writer's frames
-        return None
-    return write_headers
+        from passtd.engine._tcp_buf import control_frame, write_headers
+    except ImportError:  # not built: the target still checks the Python writers' frames
+        return None, None
+    return write_headers, control_frame
 
 
-_NATIVE_WRITE_HEADERS = _native_write_headers()
+_NATIVE_WRITE_HEADERS, _NATIVE_CONTROL_FRAME = _native_frame_writers()
 _FLOW_ADDRS = {4: (frames.addr(frames.GW4), frames.addr(frames.GUEST4)),
                6: (frames.addr(frames.GW6), frames.addr(frames.GUEST6))}
 
@@ -463,6 +464,15 @@ def run_tcp_buf(data: bytes) -> None:
     assert not sent[1] and len(sent[0]) == count, "the frames do not fill the batch"
     for frame in sent[0]:
         oracle.check_frame(frame, frames.OUR_MAC)
+    # the same flow's control segment: any flags, the payload's first words as options
+    options = payload[: min(len(payload) // 4, 10) * 4]
+    control_args = (header.frame_start, header.flow, header.addr_sum, seq, ack, data[0] >> 1,
+                    window, options)
+    controls = {write(*control_args) for write in (tcp_buf.control_frame_python,
+                                                    _NATIVE_CONTROL_FRAME) if write is not None}
+    assert len(controls) == 1, "the engines framed the control segment differently"
+    (control,) = oracle.split_stream(controls.pop())[0]
+    oracle.check_frame(control, frames.OUR_MAC)
 
 
 def _tcp_buf_seeds() -> list[bytes]:
@@ -521,7 +531,7 @@ TARGETS: dict[str, Target] = {
         Target("tcp_run", run_tcp_run, _tcp_run_seeds, max_len=4096,
                doc="tcp_run.gather, C against Python: runs of in-order segments, mangled"),
         Target("tcp_buf", run_tcp_buf, _tcp_buf_seeds, max_len=4096,
-               doc="tcp_buf.write_headers, C against Python: host data framed for the guest"),
+               doc="tcp_buf's frame writers, C against Python: frames for the guest"),
         TCP_TARGET,
     )
 }

@@ -101,6 +101,49 @@ def test_a_local_connect_done_inside_connect_is_answered_in_the_same_batch(
     assert str(syn_ack.flags) == "SA" and harness.loop.poller.writers_added == writers_before
 
 
+class PeerClosesInConnect:
+    """HostSockets whose TCP connect() returns only after the server accepted and closed:
+    what a fast server on the other CPU does (crr) before we look at the socket's state."""
+
+    def __init__(self, server: socket.socket) -> None:
+        self.server = server
+
+    def stream(self, af: socket.AddressFamily) -> socket.socket:
+        server = self.server
+
+        class ClosedByPeer(socket.socket):
+            def connect_ex(self, address: object) -> int:
+                rc = super().connect_ex(address)  # type: ignore[arg-type]
+                peer, _ = server.accept()
+                peer.close()
+                return rc
+
+        return ClosedByPeer(af, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+
+    def datagram(self, af: socket.AddressFamily) -> socket.socket:
+        return socket.socket(af, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+
+    def ping(self, af: socket.AddressFamily) -> socket.socket:
+        raise OSError("not in this test")
+
+
+def test_a_local_connect_whose_peer_closed_already_is_answered_in_the_same_batch(
+        server: socket.socket) -> None:
+    """The socket is in CLOSE_WAIT, not ESTABLISHED, by the time we look: connected all
+    the same, so the SYN-ACK goes out in the SYN's batch, and the FIN with the guest's ACK."""
+    with engine_harness(SETTINGS, PeerClosesInConnect(server)) as harness:
+        writers_before = harness.loop.poller.writers_added
+        port = server.getsockname()[1]
+        harness.send(syn(port))
+        harness.run(0.0)
+        (syn_ack,) = tcp_replies(harness.receive())
+        assert str(syn_ack.flags) == "SA" and harness.loop.poller.writers_added == writers_before
+        harness.send(guest_segment(port, syn_ack.seq + 1, 64240))
+        harness.run(0.0)
+        (fin,) = tcp_replies(harness.receive())
+        assert str(fin.flags) == "FA" and fin.seq == syn_ack.seq + 1 and fin.ack == 1001
+
+
 def test_what_the_peer_did_before_the_handshake_ended_is_read_with_the_guests_ack(
         harness: EngineHarness, server: socket.socket) -> None:
     """crr's shape: the server accepts and closes while our SYN-ACK and the guest's ACK

@@ -4,6 +4,7 @@ import os
 import socket
 import struct
 from collections.abc import Callable
+from types import ModuleType
 
 import pytest
 from hypothesis import given, settings
@@ -13,7 +14,13 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
 from passtd.engine import tcp_buf, tcp_seg
-from passtd.engine.tcp_buf import ControlFrames, FlowHeader, TcpFrameBatch, write_headers_python
+from passtd.engine.tcp_buf import (
+    ControlFrames,
+    FlowHeader,
+    TcpFrameBatch,
+    control_frame_python,
+    write_headers_python,
+)
 
 OUR_MAC = bytes.fromhex("9a559a559a55")
 GUEST_MAC = bytes.fromhex("525400123456")
@@ -167,12 +174,16 @@ def test_control_frames_in_turn_for_flows_of_both_families_carry_each_flows_head
         assert_checksums(layer, family)
 
 
-def _native_write_headers() -> Callable[..., int]:
+def _native_tcp_buf() -> ModuleType:
     try:
         from passtd.engine import _tcp_buf
     except ImportError:
-        pytest.skip("the native header writer is not built here (./setup.sh builds it)")
-    return _tcp_buf.write_headers
+        pytest.skip("the native frame writers are not built here (./setup.sh builds them)")
+    return _tcp_buf
+
+
+def _native_write_headers() -> Callable[..., int]:
+    return _native_tcp_buf().write_headers  # type: ignore[no-any-return]
 
 
 @settings(max_examples=300, deadline=None)
@@ -227,7 +238,49 @@ def test_native_header_writer_refuses_what_does_not_fit() -> None:
     assert write(area, 58, 100, 100, start, flow, addr_sum, 0, 0, 0) == 158
 
 
-def test_the_header_writer_in_use_is_said() -> None:
+@settings(max_examples=300, deadline=None)
+@given(family=st.sampled_from([4, 6]), seq=st.integers(0, 0xFFFFFFFF),
+       ack=st.integers(0, 0xFFFFFFFF), flags=st.integers(0, 0xFF),
+       window=st.integers(0, 0xFFFF), ports=st.tuples(st.integers(0, 0xFFFF),
+                                                      st.integers(0, 0xFFFF)),
+       options=st.integers(0, 10).flatmap(lambda words: st.binary(min_size=4 * words,
+                                                                  max_size=4 * words)))
+def test_native_and_python_control_frames_are_the_same_bytes(
+        family: int, seq: int, ack: int, flags: int, window: int, ports: tuple[int, int],
+        options: bytes) -> None:
+    """Any flags, options up to the 40 bytes TCP allows, sequence numbers at the ends of
+    their range: the C frame and the Python reference are the same bytes."""
+    native = _native_tcp_buf().control_frame
+    header = FlowHeader()
+    header.update(OUR_MAC, GUEST_MAC, *ADDRS[family], *ports)
+    args = (header.frame_start, header.flow, header.addr_sum, seq, ack, flags, window,
+            options)
+    assert native(*args) == control_frame_python(*args)
+
+
+def test_native_control_frame_refuses_what_is_no_segment() -> None:
+    """Options TCP cannot carry, values outside their fields, bytes of no family: raised."""
+    native = _native_tcp_buf().control_frame
+    header = FlowHeader()
+    header.update(OUR_MAC, GUEST_MAC, *ADDRS[4], 1, 2)
+    start, flow, addr_sum = header.frame_start, header.flow, header.addr_sum
+    for options in (b"\x01", bytes(44)):
+        with pytest.raises(ValueError):
+            native(start, flow, addr_sum, 0, 0, 0x10, 0, options)
+    for seq, ack, flags, window in ((1 << 32, 0, 0, 0), (0, -1, 0, 0), (0, 0, 256, 0),
+                                    (0, 0, 0, 1 << 16)):
+        with pytest.raises(ValueError):
+            native(start, flow, addr_sum, seq, ack, flags, window, b"")
+    with pytest.raises(ValueError):
+        native(start, flow[:-1], addr_sum, 0, 0, 0, 0, b"")
+    with pytest.raises(TypeError):
+        native(start, bytearray(flow), addr_sum, 0, 0, 0, 0, b"")
+    with pytest.raises(TypeError):
+        native(start, flow, addr_sum, 0, 0, 0, 0)
+
+
+def test_the_frame_writers_in_use_are_said() -> None:
     assert tcp_buf.ENGINE in ("native", "python")
     if os.environ.get("PASSTD_NATIVE") == "0":
         assert tcp_buf.write_headers is write_headers_python
+        assert tcp_buf.control_frame is control_frame_python
