@@ -58,6 +58,7 @@ _AFTER_MACS4: Final = ETH_P_IP.to_bytes(2, "big") + b"\x45\x00"
 _AFTER_MACS6: Final = ETH_P_IPV6.to_bytes(2, "big") + b"\x60\x00\x00\x00"
 _IP4_MIDDLE: Final = b"\x00\x00\x40\x00\xff" + bytes([IPPROTO_TCP])
 _IP6_BEFORE_ADDRS: Final = bytes([IPPROTO_TCP, 255])
+_FLOW4: Final = 12  # an IPv4 flow's bytes (_flow_bytes): addresses and ports
 _IP4_FIXED_SUM: Final = 0x4500 + 0x4000 + (255 << 8 | IPPROTO_TCP)  # of the constants above
 HLEN4: Final = _HDR4.size - 4  # Ethernet + IPv4 + TCP: 54
 HLEN6: Final = _HDR6.size - 4  # Ethernet + IPv6 + TCP: 74
@@ -193,16 +194,16 @@ def control_frame_python(start: bytes, flow: bytes, addr_sum: int, seq: int, ack
     if options:
         total += checksum.partial(options)
     tcp_csum = checksum.finish(total)
-    if len(start) == len(_AFTER_MACS6) + 12:
-        length = ETH_HLEN + 40 + tcp_len
-        head = _HDR6.pack(length, start, tcp_len, flow, seq, ack, doff << 8 | flags, window,
-                          tcp_csum, 0)
-    else:
+    if len(flow) == _FLOW4:
         ip_len = 20 + tcp_len
         ip_csum = checksum.finish(_IP4_FIXED_SUM + ip_len + addr_sum)
         length = max(ETH_HLEN + ip_len, ETH_MIN_FRAME)
         head = _HDR4.pack(length, start, ip_len, _IP4_MIDDLE, ip_csum, flow, seq, ack,
                           doff << 8 | flags, window, tcp_csum, 0)
+    else:
+        length = ETH_HLEN + 40 + tcp_len
+        head = _HDR6.pack(length, start, tcp_len, flow, seq, ack, doff << 8 | flags, window,
+                          tcp_csum, 0)
     frame = head + options
     short = length + 4 - len(frame)
     return frame + _PADDING[:short] if short > 0 else frame
