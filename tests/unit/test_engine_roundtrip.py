@@ -101,7 +101,18 @@ def test_a_local_connect_done_inside_connect_is_answered_in_the_same_batch(
     assert str(syn_ack.flags) == "SA" and harness.loop.poller.writers_added == writers_before
 
 
-class PeerClosesInConnect:
+class WatchedStreams:
+    """HostSockets for tests that watch TCP sockets (`stream`, in each subclass): plain
+    UDP sockets, and no ICMP."""
+
+    def datagram(self, af: socket.AddressFamily) -> socket.socket:
+        return socket.socket(af, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+
+    def ping(self, af: socket.AddressFamily) -> socket.socket:
+        raise OSError("not in this test")
+
+
+class PeerClosesInConnect(WatchedStreams):
     """HostSockets whose TCP connect() returns only after the server accepted and closed:
     what a fast server on the other CPU does (crr) before we look at the socket's state."""
 
@@ -119,12 +130,6 @@ class PeerClosesInConnect:
                 return rc
 
         return ClosedByPeer(af, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-
-    def datagram(self, af: socket.AddressFamily) -> socket.socket:
-        return socket.socket(af, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
-
-    def ping(self, af: socket.AddressFamily) -> socket.socket:
-        raise OSError("not in this test")
 
 
 def test_a_local_connect_whose_peer_closed_already_is_answered_in_the_same_batch(
@@ -159,7 +164,7 @@ def test_what_the_peer_did_before_the_handshake_ended_is_read_with_the_guests_ac
     assert str(fin.flags) == "FA" and fin.seq == syn_ack.seq + 1 and fin.ack == 1001
 
 
-class CloseWatch:
+class CloseWatch(WatchedStreams):
     """HostSockets whose TCP sockets note, as they close, what qemu could read by then."""
 
     def __init__(self) -> None:
@@ -179,12 +184,6 @@ class CloseWatch:
                 super().close()
 
         return Watched(af, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-
-    def datagram(self, af: socket.AddressFamily) -> socket.socket:
-        return socket.socket(af, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
-
-    def ping(self, af: socket.AddressFamily) -> socket.socket:
-        raise OSError("not in this test")
 
 
 def test_a_flow_ending_in_a_batch_closes_its_socket_after_the_batchs_frames_went_out(
