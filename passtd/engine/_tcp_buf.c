@@ -64,6 +64,47 @@ static uint16_t finish(uint64_t total)
 	return (uint16_t)(~fold64(total) & 0xffffu);
 }
 
+/* The sum of the ports: the last four bytes of a flow's (tcp_buf.FlowHeader.flow). */
+static uint32_t ports_sum(const unsigned char *flow, Py_ssize_t flow_len)
+{
+	const unsigned char *p = flow + flow_len - 4;
+
+	return ((uint32_t)p[0] << 8 | p[1]) + ((uint32_t)p[2] << 8 | p[3]);
+}
+
+/* One frame's length word (length), Ethernet, IPv4 or IPv6 and TCP headers at h, all
+ * but the TCP checksum, which depends on what follows; returns the TCP header. */
+static unsigned char *put_headers(unsigned char *h, int v4, const unsigned char *start,
+				  const unsigned char *flow, uint32_t length, uint32_t tcp_len,
+				  uint64_t addr_sum, uint32_t seq, uint32_t ack,
+				  uint32_t doff_flags, uint32_t window)
+{
+	unsigned char *tcp;
+
+	put32(h, length);
+	if (v4) {
+		uint32_t ip_len = 20 + tcp_len;
+
+		memcpy(h + 4, start, START4);
+		put16(h + 20, ip_len);
+		memcpy(h + 22, ip4_middle, sizeof(ip4_middle));
+		put16(h + 28, finish(IP4_FIXED_SUM + addr_sum + ip_len));
+		memcpy(h + 30, flow, FLOW4); /* addresses, then the TCP header's ports */
+		tcp = h + 38;
+	} else {
+		memcpy(h + 4, start, START6);
+		put16(h + 22, tcp_len);
+		memcpy(h + 24, flow, FLOW6);
+		tcp = h + 58;
+	}
+	put32(tcp + 4, seq);
+	put32(tcp + 8, ack);
+	put16(tcp + 12, doff_flags);
+	put16(tcp + 14, window);
+	put16(tcp + 18, 0); /* urgent pointer */
+	return tcp;
+}
+
 /* An integer argument within [0, max]; -1 with an exception set otherwise. */
 static long long bounded(PyObject *arg, long long max, const char *what)
 {
@@ -89,9 +130,10 @@ static PyObject *write_headers(PyObject *self, PyObject *const *args, Py_ssize_t
 	Py_buffer mem;
 	long long head, mss, nbytes, addr_sum, seq, ack, window;
 	Py_ssize_t start_len, flow_len, count, full, last, i, stride, end;
-	const char *start, *flow;
-	uint64_t fixed, ip_fixed, ports;
+	const unsigned char *start, *flow;
+	uint64_t fixed;
 	PyObject *out = NULL;
+	int v4;
 
 	(void)self;
 	if (nargs != 10) {
@@ -111,9 +153,9 @@ static PyObject *write_headers(PyObject *self, PyObject *const *args, Py_ssize_t
 		PyErr_SetString(PyExc_TypeError, "start and flow must be bytes");
 		return NULL;
 	}
-	start = PyBytes_AS_STRING(args[4]);
+	start = (const unsigned char *)PyBytes_AS_STRING(args[4]);
 	start_len = PyBytes_GET_SIZE(args[4]);
-	flow = PyBytes_AS_STRING(args[5]);
+	flow = (const unsigned char *)PyBytes_AS_STRING(args[5]);
 	flow_len = PyBytes_GET_SIZE(args[5]);
 	if (!(head == HEAD4 && start_len == START4 && flow_len == FLOW4) &&
 	    !(head == HEAD6 && start_len == START6 && flow_len == FLOW6)) {
@@ -139,14 +181,9 @@ static PyObject *write_headers(PyObject *self, PyObject *const *args, Py_ssize_t
 			     nbytes, stride, mem.len);
 		goto done;
 	}
-	{ /* the ports: the last four bytes of the flow's */
-		const unsigned char *p = (const unsigned char *)flow + flow_len - 4;
-
-		ports = ((uint32_t)p[0] << 8 | p[1]) + ((uint32_t)p[2] << 8 | p[3]);
-	}
-	fixed = (uint64_t)addr_sum + IPPROTO_TCP_ + ports + (DOFF << 8) + TH_ACK +
-		(uint64_t)window + ((uint64_t)ack >> 16) + ((uint64_t)ack & 0xffff);
-	ip_fixed = IP4_FIXED_SUM + (uint64_t)addr_sum;
+	v4 = head == HEAD4;
+	fixed = (uint64_t)addr_sum + IPPROTO_TCP_ + ports_sum(flow, flow_len) + (DOFF << 8) +
+		TH_ACK + (uint64_t)window + ((uint64_t)ack >> 16) + ((uint64_t)ack & 0xffff);
 	for (i = 0; i < count; i++) {
 		unsigned char *h = (unsigned char *)mem.buf + i * stride, *tcp;
 		uint32_t plen = (uint32_t)(i < full ? mss : last);
@@ -155,30 +192,11 @@ static PyObject *write_headers(PyObject *self, PyObject *const *args, Py_ssize_t
 		uint32_t tcp_len = 20 + plen;
 		uint64_t payload = sum_region(h + head, plen);
 
-		if (head == HEAD4) {
-			uint32_t ip_len = 20 + tcp_len;
-
-			put32(h, ETH_HLEN + ip_len);
-			memcpy(h + 4, start, START4);
-			put16(h + 20, ip_len);
-			memcpy(h + 22, ip4_middle, sizeof(ip4_middle));
-			put16(h + 28, finish(ip_fixed + ip_len));
-			memcpy(h + 30, flow, FLOW4);
-			tcp = h + 38;
-		} else {
-			put32(h, ETH_HLEN + 40 + tcp_len);
-			memcpy(h + 4, start, START6);
-			put16(h + 22, tcp_len);
-			memcpy(h + 24, flow, FLOW6);
-			tcp = h + 58;
-		}
-		put32(tcp + 4, seg_seq);
-		put32(tcp + 8, (uint32_t)ack);
-		put16(tcp + 12, DOFF << 8 | flags);
-		put16(tcp + 14, (uint32_t)window);
+		tcp = put_headers(h, v4, start, flow, ETH_HLEN + (v4 ? 20u : 40u) + tcp_len,
+				  tcp_len, (uint64_t)addr_sum, seg_seq, (uint32_t)ack,
+				  DOFF << 8 | flags, (uint32_t)window);
 		put16(tcp + 16, finish(fixed + tcp_len + (seg_seq >> 16) + (seg_seq & 0xffff) +
 				       payload + (flags - TH_ACK)));
-		put16(tcp + 18, 0);
 	}
 	out = PyLong_FromSsize_t(end);
 done:
@@ -187,14 +205,15 @@ done:
 }
 
 PyDoc_STRVAR(control_frame_doc,
-	     "control_frame(start, flow, addr_sum, seq, ack, flags, window, options, /) -> bytes\n\n"
+	     "control_frame(start, flow, addr_sum, seq, ack, flags, window, options, /)"
+	     " -> bytes\n\n"
 	     "A segment without payload as one frame, its length word first (see\n"
 	     "tcp_buf.control_frame_python).");
 
 static PyObject *control_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
 	long long addr_sum, seq, ack, flags, window;
-	Py_ssize_t start_len, flow_len, opt_len, length, ip_len, tcp_len;
+	Py_ssize_t start_len, flow_len, opt_len, length, tcp_len;
 	const unsigned char *start, *flow, *options;
 	unsigned char *h, *tcp;
 	uint64_t total;
@@ -236,14 +255,11 @@ static PyObject *control_frame(PyObject *self, PyObject *const *args, Py_ssize_t
 	}
 	tcp_len = 20 + opt_len;
 	doff = (uint32_t)(tcp_len / 4) << 4;
-	total = (uint64_t)addr_sum + IPPROTO_TCP_ + (uint64_t)tcp_len +
-		((uint32_t)flow[flow_len - 4] << 8 | flow[flow_len - 3]) +
-		((uint32_t)flow[flow_len - 2] << 8 | flow[flow_len - 1]) +
+	total = (uint64_t)addr_sum + IPPROTO_TCP_ + (uint64_t)tcp_len + ports_sum(flow, flow_len) +
 		((uint64_t)seq >> 16) + ((uint64_t)seq & 0xffff) + ((uint64_t)ack >> 16) +
 		((uint64_t)ack & 0xffff) + (doff << 8) + (uint64_t)flags + (uint64_t)window +
 		sum_region(options, (size_t)opt_len);
-	ip_len = v4 ? 20 + tcp_len : tcp_len; /* IPv6: the payload length */
-	length = ETH_HLEN + (v4 ? ip_len : 40 + tcp_len);
+	length = ETH_HLEN + (v4 ? 20 : 40) + tcp_len; /* IP header and TCP */
 	if (length < ETH_MIN_FRAME)
 		length = ETH_MIN_FRAME; /* padded with zeroes, as packet.ip_frame pads */
 	out = PyBytes_FromStringAndSize(NULL, 4 + length);
@@ -251,24 +267,9 @@ static PyObject *control_frame(PyObject *self, PyObject *const *args, Py_ssize_t
 		return NULL;
 	h = (unsigned char *)PyBytes_AS_STRING(out);
 	memset(h, 0, (size_t)(4 + length));
-	put32(h, (uint32_t)length);
-	if (v4) {
-		memcpy(h + 4, start, START4);
-		put16(h + 20, (uint32_t)ip_len);
-		memcpy(h + 22, ip4_middle, sizeof(ip4_middle));
-		put16(h + 28, finish(IP4_FIXED_SUM + (uint64_t)addr_sum + (uint64_t)ip_len));
-		memcpy(h + 30, flow, FLOW4);
-		tcp = h + 38;
-	} else {
-		memcpy(h + 4, start, START6);
-		put16(h + 22, (uint32_t)tcp_len);
-		memcpy(h + 24, flow, FLOW6);
-		tcp = h + 58;
-	}
-	put32(tcp + 4, (uint32_t)seq);
-	put32(tcp + 8, (uint32_t)ack);
-	put16(tcp + 12, doff << 8 | (uint32_t)flags);
-	put16(tcp + 14, (uint32_t)window);
+	tcp = put_headers(h, v4, start, flow, (uint32_t)length, (uint32_t)tcp_len,
+			  (uint64_t)addr_sum, (uint32_t)seq, (uint32_t)ack,
+			  doff << 8 | (uint32_t)flags, (uint32_t)window);
 	put16(tcp + 16, finish(total));
 	memcpy(tcp + 20, options, (size_t)opt_len);
 	return out;
