@@ -210,25 +210,26 @@ class TcpConn(Flow):
         self.idle_timeout = idle_timeout
 
     # -- opening ------------------------------------------------------------------------------
+    # (static: compiled, TcpConn(...) is a native call where cls(...) is a generic one)
 
-    @classmethod
-    def from_guest_syn(cls, key: FlowKey, now: float, our_isn: int, our_mss: int, seq: int,
+    @staticmethod
+    def from_guest_syn(key: FlowKey, now: float, our_isn: int, our_mss: int, seq: int,
                        window: int, mss: int | None, wscale: int | None, sack: bool = False,
                        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
                        hold_budget: HoldBudget | None = None) -> TcpConn:
         """The guest's SYN: the loop is about to connect() the host socket."""
-        conn = cls(key, "guest", now, our_isn, our_mss, idle_timeout, hold_budget)
+        conn = TcpConn(key, "guest", now, our_isn, our_mss, idle_timeout, hold_budget)
         conn.events = TAP_SYN_RCVD
         conn._take_guest_syn(seq, window, mss, wscale, sack)
         conn._arm(now)
         return conn
 
-    @classmethod
-    def from_host_accept(cls, key: FlowKey, now: float, our_isn: int, our_mss: int,
+    @staticmethod
+    def from_host_accept(key: FlowKey, now: float, our_isn: int, our_mss: int,
                          idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
                          hold_budget: HoldBudget | None = None) -> TcpConn:
         """A host peer connected through a forward: the loop sends our SYN (`A_SYN`)."""
-        conn = cls(key, "host", now, our_isn, our_mss, idle_timeout, hold_budget)
+        conn = TcpConn(key, "host", now, our_isn, our_mss, idle_timeout, hold_budget)
         conn.events = SOCK_ACCEPTED
         conn.our_wscale = OUR_WSCALE
         conn.snd_nxt = conn.snd_max = (conn.our_isn + 1) & _SEQ_MASK  # the SYN takes one

@@ -261,6 +261,22 @@ def test_options_parser_handles_garbage() -> None:
     assert parsed(opts) == (1460, 7, True) and len(opts) % 4 == 0
 
 
+def test_syn_options_built_once_each_and_kept_bounded() -> None:
+    """The options are built once per distinct value (the SYN path reuses them) and the
+    kept blocks never outgrow SYN_OPTIONS_KEPT, however many MSS values an instance sees."""
+    first = tcp_seg.syn_options(1460, 7, True)
+    assert tcp_seg.syn_options(1460, 7, True) is first
+    assert tcp_seg.syn_options(1460, None, False) == bytes.fromhex("020405b4")
+    assert tcp_seg.syn_options(1460, 0, True) == bytes.fromhex("020405b4010303000101 0402")
+    for mss in range(1000, 1000 + 3 * tcp_seg.SYN_OPTIONS_KEPT):
+        assert parsed_mss(tcp_seg.syn_options(mss, 7, True)) == mss
+    assert len(tcp_seg._syn_options_built) <= tcp_seg.SYN_OPTIONS_KEPT
+
+
+def parsed_mss(options: bytes) -> int | None:
+    return tcp_seg.parse_options(options).fields()[0]
+
+
 @settings(max_examples=300)
 @given(st.lists(st.tuples(st.sampled_from([TCP_ACK, TCP_ACK | TCP_FIN, TCP_RST, TCP_SYN,
                                            TCP_SYN | TCP_ACK, 0, 0xFF]),
