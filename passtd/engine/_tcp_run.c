@@ -1,7 +1,14 @@
-/* _tcp_run: tcp_run.py's gather in C: a run of one flow's in-order guest segments.
+/* _tcp_run: tcp_run.py's segment and gather in C: a guest frame's segment numbers and flow,
+ * and a run of one flow's in-order guest segments.
  *
- * Design: the same walk as tcp_run.gather_python, which is the reference and says what a
- * segment must be to be taken (the module docstring there). Here the walk reads the read
+ * Design: `segment` makes of one frame what tcp_run.segment_python does, the reference: the
+ * same checks in the same order, the same kinds, the flow found by the same key (a tuple
+ * of the same objects: int 6, the source bytes, the port, ...), so the dict lookup and its
+ * result are Python's own. Frames of kinds other than SEG_TCP return one tuple built at
+ * import, nothing allocated.
+ *
+ * `gather` walks as tcp_run.gather_python, the reference, which says what a segment must
+ * be to be taken (the module docstring there). Here the walk reads the read
  * buffer in place through the buffer protocol and appends each payload to the run's list
  * as a slice of the caller's memoryview, so the views keep the buffer exported (it cannot
  * be resized or closed under them) exactly as the Python path's slices do. Every offset is
@@ -9,8 +16,9 @@
  * buffer holds ends the run, the `first` frame outside the buffer is a ValueError.
  *
  * Why it exists: per segment the Python walk costs ~1.5 us of interpreter time; this one
- * costs the slice. setup.sh builds it; without it (or with PASSTD_NATIVE=0) tcp_run.py
- * runs gather_python, tested the same.
+ * costs the slice; the Python parse of one frame ~4k instructions, this one the key and
+ * the result. setup.sh builds it; without it (or with PASSTD_NATIVE=0) tcp_run.py runs
+ * segment_python and gather_python, tested the same.
  *
  * Deliberately not done: anything that changes a flow's state (tcp.py decides; the caller
  * accounts what was taken), frames of other flows, checksum verification.
@@ -115,6 +123,154 @@ static int field(PyObject *obj, unsigned long max, unsigned long *out)
 	return 0;
 }
 
+#define SEG_OTHER 0
+#define SEG_BAD4 1
+#define SEG_BAD6 2
+#define SEG_TCP 3
+static PyObject *kind_only[SEG_TCP];  /* (kind, None, 0, 0, 0, 0, 0, 0), built at import */
+
+/* The key of the segment looked up last: the frames of a read mostly belong to the flow of
+ * the frame before, and for them the same tuple serves again, its bytes' hashes cached in
+ * it (the lookup itself is made every time: the flow may have gone, or come). */
+static PyObject *last_key;
+static unsigned char last_raw[36];  /* its addresses (2 x 4 or 2 x 16) and ports */
+static size_t last_raw_len;
+
+/* A new reference to the FlowKey of a segment: (6, source, source port, destination,
+ * destination port), from the addresses (src, then dst, len bytes each) and TCP's ports. */
+static PyObject *flow_key(const unsigned char *src, Py_ssize_t len, const unsigned char *tcp)
+{
+	size_t raw_len = 2 * (size_t)len + 4;
+	PyObject *key;
+
+	if (last_key != NULL && raw_len == last_raw_len &&
+	    memcmp(last_raw, src, 2 * (size_t)len) == 0 &&
+	    memcmp(last_raw + 2 * len, tcp, 4) == 0)
+		return Py_NewRef(last_key);
+	key = PyTuple_New(5);
+	if (key == NULL)
+		return NULL;
+	PyTuple_SET_ITEM(key, 0, PyLong_FromLong(6));
+	PyTuple_SET_ITEM(key, 1, PyBytes_FromStringAndSize((const char *)src, len));
+	PyTuple_SET_ITEM(key, 2, PyLong_FromLong((long)be16(tcp)));
+	PyTuple_SET_ITEM(key, 3, PyBytes_FromStringAndSize((const char *)src + len, len));
+	PyTuple_SET_ITEM(key, 4, PyLong_FromLong((long)be16(tcp + 2)));
+	if (PyErr_Occurred()) {  /* an item could not be made (its slot is NULL) */
+		Py_DECREF(key);
+		return NULL;
+	}
+	memcpy(last_raw, src, 2 * (size_t)len);
+	memcpy(last_raw + 2 * len, tcp, 4);
+	last_raw_len = raw_len;
+	Py_XSETREF(last_key, Py_NewRef(key));
+	return key;
+}
+
+/* (SEG_TCP, flow, flags, seq, ack, window, data, end), as segment_python's tuple. */
+static PyObject *segment_tuple(PyObject *flow, const unsigned char *tcp, Py_ssize_t data,
+			       Py_ssize_t end)
+{
+	PyObject *result = PyTuple_New(8);
+
+	if (result == NULL)
+		return NULL;
+	PyTuple_SET_ITEM(result, 0, PyLong_FromLong(SEG_TCP));
+	PyTuple_SET_ITEM(result, 1, Py_NewRef(flow));
+	PyTuple_SET_ITEM(result, 2, PyLong_FromLong(tcp[13]));
+	PyTuple_SET_ITEM(result, 3, PyLong_FromUnsignedLong(be32(tcp + 4)));
+	PyTuple_SET_ITEM(result, 4, PyLong_FromUnsignedLong(be32(tcp + 8)));
+	PyTuple_SET_ITEM(result, 5, PyLong_FromLong((long)be16(tcp + 14)));
+	PyTuple_SET_ITEM(result, 6, PyLong_FromSsize_t(data));
+	PyTuple_SET_ITEM(result, 7, PyLong_FromSsize_t(end));
+	if (PyErr_Occurred()) {
+		Py_DECREF(result);
+		return NULL;
+	}
+	return result;
+}
+
+PyDoc_STRVAR(segment_doc,
+	     "segment(mem, off, length, flows, /)\n"
+	     "    -> (kind, flow, flags, seq, ack, window, data, end)\n\n"
+	     "tcp_run.segment_python in C: the same arguments, results and exceptions.");
+
+static PyObject *run_segment(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+	Py_buffer buf;
+	Py_ssize_t off, length, data, end, addr_len;
+	PyObject *mem, *flows, *key, *flow, *result = NULL;
+	const unsigned char *f, *tcp, *src;
+	uint32_t ethertype, thl;
+
+	(void)self;
+	if (nargs != 4) {
+		PyErr_Format(PyExc_TypeError, "segment() takes 4 arguments (%zd given)", nargs);
+		return NULL;
+	}
+	mem = args[0];
+	flows = args[3];
+	if (!PyMemoryView_Check(mem) || !PyDict_Check(flows)) {
+		PyErr_SetString(PyExc_TypeError, "segment() takes a memoryview and a dict");
+		return NULL;
+	}
+	if (offset(args[1], &off) < 0 || offset(args[2], &length) < 0)
+		return NULL;
+	if (PyObject_GetBuffer(mem, &buf, PyBUF_SIMPLE) < 0)
+		return NULL;
+	if (off < 0 || length < MIN_FRAME || length > buf.len - off) {
+		PyErr_SetString(PyExc_ValueError,
+				"the frame must lie in the buffer and hold an Ethernet header");
+		goto done;
+	}
+	f = (const unsigned char *)buf.buf + off;
+	ethertype = be16(f + 12);
+	if (ethertype == 0x0800 && length >= 54 && f[14] == 0x45 && f[23] == 6) {
+		uint32_t total = be16(f + 16);
+
+		tcp = f + 34;
+		thl = (uint32_t)(tcp[12] >> 4) << 2;
+		if (be16(f + 20) & 0x3fff || (Py_ssize_t)total + 14 > length || thl < 20 ||
+		    thl + 20 > total) {
+			result = Py_NewRef(kind_only[SEG_BAD4]);
+			goto done;
+		}
+		src = f + 26;
+		addr_len = 4;
+		data = off + 34 + thl;
+		end = off + 14 + total;
+	} else if (ethertype == 0x86dd && length >= 74 && f[20] == 6) {
+		uint32_t plen = be16(f + 18);
+
+		tcp = f + 54;
+		thl = (uint32_t)(tcp[12] >> 4) << 2;
+		if (f[14] >> 4 != 6 || (Py_ssize_t)plen + 54 > length || thl < 20 || thl > plen) {
+			result = Py_NewRef(kind_only[SEG_BAD6]);
+			goto done;
+		}
+		src = f + 22;
+		addr_len = 16;
+		data = off + 54 + thl;
+		end = off + 54 + plen;
+	} else {
+		result = Py_NewRef(kind_only[SEG_OTHER]);
+		goto done;
+	}
+	key = flow_key(src, addr_len, tcp);
+	if (key == NULL)
+		goto done;
+	flow = PyDict_GetItemWithError(flows, key);  /* borrowed */
+	Py_DECREF(key);
+	if (flow == NULL) {
+		if (PyErr_Occurred())
+			goto done;
+		flow = Py_None;
+	}
+	result = segment_tuple(flow, tcp, data, end);
+done:
+	PyBuffer_Release(&buf);
+	return result;
+}
+
 PyDoc_STRVAR(gather_doc,
 	     "gather(mem, first, pos, end, seq, ack, window, views, /)\n"
 	     "    -> (pos, frames, nbytes, last)\n\n"
@@ -196,17 +352,25 @@ done:
 }
 
 static PyMethodDef run_methods[] = {
+	{"segment", (PyCFunction)(void (*)(void))run_segment, METH_FASTCALL, segment_doc},
 	{"gather", (PyCFunction)(void (*)(void))run_gather, METH_FASTCALL, gather_doc},
 	{NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef run_module = {
 	PyModuleDef_HEAD_INIT, "_tcp_run",
-	"A run of one flow's in-order guest segments in C (see passtd/engine/tcp_run.py).", -1,
+	"The guest frames' fast path in C (see passtd/engine/tcp_run.py).", -1,
 	run_methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__tcp_run(void)
 {
+	int kind;
+
+	for (kind = SEG_OTHER; kind < SEG_TCP; kind++) {
+		kind_only[kind] = Py_BuildValue("(iOiiiiii)", kind, Py_None, 0, 0, 0, 0, 0, 0);
+		if (kind_only[kind] == NULL)
+			return NULL;
+	}
 	return PyModule_Create(&run_module);
 }

@@ -1,2 +1,6 @@
+from .flow import Flow, FlowKey
+
+def segment(mem: memoryview, off: int, length: int, flows: dict[FlowKey, Flow],
+            /) -> tuple[int, Flow | None, int, int, int, int, int, int]: ...
 def gather(mem: memoryview, first: int, pos: int, end: int, seq: int, ack: int, window: int,
            views: list[memoryview], /) -> tuple[int, int, int, int]: ...

@@ -9,7 +9,7 @@ qemu link, the guest's identity, a socket half per protocol, forwards, the timer
 handover of flows across a restart, the pure responders.
 
 Guest frames are processed a whole read at a time. Here, the fast path walks the read for
-IPv4/IPv6 TCP segments of known flows (one unpack per frame) and gathers the payloads of
+IPv4/IPv6 TCP segments of known flows (tcp_run.segment per frame) and gathers the payloads of
 consecutive segments of one flow into one write (`TcpSockets.end_run`); everything else
 goes through `_other_frame`. The ACKs and window updates a batch causes go out once per
 flow when the engine settles (`settle`), then the link flushes to qemu in one sendmsg.
@@ -30,7 +30,7 @@ import logging
 import socket
 import struct
 from collections.abc import Callable
-from typing import Any, Final, cast
+from typing import Any, cast
 
 from . import arp, dhcp, dhcpv6, events, ndp, packet, tcp, tcp_run
 from .context import BufferTrim, EngineContext, RateLimitedLog, SocketHalf
@@ -51,10 +51,6 @@ from .timers import FlowTimers
 from .udp_sock import UdpSockets
 
 log = logging.getLogger("passtd.engine")
-
-# Ethernet + IPv4 (no options) + TCP, and Ethernet + IPv6 + TCP, read in one unpack
-_FAST4: Final = struct.Struct("!BBHHHBBH4s4sHHIIBBH")
-_FAST6: Final = struct.Struct("!IHBB16s16sHHIIBBH")
 
 
 class Engine:
@@ -225,50 +221,25 @@ class Engine:
         run: TcpConn | None = None  # the flow whose consecutive segments are gathered
         views: list[memoryview] = []
         last_src_mac_at = -1
-        # ints, not the unpacked tuple's Any: compiled, their arithmetic is native, not boxed
-        total: int
-        frag: int
-        plen: int
-        vtcfl: int
-        sport: int
-        dport: int
-        seq: int
-        ack: int
-        doff: int
-        flags: int
-        window: int
+        segment = tcp_run.segment
         while (off := reader.next_frame()) >= 0:
             length = reader.frame_len
             if pcap:
                 pcap.write(mem[off : off + length], now)
             last_src_mac_at = off
-            ethertype = buf[off + 12] << 8 | buf[off + 13]
-            if ethertype == packet.ETH_P_IP and buf[off + 14] == 0x45 and buf[off + 23] == 6 \
-                    and length >= 54:
-                (_vihl, _tos, total, _ident, frag, _ttl, _proto, _csum, src, dst,
-                 sport, dport, seq, ack, doff, flags, window) = _FAST4.unpack_from(buf, off + 14)
-                thl = (doff >> 4) << 2
-                if frag & 0x3FFF or total + 14 > length or thl < 20 or thl + 20 > total:
+            kind, found, flags, seq, ack, window, data, end = segment(mem, off, length, by_key)
+            if kind != tcp_run.SEG_TCP:
+                if kind == tcp_run.SEG_OTHER:
+                    if run is not None:
+                        tcp_half.end_run(run, views, now)
+                        run, views = None, []
+                    self._other_frame(mem[off : off + length], now)
+                elif kind == tcp_run.SEG_BAD4:
                     self.drop_log(logging.DEBUG, "bad-tcp4", "dropped malformed IPv4/TCP frame")
-                    continue
-                data = off + 34 + thl
-                end = off + 14 + total
-            elif ethertype == packet.ETH_P_IPV6 and buf[off + 20] == 6 and length >= 74:
-                (vtcfl, plen, _nh, _hop, src, dst,
-                 sport, dport, seq, ack, doff, flags, window) = _FAST6.unpack_from(buf, off + 14)
-                thl = (doff >> 4) << 2
-                if vtcfl >> 28 != 6 or plen + 54 > length or thl < 20 or thl > plen:
+                else:
                     self.drop_log(logging.DEBUG, "bad-tcp6", "dropped malformed IPv6/TCP frame")
-                    continue
-                data = off + 54 + thl
-                end = off + 54 + plen
-            else:
-                if run is not None:
-                    tcp_half.end_run(run, views, now)
-                    run, views = None, []
-                self._other_frame(mem[off : off + length], now)
                 continue
-            conn = cast(TcpConn | None, by_key.get((6, src, sport, dst, dport)))  # proto 6
+            conn = cast(TcpConn | None, found)  # (a TCP key: a TCP flow, if any)
             if conn is None or flags & packet.TCP_SYN:
                 if run is not None:
                     tcp_half.end_run(run, views, now)

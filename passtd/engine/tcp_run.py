@@ -1,9 +1,21 @@
-"""A run of one flow's in-order guest segments, taken in one step: the bulk of guest->host.
+"""The frame loop's fast path in bytes: each guest segment's numbers and flow, and a run of
+one flow's in-order segments taken in one step (the bulk of guest->host).
 
-Design: under guest->host bulk traffic a read from qemu holds dozens to thousands of
+`segment`: what the loop (loop.py) makes of every guest frame before anything else. An
+IPv4 frame without IP options or an IPv6 frame whose next header is TCP is a segment: its
+flags, sequence and ACK numbers, window field, where its payload lies, and its flow, found
+by the FlowKey (6, source, source port, destination, destination port). One whose headers
+contradict themselves (a fragment, lengths beyond the frame, a TCP header length out of
+range) is SEG_BAD4 or SEG_BAD6, which the loop drops with a log line; any other frame is
+SEG_OTHER, for the loop's full parse (packet.parse_ip), which also takes IPv4 with options
+and every segment whose flow is not known yet or that carries a SYN. Every request and
+every connection pays it on each of their frames (in Python an unpack of 17 fields, a key
+of 5, the lookup), so it has a C twin as `gather` does.
+
+`gather`: under guest->host bulk traffic, a read from qemu holds dozens to thousands of
 segments of one flow, each the next in sequence, each carrying the same ACK and window.
 `TcpConn.on_segment` has a fast branch for exactly those (tcp.py); the loop (loop.py)
-still paid its per-frame work for each: the frame walk, an unpack, the flow lookup, the
+still paid its per-frame work for each: the frame walk, the parse, the flow lookup, the
 call. Once a segment of a flow took that branch, `gather` walks the frames that follow it
 in the read buffer and takes, without returning to the loop, every one that the branch
 would take too:
@@ -21,10 +33,12 @@ gives the run's numbers and `TcpConn.take_in_order` accounts what was taken, so 
 stays in tcp.py; this module only applies it to bytes.
 
 Two engines, the same results: `_tcp_run` (C, built by setup.sh like `_csum`) and the
-pure-Python `gather_python` here, which is the reference (tests/unit/test_tcp_run.py
-compares them on generated and on mangled frames; PASSTD_NATIVE=0 selects it). Why C:
-per segment the walk is ~1.5 us of interpreter time, which at MTU 1500 made guest->host
-cost twice passt's CPU per Gbit/s (docs/BENCHMARK.md, "In-order runs in C").
+pure-Python `segment_python` and `gather_python` here, which are the reference
+(tests/unit/test_tcp_run.py compares them on generated and on mangled frames;
+PASSTD_NATIVE=0 selects them). Why C: per segment the walk is ~1.5 us of interpreter time,
+which at MTU 1500 made guest->host cost twice passt's CPU per Gbit/s (docs/BENCHMARK.md,
+"In-order runs in C"); `segment` in Python is ~4k instructions a frame, a tenth of a
+request's round trip (docs/BENCHMARK.md, "The frame's parse in C").
 
 Not done here: anything that changes a flow (ACKs, windows, FIN, holes: on_segment),
 checksum verification (never done, checksum.py says why), pcap (with a capture running
@@ -38,7 +52,8 @@ import struct
 from typing import TYPE_CHECKING, Final
 
 from . import NATIVE_WANTED
-from .packet import ETH_P_IP, ETH_P_IPV6, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
+from .flow import Flow, FlowKey
+from .packet import ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 from .tap import MAX_FRAME, MIN_FRAME
 from .tcp_seg import SEQ_MASK
 
@@ -47,9 +62,51 @@ if TYPE_CHECKING:
     from .tcp import TcpConn
 
 _LEN: Final = struct.Struct("!I")
+# Ethernet + IPv4 (no options) + TCP, and Ethernet + IPv6 + TCP, from the IP header on
+_FAST4: Final = struct.Struct("!BBHHHBBH4s4sHHIIBBH")
+_FAST6: Final = struct.Struct("!IHBB16s16sHHIIBBH")
 _TCP: Final = struct.Struct("!4sIIBBH")  # ports, seq, ack, data offset, flags, window
 _FRAG: Final = struct.Struct("!H")
 ROOM: Final = 4 + 54  # a length word and the smallest IPv4/TCP frame: less left, nothing to gather
+
+
+# what `segment` says a frame is
+SEG_OTHER: Final = 0  # not an IPv4 (without options) or IPv6 TCP segment: the full parse
+SEG_BAD4: Final = 1  # IPv4/TCP whose headers contradict themselves: dropped
+SEG_BAD6: Final = 2  # IPv6/TCP likewise
+SEG_TCP: Final = 3  # a segment, with its flow (None: no flow) and its numbers
+GuestSegment = tuple[int, Flow | None, int, int, int, int, int, int]
+_OTHER: Final[GuestSegment] = (SEG_OTHER, None, 0, 0, 0, 0, 0, 0)
+_BAD4: Final[GuestSegment] = (SEG_BAD4, None, 0, 0, 0, 0, 0, 0)
+_BAD6: Final[GuestSegment] = (SEG_BAD6, None, 0, 0, 0, 0, 0, 0)
+
+
+def segment_python(mem: memoryview, off: int, length: int, flows: dict[FlowKey, Flow],
+                   /) -> GuestSegment:
+    """(kind, flow, flags, seq, ack, window field, payload offset, payload end) of the
+    frame at `off` (after its length word, `length` bytes; offsets into `mem`), its flow
+    looked up in `flows`; every kind but SEG_TCP comes with None and zeros."""
+    if off < 0 or length < MIN_FRAME or length > len(mem) - off:
+        raise ValueError("the frame must lie in the buffer and hold an Ethernet header")
+    ethertype = mem[off + 12] << 8 | mem[off + 13]
+    if ethertype == ETH_P_IP and length >= 54 and mem[off + 14] == 0x45 and mem[off + 23] == 6:
+        (_vihl, _tos, total, _ident, frag, _ttl, _proto, _csum, src, dst,
+         sport, dport, seq, ack, doff, flags, window) = _FAST4.unpack_from(mem, off + 14)
+        thl = (doff >> 4) << 2
+        if frag & 0x3FFF or total + 14 > length or thl < 20 or thl + 20 > total:
+            return _BAD4
+        data, end = off + 34 + thl, off + 14 + total
+    elif ethertype == ETH_P_IPV6 and length >= 74 and mem[off + 20] == 6:
+        (vtcfl, plen, _nh, _hop, src, dst,
+         sport, dport, seq, ack, doff, flags, window) = _FAST6.unpack_from(mem, off + 14)
+        thl = (doff >> 4) << 2
+        if vtcfl >> 28 != 6 or plen + 54 > length or thl < 20 or thl > plen:
+            return _BAD6
+        data, end = off + 54 + thl, off + 54 + plen
+    else:
+        return _OTHER
+    flow = flows.get((IPPROTO_TCP, src, sport, dst, dport))
+    return SEG_TCP, flow, flags, seq, ack, window, data, end
 
 
 def _headers(mem: memoryview, off: int, length: int) -> tuple[bytes, int, int] | None:
@@ -119,12 +176,15 @@ def gather_python(mem: memoryview, first: int, pos: int, end: int, seq: int, ack
     return pos, count, nbytes, last
 
 
+segment = segment_python
 gather = gather_python
 ENGINE = "python"  # which one this process runs
 if NATIVE_WANTED:
     with contextlib.suppress(ImportError):  # not built here: the pure-Python path
         from ._tcp_run import gather as _native_gather
+        from ._tcp_run import segment as _native_segment
 
+        segment = _native_segment
         gather = _native_gather
         ENGINE = "native"
 

@@ -20,7 +20,8 @@ Input layouts (first bytes select variants, the rest is what the guest sent):
   ndp       [config][knobs][ICMPv6 message...]  wrapped in IPv6 (hop limit 255 unless told)
   tcp_run   [first][cut][stream...]   length-prefixed frames, as in the read buffer; the run
             starts at frame `first` (its sequence number as the seed's), the read ends
-            `cut` bytes early. Both engines of tcp_run.gather must agree.
+            `cut` bytes early. Both engines of tcp_run.gather must agree, and both of
+            tcp_run.segment on every frame (kind, numbers, flow found).
   tcp_buf   [family+flags, MSS: 3][seq, ack: 8][window, ports: 6][payload...]   host data
             in a batch's slots, and a control segment with the payload's first words as
             options; both engines of tcp_buf.write_headers and of tcp_buf.control_frame
@@ -33,11 +34,13 @@ or deletes, so mutations reach the option parsers instead of dying on a length c
 from __future__ import annotations
 
 import random
+import socket
 import struct
 from collections.abc import Callable
 
 from passtd.engine import arp, dhcp, dhcpv6, icmp, ndp, packet, tcp_buf, tcp_run, tcp_seg
 from passtd.engine.addrs import NetConfig
+from passtd.engine.flow import Flow, FlowKey
 from passtd.engine.tap import MAX_FRAME, MIN_FRAME, FrameReader, FramingError
 
 from . import frames, oracle
@@ -366,15 +369,28 @@ def run_ndp(data: bytes) -> None:
 # -- runs of in-order segments ----------------------------------------------------------------
 
 
-def _native_gather() -> Callable[..., tuple[int, int, int, int]] | None:
+def _native_walk() -> tuple[Callable[..., tuple[int, int, int, int]] | None,
+                            Callable[..., tcp_run.GuestSegment] | None]:
     try:
-        from passtd.engine._tcp_run import gather
+        from passtd.engine._tcp_run import gather, segment
     except ImportError:  # not built: the target still checks the Python walk's bounds
-        return None
-    return gather
+        return None, None
+    return gather, segment
 
 
-_NATIVE_GATHER = _native_gather()
+_NATIVE_GATHER, _NATIVE_SEGMENT = _native_walk()
+
+
+def _seed_flows() -> dict[FlowKey, Flow]:
+    """The flows of the seeds' segments (frames.run_segments), so that lookups find some."""
+    keys = [(6, socket.inet_pton(socket.AF_INET, frames.GUEST4), 40004,
+             socket.inet_pton(socket.AF_INET, frames.GW4), 5201),
+            (6, socket.inet_pton(socket.AF_INET6, frames.GUEST6), 40004,
+             socket.inet_pton(socket.AF_INET6, frames.GW6), 5201)]
+    return {key: Flow(key, "guest", 0.0) for key in keys}
+
+
+_SEED_FLOWS = _seed_flows()
 
 
 def run_tcp_run(data: bytes) -> None:
@@ -406,6 +422,21 @@ def run_tcp_run(data: bytes) -> None:
         assert sum(map(len, views)) == nbytes and (last == -1) == (count == 0)
         results.append((pos_after, count, nbytes, last, [bytes(v) for v in views]))
     assert len(set(map(repr, results))) == 1, f"the engines disagree: {results}"
+    for off in offsets:  # each frame as the loop's fast path parses it
+        length = int.from_bytes(mem[off - 4 : off], "big")
+        parsed: list[object] = []
+        for parse in (tcp_run.segment_python, _NATIVE_SEGMENT):
+            if parse is None:
+                continue
+            try:
+                kind, flow, *numbers, data, data_end = parse(mem, off, length, _SEED_FLOWS)
+            except ValueError as e:  # a length word beyond the buffer, or below a header
+                parsed.append(str(e))
+                continue
+            if kind == tcp_run.SEG_TCP:
+                assert off < data <= data_end <= off + length, "payload outside its frame"
+            parsed.append((kind, flow, numbers, data, data_end))
+        assert len(set(map(repr, parsed))) == 1, f"the engines disagree: {parsed}"
 
 
 def _tcp_run_seeds() -> list[bytes]:

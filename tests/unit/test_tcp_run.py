@@ -1,4 +1,5 @@
-"""tcp_run.gather: a run of one flow's in-order guest segments, taken in one step.
+"""tcp_run: a guest frame's segment numbers and flow (segment), and a run of one flow's
+in-order guest segments taken in one step (gather).
 
 Frames are built with scapy (an independent codec). Each test runs the pure-Python path,
 which is the reference, and the C twin where it is built; the differential fuzz feeds both
@@ -7,23 +8,27 @@ mangled streams and wants the same results, exceptions included.
 
 from __future__ import annotations
 
+import socket
 import struct
 from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from scapy.layers.inet import IP, TCP
-from scapy.layers.inet6 import IPv6
-from scapy.layers.l2 import Ether
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrHopByHop
+from scapy.layers.l2 import ARP, Ether
 
 from passtd.engine import tcp_run
+from passtd.engine.flow import Flow
 
 GUEST4, HOST4 = "198.51.100.2", "198.51.100.1"
 GUEST6, HOST6 = "2001:db8::2", "2001:db8::1"
 ACK, WINDOW = 7000, 502
 Gather = Callable[..., tuple[int, int, int, int]]
+SegmentOf = Callable[..., tuple[int, Any, int, int, int, int, int, int]]
 
 
 def _native() -> ModuleType:
@@ -39,6 +44,11 @@ def gather(request: pytest.FixtureRequest) -> Gather:
     return tcp_run.gather_python if request.param == "python" else _native().gather
 
 
+@pytest.fixture(params=["python", "native"])
+def segment(request: pytest.FixtureRequest) -> SegmentOf:
+    return tcp_run.segment_python if request.param == "python" else _native().segment
+
+
 def seg(seq: int, payload: bytes = b"x" * 100, *, flags: str = "A", ack: int = ACK,
         window: int = WINDOW, sport: int = 40000, v6: bool = False, ip: dict | None = None,
         options: list | None = None) -> bytes:
@@ -46,6 +56,12 @@ def seg(seq: int, payload: bytes = b"x" * 100, *, flags: str = "A", ack: int = A
     return bytes(Ether(src="52:54:00:12:34:56", dst="9a:55:9a:55:9a:55") / net
                  / TCP(sport=sport, dport=5201, flags=flags, seq=seq, ack=ack, window=window,
                        options=options or []) / payload)
+
+
+def mangled(frame: bytes, at: int, value: int) -> bytes:
+    out = bytearray(frame)
+    out[at] = value
+    return bytes(out)
 
 
 def stream(*frames: bytes) -> tuple[memoryview, list[int]]:
@@ -166,6 +182,135 @@ def test_a_first_frame_the_fast_path_would_not_take_is_refused(gather: Gather) -
         gather(mem, offsets[0], offsets[1] - 4, len(mem), 1100, ACK, WINDOW, [])
 
 
+# -- segment: one frame -------------------------------------------------------------------
+
+
+def key_of(v6: bool, sport: int = 40000) -> tuple[int, bytes, int, bytes, int]:
+    family = socket.AF_INET6 if v6 else socket.AF_INET
+    guest, host = (GUEST6, HOST6) if v6 else (GUEST4, HOST4)
+    return (6, socket.inet_pton(family, guest), sport, socket.inet_pton(family, host), 5201)
+
+
+@pytest.mark.parametrize("v6", [False, True])
+@pytest.mark.parametrize("options", [[], [("MSS", 1460), ("NOP", None), ("WScale", 7)]])
+def test_a_segment_gives_its_numbers_and_flow(segment: SegmentOf, v6: bool,
+                                              options: list) -> None:
+    frame = seg(0xFFFFFFF0, b"p" * 33, flags="PA", ack=0x89ABCDEF, window=0xFEDC, v6=v6,
+                options=options)
+    mem, offsets = stream(seg(1, v6=not v6), frame)
+    flow = Flow(key_of(v6), "guest", 0.0)
+    off = offsets[1]
+    thl = 20 + (8 if options else 0)
+    data = off + (54 if v6 else 34) + thl
+    assert segment(mem, off, len(frame), {key_of(v6): flow}) == \
+        (tcp_run.SEG_TCP, flow, 0x18, 0xFFFFFFF0, 0x89ABCDEF, 0xFEDC, data, data + 33)
+    assert segment(mem, off, len(frame), {key_of(v6, sport=40001): flow})[:2] == \
+        (tcp_run.SEG_TCP, None)
+
+
+def test_each_frame_finds_the_flow_as_it_is_now(segment: SegmentOf) -> None:
+    """Frames of one flow in a row (the C parse keeps the key of the frame before): a flow
+    gone, or replaced, since the frame before is seen as it is now."""
+    frames = [seg(1000), seg(1100), seg(1200), seg(1300), seg(1400, sport=40001), seg(1500)]
+    mem, offsets = stream(*frames)
+    first, second = Flow(key_of(False), "guest", 0.0), Flow(key_of(False), "guest", 0.0)
+    flows = {key_of(False): first}
+
+    def flow_of(i: int) -> object:
+        return segment(mem, offsets[i], len(frames[i]), flows)[1]
+
+    assert flow_of(0) is first and flow_of(1) is first
+    del flows[key_of(False)]
+    assert flow_of(2) is None
+    flows[key_of(False)] = second
+    assert flow_of(3) is second and flow_of(4) is None and flow_of(5) is second
+
+
+def test_ethernet_padding_is_not_payload(segment: SegmentOf) -> None:
+    """A short IPv4 segment comes padded to Ethernet's minimum: the IP length decides."""
+    frame = seg(1000, b"") + bytes(6)
+    mem, offsets = stream(frame)
+    data = offsets[0] + 54
+    assert segment(mem, offsets[0], len(frame), {})[6:] == (data, data)
+
+
+KINDS: dict[str, tuple[bytes, int]] = {
+    "UDP": (bytes(Ether() / IP(src=GUEST4, dst=HOST4) / UDP() / (b"u" * 30)), tcp_run.SEG_OTHER),
+    "ARP": (bytes(Ether() / ARP()), tcp_run.SEG_OTHER),
+    "IPv4 options": (seg(1, ip={"options": b"\x01\x01\x01\x00"}), tcp_run.SEG_OTHER),
+    "IPv6 extension header": (bytes(Ether() / IPv6(src=GUEST6, dst=HOST6) / IPv6ExtHdrHopByHop()
+                                    / TCP()), tcp_run.SEG_OTHER),
+    "Ethernet only": (bytes(Ether(type=0x0800)), tcp_run.SEG_OTHER),
+    "IPv4 shorter than TCP's": (seg(1)[:53], tcp_run.SEG_OTHER),
+    "IPv4 fragment": (seg(1, ip={"flags": "MF"}), tcp_run.SEG_BAD4),
+    "IPv4 fragment offset": (seg(1, ip={"frag": 3}), tcp_run.SEG_BAD4),
+    "IPv4 length past the frame": (seg(1, ip={"len": 200}), tcp_run.SEG_BAD4),
+    "IPv4 TCP header too short": (seg(1, b"", ip={"len": 39}), tcp_run.SEG_BAD4),
+    "TCP data offset below 5": (mangled(seg(1), 46, 0x40), tcp_run.SEG_BAD4),
+    "TCP data offset past IP": (mangled(seg(1, b""), 46, 0xF0), tcp_run.SEG_BAD4),
+    "IPv6 version 4": (mangled(seg(1, v6=True), 14, 0x40), tcp_run.SEG_BAD6),
+    "IPv6 length past the frame": (seg(1, v6=True)[:-1], tcp_run.SEG_BAD6),
+    "IPv6 TCP data offset past IP": (mangled(seg(1, b"", v6=True), 66, 0xF0), tcp_run.SEG_BAD6),
+}
+
+
+@pytest.mark.parametrize("name", sorted(KINDS))
+def test_what_is_no_segment_says_what_it_is(segment: SegmentOf, name: str) -> None:
+    frame, kind = KINDS[name]
+    mem, offsets = stream(frame)
+    flows = {key_of(False): Flow(key_of(False), "guest", 0.0)}
+    assert segment(mem, offsets[0], len(frame), flows) == (kind, None, 0, 0, 0, 0, 0, 0)
+
+
+@pytest.mark.parametrize("off, length", [(-1, 60), (4, 13), (4, 10**6), (2**70, 60),
+                                         (-2**70, 60), (4, 2**70)])
+def test_a_frame_outside_the_buffer_is_refused(segment: SegmentOf, off: int,
+                                               length: int) -> None:
+    mem, _offsets = stream(seg(1))
+    with pytest.raises(ValueError, match="must lie in the buffer"):
+        segment(mem, off, length, {})
+
+
+def test_the_native_segment_refuses_what_is_no_buffer_or_dict() -> None:
+    native = _native()
+    mem, offsets = stream(seg(1))
+    for args in ((bytes(mem), offsets[0], 60, {}), (mem, offsets[0], 60, []),
+                 (mem, offsets[0], 60)):
+        with pytest.raises(TypeError):
+            native.segment(*args)
+
+
+_FRAMES = [seg(7, b"q" * 40), seg(9, b"", flags="S", options=[("MSS", 1460)], v6=True),
+           seg(11, b"r" * 3, flags="FA"), bytes(Ether() / IP(src=GUEST4, dst=HOST4) / UDP())]
+_FRAMES_MEM, _FRAME_OFFSETS = stream(*_FRAMES)
+_FLOWS = {key: Flow(key, "guest", 0.0) for key in (key_of(False), key_of(True))}
+
+
+@given(st.integers(0, len(_FRAMES) - 1),
+       st.lists(st.tuples(st.integers(0, 90), st.integers(0, 255)), max_size=5),
+       st.integers(-2, 2))
+def test_native_and_python_segments_agree_on_mangled_frames(
+        which: int, flips: list[tuple[int, int]], trim: int) -> None:
+    """Differential fuzz of the C parse: any header byte changed, the frame's length a
+    little off, both engines the same (results, flow found, exceptions)."""
+    native = _native()
+    buf = bytearray(_FRAMES_MEM)
+    off = _FRAME_OFFSETS[which]
+    for at, value in flips:
+        if off + at < len(buf):
+            buf[off + at] = value
+    length = len(_FRAMES[which]) + trim
+    results = []
+    for parse in (tcp_run.segment_python, native.segment):
+        try:
+            results.append(parse(memoryview(buf), off, length, _FLOWS))
+        except ValueError as e:
+            results.append(("ValueError", str(e)))
+    assert results[0] == results[1]
+
+
+# -- gather: a run ------------------------------------------------------------------------
+
 _RUN = [seg(1000 + 100 * i, v6=bool(i % 5 == 4)) for i in range(8)]  # two families mixed
 _BASE, _OFFSETS = stream(*_RUN)
 
@@ -198,3 +343,4 @@ def test_the_engine_in_use_is_said() -> None:
     assert tcp_run.ENGINE in ("native", "python")
     if os.environ.get("PASSTD_NATIVE") == "0":
         assert tcp_run.gather is tcp_run.gather_python
+        assert tcp_run.segment is tcp_run.segment_python
