@@ -45,52 +45,55 @@ static uint32_t be32(const unsigned char *p)
 	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
 }
 
+#define SEG_OTHER 0
+#define SEG_BAD4 1
+#define SEG_BAD6 2
+#define SEG_TCP 3
+
 struct seg {
-	const unsigned char *key;  /* source and destination address */
-	Py_ssize_t key_len;  /* 8 (IPv4) or 32 (IPv6) */
+	const unsigned char *addrs;  /* source then destination address, then the ports */
+	Py_ssize_t addr_len;  /* 4 (IPv4) or 16 (IPv6): one address */
 	Py_ssize_t tcp;  /* TCP header offset in the buffer */
 	Py_ssize_t data;  /* payload offset */
 	Py_ssize_t end;  /* payload end */
 };
 
-/* Fill *s for the frame at off (length >= MIN_FRAME bytes, all inside the buffer at base)
- * if it is a segment the fast path takes (tcp_run._headers' checks); 0 if so, -1 if not.
- * The addresses and the ports are not contiguous in the frame: the caller compares the
- * ports through s->tcp. */
+/* What the frame at off (length >= MIN_FRAME bytes, all inside the buffer at base) is:
+ * tcp_run._headers' one check, for segment and gather alike. For SEG_TCP it fills *s;
+ * the ports follow the addresses in both families, so 2 * addr_len + 4 bytes from
+ * s->addrs name the flow. */
 static int headers(const unsigned char *base, Py_ssize_t off, Py_ssize_t length,
 		   struct seg *s)
 {
 	const unsigned char *f = base + off;
-	uint32_t ethertype = be16(f + 12), room, thl;
+	uint32_t ethertype = be16(f + 12), thl;
 
 	if (ethertype == 0x0800 && length >= 54 && f[14] == 0x45 && f[23] == 6) {
 		uint32_t total = be16(f + 16);
 
-		if (be16(f + 20) & 0x3fff || (Py_ssize_t)total + 14 > length || total < 20)
-			return -1;
-		s->key = f + 26;
-		s->key_len = 8;
+		thl = (uint32_t)(f[46] >> 4) << 2;
+		if (be16(f + 20) & 0x3fff || (Py_ssize_t)total + 14 > length || thl < 20 ||
+		    thl + 20 > total)
+			return SEG_BAD4;
+		s->addrs = f + 26;
+		s->addr_len = 4;
 		s->tcp = off + 34;
 		s->end = off + 14 + total;
-		room = total - 20;
-	} else if (ethertype == 0x86dd && length >= 74 && f[14] >> 4 == 6 && f[20] == 6) {
+	} else if (ethertype == 0x86dd && length >= 74 && f[20] == 6) {
 		uint32_t plen = be16(f + 18);
 
-		if ((Py_ssize_t)plen + 54 > length)
-			return -1;
-		s->key = f + 22;
-		s->key_len = 32;
+		thl = (uint32_t)(f[66] >> 4) << 2;
+		if (f[14] >> 4 != 6 || (Py_ssize_t)plen + 54 > length || thl < 20 || thl > plen)
+			return SEG_BAD6;
+		s->addrs = f + 22;
+		s->addr_len = 16;
 		s->tcp = off + 54;
 		s->end = off + 54 + plen;
-		room = plen;
 	} else {
-		return -1;
+		return SEG_OTHER;
 	}
-	thl = (uint32_t)(base[s->tcp + 12] >> 4) << 2;
-	if (thl < 20 || thl > room)
-		return -1;
 	s->data = s->tcp + thl;
-	return 0;
+	return SEG_TCP;
 }
 
 /* An offset: out of Py_ssize_t's range saturates, so that the bounds checks refuse it with
@@ -123,10 +126,6 @@ static int field(PyObject *obj, unsigned long max, unsigned long *out)
 	return 0;
 }
 
-#define SEG_OTHER 0
-#define SEG_BAD4 1
-#define SEG_BAD6 2
-#define SEG_TCP 3
 static PyObject *kind_only[SEG_TCP];  /* (kind, None, 0, 0, 0, 0, 0, 0), built at import */
 
 /* The key of the segment looked up last: the frames of a read mostly belong to the flow of
@@ -137,30 +136,29 @@ static unsigned char last_raw[36];  /* its addresses (2 x 4 or 2 x 16) and ports
 static size_t last_raw_len;
 
 /* A new reference to the FlowKey of a segment: (6, source, source port, destination,
- * destination port), from the addresses (src, then dst, len bytes each) and TCP's ports. */
-static PyObject *flow_key(const unsigned char *src, Py_ssize_t len, const unsigned char *tcp)
+ * destination port), from its addresses and ports (src: two addresses of len bytes each,
+ * then the two ports). */
+static PyObject *flow_key(const unsigned char *src, Py_ssize_t len)
 {
 	size_t raw_len = 2 * (size_t)len + 4;
+	const unsigned char *ports = src + 2 * len;
 	PyObject *key;
 
-	if (last_key != NULL && raw_len == last_raw_len &&
-	    memcmp(last_raw, src, 2 * (size_t)len) == 0 &&
-	    memcmp(last_raw + 2 * len, tcp, 4) == 0)
+	if (last_key != NULL && raw_len == last_raw_len && memcmp(last_raw, src, raw_len) == 0)
 		return Py_NewRef(last_key);
 	key = PyTuple_New(5);
 	if (key == NULL)
 		return NULL;
 	PyTuple_SET_ITEM(key, 0, PyLong_FromLong(6));
 	PyTuple_SET_ITEM(key, 1, PyBytes_FromStringAndSize((const char *)src, len));
-	PyTuple_SET_ITEM(key, 2, PyLong_FromLong((long)be16(tcp)));
+	PyTuple_SET_ITEM(key, 2, PyLong_FromLong((long)be16(ports)));
 	PyTuple_SET_ITEM(key, 3, PyBytes_FromStringAndSize((const char *)src + len, len));
-	PyTuple_SET_ITEM(key, 4, PyLong_FromLong((long)be16(tcp + 2)));
+	PyTuple_SET_ITEM(key, 4, PyLong_FromLong((long)be16(ports + 2)));
 	if (PyErr_Occurred()) {  /* an item could not be made (its slot is NULL) */
 		Py_DECREF(key);
 		return NULL;
 	}
-	memcpy(last_raw, src, 2 * (size_t)len);
-	memcpy(last_raw + 2 * len, tcp, 4);
+	memcpy(last_raw, src, raw_len);
 	last_raw_len = raw_len;
 	Py_XSETREF(last_key, Py_NewRef(key));
 	return key;
@@ -197,10 +195,11 @@ PyDoc_STRVAR(segment_doc,
 static PyObject *run_segment(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
 	Py_buffer buf;
-	Py_ssize_t off, length, data, end, addr_len;
+	Py_ssize_t off, length;
 	PyObject *mem, *flows, *key, *flow, *result = NULL;
-	const unsigned char *f, *tcp, *src;
-	uint32_t ethertype, thl;
+	const unsigned char *base;
+	struct seg s;
+	int kind;
 
 	(void)self;
 	if (nargs != 4) {
@@ -222,40 +221,13 @@ static PyObject *run_segment(PyObject *self, PyObject *const *args, Py_ssize_t n
 				"the frame must lie in the buffer and hold an Ethernet header");
 		goto done;
 	}
-	f = (const unsigned char *)buf.buf + off;
-	ethertype = be16(f + 12);
-	if (ethertype == 0x0800 && length >= 54 && f[14] == 0x45 && f[23] == 6) {
-		uint32_t total = be16(f + 16);
-
-		tcp = f + 34;
-		thl = (uint32_t)(tcp[12] >> 4) << 2;
-		if (be16(f + 20) & 0x3fff || (Py_ssize_t)total + 14 > length || thl < 20 ||
-		    thl + 20 > total) {
-			result = Py_NewRef(kind_only[SEG_BAD4]);
-			goto done;
-		}
-		src = f + 26;
-		addr_len = 4;
-		data = off + 34 + thl;
-		end = off + 14 + total;
-	} else if (ethertype == 0x86dd && length >= 74 && f[20] == 6) {
-		uint32_t plen = be16(f + 18);
-
-		tcp = f + 54;
-		thl = (uint32_t)(tcp[12] >> 4) << 2;
-		if (f[14] >> 4 != 6 || (Py_ssize_t)plen + 54 > length || thl < 20 || thl > plen) {
-			result = Py_NewRef(kind_only[SEG_BAD6]);
-			goto done;
-		}
-		src = f + 22;
-		addr_len = 16;
-		data = off + 54 + thl;
-		end = off + 54 + plen;
-	} else {
-		result = Py_NewRef(kind_only[SEG_OTHER]);
+	base = buf.buf;
+	kind = headers(base, off, length, &s);
+	if (kind != SEG_TCP) {
+		result = Py_NewRef(kind_only[kind]);
 		goto done;
 	}
-	key = flow_key(src, addr_len, tcp);
+	key = flow_key(s.addrs, s.addr_len);
 	if (key == NULL)
 		goto done;
 	flow = PyDict_GetItemWithError(flows, key);  /* borrowed */
@@ -265,7 +237,7 @@ static PyObject *run_segment(PyObject *self, PyObject *const *args, Py_ssize_t n
 			goto done;
 		flow = Py_None;
 	}
-	result = segment_tuple(flow, tcp, data, end);
+	result = segment_tuple(flow, base + s.tcp, s.data, s.end);
 done:
 	PyBuffer_Release(&buf);
 	return result;
@@ -308,7 +280,7 @@ static PyObject *run_gather(PyObject *self, PyObject *const *args, Py_ssize_t na
 		goto done;
 	}
 	if (first < 0 || first > buf.len - MIN_FRAME ||
-	    headers(base, first, buf.len - first, &run) < 0) {
+	    headers(base, first, buf.len - first, &run) != SEG_TCP) {
 		PyErr_SetString(PyExc_ValueError,
 				"the run's first frame is not a TCP segment the fast path takes");
 		goto done;
@@ -321,9 +293,8 @@ static PyObject *run_gather(PyObject *self, PyObject *const *args, Py_ssize_t na
 
 		if (length < MIN_FRAME || length > MAX_FRAME || end - pos - 4 < length)
 			break;
-		if (headers(base, off, length, &s) < 0 || s.key_len != run.key_len ||
-		    memcmp(s.key, run.key, (size_t)s.key_len) != 0 ||
-		    memcmp(base + s.tcp, base + run.tcp, 4) != 0)
+		if (headers(base, off, length, &s) != SEG_TCP || s.addr_len != run.addr_len ||
+		    memcmp(s.addrs, run.addrs, 2 * (size_t)s.addr_len + 4) != 0)
 			break;
 		tcp = base + s.tcp;
 		if ((tcp[13] & (TH_SYN | TH_RST | TH_FIN | TH_ACK)) != TH_ACK ||

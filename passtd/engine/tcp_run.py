@@ -62,10 +62,7 @@ if TYPE_CHECKING:
     from .tcp import TcpConn
 
 _LEN: Final = struct.Struct("!I")
-# Ethernet + IPv4 (no options) + TCP, and Ethernet + IPv6 + TCP, from the IP header on
-_FAST4: Final = struct.Struct("!BBHHHBBH4s4sHHIIBBH")
-_FAST6: Final = struct.Struct("!IHBB16s16sHHIIBBH")
-_TCP: Final = struct.Struct("!4sIIBBH")  # ports, seq, ack, data offset, flags, window
+_TCP: Final = struct.Struct("!HHIIxBH")  # ports, seq, ack, (data offset), flags, window
 _FRAG: Final = struct.Struct("!H")
 ROOM: Final = 4 + 54  # a length word and the smallest IPv4/TCP frame: less left, nothing to gather
 
@@ -76,9 +73,34 @@ SEG_BAD4: Final = 1  # IPv4/TCP whose headers contradict themselves: dropped
 SEG_BAD6: Final = 2  # IPv6/TCP likewise
 SEG_TCP: Final = 3  # a segment, with its flow (None: no flow) and its numbers
 GuestSegment = tuple[int, Flow | None, int, int, int, int, int, int]
-_OTHER: Final[GuestSegment] = (SEG_OTHER, None, 0, 0, 0, 0, 0, 0)
-_BAD4: Final[GuestSegment] = (SEG_BAD4, None, 0, 0, 0, 0, 0, 0)
-_BAD6: Final[GuestSegment] = (SEG_BAD6, None, 0, 0, 0, 0, 0, 0)
+_KIND_ONLY: Final[tuple[GuestSegment, ...]] = tuple(
+    (kind, None, 0, 0, 0, 0, 0, 0) for kind in (SEG_OTHER, SEG_BAD4, SEG_BAD6))
+_OTHER_AT: Final = (SEG_OTHER, 0, 0, 0, 0)
+_BAD4_AT: Final = (SEG_BAD4, 0, 0, 0, 0)
+_BAD6_AT: Final = (SEG_BAD6, 0, 0, 0, 0)
+
+
+def _headers(mem: memoryview, off: int, length: int) -> tuple[int, int, int, int, int]:
+    """(kind, offset of the addresses, of the TCP header, of the payload, payload end) of
+    the frame at `off` (`length` bytes, at least an Ethernet header, inside `mem`): the one
+    check of a segment's headers, for `segment` and `gather` alike. The addresses and the
+    ports follow each other in both families, so the bytes from the addresses' offset to
+    the TCP header's fifth byte name the flow. Kinds other than SEG_TCP come with zeros."""
+    ethertype = mem[off + 12] << 8 | mem[off + 13]
+    if ethertype == ETH_P_IP and length >= 54 and mem[off + 14] == 0x45 and mem[off + 23] == 6:
+        total = mem[off + 16] << 8 | mem[off + 17]
+        (frag,) = _FRAG.unpack_from(mem, off + 20)
+        thl = (mem[off + 46] >> 4) << 2
+        if frag & 0x3FFF or total + 14 > length or thl < 20 or thl + 20 > total:
+            return _BAD4_AT
+        return SEG_TCP, off + 26, off + 34, off + 34 + thl, off + 14 + total
+    if ethertype == ETH_P_IPV6 and length >= 74 and mem[off + 20] == 6:
+        plen = mem[off + 18] << 8 | mem[off + 19]
+        thl = (mem[off + 66] >> 4) << 2
+        if mem[off + 14] >> 4 != 6 or plen + 54 > length or thl < 20 or thl > plen:
+            return _BAD6_AT
+        return SEG_TCP, off + 22, off + 54, off + 54 + thl, off + 54 + plen
+    return _OTHER_AT
 
 
 def segment_python(mem: memoryview, off: int, length: int, flows: dict[FlowKey, Flow],
@@ -88,51 +110,14 @@ def segment_python(mem: memoryview, off: int, length: int, flows: dict[FlowKey, 
     looked up in `flows`; every kind but SEG_TCP comes with None and zeros."""
     if off < 0 or length < MIN_FRAME or length > len(mem) - off:
         raise ValueError("the frame must lie in the buffer and hold an Ethernet header")
-    ethertype = mem[off + 12] << 8 | mem[off + 13]
-    if ethertype == ETH_P_IP and length >= 54 and mem[off + 14] == 0x45 and mem[off + 23] == 6:
-        (_vihl, _tos, total, _ident, frag, _ttl, _proto, _csum, src, dst,
-         sport, dport, seq, ack, doff, flags, window) = _FAST4.unpack_from(mem, off + 14)
-        thl = (doff >> 4) << 2
-        if frag & 0x3FFF or total + 14 > length or thl < 20 or thl + 20 > total:
-            return _BAD4
-        data, end = off + 34 + thl, off + 14 + total
-    elif ethertype == ETH_P_IPV6 and length >= 74 and mem[off + 20] == 6:
-        (vtcfl, plen, _nh, _hop, src, dst,
-         sport, dport, seq, ack, doff, flags, window) = _FAST6.unpack_from(mem, off + 14)
-        thl = (doff >> 4) << 2
-        if vtcfl >> 28 != 6 or plen + 54 > length or thl < 20 or thl > plen:
-            return _BAD6
-        data, end = off + 54 + thl, off + 54 + plen
-    else:
-        return _OTHER
-    flow = flows.get((IPPROTO_TCP, src, sport, dst, dport))
-    return SEG_TCP, flow, flags, seq, ack, window, data, end
-
-
-def _headers(mem: memoryview, off: int, length: int) -> tuple[bytes, int, int] | None:
-    """(addresses + ports, TCP header offset, payload end) of a frame the fast path may
-    take, None for any other. Frame offsets as in tap.py (after the length word)."""
-    ethertype = mem[off + 12] << 8 | mem[off + 13]
-    if ethertype == ETH_P_IP and length >= 54 and mem[off + 14] == 0x45 and mem[off + 23] == 6:
-        total = mem[off + 16] << 8 | mem[off + 17]
-        (frag,) = _FRAG.unpack_from(mem, off + 20)
-        if frag & 0x3FFF or total + 14 > length:
-            return None
-        tcp_at, end, thl_room = off + 34, off + 14 + total, total - 20
-        key = bytes(mem[off + 26 : off + 34]) + bytes(mem[tcp_at : tcp_at + 4])
-    elif ethertype == ETH_P_IPV6 and length >= 74 and mem[off + 14] >> 4 == 6 \
-            and mem[off + 20] == 6:
-        plen = mem[off + 18] << 8 | mem[off + 19]
-        if plen + 54 > length:
-            return None
-        tcp_at, end, thl_room = off + 54, off + 54 + plen, plen
-        key = bytes(mem[off + 22 : off + 54]) + bytes(mem[tcp_at : tcp_at + 4])
-    else:
-        return None
-    thl = (mem[tcp_at + 12] >> 4) << 2
-    if thl < 20 or thl > thl_room:
-        return None
-    return key, tcp_at, end
+    kind, addrs, tcp_at, data, end = _headers(mem, off, length)
+    if kind != SEG_TCP:
+        return _KIND_ONLY[kind]
+    half = (tcp_at - addrs) >> 1
+    sport, dport, seq, ack, flags, window = _TCP.unpack_from(mem, tcp_at)
+    key = (IPPROTO_TCP, bytes(mem[addrs : addrs + half]), sport,
+           bytes(mem[addrs + half : tcp_at]), dport)
+    return SEG_TCP, flows.get(key), flags, seq, ack, window, data, end
 
 
 def gather_python(mem: memoryview, first: int, pos: int, end: int, seq: int, ack: int,
@@ -146,11 +131,12 @@ def gather_python(mem: memoryview, first: int, pos: int, end: int, seq: int, ack
         raise ValueError("seq and ack must be 32-bit, window 16-bit unsigned numbers")
     if pos < 0 or end < pos or end > len(mem):
         raise ValueError("pos and end must lie in the buffer, pos <= end")
-    head = _headers(mem, first, len(mem) - first) if 0 <= first <= len(mem) - MIN_FRAME \
-        else None
-    if head is None:
+    if not 0 <= first <= len(mem) - MIN_FRAME:
         raise ValueError("the run's first frame is not a TCP segment the fast path takes")
-    run_key = head[0]
+    kind, addrs, tcp_at, _data, _end = _headers(mem, first, len(mem) - first)
+    if kind != SEG_TCP:
+        raise ValueError("the run's first frame is not a TCP segment the fast path takes")
+    run_key = bytes(mem[addrs : tcp_at + 4])
     count = nbytes = 0
     last = -1
     while end - pos >= 4:
@@ -158,12 +144,10 @@ def gather_python(mem: memoryview, first: int, pos: int, end: int, seq: int, ack
         if length < MIN_FRAME or length > MAX_FRAME or end - pos - 4 < length:
             break
         off = pos + 4
-        frame = _headers(mem, off, length)
-        if frame is None or frame[0] != run_key:
+        kind, addrs, tcp_at, data, data_end = _headers(mem, off, length)
+        if kind != SEG_TCP or bytes(mem[addrs : tcp_at + 4]) != run_key:
             break
-        _key, tcp_at, data_end = frame
-        _ports, f_seq, f_ack, doff, flags, f_window = _TCP.unpack_from(mem, tcp_at)
-        data = tcp_at + ((doff >> 4) << 2)
+        _sport, _dport, f_seq, f_ack, flags, f_window = _TCP.unpack_from(mem, tcp_at)
         if flags & (TCP_SYN | TCP_RST | TCP_FIN | TCP_ACK) != TCP_ACK or f_seq != seq \
                 or f_ack != ack or f_window != window or data_end == data:
             break
