@@ -9,7 +9,7 @@ contradict themselves (a fragment, lengths beyond the frame, a TCP header length
 range) is SEG_BAD4 or SEG_BAD6, which the loop drops with a log line; any other frame is
 SEG_OTHER, for the loop's full parse (packet.parse_ip), which also takes IPv4 with options
 and every segment whose flow is not known yet or that carries a SYN. Every request and
-every connection pays it on each of their frames (in Python an unpack of 17 fields, a key
+every connection pays it on each of their frames (in Python the header reads, a key
 of 5, the lookup), so it has a C twin as `gather` does.
 
 `gather`: under guest->host bulk traffic, a read from qemu holds dozens to thousands of
