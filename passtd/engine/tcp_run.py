@@ -131,12 +131,10 @@ def gather_python(mem: memoryview, first: int, pos: int, end: int, seq: int, ack
         raise ValueError("seq and ack must be 32-bit, window 16-bit unsigned numbers")
     if pos < 0 or end < pos or end > len(mem):
         raise ValueError("pos and end must lie in the buffer, pos <= end")
-    if not 0 <= first <= len(mem) - MIN_FRAME:
+    if not 0 <= first <= len(mem) - MIN_FRAME \
+            or (head := _headers(mem, first, len(mem) - first))[0] != SEG_TCP:
         raise ValueError("the run's first frame is not a TCP segment the fast path takes")
-    kind, addrs, tcp_at, _data, _end = _headers(mem, first, len(mem) - first)
-    if kind != SEG_TCP:
-        raise ValueError("the run's first frame is not a TCP segment the fast path takes")
-    run_key = bytes(mem[addrs : tcp_at + 4])
+    run_key = bytes(mem[head[1] : head[2] + 4])  # its addresses and ports
     count = nbytes = 0
     last = -1
     while end - pos >= 4:
